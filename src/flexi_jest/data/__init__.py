@@ -1,0 +1,1 @@
+"""Benchmark data the project makes offline, and the webdataset shard reader/writer."""
