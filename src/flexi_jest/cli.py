@@ -1,0 +1,195 @@
+"""The `flexi-jest` command: one subcommand per stage, plus `demo` (every stage, end to end).
+
+    flexi-jest make-data --set dataset=shapes --set out_dir=runs/data
+    flexi-jest train-learner --config learner.yaml --set method=joint --set filter_ratio=0.8
+    flexi-jest demo --workdir runs/demo          # the README's main job (tiny profile, CPU, a few minutes)
+
+Each stage takes a YAML/JSON config (--config), a profile (--profile tiny|paper) and --set key=value
+overrides (dotted keys reach nested fields: --set optim.lr=1e-3), validated by the stage's Pydantic
+model; it prints its Pydantic result as JSON and writes it next to its outputs.
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from flexi_jest import __version__
+from flexi_jest.config import PROFILES, STAGE_CONFIGS, deep_merge, stage_config
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """["optim.lr=1e-3", "train_patch_sizes=[8,16]"] -> {"optim": {"lr": "1e-3"}, "train_patch_sizes": [8, 16]}."""
+    values: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ValueError(f"--set expects key=value, got {pair!r}")
+        key, raw = pair.split("=", 1)
+        node = values
+        *parents, leaf = key.strip().split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(raw) if raw.strip() else None
+    return values
+
+
+def load_config_file(path: str | None) -> dict[str, Any]:
+    if not path:
+        return {}
+    text = Path(path).read_text()
+    data = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a mapping of field: value")
+    return data
+
+
+def format_validation_error(stage: str, error: ValidationError) -> str:
+    lines = [f"invalid config for {stage}:"]
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"]) or "(config)"
+        got = f" (got {item['input']!r})" if "input" in item and not isinstance(item["input"], dict) else ""
+        lines.append(f"  {where}: {item['msg']}{got}")
+    return "\n".join(lines)
+
+
+def build_config(stage: str, args: argparse.Namespace) -> BaseModel:
+    values = deep_merge(load_config_file(args.config), parse_overrides(args.set or []))
+    return stage_config(stage, args.profile, values)
+
+
+def run_stage(stage: str, cfg: BaseModel) -> BaseModel:
+    """Run one stage's library function on its validated config."""
+    if stage == "make-data":
+        from flexi_jest.data.make import make_data
+        return make_data(cfg)
+    if stage == "train-reference":
+        from flexi_jest.train import train_reference
+        return train_reference(cfg)
+    if stage == "cache-reference":
+        from flexi_jest.reference_cache import cache_reference
+        return cache_reference(cfg)
+    if stage == "train-learner":
+        from flexi_jest.train import train_learner
+        return train_learner(cfg)
+    if stage == "evaluate":
+        from flexi_jest.evaluate import evaluate
+        return evaluate(cfg)
+    raise ValueError(f"unknown stage {stage!r}")
+
+
+# ---- demo: every stage end to end -----------------------------------------------------------------------
+
+DEMO_METHODS = {
+    "uniform": {"method": "uniform"},
+    "jest": {"method": "joint", "score": "learnability"},
+    "flexi-jest": {"method": "joint", "score": "learnability", "scoring_patch_size": 16, "train_patch_sizes": [8, 16]},
+}
+
+
+def run_demo(workdir: str, dataset: str, profile: str, methods: list[str], learner_steps: int | None) -> list[dict[str, Any]]:
+    """make data -> train reference -> cache it -> train each learner -> evaluate; returns the table rows."""
+    from flexi_jest.data.make import make_data
+    from flexi_jest.evaluate import evaluate
+    from flexi_jest.reference_cache import cache_reference
+    from flexi_jest.train import train_learner, train_reference
+
+    root = workdir.rstrip("/")
+    data = f"{root}/data/{dataset}"
+    print(f"[1/5] make-data ({dataset}) -> {data}", flush=True)
+    made = make_data(stage_config("make-data", profile, {"dataset": dataset, "out_dir": data}))
+    print(f"      {', '.join(f'{k}: {v.num_samples}' for k, v in made.splits.items())}; pool noise {made.noise_counts}")
+    print("[2/5] train-reference on the curated split", flush=True)
+    reference = train_reference(stage_config("train-reference", profile, {"data": f"{data}/curated", "out_dir": f"{root}/reference"}))
+    print("[3/5] cache-reference over the pool", flush=True)
+    cache = cache_reference(stage_config("cache-reference", profile, {"reference": reference.checkpoint, "pool": f"{data}/pool"}))
+    rows = []
+    for i, name in enumerate(methods):
+        print(f"[4/5] train-learner {name} ({i + 1}/{len(methods)})", flush=True)
+        values = {"pool": f"{data}/pool", "reference_cache": cache.cache_dir, "reference_sha256": cache.reference_sha256,
+                  "out_dir": f"{root}/learner-{name}", "reference_training_flops": reference.flops.reference_training,
+                  "reference_caching_flops": cache.flops, **DEMO_METHODS[name]}
+        if learner_steps:
+            values["steps"] = learner_steps
+        learner = train_learner(stage_config("train-learner", profile, values))
+        print(f"[5/5] evaluate {name}", flush=True)
+        result = evaluate(stage_config("evaluate", profile, {"model": learner.checkpoint, "eval_data": [f"{data}/eval"],
+                                                              "out_path": f"{root}/learner-{name}/eval.json"}))
+        metrics = result.splits[dataset]
+        rows.append({"method": name, "steps": learner.steps, "seconds": learner.seconds,
+                     "learner_flops": learner.flops.learner_scoring + learner.flops.learner_training,
+                     "total_flops": learner.total_flops, "top1": metrics.top1, "i2t_r1": metrics.image_to_text_r1,
+                     "t2i_r1": metrics.text_to_image_r1,
+                     "noisy_selected": learner.selection.get("noisy_fraction_selected", float("nan"))})
+    reference_eval = evaluate(stage_config("evaluate", profile, {"model": reference.checkpoint, "eval_data": [f"{data}/eval"]}))
+    ref_metrics = reference_eval.splits[dataset]
+    rows.append({"method": "reference", "steps": reference.steps, "seconds": reference.seconds,
+                 "learner_flops": 0.0, "total_flops": reference.total_flops, "top1": ref_metrics.top1,
+                 "i2t_r1": ref_metrics.image_to_text_r1, "t2i_r1": ref_metrics.text_to_image_r1, "noisy_selected": float("nan")})
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    header = f"{'method':<12} {'steps':>6} {'time s':>7} {'learner GFLOP':>14} {'total GFLOP':>12} {'top1':>6} {'i2t R@1':>8} {'t2i R@1':>8} {'noisy sel.':>10}"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        top1 = f"{r['top1']:.3f}" if r["top1"] is not None else "-"
+        noisy = f"{r['noisy_selected']:.2f}" if r["noisy_selected"] == r["noisy_selected"] else "-"
+        lines.append(f"{r['method']:<12} {r['steps']:>6} {r['seconds']:>7.1f} {r['learner_flops'] / 1e9:>14.1f} "
+                     f"{r['total_flops'] / 1e9:>12.1f} {top1:>6} {r['i2t_r1']:>8.3f} {r['t2i_r1']:>8.3f} {noisy:>10}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="flexi-jest", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"flexi-jest {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for stage in STAGE_CONFIGS:
+        sub = commands.add_parser(stage, help=f"run the {stage} stage")
+        sub.add_argument("--config", help="YAML or JSON file of config fields")
+        sub.add_argument("--profile", default="tiny", choices=sorted(PROFILES))
+        sub.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field (repeatable)")
+        sub.add_argument("--print-config", action="store_true", help="print the validated config and exit")
+    demo = commands.add_parser("demo", help="every stage end to end on generated data, then a result table")
+    demo.add_argument("--workdir", default="runs/demo")
+    demo.add_argument("--dataset", default="shapes", choices=["shapes", "emoji", "digits"])
+    demo.add_argument("--profile", default="tiny", choices=sorted(PROFILES))
+    demo.add_argument("--methods", default="uniform,jest,flexi-jest", help=f"comma-separated, from {sorted(DEMO_METHODS)}")
+    demo.add_argument("--learner-steps", type=int, default=None)
+    args = parser.parse_args(argv)
+
+    if args.command == "demo":
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        unknown = [m for m in methods if m not in DEMO_METHODS]
+        if unknown:
+            parser.error(f"unknown demo methods {unknown}; expected some of {sorted(DEMO_METHODS)}")
+        started = time.perf_counter()
+        rows = run_demo(args.workdir, args.dataset, args.profile, methods, args.learner_steps)
+        print()
+        print(format_table(rows))
+        print(f"\nend-to-end wall time: {time.perf_counter() - started:.1f} s; outputs under {args.workdir}")
+        Path(args.workdir, "demo_results.json").write_text(json.dumps(rows, indent=1))
+        return 0
+
+    try:
+        cfg = build_config(args.command, args)
+    except ValidationError as exc:
+        print(format_validation_error(args.command, exc), file=sys.stderr)
+        return 2
+    except (ValueError, OSError, yaml.YAMLError) as exc:
+        print(f"invalid config for {args.command}: {exc}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(cfg.model_dump_json(indent=1))
+        return 0
+    result = run_stage(args.command, cfg)
+    print(result.model_dump_json(indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,297 @@
+"""One Pydantic config and one result per stage; the CLI, the KFP components and the pipeline share them.
+
+Defaults are the `tiny` profile (every stage in a minute or two on 2 CPU cores). `PROFILES` holds
+the overrides of the other profiles, e.g. `paper` (ViT-B/16, 32k sub-batch, 16 chunks, filter 80 %).
+Unknown fields and wrong types are rejected with the field named (extra="forbid").
+"""
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from flexi_jest.data.noise import NoiseConfig
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ---- model -----------------------------------------------------------------------------------------
+
+
+class ModelConfig(StrictModel):
+    image_size: int = Field(32, gt=0, description="input images are resized to image_size x image_size")
+    patch_size: int = Field(8, gt=0, description="base patch size of the FlexiViT kernel (the training patch)")
+    vision_width: int = Field(96, gt=0)
+    vision_depth: int = Field(3, gt=0)
+    vision_heads: int = Field(3, gt=0)
+    text_width: int = Field(96, gt=0)
+    text_depth: int = Field(2, gt=0)
+    text_heads: int = Field(2, gt=0)
+    context_length: int = Field(16, gt=2, description="text tokens per caption, start/end included")
+    vocab_size: int = Field(49408, gt=0, description="open_clip's BPE vocabulary")
+    embed_dim: int = Field(64, gt=0, description="shared embedding size")
+
+    @model_validator(mode="after")
+    def _check_shapes(self) -> "ModelConfig":
+        if self.image_size % self.patch_size:
+            raise ValueError(f"patch_size {self.patch_size} must divide image_size {self.image_size}")
+        if self.vision_width % self.vision_heads:
+            raise ValueError(f"vision_width {self.vision_width} must be divisible by vision_heads {self.vision_heads}")
+        if self.text_width % self.text_heads:
+            raise ValueError(f"text_width {self.text_width} must be divisible by text_heads {self.text_heads}")
+        return self
+
+
+MODEL_PRESETS: dict[str, ModelConfig] = {
+    # CPU tests and the README demo: 32 px, patch 8 (16 tokens) / 16 (4 tokens) as the 16/32 analogue.
+    "tiny": ModelConfig(),
+    # A laptop-scale model: 64 px, patch 8/16.
+    "small": ModelConfig(
+        image_size=64, vision_width=192, vision_depth=6, vision_heads=3,
+        text_width=192, text_depth=4, text_heads=3, context_length=24, embed_dim=128,
+    ),
+    # The paper's ViT-B/16 SigLIP towers.
+    "vit_b16": ModelConfig(
+        image_size=224, patch_size=16, vision_width=768, vision_depth=12, vision_heads=12,
+        text_width=768, text_depth=12, text_heads=12, context_length=64, embed_dim=768,
+    ),
+}
+
+
+class OptimConfig(StrictModel):
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    warmup_steps: int = Field(20, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = Field(1.0, ge=0, description="max gradient norm; 0 disables clipping")
+
+
+# ---- stage 0: data ------------------------------------------------------------------------------------
+
+
+class MakeDataConfig(StrictModel):
+    dataset: Literal["shapes", "emoji", "digits"] = "shapes"
+    out_dir: str = Field("runs/data", description="the dataset's root; splits go to out_dir/{curated,pool,eval}")
+    seed: int = 0
+    image_size: int = Field(32, gt=0)
+    curated_size: int = Field(2000, ge=1)
+    pool_size: int = Field(12000, ge=1)
+    eval_size: int = Field(1000, ge=1)
+    noise: NoiseConfig = Field(default_factory=lambda: NoiseConfig.at_rate(0.6))
+    samples_per_shard: int = Field(1000, ge=1)
+    image_format: Literal["png", "jpg"] = "png"
+
+
+class SplitInfo(StrictModel):
+    path: str
+    num_samples: int
+    num_shards: int
+
+
+class MakeDataResult(StrictModel):
+    dataset: str
+    out_dir: str
+    splits: dict[str, SplitInfo]
+    noise_counts: dict[str, int]
+    seconds: float
+
+
+# ---- shared training settings ---------------------------------------------------------------------------
+
+
+class TrainingConfig(StrictModel):
+    """Settings shared by the reference and the learner."""
+
+    out_dir: str
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    steps: int = Field(200, ge=1)
+    seed: int = 0
+    device: str = Field("auto", description="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...")
+    train_patch_sizes: list[int] = Field(default_factory=lambda: [8], min_length=1, description=(
+        "patch sizes the (sub-)batch trains at, split evenly; Flexi-JEST: [16, 32] (tiny: [8, 16])"))
+    loss_chunk_size: int | None = Field(None, ge=1, description="row chunk of the sigmoid loss; None = whole batch")
+    shuffle_buffer: int = Field(2000, ge=1)
+    checkpoint_every: int = Field(100, ge=1)
+    resume: bool = Field(True, description="continue from out_dir's latest checkpoint if there is one")
+    log_every: int = Field(10, ge=1)
+    progress: bool = True
+
+    @model_validator(mode="after")
+    def _check_patches(self) -> "TrainingConfig":
+        for patch in self.train_patch_sizes:
+            if self.model.image_size % patch:
+                raise ValueError(f"train_patch_sizes: {patch} does not divide model.image_size {self.model.image_size}")
+        return self
+
+
+class FlopsBreakdown(StrictModel):
+    """FLOPs by part (JEST.md 'FLOP accounting'); the reference's share is counted once."""
+
+    learner_scoring: float = 0.0
+    learner_training: float = 0.0
+    reference_training: float = 0.0
+    reference_caching: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return self.learner_scoring + self.learner_training + self.reference_training + self.reference_caching
+
+
+class TrainResult(StrictModel):
+    out_dir: str
+    checkpoint: str = Field(description="the final model file (weights + model config)")
+    checkpoint_sha256: str
+    steps: int
+    final_loss: float
+    seconds: float
+    images_per_second: float = Field(description="trained (sub-batch) images per second of wall time")
+    flops: FlopsBreakdown
+    total_flops: float
+    metrics_path: str
+    selection: dict[str, float] = Field(default_factory=dict, description="mean selection statistics")
+
+
+# ---- stage 1: reference -------------------------------------------------------------------------------------
+
+
+class TrainReferenceConfig(TrainingConfig):
+    out_dir: str = "runs/reference"
+    data: str = Field("runs/data/curated", description="the curated split (directory or URI of its shards)")
+    batch_size: int = Field(128, ge=2)
+    init_checkpoint: str | None = Field(None, description="start from this model file instead of from scratch")
+    steps: int = Field(300, ge=1)
+
+
+# ---- stage 2: reference cache -------------------------------------------------------------------------------
+
+
+class CacheReferenceConfig(StrictModel):
+    reference: str = Field("runs/reference/model.pt", description="the frozen reference's model file")
+    pool: str = Field("runs/data/pool", description="the pool split whose samples are embedded")
+    out_dir: str | None = Field(None, description="cache directory; default: next to the shards, pool/refcache-<sha12>")
+    patch_size: int | None = Field(None, ge=1, description="patch size of the reference's image forward; default its base")
+    batch_size: int = Field(256, ge=1)
+    device: str = "auto"
+
+
+class CacheReferenceResult(StrictModel):
+    cache_dir: str
+    reference_sha256: str
+    num_samples: int
+    num_shards: int
+    skipped: dict[str, int]
+    seconds: float
+    flops: float = Field(description="the reference's forward FLOPs over the pool (counted once)")
+
+
+# ---- stage 3: learner ---------------------------------------------------------------------------------------
+
+
+class TrainLearnerConfig(TrainingConfig):
+    out_dir: str = "runs/learner"
+    pool: str = Field("runs/data/pool", description="the pool split (directory or URI of its shards)")
+    reference_cache: str | None = Field(None, description="cache directory from cache-reference; needed unless uniform")
+    reference_sha256: str | None = Field(None, description="if set, the cache must have been made by this reference")
+    method: Literal["uniform", "independent", "joint"] = "joint"
+    score: Literal["learnability", "hard_learner", "easy_reference"] = "learnability"
+    independent_mode: Literal["sample", "topk"] = "sample"
+    filter_ratio: float = Field(0.8, ge=0.0, lt=1.0, description="fraction of the super-batch discarded")
+    n_chunks: int = Field(16, ge=1)
+    super_batch_size: int = Field(640, ge=2, description="B; the sub-batch is round(B * (1 - filter_ratio))")
+    scoring_patch_size: int | None = Field(None, ge=1, description="learner patch size when scoring; default model.patch_size")
+    reference_training_flops: float = Field(0.0, ge=0, description="the reference's training FLOPs, counted once in the total")
+    reference_caching_flops: float = Field(0.0, ge=0, description="the reference's pass over the pool, counted once")
+
+    @property
+    def sub_batch_size(self) -> int:
+        return max(1, round(self.super_batch_size * (1.0 - self.filter_ratio)))
+
+    @model_validator(mode="after")
+    def _check_learner(self) -> "TrainLearnerConfig":
+        if self.method != "uniform" and self.reference_cache is None and self.score != "hard_learner":
+            raise ValueError(f"reference_cache is required for method={self.method!r} with score={self.score!r}")
+        patch = self.scoring_patch_size or self.model.patch_size
+        if self.model.image_size % patch:
+            raise ValueError(f"scoring_patch_size {patch} does not divide model.image_size {self.model.image_size}")
+        return self
+
+
+# ---- stage 4: evaluation ------------------------------------------------------------------------------------
+
+
+class EvaluateConfig(StrictModel):
+    model: str = Field("runs/learner/model.pt", description="model file to evaluate")
+    eval_data: list[str] = Field(default_factory=lambda: ["runs/data/eval"], min_length=1, description="eval splits")
+    patch_size: int | None = Field(None, ge=1, description="image patch size; default the model's base (Flexi: 16)")
+    batch_size: int = Field(256, ge=1)
+    max_samples: int | None = Field(None, ge=1, description="evaluate at most this many samples per split")
+    device: str = "auto"
+    out_path: str | None = Field(None, description="write the result JSON here")
+
+
+class SplitMetrics(StrictModel):
+    num_samples: int
+    num_classes: int
+    top1: float | None = Field(description="zero-shot top-1; None when the split defines no classes")
+    top5: float | None
+    image_to_text_r1: float
+    image_to_text_r5: float
+    image_to_text_r10: float
+    text_to_image_r1: float
+    text_to_image_r5: float
+    text_to_image_r10: float
+
+
+class EvaluateResult(StrictModel):
+    model: str
+    splits: dict[str, SplitMetrics]
+
+
+# ---- profiles ---------------------------------------------------------------------------------------------------
+
+PAPER_MODEL = MODEL_PRESETS["vit_b16"].model_dump()
+
+PROFILES: dict[str, dict[str, dict[str, Any]]] = {
+    "tiny": {},
+    "paper": {
+        "make-data": {"image_size": 224, "samples_per_shard": 10000},
+        "train-reference": {"model": PAPER_MODEL, "batch_size": 32768, "steps": 20000, "train_patch_sizes": [16],
+                            "optim": {"lr": 1e-3, "weight_decay": 1e-4, "warmup_steps": 2000}},
+        "cache-reference": {"batch_size": 4096},
+        "train-learner": {"model": PAPER_MODEL, "super_batch_size": 163840, "filter_ratio": 0.8, "n_chunks": 16,
+                          "steps": 100000, "scoring_patch_size": 32, "train_patch_sizes": [16, 32],
+                          "loss_chunk_size": 4096, "optim": {"lr": 1e-3, "weight_decay": 1e-4, "warmup_steps": 5000}},
+        "evaluate": {"patch_size": 16, "batch_size": 1024},
+    },
+}
+
+STAGE_CONFIGS: dict[str, type[StrictModel]] = {
+    "make-data": MakeDataConfig,
+    "train-reference": TrainReferenceConfig,
+    "cache-reference": CacheReferenceConfig,
+    "train-learner": TrainLearnerConfig,
+    "evaluate": EvaluateConfig,
+}
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Recursively merge override into a copy of base (nested dicts merge, everything else replaces)."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def stage_config(stage: str, profile: str = "tiny", values: dict[str, Any] | None = None) -> StrictModel:
+    """Build and validate the config of `stage`: the profile's overrides, then `values` on top."""
+    if stage not in STAGE_CONFIGS:
+        raise ValueError(f"unknown stage {stage!r}; expected one of {sorted(STAGE_CONFIGS)}")
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; expected one of {sorted(PROFILES)}")
+    merged = deep_merge(PROFILES[profile].get(stage, {}), values or {})
+    return STAGE_CONFIGS[stage].model_validate(merged)

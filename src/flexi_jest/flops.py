@@ -1,0 +1,64 @@
+"""FLOP accounting (JEST.md): analytic forward FLOPs of each tower, and the per-run ledger.
+
+A multiply-add counts as 2 FLOPs, as torch.utils.flop_counter does; like it, we count the matrix
+products (patch embedding, attention projections and products, MLPs, output heads) and ignore
+element-wise work (norms, activations, softmax). A training step is forward + backward = 3 forwards.
+"""
+
+from flexi_jest.config import FlopsBreakdown, ModelConfig
+
+
+def transformer_flops(tokens: int, width: int, depth: int, mlp_ratio: float = 4.0) -> int:
+    """Forward FLOPs of `depth` pre-norm transformer blocks over `tokens` tokens of size `width`."""
+    hidden = int(width * mlp_ratio)
+    projections = 2 * tokens * width * (3 * width) + 2 * tokens * width * width  # qkv + output projection
+    attention = 2 * 2 * tokens * tokens * width  # q @ k^T and attn @ v (all heads together)
+    mlp = 2 * 2 * tokens * width * hidden
+    return depth * (projections + attention + mlp)
+
+
+def image_forward_flops(cfg: ModelConfig, patch_size: int | None = None) -> int:
+    """Forward FLOPs of the FlexiViT image tower for one image at `patch_size` (default: the base)."""
+    patch = patch_size or cfg.patch_size
+    tokens = (cfg.image_size // patch) ** 2
+    patch_embed = 2 * tokens * (3 * patch * patch) * cfg.vision_width
+    head = 2 * cfg.vision_width * cfg.embed_dim
+    return patch_embed + transformer_flops(tokens, cfg.vision_width, cfg.vision_depth) + head
+
+
+def text_forward_flops(cfg: ModelConfig) -> int:
+    """Forward FLOPs of the text tower for one caption (full context; the causal mask saves no FLOPs in SDPA)."""
+    head = 2 * cfg.text_width * cfg.embed_dim
+    return transformer_flops(cfg.context_length, cfg.text_width, cfg.text_depth) + head
+
+
+def pair_forward_flops(cfg: ModelConfig, patch_size: int | None = None) -> int:
+    """Forward FLOPs of both towers for one image-caption pair."""
+    return image_forward_flops(cfg, patch_size) + text_forward_flops(cfg)
+
+
+def sigmoid_loss_flops(batch: int, embed_dim: int) -> int:
+    """The [B, B] logits matmul of the sigmoid loss."""
+    return 2 * batch * batch * embed_dim
+
+
+def training_step_flops(cfg: ModelConfig, batch: int, patch_sizes: list[int]) -> int:
+    """Forward + backward (3x forward) FLOPs of one step on `batch` pairs split evenly over patch_sizes."""
+    forward = 0
+    for i, patch in enumerate(patch_sizes):
+        part = batch // len(patch_sizes) + (1 if i < batch % len(patch_sizes) else 0)
+        forward += part * image_forward_flops(cfg, patch)
+    forward += batch * text_forward_flops(cfg) + sigmoid_loss_flops(batch, cfg.embed_dim)
+    return 3 * forward
+
+
+def scoring_step_flops(cfg: ModelConfig, super_batch: int, patch_size: int | None, with_reference: bool) -> int:
+    """The learner's no-grad forward over the super-batch at the scoring patch size, plus the [B, B] score
+    matmuls (the learner's, and the reference's from cached embeddings when with_reference)."""
+    matmuls = sigmoid_loss_flops(super_batch, cfg.embed_dim) * (2 if with_reference else 1)
+    return super_batch * pair_forward_flops(cfg, patch_size) + matmuls
+
+
+def add(ledger: FlopsBreakdown, **parts: float) -> FlopsBreakdown:
+    """A copy of ledger with parts added, e.g. add(ledger, learner_scoring=1e9)."""
+    return ledger.model_copy(update={k: getattr(ledger, k) + v for k, v in parts.items()})

@@ -1,0 +1,203 @@
+"""Reference-score caching: what the frozen reference computes on the pool, stored once, keyed by sample.
+
+Layout, next to the pool's shards:
+
+    pool/refcache-<sha12>/shard-000000.npz   keys [N] (str), image_emb [N, d] fp16, text_emb [N, d] fp16
+    pool/refcache-<sha12>/manifest.json      reference sha256, logit scale/bias, per-shard counts and sha256
+
+With cached embeddings the reference's [B, B] pair-loss matrix of any super-batch is one matmul
+(losses.sigmoid_pair_losses), so learner training runs no reference forward pass.
+"""
+
+import io
+import json
+import time
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+import torch
+
+from flexi_jest import storage
+from flexi_jest.checkpoint import load_model
+from flexi_jest.config import CacheReferenceConfig, CacheReferenceResult
+from flexi_jest.device import resolve_device, to_model_input
+from flexi_jest.flops import pair_forward_flops
+from flexi_jest.model import Tokenizer
+from flexi_jest.data.shards import ReadStats, decode_sample, iter_shard, read_manifest, shard_names
+
+CACHE_MANIFEST = "manifest.json"
+
+
+class CacheError(RuntimeError):
+    """The reference cache is missing, stale, corrupt or does not cover a sample."""
+
+
+def default_cache_dir(pool_dir: str, reference_sha256: str) -> str:
+    return storage.join(pool_dir, f"refcache-{reference_sha256[:12]}")
+
+
+def _pool_fingerprint(pool_dir: str) -> dict[str, str]:
+    manifest = read_manifest(pool_dir)
+    return {s["name"]: s["sha256"] for s in manifest["shards"]} if manifest else {}
+
+
+@torch.no_grad()
+def write_cache(
+    model,
+    tokenizer,
+    pool_dir: str,
+    cache_dir: str,
+    reference_sha256: str,
+    patch_size: int | None,
+    batch_size: int,
+    device: torch.device,
+    to_model_input,
+) -> dict[str, Any]:
+    """Embed every readable pool sample with the frozen reference; write one sidecar per shard, then the manifest.
+
+    to_model_input: uint8 images [B, 3, H, W] -> the model's float input on `device`.
+    Returns the manifest. Samples the reader skips (corrupt, empty caption) are counted, not cached.
+    """
+    model.eval()
+    pool_manifest = read_manifest(pool_dir)
+    counts = {s["name"]: s["num_samples"] for s in pool_manifest["shards"]} if pool_manifest else {}
+    stats = ReadStats()
+    shards: dict[str, dict[str, Any]] = {}
+    image_size = model.cfg.image_size
+    for name in shard_names(pool_dir):
+        keys: list[str] = []
+        image_embs: list[np.ndarray] = []
+        text_embs: list[np.ndarray] = []
+        skipped_keys: list[str] = []
+
+        def decoded() -> Iterator[dict[str, Any]]:
+            for raw in iter_shard(pool_dir, name, stats, counts.get(name)):
+                sample = decode_sample(raw, image_size, stats)
+                if sample is None:
+                    skipped_keys.append(raw["__key__"])
+                else:
+                    yield sample
+
+        for batch in _batches(decoded(), batch_size):
+            images = to_model_input(torch.stack([s["image"] for s in batch]))
+            tokens = tokenizer([s["caption"] for s in batch]).to(device)
+            image_emb, text_emb = model(images, tokens, patch_size)
+            keys += [s["key"] for s in batch]
+            image_embs.append(image_emb.float().cpu().numpy().astype(np.float16))
+            text_embs.append(text_emb.float().cpu().numpy().astype(np.float16))
+        dim = model.cfg.embed_dim
+        buffer = io.BytesIO()
+        np.savez(
+            buffer,
+            keys=np.array(keys, dtype=str),
+            image_emb=np.concatenate(image_embs) if image_embs else np.zeros((0, dim), np.float16),
+            text_emb=np.concatenate(text_embs) if text_embs else np.zeros((0, dim), np.float16),
+        )
+        data = buffer.getvalue()
+        sidecar = name.removesuffix(".tar") + ".npz"
+        storage.write_bytes(storage.join(cache_dir, sidecar), data)
+        shards[name] = {
+            "file": sidecar, "num_samples": len(keys), "sha256": storage.sha256_bytes(data), "skipped_keys": skipped_keys,
+        }
+    manifest = {
+        "format": "flexi-jest-refcache/1",
+        "reference_sha256": reference_sha256,
+        "logit_scale": float(model.logit_scale),
+        "logit_bias": float(model.logit_bias),
+        "embed_dim": model.cfg.embed_dim,
+        "patch_size": patch_size or model.cfg.patch_size,
+        "pool": pool_dir,
+        "pool_shards": _pool_fingerprint(pool_dir),
+        "num_samples": sum(s["num_samples"] for s in shards.values()),
+        "shards": shards,
+        "skipped": dict(stats.skipped),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    storage.write_bytes(storage.join(cache_dir, CACHE_MANIFEST), json.dumps(manifest, indent=1).encode())
+    return manifest
+
+
+def _batches(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    batch: list[Any] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+class ReferenceCache:
+    """Read side of the cache: validates the manifest, then joins embeddings onto raw samples by key."""
+
+    def __init__(self, cache_dir: str, pool_dir: str | None = None, expected_reference_sha256: str | None = None):
+        uri = storage.join(cache_dir, CACHE_MANIFEST)
+        if not storage.exists(uri):
+            raise CacheError(f"no reference cache at {cache_dir} (missing {CACHE_MANIFEST}); run cache-reference first")
+        self.cache_dir = cache_dir
+        self.manifest = json.loads(storage.read_bytes(uri))
+        sha = self.manifest["reference_sha256"]
+        if expected_reference_sha256 and sha != expected_reference_sha256:
+            raise CacheError(
+                f"reference cache {cache_dir} was made by reference {sha[:12]}, not the expected "
+                f"{expected_reference_sha256[:12]}: re-run cache-reference with the current reference"
+            )
+        if pool_dir is not None:
+            current = _pool_fingerprint(pool_dir)
+            if current and current != self.manifest["pool_shards"]:
+                raise CacheError(f"reference cache {cache_dir} was made for different shards than {pool_dir}: re-run cache-reference")
+        self.logit_scale = torch.tensor(self.manifest["logit_scale"])
+        self.logit_bias = torch.tensor(self.manifest["logit_bias"])
+
+    def load_shard(self, shard_name: str) -> tuple[dict[str, int], np.ndarray, np.ndarray]:
+        """(key -> row, image_emb [N, d] fp16, text_emb [N, d] fp16) of one shard's sidecar, checksum verified."""
+        entry = self.manifest["shards"].get(shard_name)
+        if entry is None:
+            raise CacheError(f"reference cache {self.cache_dir} has no entry for shard {shard_name}")
+        uri = storage.join(self.cache_dir, entry["file"])
+        data = storage.read_bytes(uri)
+        if storage.sha256_bytes(data) != entry["sha256"]:
+            raise CacheError(f"reference cache file {uri} fails its checksum: it is corrupt, re-run cache-reference")
+        with np.load(io.BytesIO(data)) as arrays:
+            keys = arrays["keys"]
+            index = {str(k): i for i, k in enumerate(keys)}
+            return index, arrays["image_emb"], arrays["text_emb"]
+
+    def attach(self, shard_name: str, raws: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        """Add ref_image_emb / ref_text_emb (fp16 [d]) to each raw sample of shard_name; a missing key is a CacheError.
+
+        Samples the cache pass skipped as unreadable pass through without embeddings (the reader skips them again).
+        """
+        index, image_emb, text_emb = self.load_shard(shard_name)
+        unreadable = set(self.manifest["shards"][shard_name].get("skipped_keys", []))
+        for raw in raws:
+            row = index.get(raw["__key__"])
+            if row is None and raw["__key__"] in unreadable:
+                yield raw
+                continue
+            if row is None:
+                raise CacheError(
+                    f"sample {raw['__key__']} of shard {shard_name} is not in the reference cache {self.cache_dir}: "
+                    "the pool changed after caching; re-run cache-reference"
+                )
+            raw["ref_image_emb"] = torch.from_numpy(image_emb[row])
+            raw["ref_text_emb"] = torch.from_numpy(text_emb[row])
+            yield raw
+
+
+def cache_reference(cfg: CacheReferenceConfig) -> CacheReferenceResult:
+    """The cache-reference stage: embed the pool once with the frozen reference (config: CacheReferenceConfig)."""
+    started = time.perf_counter()
+    device = resolve_device(cfg.device)
+    model, sha = load_model(cfg.reference, device)
+    cache_dir = cfg.out_dir or default_cache_dir(cfg.pool, sha)
+    manifest = write_cache(
+        model, Tokenizer(model.cfg.context_length), cfg.pool, cache_dir, sha, cfg.patch_size, cfg.batch_size,
+        device, lambda images: to_model_input(images, device),
+    )
+    return CacheReferenceResult(
+        cache_dir=cache_dir, reference_sha256=sha, num_samples=manifest["num_samples"],
+        num_shards=len(manifest["shards"]), skipped=manifest["skipped"], seconds=time.perf_counter() - started,
+        flops=float(manifest["num_samples"] * pair_forward_flops(model.cfg, cfg.patch_size)),
+    )

@@ -1,0 +1,176 @@
+"""Example scores and batch selection: uniform, independent and joint (JEST, Algorithm 1).
+
+Scores are [B, B] matrices over a super-batch of B pairs, built from per-pair SigLIP losses
+(losses.sigmoid_pair_losses). Because the loss of a sub-batch S is sum_{i,j in S} L_ij, scoring a
+sub-batch jointly means summing a block of the matrix; joint_select samples such blocks.
+"""
+
+from typing import Callable, Literal
+
+import torch
+from torch import Tensor
+
+from flexi_jest.losses import sigmoid_pair_losses
+
+SelectionMethod = Literal["uniform", "independent", "joint"]
+ScoreName = Literal["learnability", "hard_learner", "easy_reference"]
+
+
+# ---- scores: [B, B] -> [B, B] -------------------------------------------------------------------
+
+
+def learnability(learner_losses: Tensor, reference_losses: Tensor) -> Tensor:
+    """JEST's score: pairs the learner still gets wrong but the reference gets right. [B, B]"""
+    return learner_losses - reference_losses
+
+
+def hard_learner(learner_losses: Tensor, reference_losses: Tensor) -> Tensor:
+    """Prioritise what the learner finds hard (ignores the reference). [B, B]"""
+    return learner_losses
+
+
+def easy_reference(learner_losses: Tensor, reference_losses: Tensor) -> Tensor:
+    """Prioritise what the reference finds easy (ignores the learner). [B, B]"""
+    return -reference_losses
+
+
+SCORES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "learnability": learnability,
+    "hard_learner": hard_learner,
+    "easy_reference": easy_reference,
+}
+
+
+def score_matrix(
+    score: ScoreName,
+    learner: tuple[Tensor, Tensor, Tensor, Tensor],
+    reference: tuple[Tensor, Tensor, Tensor, Tensor],
+    chunk_size: int = 4096,
+) -> Tensor:
+    """The [B, B] score matrix of a super-batch from both models' embeddings.
+
+    learner, reference: (image_emb [B, d], text_emb [B, d], logit_scale, logit_bias), embeddings
+    L2-normalised (the two models may have different d). Rows are computed chunk_size at a time so
+    that only the [B, B] result, never several [B, B] temporaries, is held. Returns fp32.
+    """
+    score_fn = SCORES[score]
+    batch = learner[0].shape[0]
+    out = torch.empty(batch, batch, dtype=torch.float32, device=learner[0].device)
+    for start in range(0, batch, chunk_size):
+        stop = min(start + chunk_size, batch)
+        learner_block = reference_block = None
+        if score != "easy_reference":
+            learner_block = sigmoid_pair_losses(learner[0][start:stop], learner[1], learner[2], learner[3], start)
+        if score != "hard_learner":
+            reference_block = sigmoid_pair_losses(reference[0][start:stop], reference[1], reference[2], reference[3], start)
+        out[start:stop] = score_fn(learner_block, reference_block)
+    return out
+
+
+# ---- sampling ------------------------------------------------------------------------------------
+
+
+def gumbel_top_k(logits: Tensor, k: int, generator: torch.Generator | None = None) -> Tensor:
+    """k distinct indices sampled without replacement with p proportional to exp(logits). [N] -> [k]
+
+    Adds i.i.d. Gumbel(0, 1) noise and takes the top k (the Gumbel-top-k trick). Entries equal to
+    -inf are never drawn, provided k does not exceed the number of finite entries.
+    """
+    uniform = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=torch.float32)
+    gumbel = -torch.log(-torch.log(uniform.clamp_(min=1e-20, max=1.0 - 1e-7)))
+    return torch.topk(logits.float() + gumbel, k, sorted=False).indices
+
+
+def _check_sizes(batch: int, n_select: int) -> None:
+    if not 0 < n_select <= batch:
+        raise ValueError(f"n_select must be in [1, {batch}] for a super-batch of {batch}, got {n_select}")
+
+
+def uniform_select(
+    batch_size: int, n_select: int, generator: torch.Generator | None = None, device: torch.device | str = "cpu"
+) -> Tensor:
+    """n_select distinct indices of range(batch_size), uniformly at random. -> LongTensor[n_select]"""
+    _check_sizes(batch_size, n_select)
+    return torch.randperm(batch_size, generator=generator, device=device)[:n_select]
+
+
+def independent_select(
+    scores: Tensor,
+    n_select: int,
+    mode: Literal["sample", "topk"] = "sample",
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Select by each example's own score diag(scores) alone. scores [B, B] -> LongTensor[n_select]
+
+    mode "sample": without replacement, p proportional to exp(s_ii); "topk": the n_select highest.
+    """
+    _check_sizes(scores.shape[0], n_select)
+    own = scores.diagonal().float()
+    if mode == "topk":
+        return torch.topk(own, n_select, sorted=False).indices
+    if mode == "sample":
+        return gumbel_top_k(own, n_select, generator)
+    raise ValueError(f"mode must be 'sample' or 'topk', got {mode!r}")
+
+
+def chunk_sizes(n_select: int, n_chunks: int) -> list[int]:
+    """Split n_select into n_chunks near-equal draws (the first n_select % n_chunks get one more); zeros dropped."""
+    if n_chunks < 1:
+        raise ValueError(f"n_chunks must be >= 1, got {n_chunks}")
+    base, extra = divmod(n_select, n_chunks)
+    return [size for i in range(n_chunks) if (size := base + (1 if i < extra else 0)) > 0]
+
+
+def joint_select(
+    scores: Tensor, n_select: int, n_chunks: int = 16, generator: torch.Generator | None = None
+) -> Tensor:
+    """Joint example selection (JEST Algorithm 1): n_select distinct indices of a [B, B] score matrix.
+
+    Draws the sub-batch in n_chunks chunks. The first chunk is sampled by each example's own score
+    s_ii; every later chunk by the conditional score
+
+        cond_i = s_ii + sum_{j chosen} (S_ij + S_ji)
+
+    i.e. how much example i adds to the block score of the batch chosen so far; chosen examples get
+    -inf. Each chunk is sampled without replacement with p proportional to exp(cond) (Gumbel-top-k).
+    The chosen-set sums are updated incrementally from the new chunk's rows and columns, so the cost
+    is O(B * n_select) on top of the matrix, with a loop over chunks only. Scores in any float
+    dtype; sums accumulate in fp32. generator must live on scores' device. -> LongTensor[n_select]
+    """
+    batch = scores.shape[0]
+    if scores.ndim != 2 or scores.shape[1] != batch:
+        raise ValueError(f"scores must be a square [B, B] matrix, got shape {tuple(scores.shape)}")
+    _check_sizes(batch, n_select)
+    own = scores.diagonal().float()  # [B]
+    interaction = torch.zeros_like(own)  # [B]: sum over chosen j of S_ij + S_ji
+    taken = torch.zeros(batch, dtype=torch.bool, device=scores.device)
+    chosen: list[Tensor] = []
+    for size in chunk_sizes(n_select, n_chunks):
+        cond = (own + interaction).masked_fill(taken, float("-inf"))
+        new = gumbel_top_k(cond, size, generator)  # [size]
+        chosen.append(new)
+        taken[new] = True
+        interaction += scores.index_select(1, new).float().sum(1) + scores.index_select(0, new).float().sum(0)
+    return torch.cat(chosen)
+
+
+def select(
+    method: SelectionMethod,
+    scores: Tensor | None,
+    n_select: int,
+    batch_size: int,
+    n_chunks: int = 16,
+    generator: torch.Generator | None = None,
+    independent_mode: Literal["sample", "topk"] = "sample",
+) -> Tensor:
+    """Dispatch on the selection method; scores [B, B] is unused (may be None) for uniform."""
+    if method == "uniform":
+        device = scores.device if scores is not None else (generator.device if generator is not None else "cpu")
+        return uniform_select(batch_size, n_select, generator, device)
+    if scores is None:
+        raise ValueError(f"method {method!r} needs a score matrix")
+    if method == "independent":
+        return independent_select(scores, n_select, independent_mode, generator)
+    if method == "joint":
+        return joint_select(scores, n_select, n_chunks, generator)
+    raise ValueError(f"unknown selection method {method!r}; expected uniform, independent or joint")

@@ -1,0 +1,61 @@
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from flexi_jest import flops
+from flexi_jest.config import MODEL_PRESETS, ModelConfig
+from flexi_jest.model import DualEncoder
+
+SMALL = ModelConfig(image_size=32, patch_size=8, vision_width=48, vision_depth=2, vision_heads=3,
+                    text_width=32, text_depth=2, text_heads=2, context_length=12, embed_dim=24)
+
+
+def counted_forward_flops(fn, exclude: str | None = None) -> int:
+    """FLOPs counted by torch's FlopCounterMode (multiply-add = 2), with SDPA on its math path so the
+    attention products are visible to the counter; `exclude` drops a submodule's counts."""
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        fn()
+    total = counter.get_total_flops()
+    if exclude:
+        total -= sum(counter.get_flop_counts().get(exclude, {}).values())
+    return total
+
+
+@pytest.mark.parametrize("cfg", [SMALL, MODEL_PRESETS["tiny"]], ids=["small", "tiny"])
+@pytest.mark.parametrize("patch", [4, 8, 16])
+def test_image_flops_match_flop_counter(cfg, patch):
+    model = DualEncoder(cfg).eval()
+    batch = 3
+    images = torch.randn(batch, 3, cfg.image_size, cfg.image_size)
+    # the kernel resampling is per call, not per image: excluded from per-image FLOPs
+    counted = counted_forward_flops(lambda: model.visual(images, patch), exclude="FlexiViT.kernel_resampler")
+    assert counted == batch * flops.image_forward_flops(cfg, patch)
+
+
+@pytest.mark.parametrize("cfg", [SMALL, MODEL_PRESETS["tiny"]], ids=["small", "tiny"])
+def test_text_flops_match_flop_counter(cfg):
+    model = DualEncoder(cfg).eval()
+    tokens = torch.randint(0, 1000, (2, cfg.context_length))
+    assert counted_forward_flops(lambda: model.text(tokens)) == 2 * flops.text_forward_flops(cfg)
+
+
+def test_patch_32_costs_about_28_percent_of_patch_16_for_vit_b():
+    cfg = MODEL_PRESETS["vit_b16"]
+    ratio = flops.image_forward_flops(cfg, 32) / flops.image_forward_flops(cfg, 16)
+    assert 0.2 < ratio < 0.3  # JEST.md: "about 72 % fewer FLOPs"
+
+
+def test_training_step_is_three_forwards_split_over_patch_sizes():
+    cfg = SMALL
+    step = flops.training_step_flops(cfg, 10, [8, 16])
+    forward = 5 * flops.image_forward_flops(cfg, 8) + 5 * flops.image_forward_flops(cfg, 16)
+    forward += 10 * flops.text_forward_flops(cfg) + flops.sigmoid_loss_flops(10, cfg.embed_dim)
+    assert step == 3 * forward
+
+
+def test_ledger_totals_all_parts():
+    from flexi_jest.config import FlopsBreakdown
+    ledger = flops.add(FlopsBreakdown(reference_training=5.0), learner_scoring=1.0, learner_training=2.0)
+    ledger = flops.add(ledger, reference_caching=3.0)
+    assert ledger.total == 11.0
