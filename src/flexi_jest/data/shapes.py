@@ -57,7 +57,9 @@ SIZES = ("small", "large")
 TEXTURES = ("plain", "striped", "dotted")
 POSITIONS = ("on the left", "on the right", "at the top", "at the bottom", "in the centre")
 RELATIONS = ("above", "below", "to the left of", "to the right of")
-INVERSE_RELATION = {"above": "below", "below": "above", "to the left of": "to the right of", "to the right of": "to the left of"}
+INVERSE_RELATION = {
+    "above": "below", "below": "above", "to the left of": "to the right of", "to the right of": "to the left of",
+}
 
 # object radius as a fraction of the image side, by (number of objects, size)
 RADIUS = {(1, "small"): 0.15, (1, "large"): 0.28, (2, "small"): 0.13, (2, "large"): 0.21}

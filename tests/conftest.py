@@ -1,0 +1,34 @@
+"""Shared fixtures: one small generated dataset and a trained reference, made once per test session."""
+
+import pytest
+
+from flexi_jest.config import MakeDataConfig, ModelConfig, TrainReferenceConfig
+from flexi_jest.data.make import make_data
+
+# Smaller than the tiny profile, so that end-to-end tests take seconds.
+TEST_MODEL = ModelConfig(image_size=32, patch_size=8, vision_width=48, vision_depth=2, vision_heads=3,
+                         text_width=48, text_depth=1, text_heads=2, context_length=16, embed_dim=32)
+
+
+@pytest.fixture(scope="session")
+def shapes_data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shapes")
+    return make_data(MakeDataConfig(dataset="shapes", out_dir=str(out), curated_size=300, pool_size=900,
+                                    eval_size=200, samples_per_shard=300))
+
+
+@pytest.fixture(scope="session")
+def reference(shapes_data, tmp_path_factory):
+    from flexi_jest.train import train_reference
+    out = tmp_path_factory.mktemp("reference")
+    cfg = TrainReferenceConfig(data=shapes_data.splits["curated"].path, out_dir=str(out), model=TEST_MODEL,
+                               steps=8, batch_size=32, progress=False)
+    return train_reference(cfg)
+
+
+@pytest.fixture(scope="session")
+def reference_cache(reference, shapes_data):
+    from flexi_jest.config import CacheReferenceConfig
+    from flexi_jest.reference_cache import cache_reference
+    return cache_reference(CacheReferenceConfig(reference=reference.checkpoint, pool=shapes_data.splits["pool"].path,
+                                                batch_size=128))

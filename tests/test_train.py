@@ -1,0 +1,154 @@
+import json
+import shutil
+
+import pytest
+import torch
+
+from conftest import TEST_MODEL
+from flexi_jest.checkpoint import load_model
+from flexi_jest.config import CacheReferenceConfig, TrainLearnerConfig
+from flexi_jest.data.shards import iter_split
+from flexi_jest.reference_cache import CacheError, ReferenceCache, cache_reference
+from flexi_jest.train import train_learner
+
+
+def learner_config(shapes_data, cache, out_dir, **overrides) -> TrainLearnerConfig:
+    values = dict(pool=shapes_data.splits["pool"].path, reference_cache=cache.cache_dir,
+                  reference_sha256=cache.reference_sha256, out_dir=str(out_dir), model=TEST_MODEL,
+                  super_batch_size=40, filter_ratio=0.8, n_chunks=4, steps=6, checkpoint_every=3,
+                  progress=False, log_every=1, shuffle_buffer=50)
+    values.update(overrides)
+    return TrainLearnerConfig(**values)
+
+
+def test_reference_training_reduces_its_loss(reference):
+    history = [json.loads(line) for line in open(reference.metrics_path)]
+    assert len(history) == 1 + (8 - 1) // 10 or history  # logged
+    assert reference.steps == 8
+    assert reference.flops.reference_training > 0 and reference.total_flops == reference.flops.reference_training
+    model, sha = load_model(reference.checkpoint)
+    assert sha == reference.checkpoint_sha256
+
+
+def test_cache_covers_the_pool_and_matches_a_fresh_forward(reference, reference_cache, shapes_data):
+    assert reference_cache.num_samples == shapes_data.splits["pool"].num_samples
+    cache = ReferenceCache(reference_cache.cache_dir, shapes_data.splits["pool"].path, reference.checkpoint_sha256)
+    index, image_emb, text_emb = cache.load_shard("shard-000000.tar")
+    assert image_emb.dtype.name == "float16" and image_emb.shape == (300, TEST_MODEL.embed_dim)
+    model, _ = load_model(reference.checkpoint)
+    model.eval()
+    sample = next(iter_split(shapes_data.splits["pool"].path, TEST_MODEL.image_size))
+    from flexi_jest.model import Tokenizer
+    with torch.no_grad():
+        fresh = model.encode_text(Tokenizer(TEST_MODEL.context_length)([sample["caption"]]))[0]
+    cached = torch.from_numpy(text_emb[index[sample["key"]]]).float()
+    assert torch.allclose(fresh, cached, atol=2e-3)
+
+
+@pytest.mark.parametrize("method,score", [("joint", "learnability"), ("independent", "easy_reference"),
+                                          ("uniform", "learnability"), ("joint", "hard_learner")])
+def test_learner_methods_run_and_account_flops(shapes_data, reference_cache, tmp_path, method, score):
+    result = train_learner(learner_config(shapes_data, reference_cache, tmp_path, method=method, score=score,
+                                          steps=3, reference_training_flops=1e9, reference_caching_flops=2e9))
+    assert result.steps == 3
+    assert result.flops.learner_training > 0
+    if method == "uniform":
+        assert result.flops.learner_scoring == 0 and result.total_flops == result.flops.learner_training
+    else:
+        assert result.flops.learner_scoring > 0
+        assert "selection_seconds" in result.selection
+    uses_reference = method != "uniform" and score != "hard_learner"
+    assert (result.flops.reference_training == 1e9) == uses_reference
+
+
+def test_flexi_scoring_is_cheaper_than_full_resolution_scoring(shapes_data, reference_cache, tmp_path):
+    full = train_learner(learner_config(shapes_data, reference_cache, tmp_path / "a", steps=1))
+    flexi = train_learner(learner_config(shapes_data, reference_cache, tmp_path / "b", steps=1,
+                                         scoring_patch_size=16, train_patch_sizes=[8, 16]))
+    from flexi_jest.flops import image_forward_flops
+    saved = 40 * (image_forward_flops(TEST_MODEL, 8) - image_forward_flops(TEST_MODEL, 16))  # 40 = super-batch
+    assert full.flops.learner_scoring - flexi.flops.learner_scoring == saved > 0
+    assert flexi.flops.learner_training < full.flops.learner_training
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_interrupted_run_resumes_to_identical_weights(shapes_data, reference_cache, tmp_path, monkeypatch):
+    straight = train_learner(learner_config(shapes_data, reference_cache, tmp_path / "straight"))
+
+    from flexi_jest.data import shards
+    original_take, calls = shards.SampleStream.take, {"n": 0}
+
+    def take_then_die(self, n):
+        calls["n"] += 1
+        if calls["n"] == 5:  # during step 5, after the checkpoint at step 3
+            raise Interrupt()
+        return original_take(self, n)
+
+    monkeypatch.setattr(shards.SampleStream, "take", take_then_die)
+    with pytest.raises(Interrupt):
+        train_learner(learner_config(shapes_data, reference_cache, tmp_path / "resumed"))
+    monkeypatch.setattr(shards.SampleStream, "take", original_take)
+    resumed = train_learner(learner_config(shapes_data, reference_cache, tmp_path / "resumed"))
+
+    a, _ = load_model(straight.checkpoint)
+    b, _ = load_model(resumed.checkpoint)
+    for (name, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(pa, pb), name
+    assert resumed.total_flops == straight.total_flops
+    steps = [json.loads(line)["step"] for line in open(resumed.metrics_path)]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_cache_from_another_reference_is_rejected(shapes_data, reference_cache, tmp_path):
+    with pytest.raises(CacheError, match="made by reference"):
+        train_learner(learner_config(shapes_data, reference_cache, tmp_path, reference_sha256="0" * 64))
+
+
+def test_missing_cache_is_a_clear_error(shapes_data, reference_cache, tmp_path):
+    with pytest.raises(CacheError, match="no reference cache"):
+        cfg = learner_config(shapes_data, reference_cache, tmp_path)
+        train_learner(cfg.model_copy(update={"reference_cache": str(tmp_path / "none")}))
+
+
+def test_missing_cache_entry_names_the_sample(shapes_data, reference, tmp_path):
+    pool = tmp_path / "pool"
+    shutil.copytree(shapes_data.splits["pool"].path, pool, ignore=shutil.ignore_patterns("refcache-*"))
+    cache = cache_reference(CacheReferenceConfig(reference=reference.checkpoint, pool=str(pool), out_dir=str(tmp_path / "c")))
+    # drop one key from a sidecar, keeping the manifest's checksum consistent, as a partial cache would be
+    import io
+    import numpy as np
+    from flexi_jest import storage
+    manifest_path = tmp_path / "c" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    with np.load(tmp_path / "c" / "shard-000001.npz") as arrays:
+        kept = {k: arrays[k][1:] for k in ("keys", "image_emb", "text_emb")}
+    buffer = io.BytesIO()
+    np.savez(buffer, **kept)
+    (tmp_path / "c" / "shard-000001.npz").write_bytes(buffer.getvalue())
+    manifest["shards"]["shard-000001.tar"]["sha256"] = storage.sha256_bytes(buffer.getvalue())
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(CacheError, match="is not in the reference cache"):
+        train_learner(learner_config(shapes_data, cache, tmp_path / "l", pool=str(pool), steps=30))
+
+
+def test_corrupt_cache_file_fails_its_checksum(shapes_data, reference, tmp_path):
+    cache = cache_reference(CacheReferenceConfig(reference=reference.checkpoint, pool=shapes_data.splits["pool"].path,
+                                                 out_dir=str(tmp_path / "c")))
+    (tmp_path / "c" / "shard-000000.npz").write_bytes(b"garbage")
+    with pytest.raises(CacheError, match="checksum"):
+        train_learner(learner_config(shapes_data, cache, tmp_path / "l", steps=30))
+
+
+def test_config_rejects_bad_values_with_the_field_named():
+    from pydantic import ValidationError
+    with pytest.raises(ValidationError, match="filter_ratio"):
+        TrainLearnerConfig(filter_ratio=1.5, reference_cache="x")
+    with pytest.raises(ValidationError, match="reference_cache is required"):
+        TrainLearnerConfig(method="joint")
+    with pytest.raises(ValidationError, match="unknown_field"):
+        TrainLearnerConfig(reference_cache="x", unknown_field=1)
+    with pytest.raises(ValidationError, match="scoring_patch_size 7"):
+        TrainLearnerConfig(reference_cache="x", scoring_patch_size=7)
