@@ -13,7 +13,9 @@ Runs checkpoint every `checkpoint_every` steps and resume exactly: same weights 
 
 import json
 import math
+import queue
 import random
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -79,19 +81,63 @@ class StepOutput:
     stats: dict[str, float] = field(default_factory=dict)  # selection statistics
 
 
-StepFn = Callable[[DualEncoder, SampleStream, torch.Generator], StepOutput]
+StepFn = Callable[[DualEncoder, list[dict[str, Any]], torch.Generator], StepOutput]
+
+
+class Prefetcher:
+    """Reads the next batch in a background thread while the current step computes.
+
+    Yields (batch, stream_state_after_batch): a checkpoint stores the state that belongs to the
+    last batch *trained on*, not to the batch already prefetched, so resume stays exact. An error
+    in the reader is re-raised in the training thread.
+    """
+
+    def __init__(self, stream: SampleStream, batch_size: int):
+        self.stream, self.batch_size = stream, batch_size
+        self.queue: queue.Queue = queue.Queue(maxsize=1)
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            while not self.stopped.is_set():
+                batch = self.stream.take(self.batch_size)
+                self._put((batch, self.stream.state_dict(), None))
+        except BaseException as exc:  # handed to the training thread
+            self._put((None, None, exc))
+
+    def _put(self, item) -> None:
+        while not self.stopped.is_set():
+            try:
+                self.queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def next(self) -> tuple[list[dict[str, Any]], dict[str, int]]:
+        batch, state, error = self.queue.get()
+        if error is not None:
+            self.close()
+            raise error
+        return batch, state
+
+    def close(self) -> None:
+        self.stopped.set()
+        self.thread.join(timeout=10)
 
 
 def run_training(
     cfg: TrainingConfig,
     model: DualEncoder,
     stream: SampleStream,
+    batch_size: int,
     step_fn: StepFn,
     base_flops: FlopsBreakdown,
     device: torch.device,
     description: str,
 ) -> TrainResult:
-    """The loop both trainers share: resume, step, log, checkpoint, write the model and the result."""
+    """The loop both trainers share: resume, draw batch_size samples per step, step, log, checkpoint, write the result."""
     started = time.perf_counter()
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.steps)
@@ -116,49 +162,44 @@ def run_training(
     totals = {"loss": 0.0, "trained": 0, "seconds": 0.0}
     stats_sums: dict[str, float] = {}
 
+    data_state = stream.state_dict()
+
     def checkpoint_now() -> None:
         save_checkpoint(cfg.out_dir, step, {
             "model": model_state(model), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "rng": {"generator": generator.get_state(), "torch": torch.get_rng_state(), "python": random.getstate()},
-            "data": stream.state_dict(), "flops": ledger.model_dump(), "history": history, "step": step,
+            "data": data_state, "flops": ledger.model_dump(), "history": history, "step": step,
             "config": cfg.model_dump(),
         })
         storage.write_bytes(metrics_path, "".join(json.dumps(h) + "\n" for h in history).encode())
 
     model.train()
-    bar = tqdm(total=cfg.steps, initial=step, desc=description, disable=not cfg.progress, dynamic_ncols=True)
+    bar = tqdm(total=cfg.steps, initial=step, desc=description, disable=not cfg.progress, dynamic_ncols=True, mininterval=2.0)
     loss_value = float("nan")
-    while step < cfg.steps:
-        t0 = time.perf_counter()
-        out = step_fn(model, stream, generator)
-        optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        if cfg.optim.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        loss_value = out.loss.item()
-        if not math.isfinite(loss_value):
-            raise FloatingPointError(f"loss became {loss_value} at step {step}: the run diverged (lower optim.lr)")
-        seconds = time.perf_counter() - t0
-        step += 1
-        ledger = flops.add(ledger, **out.flops)
-        totals["loss"] += loss_value
-        totals["trained"] += out.trained
-        totals["seconds"] += seconds
-        for key, value in out.stats.items():
-            stats_sums[key] = stats_sums.get(key, 0.0) + value
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            record = {"step": step, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
-                      "images_per_second": out.trained / seconds, "seconds": seconds,
-                      "flops": ledger.model_dump(), "total_flops": ledger.total, **out.stats}
-            history.append(record)
-        bar.set_postfix(loss=f"{loss_value:.3f}", img_s=f"{out.trained / seconds:.0f}",
-                        sel_ms=f"{1000 * out.stats.get('selection_seconds', 0.0):.1f}")
-        bar.update(1)
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            checkpoint_now()
-    bar.close()
+    prefetcher = Prefetcher(stream, batch_size)
+    try:
+        while step < cfg.steps:
+            out, seconds, data_state = _one_step(model, prefetcher, step_fn, generator, optimizer, scheduler, cfg)
+            loss_value = out.loss.item()
+            step += 1
+            ledger = flops.add(ledger, **out.flops)
+            totals["loss"] += loss_value
+            totals["trained"] += out.trained
+            totals["seconds"] += seconds
+            for key, value in out.stats.items():
+                stats_sums[key] = stats_sums.get(key, 0.0) + value
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                history.append({"step": step, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
+                                "images_per_second": out.trained / seconds, "seconds": seconds,
+                                "flops": ledger.model_dump(), "total_flops": ledger.total, **out.stats})
+            bar.set_postfix(loss=f"{loss_value:.3f}", img_s=f"{out.trained / seconds:.0f}",
+                            sel_ms=f"{1000 * out.stats.get('selection_seconds', 0.0):.1f}")
+            bar.update(1)
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                checkpoint_now()
+    finally:
+        prefetcher.close()
+        bar.close()
     model_uri = storage.join(cfg.out_dir, "model.pt")
     sha = save_model(model, model_uri)
     steps_run = max(1, step - start_step)
@@ -179,6 +220,23 @@ def run_training(
     if stream.stats.skipped:
         print(f"[{description}] data: {stream.stats.summary()}")
     return result
+
+
+def _one_step(model, prefetcher, step_fn, generator, optimizer, scheduler, cfg) -> tuple[StepOutput, float, dict[str, int]]:
+    """Draw, forward, backward, update. Returns the step's output, its wall seconds and the data state after it."""
+    t0 = time.perf_counter()
+    batch, data_state = prefetcher.next()
+    out = step_fn(model, batch, generator)
+    optimizer.zero_grad(set_to_none=True)
+    out.loss.backward()
+    if cfg.optim.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+    optimizer.step()
+    scheduler.step()
+    loss = out.loss.item()
+    if not math.isfinite(loss):
+        raise FloatingPointError(f"loss became {loss}: the run diverged (lower optim.lr)")
+    return out, time.perf_counter() - t0, data_state
 
 
 def _prepare(cfg: TrainingConfig) -> tuple[torch.device, Tokenizer]:
@@ -202,15 +260,14 @@ def train_reference(cfg: TrainReferenceConfig) -> TrainResult:
     stream = SampleStream(cfg.data, cfg.model.image_size, cfg.seed, cfg.shuffle_buffer)
     step_flops = flops.training_step_flops(cfg.model, cfg.batch_size, cfg.train_patch_sizes)
 
-    def step_fn(model: DualEncoder, stream: SampleStream, generator: torch.Generator) -> StepOutput:
-        batch = stream.take(cfg.batch_size)
+    def step_fn(model: DualEncoder, batch: list[dict[str, Any]], generator: torch.Generator) -> StepOutput:
         images = to_model_input(torch.stack([s["image"] for s in batch]), device)
         tokens = tokenizer([s["caption"] for s in batch]).to(device)
         with autocast(device):
             loss = multi_patch_loss(model, images, tokens, cfg.train_patch_sizes, cfg.loss_chunk_size)
         return StepOutput(loss, len(batch), {"reference_training": step_flops})
 
-    return run_training(cfg, model, stream, step_fn, FlopsBreakdown(), device, "reference")
+    return run_training(cfg, model, stream, cfg.batch_size, step_fn, FlopsBreakdown(), device, "reference")
 
 
 # ---- the learner ------------------------------------------------------------------------------------------------
@@ -229,8 +286,7 @@ def train_learner(cfg: TrainLearnerConfig) -> TrainResult:
     train_flops = flops.training_step_flops(cfg.model, sub_batch, cfg.train_patch_sizes)
     score_flops = 0 if cfg.method == "uniform" else flops.scoring_step_flops(cfg.model, draw, scoring_patch, needs_reference)
 
-    def step_fn(model: DualEncoder, stream: SampleStream, generator: torch.Generator) -> StepOutput:
-        batch = stream.take(draw)
+    def step_fn(model: DualEncoder, batch: list[dict[str, Any]], generator: torch.Generator) -> StepOutput:
         images = to_model_input(torch.stack([s["image"] for s in batch]), device)
         tokens = tokenizer([s["caption"] for s in batch]).to(device)
         stats: dict[str, float] = {}
@@ -266,4 +322,4 @@ def train_learner(cfg: TrainLearnerConfig) -> TrainResult:
     if not needs_reference:
         base = FlopsBreakdown()
     name = f"learner[{cfg.method}{'' if cfg.method == 'uniform' else '/' + cfg.score}]"
-    return run_training(cfg, model, stream, step_fn, base, device, name)
+    return run_training(cfg, model, stream, draw, step_fn, base, device, name)

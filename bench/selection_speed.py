@@ -1,0 +1,105 @@
+"""Selection cost next to training cost: is joint selection cheap enough to be free?
+
+For super-batches B from 1,280 to 40,960 (filter 0.8, 16 chunks) it times, on random unit embeddings:
+  - score:     the [B, B] learnability matrix from learner and reference embeddings (two pair-loss matrices)
+  - select:    joint_select on that matrix (JEST Algorithm 1)
+  - train:     one training step of the tiny model on the selected sub-batch b = 0.2 B
+and prints JSON with each time and the ratios select/train and (score+select)/train.
+
+    python bench/selection_speed.py                       # every size the machine holds
+    python bench/selection_speed.py --sizes 1280 5120 --repeats 3
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from flexi_jest.config import MODEL_PRESETS, OptimConfig
+from flexi_jest.device import resolve_device
+from flexi_jest.model import DualEncoder
+from flexi_jest.selection import joint_select, score_matrix
+from flexi_jest.train import build_optimizer, multi_patch_loss
+
+
+def timed(fn, repeats: int, device: torch.device) -> float:
+    """Median wall seconds of fn over repeats (after one warm-up call)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def unit(batch: int, dim: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    return F.normalize(torch.randn(batch, dim, generator=generator, device=device), dim=-1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1280, 2560, 5120, 10240, 20480, 40960])
+    parser.add_argument("--filter-ratio", type=float, default=0.8)
+    parser.add_argument("--chunks", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--model", default="tiny", choices=sorted(MODEL_PRESETS))
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args()
+
+    device = resolve_device(args.device)
+    cfg = MODEL_PRESETS[args.model]
+    model = DualEncoder(cfg).to(device)
+    optimizer = build_optimizer(model, OptimConfig())
+    generator = torch.Generator(device=device).manual_seed(0)
+    rows = []
+    for batch in args.sizes:
+        n_select = round(batch * (1 - args.filter_ratio))
+        needed = 4 * batch * batch * 3  # the score matrix plus a row-chunk of temporaries, fp32, with headroom
+        if device.type == "cpu":
+            available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+            if needed > 0.8 * available:
+                rows.append({"super_batch": batch, "skipped": f"needs ~{needed / 2**30:.1f} GiB, {available / 2**30:.1f} GiB free"})
+                continue
+        learner = (unit(batch, cfg.embed_dim, generator, device), unit(batch, cfg.embed_dim, generator, device),
+                   torch.tensor(2.3, device=device), torch.tensor(-10.0, device=device))
+        reference = (unit(batch, cfg.embed_dim, generator, device), unit(batch, cfg.embed_dim, generator, device),
+                     torch.tensor(2.3, device=device), torch.tensor(-10.0, device=device))
+        scores = score_matrix("learnability", learner, reference)
+        score_s = timed(lambda: score_matrix("learnability", learner, reference), args.repeats, device)
+        select_s = timed(lambda: joint_select(scores, n_select, args.chunks, generator), args.repeats, device)
+        images = torch.randn(n_select, 3, cfg.image_size, cfg.image_size, device=device)
+        tokens = torch.randint(1, 49000, (n_select, cfg.context_length), device=device)
+
+        def train_step() -> None:
+            optimizer.zero_grad(set_to_none=True)
+            multi_patch_loss(model, images, tokens, [cfg.patch_size]).backward()
+            optimizer.step()
+
+        train_s = timed(train_step, max(1, args.repeats - 1), device)
+        del scores
+        rows.append({
+            "super_batch": batch, "sub_batch": n_select, "chunks": args.chunks,
+            "score_seconds": score_s, "select_seconds": select_s, "train_step_seconds": train_s,
+            "select_over_train": select_s / train_s, "score_and_select_over_train": (score_s + select_s) / train_s,
+        })
+        print(json.dumps(rows[-1]), flush=True)
+    print(json.dumps({
+        "benchmark": "selection_speed", "device": str(device), "model": args.model,
+        "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
+        "filter_ratio": args.filter_ratio, "results": rows,
+        "select_under_5_percent_everywhere": all(r.get("select_over_train", 0) < 0.05 for r in rows if "skipped" not in r),
+    }, indent=1))
+
+
+if __name__ == "__main__":
+    main()

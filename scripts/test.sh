@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Install with the test extras, then run the whole test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh data,test
+exec .venv/bin/python -m pytest -q "$@"

@@ -1,0 +1,60 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from flexi_jest.cli import main, parse_overrides
+
+
+def test_parse_overrides_nests_and_types_values():
+    assert parse_overrides(["optim.lr=0.001", "train_patch_sizes=[8, 16]", "method=joint", "resume=false"]) == {
+        "optim": {"lr": 0.001}, "train_patch_sizes": [8, 16], "method": "joint", "resume": False}
+
+
+def test_bad_value_is_rejected_with_the_field_named(capsys):
+    assert main(["train-learner", "--set", "filter_ratio=1.5", "--set", "reference_cache=x", "--print-config"]) == 2
+    err = capsys.readouterr().err
+    assert "invalid config for train-learner" in err and "filter_ratio" in err and "1.5" in err
+
+
+def test_wrong_type_and_unknown_field_are_rejected(capsys):
+    assert main(["make-data", "--set", "pool_size=lots", "--print-config"]) == 2
+    assert "pool_size" in capsys.readouterr().err
+    assert main(["evaluate", "--set", "no_such_field=1", "--print-config"]) == 2
+    assert "no_such_field" in capsys.readouterr().err
+
+
+def test_config_file_profile_and_overrides_compose(tmp_path, capsys):
+    path = tmp_path / "learner.yaml"
+    path.write_text("method: independent\nreference_cache: /x\noptim:\n  lr: 0.01\n")
+    assert main(["train-learner", "--config", str(path), "--set", "optim.warmup_steps=5", "--print-config"]) == 0
+    cfg = json.loads(capsys.readouterr().out)
+    assert cfg["method"] == "independent" and cfg["optim"]["lr"] == 0.01 and cfg["optim"]["warmup_steps"] == 5
+    assert main(["train-learner", "--profile", "paper", "--set", "reference_cache=/x", "--print-config"]) == 0
+    paper = json.loads(capsys.readouterr().out)
+    assert paper["model"]["vision_width"] == 768 and paper["super_batch_size"] * (1 - paper["filter_ratio"]) == pytest.approx(32768)
+
+
+def test_console_script_runs_a_stage(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "flexi_jest.cli", "make-data", "--set", f"out_dir={tmp_path}",
+                          "--set", "curated_size=10", "--set", "pool_size=20", "--set", "eval_size=10"],
+                         capture_output=True, text=True, check=True)
+    result = json.loads(out.stdout)
+    assert result["splits"]["pool"]["num_samples"] == 20
+    assert (tmp_path / "pool" / "manifest.json").exists() and (tmp_path / "result.json").exists()
+
+
+def test_demo_runs_every_stage_end_to_end(tmp_path, capsys, monkeypatch):
+    from flexi_jest import config
+    monkeypatch.setitem(config.PROFILES, "tiny", {
+        "make-data": {"curated_size": 200, "pool_size": 600, "eval_size": 100, "samples_per_shard": 200},
+        "train-reference": {"steps": 4, "batch_size": 32, "progress": False},
+        "train-learner": {"steps": 3, "super_batch_size": 80, "progress": False},
+    })
+    assert main(["demo", "--workdir", str(tmp_path), "--methods", "uniform,flexi-jest"]) == 0
+    out = capsys.readouterr().out
+    assert "flexi-jest" in out and "reference" in out and "end-to-end wall time" in out
+    rows = json.loads((tmp_path / "demo_results.json").read_text())
+    assert [r["method"] for r in rows] == ["uniform", "flexi-jest", "reference"]
+    assert rows[1]["total_flops"] > rows[1]["learner_flops"] > 0  # the reference's share is counted
