@@ -40,7 +40,7 @@ RESERVOIR_SIZE = 512
 GENERIC_CAPTIONS = [
     "image", "photo", "picture", "untitled", "click here", "download", "thumbnail", "view image",
     "no description available", "stock photo", "see more", "image of the day", "free download",
-    "click to enlarge", "screenshot", "default", "placeholder", "logo", "banner", "icon",
+    "click to enlarge", "screenshot", "default", "image not found", "logo", "banner", "icon",
 ]
 FILE_STEMS = ["IMG_", "DSC_", "DSCN", "photo", "image", "Screenshot_", "PXL_", "pic"]
 FILE_EXTENSIONS = ["", ".jpg", ".jpeg", ".png", ".JPG", ".webp"]
