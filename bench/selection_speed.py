@@ -64,7 +64,7 @@ def main() -> None:
     rows = []
     for batch in args.sizes:
         n_select = round(batch * (1 - args.filter_ratio))
-        needed = 4 * batch * batch * 3  # the score matrix plus a row-chunk of temporaries, fp32, with headroom
+        needed = 4 * batch * batch + 4 * 4 * 4096 * batch  # the fp32 score matrix + four [4096, B] row-chunk temporaries
         if device.type == "cpu":
             available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
             if needed > 0.8 * available:

@@ -25,9 +25,14 @@ def pair_logits(image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor, logit_
     """logits [Bi, Bt] = exp(logit_scale) * image_emb @ text_emb.T + logit_bias.
 
     image_emb [Bi, d] and text_emb [Bt, d] must already be L2-normalised (DualEncoder does this).
-    The matmul accumulates in fp32 whatever the embeddings' dtype.
+    The matmul accumulates in fp32 whatever the embeddings' dtype. Without autograd the scale and
+    bias are applied in place (no extra [Bi, Bt] temporaries).
     """
-    return logit_scale.float().exp() * (image_emb.float() @ text_emb.float().T) + logit_bias.float()
+    logits = image_emb.float() @ text_emb.float().T
+    scale, bias = logit_scale.float().exp(), logit_bias.float()
+    if torch.is_grad_enabled() and (logits.requires_grad or scale.requires_grad or bias.requires_grad):
+        return logits * scale + bias
+    return logits.mul_(scale).add_(bias)
 
 
 def sigmoid_pair_losses(
@@ -39,9 +44,11 @@ def sigmoid_pair_losses(
     (row_offset lets a caller compute a block of rows of a larger matrix). Returns fp32.
     """
     logits = pair_logits(image_emb, text_emb, logit_scale, logit_bias)
-    rows = torch.arange(logits.shape[0], device=logits.device)
-    is_positive = (rows[:, None] + row_offset) == torch.arange(logits.shape[1], device=logits.device)[None, :]
-    return -F.logsigmoid(torch.where(is_positive, logits, -logits))
+    # -log sigmoid(-l) = softplus(l) for negatives; -log sigmoid(l) = softplus(l) - l for the positives,
+    # which lie on the block's diagonal at offset row_offset: one elementwise pass, then a fix of B entries.
+    losses = F.softplus(logits)
+    losses.diagonal(row_offset).sub_(logits.diagonal(row_offset))
+    return losses
 
 
 def _block_loss_sum(rows: Tensor, text_emb: Tensor, logit_scale: Tensor, logit_bias: Tensor, row_offset: int) -> Tensor:

@@ -64,6 +64,7 @@ def score_matrix(
         if score != "hard_learner":
             reference_block = sigmoid_pair_losses(reference[0][start:stop], reference[1], reference[2], reference[3], start)
         out[start:stop] = score_fn(learner_block, reference_block)
+        del learner_block, reference_block
     return out
 
 
