@@ -59,3 +59,13 @@ def test_ledger_totals_all_parts():
     ledger = flops.add(FlopsBreakdown(reference_training=5.0), learner_scoring=1.0, learner_training=2.0)
     ledger = flops.add(ledger, reference_caching=3.0)
     assert ledger.total == 11.0
+
+
+def test_scoring_flops_by_method():
+    cfg = SMALL
+    forward = 100 * flops.pair_forward_flops(cfg, 16)
+    joint = flops.scoring_step_flops(cfg, 100, 16, 20, "joint", True, reference_dim=8)
+    assert joint == forward + 4 * 100 * 20 * (cfg.embed_dim + 8)
+    independent = flops.scoring_step_flops(cfg, 100, 16, 20, "independent", True, reference_dim=8)
+    assert independent == forward + 2 * 100 * (cfg.embed_dim + 8)
+    assert flops.scoring_step_flops(cfg, 100, 16, 20, "joint", uses_learner=False, reference_dim=8) == 4 * 100 * 20 * 8

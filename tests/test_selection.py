@@ -133,3 +133,31 @@ def test_select_dispatch():
     assert select("joint", scores, 5, 20, 2, g).numel() == 5
     with pytest.raises(ValueError, match="unknown selection method"):
         select("magic", scores, 5, 20)
+
+
+def unit_pairs(batch: int, dim: int, seed: int, scale: float, bias: float):
+    g = torch.Generator().manual_seed(seed)
+    image = torch.nn.functional.normalize(torch.randn(batch, dim, generator=g), dim=-1)
+    text = torch.nn.functional.normalize(image + 0.8 * torch.randn(batch, dim, generator=g), dim=-1)
+    return image, text, torch.tensor(scale), torch.tensor(bias)
+
+
+@pytest.mark.parametrize("score", ["learnability", "hard_learner", "easy_reference"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_selection_from_embeddings_equals_selection_from_the_matrix(score, seed):
+    from flexi_jest.selection import joint_select_from_embeddings, own_scores
+    learner = unit_pairs(150, 16, seed, 2.3, -6.0)
+    reference = unit_pairs(150, 8, seed + 100, 3.0, -8.0)
+    matrix = score_matrix(score, learner, reference)
+    assert torch.allclose(own_scores(score, learner, reference), matrix.diagonal(), atol=1e-5)
+    for n_select, n_chunks in [(30, 16), (45, 4), (1, 1), (150, 8)]:
+        from_matrix = joint_select(matrix, n_select, n_chunks, torch.Generator().manual_seed(seed))
+        fast = joint_select_from_embeddings(score, learner, reference, n_select, n_chunks,
+                                            torch.Generator().manual_seed(seed))
+        assert torch.equal(from_matrix, fast), (n_select, n_chunks)
+
+
+def test_independent_select_accepts_own_scores():
+    scores = random_scores(30)
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    assert torch.equal(independent_select(scores, 10, "sample", g1), independent_select(scores.diagonal(), 10, "sample", g2))

@@ -52,11 +52,27 @@ def training_step_flops(cfg: ModelConfig, batch: int, patch_sizes: list[int]) ->
     return 3 * forward
 
 
-def scoring_step_flops(cfg: ModelConfig, super_batch: int, patch_size: int | None, with_reference: bool) -> int:
-    """The learner's no-grad forward over the super-batch at the scoring patch size, plus the [B, B] score
-    matmuls (the learner's, and the reference's from cached embeddings when with_reference)."""
-    matmuls = sigmoid_loss_flops(super_batch, cfg.embed_dim) * (2 if with_reference else 1)
-    return super_batch * pair_forward_flops(cfg, patch_size) + matmuls
+def scoring_step_flops(
+    cfg: ModelConfig,
+    super_batch: int,
+    patch_size: int | None,
+    n_select: int,
+    method: str,
+    uses_learner: bool = True,
+    reference_dim: int | None = None,
+) -> int:
+    """FLOPs of scoring one super-batch: the learner's no-grad forward over it at the scoring patch size
+    (unless the score ignores the learner) plus the pair-score matmuls selection needs: for joint
+    selection from embeddings the rows and columns of the chosen examples (2 blocks of [B, n_select]
+    per model), for independent selection the B matched pairs only. The reference costs no forward here:
+    its embeddings are cached (its caching pass is counted once, as reference_caching)."""
+    forward = super_batch * pair_forward_flops(cfg, patch_size) if uses_learner else 0
+    dims = ([cfg.embed_dim] if uses_learner else []) + ([reference_dim] if reference_dim else [])
+    if method == "joint":
+        pair_terms = sum(2 * 2 * super_batch * n_select * dim for dim in dims)
+    else:
+        pair_terms = sum(2 * super_batch * dim for dim in dims)
+    return forward + pair_terms
 
 
 def add(ledger: FlopsBreakdown, **parts: float) -> FlopsBreakdown:

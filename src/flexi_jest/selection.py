@@ -8,9 +8,10 @@ sub-batch jointly means summing a block of the matrix; joint_select samples such
 from typing import Callable, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from flexi_jest.losses import sigmoid_pair_losses
+from flexi_jest.losses import pair_logits, sigmoid_pair_losses
 
 SelectionMethod = Literal["uniform", "independent", "joint"]
 ScoreName = Literal["learnability", "hard_learner", "easy_reference"]
@@ -68,6 +69,44 @@ def score_matrix(
     return out
 
 
+def own_scores(
+    score: ScoreName,
+    learner: tuple[Tensor, Tensor, Tensor, Tensor] | None,
+    reference: tuple[Tensor, Tensor, Tensor, Tensor] | None,
+) -> Tensor:
+    """diag(score_matrix(...)) [B] in O(B d): each example's own score from its matched pair alone."""
+    def positive_losses(model: tuple[Tensor, Tensor, Tensor, Tensor]) -> Tensor:
+        image_emb, text_emb, logit_scale, logit_bias = model
+        logits = logit_scale.float().exp() * (image_emb.float() * text_emb.float()).sum(-1) + logit_bias.float()
+        return F.softplus(-logits)  # -log sigmoid(logit) of the positive pair
+
+    learner_losses = positive_losses(learner) if score != "easy_reference" else None
+    reference_losses = positive_losses(reference) if score != "hard_learner" else None
+    return SCORES[score](learner_losses, reference_losses)
+
+
+def _negative_pair_scores(
+    score: ScoreName,
+    learner: tuple[Tensor, Tensor, float, float] | None,
+    reference: tuple[Tensor, Tensor, float, float] | None,
+    image_index: Tensor | None,
+    text_index: Tensor | None,
+) -> Tensor:
+    """Scores of the pairs (image i, text j) for i in image_index, j in text_index (None: all), all taken as
+    negatives (z = -1). Models as (image_emb, text_emb, temperature exp(t'), bias) with fp32 embeddings
+    and Python-float temperature and bias (fused into the matmul). [len(image_index), len(text_index)]"""
+    def negative_losses(model: tuple[Tensor, Tensor, float, float]) -> Tensor:
+        image_emb, text_emb, temperature, bias = model
+        images = image_emb if image_index is None else image_emb.index_select(0, image_index)
+        texts = text_emb if text_index is None else text_emb.index_select(0, text_index)
+        logits = torch.addmm(images.new_full((1, 1), bias), images, texts.T, alpha=temperature)
+        return F.softplus(logits)  # -log sigmoid(-logit)
+
+    learner_losses = negative_losses(learner) if score != "easy_reference" else None
+    reference_losses = negative_losses(reference) if score != "hard_learner" else None
+    return SCORES[score](learner_losses, reference_losses)
+
+
 # ---- sampling ------------------------------------------------------------------------------------
 
 
@@ -101,12 +140,12 @@ def independent_select(
     mode: Literal["sample", "topk"] = "sample",
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """Select by each example's own score diag(scores) alone. scores [B, B] -> LongTensor[n_select]
+    """Select by each example's own score s_ii alone. scores [B, B] (or its diagonal [B]) -> LongTensor[n_select]
 
     mode "sample": without replacement, p proportional to exp(s_ii); "topk": the n_select highest.
     """
     _check_sizes(scores.shape[0], n_select)
-    own = scores.diagonal().float()
+    own = (scores.diagonal() if scores.ndim == 2 else scores).float()
     if mode == "topk":
         return torch.topk(own, n_select, sorted=False).indices
     if mode == "sample":
@@ -152,6 +191,48 @@ def joint_select(
         chosen.append(new)
         taken[new] = True
         interaction += scores.index_select(1, new).float().sum(1) + scores.index_select(0, new).float().sum(0)
+    return torch.cat(chosen)
+
+
+@torch.no_grad()
+def joint_select_from_embeddings(
+    score: ScoreName,
+    learner: tuple[Tensor, Tensor, Tensor, Tensor] | None,
+    reference: tuple[Tensor, Tensor, Tensor, Tensor] | None,
+    n_select: int,
+    n_chunks: int = 16,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """joint_select(score_matrix(score, learner, reference), ...) without the [B, B] matrix.
+
+    Algorithm 1 reads the score matrix only on its diagonal and on the rows and columns of chosen
+    examples, so those are computed from the embeddings as they are needed: O(B * n_select * d)
+    time and O(B * chunk) memory instead of O(B^2) for both. A row or column of a chosen example
+    only matters for examples not yet chosen, whose pairs with it are all negatives. For the same
+    generator it draws the same Gumbel noise as joint_select and so the same indices, up to float
+    summation order. learner/reference: (image_emb [B, d], text_emb [B, d], logit_scale, logit_bias).
+    """
+    some = learner if learner is not None else reference
+    batch = some[0].shape[0]
+    _check_sizes(batch, n_select)
+    own = own_scores(score, learner, reference).float()  # [B]
+
+    def prepared(model):  # fp32 embeddings, temperature and bias as floats for addmm (one sync per call)
+        if model is None:
+            return None
+        return model[0].float(), model[1].float(), float(model[2].float().exp()), float(model[3])
+
+    learner, reference = prepared(learner), prepared(reference)
+    interaction = torch.zeros_like(own)
+    taken = torch.zeros(batch, dtype=torch.bool, device=own.device)
+    chosen: list[Tensor] = []
+    for size in chunk_sizes(n_select, n_chunks):
+        cond = (own + interaction).masked_fill(taken, float("-inf"))
+        new = gumbel_top_k(cond, size, generator)
+        chosen.append(new)
+        taken[new] = True
+        interaction += _negative_pair_scores(score, learner, reference, None, new).sum(1)  # S[:, new] row sums
+        interaction += _negative_pair_scores(score, learner, reference, new, None).sum(0)  # S[new, :] column sums
     return torch.cat(chosen)
 
 

@@ -32,7 +32,7 @@ from flexi_jest.device import autocast, resolve_device, to_model_input
 from flexi_jest.losses import sigmoid_loss
 from flexi_jest.model import DualEncoder, Tokenizer
 from flexi_jest.reference_cache import CacheError, ReferenceCache
-from flexi_jest.selection import score_matrix, select
+from flexi_jest.selection import independent_select, joint_select_from_embeddings, own_scores
 
 
 def build_optimizer(model: DualEncoder, cfg: OptimConfig) -> torch.optim.AdamW:
@@ -284,7 +284,10 @@ def train_learner(cfg: TrainLearnerConfig) -> TrainResult:
     draw = sub_batch if cfg.method == "uniform" else cfg.super_batch_size
     scoring_patch = cfg.scoring_patch_size or cfg.model.patch_size
     train_flops = flops.training_step_flops(cfg.model, sub_batch, cfg.train_patch_sizes)
-    score_flops = 0 if cfg.method == "uniform" else flops.scoring_step_flops(cfg.model, draw, scoring_patch, needs_reference)
+    uses_learner = cfg.score != "easy_reference"
+    score_flops = 0 if cfg.method == "uniform" else flops.scoring_step_flops(
+        cfg.model, draw, scoring_patch, sub_batch, cfg.method, uses_learner,
+        cache.manifest["embed_dim"] if cache else None)
 
     def step_fn(model: DualEncoder, batch: list[dict[str, Any]], generator: torch.Generator) -> StepOutput:
         images = to_model_input(torch.stack([s["image"] for s in batch]), device)
@@ -293,10 +296,11 @@ def train_learner(cfg: TrainLearnerConfig) -> TrainResult:
         if cfg.method == "uniform":
             chosen = torch.arange(draw, device=device)
         else:
-            with torch.no_grad(), autocast(device):
-                learner = (model.encode_image(images, scoring_patch), model.encode_text(tokens),
-                           model.logit_scale.detach(), model.logit_bias.detach())
-            reference = None
+            learner = reference = None
+            if uses_learner:
+                with torch.no_grad(), autocast(device):
+                    learner = (model.encode_image(images, scoring_patch).float(), model.encode_text(tokens).float(),
+                               model.logit_scale.detach(), model.logit_bias.detach())
             if needs_reference:
                 missing = [s["key"] for s in batch if "ref_image_emb" not in s]
                 if missing:
@@ -305,10 +309,12 @@ def train_learner(cfg: TrainLearnerConfig) -> TrainResult:
                              torch.stack([s["ref_text_emb"] for s in batch]).to(device).float(),
                              cache.logit_scale.to(device), cache.logit_bias.to(device))
             t0 = time.perf_counter()
-            scores = score_matrix(cfg.score, learner, reference)
-            chosen = select(cfg.method, scores, sub_batch, draw, cfg.n_chunks, generator, cfg.independent_mode)
+            own = own_scores(cfg.score, learner, reference)  # [B]
+            if cfg.method == "joint":  # Algorithm 1 without materialising the [B, B] score matrix
+                chosen = joint_select_from_embeddings(cfg.score, learner, reference, sub_batch, cfg.n_chunks, generator)
+            else:
+                chosen = independent_select(own, sub_batch, cfg.independent_mode, generator)
             stats["selection_seconds"] = time.perf_counter() - t0
-            own = scores.diagonal()
             stats["score_selected_mean"] = own[chosen].mean().item()
             stats["score_superbatch_mean"] = own.mean().item()
         noisy = torch.tensor([s["meta"].get("noise", "clean") != "clean" for s in batch])
