@@ -23,7 +23,7 @@ from flexi_jest.config import CacheReferenceConfig, CacheReferenceResult
 from flexi_jest.device import resolve_device, to_model_input
 from flexi_jest.flops import pair_forward_flops
 from flexi_jest.model import Tokenizer
-from flexi_jest.data.shards import ReadStats, decode_sample, iter_shard, read_manifest, shard_names
+from flexi_jest.data.shards import ReadStats, decode_sample, iter_shard, read_manifest, shard_entries, shard_names
 
 CACHE_MANIFEST = "manifest.json"
 
@@ -59,8 +59,7 @@ def write_cache(
     Returns the manifest. Samples the reader skips (corrupt, empty caption) are counted, not cached.
     """
     model.eval()
-    pool_manifest = read_manifest(pool_dir)
-    counts = {s["name"]: s["num_samples"] for s in pool_manifest["shards"]} if pool_manifest else {}
+    entries = shard_entries(pool_dir)
     stats = ReadStats()
     shards: dict[str, dict[str, Any]] = {}
     image_size = model.cfg.image_size
@@ -71,7 +70,7 @@ def write_cache(
         skipped_keys: list[str] = []
 
         def decoded() -> Iterator[dict[str, Any]]:
-            for raw in iter_shard(pool_dir, name, stats, counts.get(name)):
+            for raw in iter_shard(pool_dir, name, stats, entries.get(name)):
                 sample = decode_sample(raw, image_size, stats)
                 if sample is None:
                     skipped_keys.append(raw["__key__"])

@@ -1,20 +1,46 @@
-"""One small interface over where artifacts live: local paths (and file:// URIs).
+"""One small interface over where artifacts live: local paths, file:// URIs and s3://bucket/key.
 
-Every reader and writer in the library goes through these functions, so adding a scheme (s3://
-through the minio SDK, with the pipeline) changes nothing else. Writes are atomic: a file appears
-under its final name only once complete.
+Every reader and writer in the library goes through these functions, so the URI scheme is the only
+difference between a laptop run and a cluster run. S3 (MinIO on a cluster) goes through the `minio`
+SDK, configured from the environment only, never from code or configs:
+
+    FLEXI_JEST_S3_ENDPOINT   e.g. http://minio.flexi-jest:9000 (falls back to MLFLOW_S3_ENDPOINT_URL)
+    AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY
+    FLEXI_JEST_S3_REGION     optional
+
+TLS follows the endpoint's scheme (https:// or http://).
+
+Writes are atomic from a reader's point of view: a local file is written to a temporary name and
+renamed; an S3 object (single or multipart PUT) becomes visible only when complete. Multi-file
+outputs (shards, caches) write their manifest last. Transient S3 failures are retried with
+exponential backoff; an unreachable endpoint or rejected credentials is a StorageError naming them.
 """
 
 import hashlib
+import io
 import os
 import tempfile
+import time
+from functools import lru_cache
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Callable, TypeVar
 from urllib.parse import urlparse
+
+T = TypeVar("T")
+
+RETRIES = 4
+BACKOFF_SECONDS = 0.5
+CREDENTIAL_ERRORS = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "InvalidToken", "ExpiredToken"}
+TRANSIENT_ERRORS = {"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "OperationAborted"}
+MISSING_ERRORS = {"NoSuchKey", "NoSuchBucket", "NoSuchObject", "ResourceNotFound"}
 
 
 class StorageError(RuntimeError):
-    """A storage location could not be read or written; the message names it."""
+    """A storage location could not be read or written; the message names it and why."""
+
+
+def is_s3(uri: str) -> bool:
+    return str(uri).startswith("s3://")
 
 
 def _local_path(uri: str) -> Path:
@@ -23,7 +49,82 @@ def _local_path(uri: str) -> Path:
         return Path(parsed.path)
     if parsed.scheme in ("", None) or len(parsed.scheme) == 1:  # plain path (or a Windows drive letter)
         return Path(uri)
-    raise StorageError(f"unsupported storage URI scheme {parsed.scheme!r} in {uri!r}; expected a local path or file://")
+    raise StorageError(f"unsupported storage URI scheme {parsed.scheme!r} in {uri!r}; expected a path, file:// or s3://")
+
+
+def _bucket_key(uri: str) -> tuple[str, str]:
+    parsed = urlparse(uri)
+    if not parsed.netloc:
+        raise StorageError(f"S3 URI {uri!r} has no bucket; expected s3://bucket/key")
+    return parsed.netloc, parsed.path.lstrip("/")
+
+
+# ---- S3 through minio ----------------------------------------------------------------------------------
+
+
+def s3_endpoint() -> str:
+    endpoint = os.environ.get("FLEXI_JEST_S3_ENDPOINT") or os.environ.get("MLFLOW_S3_ENDPOINT_URL")
+    if not endpoint:
+        raise StorageError("s3:// storage needs FLEXI_JEST_S3_ENDPOINT (or MLFLOW_S3_ENDPOINT_URL) set to the S3/MinIO endpoint")
+    return endpoint
+
+
+@lru_cache(maxsize=8)
+def _client(endpoint: str, access_key: str | None, secret_key: str | None, region: str | None):
+    import urllib3
+    from minio import Minio
+
+    parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
+    # retries are ours (_with_retries), so that every failure is classified and reported the same way
+    http = urllib3.PoolManager(timeout=urllib3.Timeout(connect=10, read=300), retries=False, maxsize=16)
+    return Minio(parsed.netloc, access_key=access_key, secret_key=secret_key, region=region,
+                 secure=parsed.scheme == "https", http_client=http)
+
+
+def s3_client():
+    """The minio client for the environment's endpoint and credentials."""
+    return _client(s3_endpoint(), os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY"),
+                   os.environ.get("FLEXI_JEST_S3_REGION"))
+
+
+def explain_s3_error(exc: Exception, uri: str) -> StorageError | None:
+    """Map a minio / urllib3 exception to a clear StorageError, or None if it is transient (worth a retry)."""
+    from minio.error import S3Error
+    from urllib3.exceptions import HTTPError as Urllib3Error
+
+    if isinstance(exc, S3Error):
+        if exc.code in CREDENTIAL_ERRORS:
+            return StorageError(f"S3 rejected the credentials for {uri} ({exc.code}): check AWS_ACCESS_KEY_ID / "
+                                "AWS_SECRET_ACCESS_KEY and the bucket policy")
+        if exc.code in MISSING_ERRORS:
+            return StorageError(f"no such object: {uri} ({exc.code})")
+        if exc.code in TRANSIENT_ERRORS:
+            return None
+        return StorageError(f"S3 error on {uri}: {exc.code}: {exc.message}")
+    if isinstance(exc, (Urllib3Error, ConnectionError, TimeoutError, OSError)):
+        return None
+    return StorageError(f"S3 request for {uri} failed: {exc!r}")
+
+
+def _with_retries(uri: str, action: Callable[[], T], retries: int = RETRIES) -> T:
+    """Run an S3 action, retrying transient failures with exponential backoff."""
+    for attempt in range(retries + 1):
+        try:
+            return action()
+        except StorageError:
+            raise
+        except Exception as exc:  # classified below
+            error = explain_s3_error(exc, uri)
+            if error is not None:
+                raise error from exc
+            if attempt == retries:
+                raise StorageError(f"cannot reach S3 endpoint {s3_endpoint()} for {uri} after {retries + 1} attempts: "
+                                   f"{exc}") from exc
+            time.sleep(BACKOFF_SECONDS * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+# ---- the interface --------------------------------------------------------------------------------------
 
 
 def join(base: str, *parts: str) -> str:
@@ -32,25 +133,63 @@ def join(base: str, *parts: str) -> str:
 
 
 def exists(uri: str) -> bool:
-    return _local_path(uri).exists()
+    if not is_s3(uri):
+        return _local_path(uri).exists()
+    bucket, key = _bucket_key(uri)
+    client = s3_client()
 
+    def stat() -> bool:
+        from minio.error import S3Error
+        try:
+            client.stat_object(bucket, key)
+            return True
+        except S3Error as exc:
+            if exc.code in MISSING_ERRORS:
+                return False
+            raise
 
-def open_read(uri: str) -> BinaryIO:
-    """A binary stream of the object at uri; a missing one is a StorageError naming it."""
-    path = _local_path(uri)
-    try:
-        return open(path, "rb")
-    except FileNotFoundError as exc:
-        raise StorageError(f"no such file: {uri}") from exc
+    return _with_retries(uri, stat)
 
 
 def read_bytes(uri: str) -> bytes:
-    with open_read(uri) as f:
-        return f.read()
+    if not is_s3(uri):
+        try:
+            return _local_path(uri).read_bytes()
+        except FileNotFoundError as exc:
+            raise StorageError(f"no such file: {uri}") from exc
+        except IsADirectoryError as exc:
+            raise StorageError(f"is a directory, not a file: {uri}") from exc
+    bucket, key = _bucket_key(uri)
+    client = s3_client()
+
+    def get() -> bytes:
+        response = client.get_object(bucket, key)
+        try:
+            return response.read()
+        finally:
+            response.close()
+            response.release_conn()
+
+    return _with_retries(uri, get)
+
+
+def open_read(uri: str) -> BinaryIO:
+    """A binary stream of the object at uri (an S3 object is fetched whole, with retries)."""
+    if not is_s3(uri):
+        try:
+            return open(_local_path(uri), "rb")
+        except FileNotFoundError as exc:
+            raise StorageError(f"no such file: {uri}") from exc
+    return io.BytesIO(read_bytes(uri))
 
 
 def write_bytes(uri: str, data: bytes) -> None:
-    """Write atomically: to a temporary file in the same directory, fsync, then rename."""
+    """Write atomically: locally to a temporary file, fsync, rename; on S3 one PUT (visible only when complete)."""
+    if is_s3(uri):
+        bucket, key = _bucket_key(uri)
+        client = s3_client()
+        _with_retries(uri, lambda: client.put_object(bucket, key, io.BytesIO(data), len(data)))
+        return
     path = _local_path(uri)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -66,19 +205,61 @@ def write_bytes(uri: str, data: bytes) -> None:
 
 
 def upload_file(local_file: str | Path, uri: str) -> None:
-    """Copy a finished local file to uri (atomically)."""
+    """Copy a finished local file to uri (atomically; multipart on S3 for large files)."""
+    if is_s3(uri):
+        bucket, key = _bucket_key(uri)
+        client = s3_client()
+        _with_retries(uri, lambda: client.fput_object(bucket, key, str(local_file)))
+        return
     path = _local_path(uri)
-    if Path(local_file).resolve() == path.resolve():
+    if path.exists() and Path(local_file).resolve() == path.resolve():
         return
     write_bytes(uri, Path(local_file).read_bytes())
 
 
+def download_file(uri: str, local_file: str | Path) -> Path:
+    """Copy the object at uri to a local file (for libraries that need a real path)."""
+    Path(local_file).parent.mkdir(parents=True, exist_ok=True)
+    Path(local_file).write_bytes(read_bytes(uri))
+    return Path(local_file)
+
+
 def list_names(uri: str, suffix: str = "") -> list[str]:
-    """Sorted names of the files directly under the directory uri ending with suffix."""
-    path = _local_path(uri)
-    if not path.is_dir():
-        raise StorageError(f"not a directory: {uri}")
-    return sorted(p.name for p in path.iterdir() if p.is_file() and p.name.endswith(suffix) and not p.name.startswith("."))
+    """Sorted names of the files directly under the directory (or S3 prefix) uri ending with suffix."""
+    if not is_s3(uri):
+        path = _local_path(uri)
+        if not path.is_dir():
+            raise StorageError(f"not a directory: {uri}")
+        return sorted(p.name for p in path.iterdir() if p.is_file() and p.name.endswith(suffix) and not p.name.startswith("."))
+    bucket, prefix = _bucket_key(uri)
+    prefix = prefix.rstrip("/") + "/" if prefix else ""
+    client = s3_client()
+
+    def names() -> list[str]:
+        return sorted(
+            obj.object_name[len(prefix):] for obj in client.list_objects(bucket, prefix=prefix)
+            if not obj.is_dir and obj.object_name.endswith(suffix)
+        )
+
+    found = _with_retries(uri, names)
+    if not found and not suffix:
+        raise StorageError(f"no objects under {uri}")
+    return found
+
+
+def remove(uri: str) -> None:
+    if is_s3(uri):
+        bucket, key = _bucket_key(uri)
+        client = s3_client()
+        _with_retries(uri, lambda: client.remove_object(bucket, key))
+        return
+    _local_path(uri).unlink(missing_ok=True)
+
+
+def makedirs(uri: str) -> None:
+    """Create a local directory (S3 has no directories: a no-op there)."""
+    if not is_s3(uri):
+        _local_path(uri).mkdir(parents=True, exist_ok=True)
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -91,14 +272,3 @@ def sha256_file(uri: str, block: int = 1 << 20) -> str:
         while chunk := f.read(block):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def local_dir(uri: str) -> Path:
-    """The local directory behind uri, created if missing (for writers that need a real path)."""
-    path = _local_path(uri)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def remove(uri: str) -> None:
-    _local_path(uri).unlink(missing_ok=True)

@@ -51,6 +51,7 @@ def test_truncated_shard_keeps_what_it_holds_and_is_reported(tmp_path):
     assert keys[-10:] == [f"s-{i:05d}" for i in range(20, 30)]  # the shard after it is read in full
     assert 10 < len(keys) < 30  # part of the damaged shard survives
     assert stats.skipped["short_shard"] == 1
+    assert stats.skipped["checksum_mismatch"] == 1
     assert stats.skipped["corrupt_shard"] + stats.skipped["corrupt_member"] >= 1
     assert "shard-000001.tar" in " ".join(stats.errors)
 

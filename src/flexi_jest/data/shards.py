@@ -51,7 +51,7 @@ def write_split(
 
     info: extra JSON-serialisable fields for the manifest (dataset, split, licence, classes, ...).
     """
-    out = storage.local_dir(split_dir)
+    storage.makedirs(split_dir)
     shards: list[dict[str, Any]] = []
     noise_counts: Counter[str] = Counter()
     writer, buffer, count = None, None, 0
@@ -92,7 +92,6 @@ def write_split(
         **(info or {}),
     }
     storage.write_bytes(storage.join(split_dir, MANIFEST), json.dumps(manifest, indent=1).encode())
-    del out
     return manifest
 
 
@@ -139,11 +138,18 @@ class ReadStats:
         return f"{self.samples} samples read; skipped: {parts}"
 
 
-def iter_shard(split_dir: str, name: str, stats: ReadStats, expected: int | None = None) -> Iterator[dict[str, Any]]:
+def shard_entries(split_dir: str) -> dict[str, dict[str, Any]]:
+    """The manifest's record of each shard (num_samples, sha256), by name; empty without a manifest."""
+    manifest = read_manifest(split_dir)
+    return {s["name"]: s for s in manifest["shards"]} if manifest else {}
+
+
+def iter_shard(split_dir: str, name: str, stats: ReadStats, expected: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
     """Raw samples (dicts of member bytes, with __key__) of one shard, robust to corruption.
 
-    A truncated or corrupt tar yields what it holds up to the damage; the damage is recorded.
-    If the shard yields fewer samples than `expected`, that is recorded too.
+    The shard is fetched whole (local file or S3 object) and checked against the manifest's sha256.
+    A truncated or corrupt tar yields what it holds up to the damage; the damage is recorded, and so
+    is a checksum mismatch or a shard yielding fewer samples than the manifest says.
     """
     uri = storage.join(split_dir, name)
     yielded = 0
@@ -154,19 +160,25 @@ def iter_shard(split_dir: str, name: str, stats: ReadStats, expected: int | None
 
     def members() -> Iterator[dict[str, Any]]:
         try:
-            with storage.open_read(uri) as stream:
-                for member in tar_file_iterator(stream, handler=on_member_error):
-                    member["__url__"] = uri
-                    yield member
-        except (tarfile.TarError, OSError, EOFError, storage.StorageError) as exc:
+            data = storage.read_bytes(uri)
+        except storage.StorageError as exc:
+            stats.record("missing_shard", str(exc))
+            return
+        if expected and "sha256" in expected and storage.sha256_bytes(data) != expected["sha256"]:
+            stats.record("checksum_mismatch", f"{uri}: contents differ from the manifest's sha256")
+        try:
+            for member in tar_file_iterator(io.BytesIO(data), handler=on_member_error):
+                member["__url__"] = uri
+                yield member
+        except (tarfile.TarError, OSError, EOFError) as exc:
             stats.record("corrupt_shard", f"{uri}: {exc}")
 
     for raw in group_by_keys(members(), handler=on_member_error):
         raw["__shard__"] = name
         yielded += 1
         yield raw
-    if expected is not None and yielded < expected:
-        stats.record("short_shard", f"{uri}: {yielded} of {expected} samples readable")
+    if expected and yielded < expected["num_samples"]:
+        stats.record("short_shard", f"{uri}: {yielded} of {expected['num_samples']} samples readable")
 
 
 def decode_sample(raw: dict[str, Any], image_size: int | None, stats: ReadStats) -> dict[str, Any] | None:
@@ -204,10 +216,9 @@ def decode_sample(raw: dict[str, Any], image_size: int | None, stats: ReadStats)
 def iter_split(split_dir: str, image_size: int | None = None, stats: ReadStats | None = None) -> Iterator[dict[str, Any]]:
     """Every usable sample of a split once, in shard order (for caching and evaluation)."""
     stats = stats if stats is not None else ReadStats()
-    manifest = read_manifest(split_dir)
-    counts = {s["name"]: s["num_samples"] for s in manifest["shards"]} if manifest else {}
+    entries = shard_entries(split_dir)
     for name in shard_names(split_dir):
-        for raw in iter_shard(split_dir, name, stats, counts.get(name)):
+        for raw in iter_shard(split_dir, name, stats, entries.get(name)):
             sample = decode_sample(raw, image_size, stats)
             if sample is not None:
                 yield sample
@@ -234,9 +245,8 @@ class SampleStream:
         self.seed = seed
         self.shuffle_buffer = shuffle_buffer
         self.attach = attach
-        manifest = read_manifest(split_dir)
         self.names = shard_names(split_dir)
-        self.counts = {s["name"]: s["num_samples"] for s in manifest["shards"]} if manifest else {}
+        self.entries = shard_entries(split_dir)
         self.stats = ReadStats()
         self.epoch = 0
         self.position = 0  # raw samples emitted in this epoch
@@ -255,7 +265,7 @@ class SampleStream:
         rng.shuffle(names)
         buffer: list[dict[str, Any]] = []
         for name in names:
-            raws: Iterable[dict[str, Any]] = iter_shard(self.split_dir, name, self.stats, self.counts.get(name))
+            raws: Iterable[dict[str, Any]] = iter_shard(self.split_dir, name, self.stats, self.entries.get(name))
             if self.attach is not None:
                 raws = self.attach(name, raws)
             for raw in raws:

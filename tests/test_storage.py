@@ -1,0 +1,164 @@
+"""Storage over local paths and over real S3 HTTP (moto's S3-compatible server on loopback, real minio client).
+
+moto does not check credentials, so the wrong-credentials path is tested as a unit test of the
+error mapping (explain_s3_error), not against the server.
+"""
+
+import socket
+
+import pytest
+
+from flexi_jest import storage
+from flexi_jest.data.sample import Sample
+from flexi_jest.data.shards import ReadStats, SampleStream, iter_split, write_split
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    from moto.server import ThreadedMotoServer
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch):
+    monkeypatch.setenv("FLEXI_JEST_S3_ENDPOINT", s3_server)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    client = storage.s3_client()
+    bucket = f"b{free_port()}"
+    client.make_bucket(bucket)
+    return f"s3://{bucket}"
+
+
+def test_local_round_trip_and_listing(tmp_path):
+    storage.write_bytes(str(tmp_path / "a" / "x.bin"), b"hello")
+    assert storage.read_bytes(str(tmp_path / "a" / "x.bin")) == b"hello"
+    assert storage.read_bytes(f"file://{tmp_path}/a/x.bin") == b"hello"
+    assert storage.list_names(str(tmp_path / "a")) == ["x.bin"]
+    assert not list(tmp_path.glob("a/.*"))  # no temporary file left behind
+    with pytest.raises(storage.StorageError, match="no such file"):
+        storage.read_bytes(str(tmp_path / "missing"))
+    with pytest.raises(storage.StorageError, match="unsupported storage URI scheme"):
+        storage.read_bytes("gs://bucket/x")
+
+
+def test_local_write_interrupted_leaves_nothing(tmp_path, monkeypatch):
+    target = tmp_path / "out.bin"
+    import os
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        storage.write_bytes(str(target), b"data")
+    assert not target.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_s3_round_trip(s3):
+    storage.write_bytes(f"{s3}/dir/a.txt", b"alpha")
+    storage.write_bytes(f"{s3}/dir/b.json", b"{}")
+    assert storage.read_bytes(f"{s3}/dir/a.txt") == b"alpha"
+    assert storage.exists(f"{s3}/dir/a.txt") and not storage.exists(f"{s3}/dir/zzz")
+    assert storage.list_names(f"{s3}/dir") == ["a.txt", "b.json"]
+    assert storage.list_names(f"{s3}/dir", ".json") == ["b.json"]
+    storage.remove(f"{s3}/dir/a.txt")
+    assert not storage.exists(f"{s3}/dir/a.txt")
+    with pytest.raises(storage.StorageError, match="no such object"):
+        storage.read_bytes(f"{s3}/dir/a.txt")
+
+
+def test_s3_multipart_upload(s3, tmp_path):
+    big = tmp_path / "big.bin"
+    big.write_bytes(bytes(range(256)) * (6 * 1024 * 1024 // 256 * 2))  # 12 MiB: two 6 MiB parts... minio uses 5 MiB+ parts
+    storage.upload_file(big, f"{s3}/big.bin")
+    assert storage.sha256_file(f"{s3}/big.bin") == storage.sha256_bytes(big.read_bytes())
+
+
+def test_s3_interrupted_upload_is_never_visible(s3, monkeypatch):
+    from minio import Minio
+    original = Minio.put_object
+
+    def broken_put(self, bucket, key, data, length, *args, **kwargs):
+        class Dying:
+            def __init__(self):
+                self.sent = 0
+
+            def read(self, n=-1):
+                self.sent += 1
+                if self.sent > 1:
+                    raise ConnectionResetError("connection dropped mid-upload")
+                return data.read(min(n, 1024) if n and n > 0 else 1024)
+
+        return original(self, bucket, key, Dying(), length, *args, **kwargs)
+
+    monkeypatch.setattr(Minio, "put_object", broken_put)
+    monkeypatch.setattr(storage, "BACKOFF_SECONDS", 0.01)
+    with pytest.raises(Exception):
+        storage.write_bytes(f"{s3}/partial.bin", b"x" * 100_000)
+    monkeypatch.setattr(Minio, "put_object", original)
+    assert not storage.exists(f"{s3}/partial.bin")
+
+
+def test_unreachable_endpoint_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("FLEXI_JEST_S3_ENDPOINT", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setattr(storage, "BACKOFF_SECONDS", 0.01)
+    with pytest.raises(storage.StorageError, match="cannot reach S3 endpoint http://127.0.0.1"):
+        storage.read_bytes("s3://bucket/key")
+
+
+def test_missing_endpoint_setting_is_a_clear_error(monkeypatch):
+    monkeypatch.delenv("FLEXI_JEST_S3_ENDPOINT", raising=False)
+    monkeypatch.delenv("MLFLOW_S3_ENDPOINT_URL", raising=False)
+    with pytest.raises(storage.StorageError, match="FLEXI_JEST_S3_ENDPOINT"):
+        storage.read_bytes("s3://bucket/key")
+
+
+def test_error_mapping_for_credentials_and_transient_failures():
+    from minio.error import S3Error
+    from urllib3.exceptions import MaxRetryError
+
+    def s3_error(code):
+        return S3Error(None, code, "message", "resource", "request-id", "host-id")
+
+    assert "rejected the credentials" in str(storage.explain_s3_error(s3_error("InvalidAccessKeyId"), "s3://b/k"))
+    assert "rejected the credentials" in str(storage.explain_s3_error(s3_error("SignatureDoesNotMatch"), "s3://b/k"))
+    assert "no such object" in str(storage.explain_s3_error(s3_error("NoSuchKey"), "s3://b/k"))
+    assert storage.explain_s3_error(s3_error("SlowDown"), "s3://b/k") is None  # retried
+    assert storage.explain_s3_error(MaxRetryError(None, "/k", "refused"), "s3://b/k") is None  # retried
+
+
+def test_transient_errors_are_retried_then_succeed(monkeypatch):
+    monkeypatch.setattr(storage, "BACKOFF_SECONDS", 0.0)
+    attempts = {"n": 0}
+
+    def flaky():
+        attempts["n"] += 1
+        if attempts["n"] < 3:
+            raise ConnectionResetError("reset")
+        return "ok"
+
+    assert storage._with_retries("s3://b/k", flaky) == "ok" and attempts["n"] == 3
+
+
+def test_shards_on_s3_read_exactly_like_local_shards(s3, tmp_path):
+    from PIL import Image
+    samples = [Sample(f"k-{i:03d}", Image.new("RGB", (8, 8), (i, 0, 0)), f"caption {i}", {"i": i}) for i in range(25)]
+    write_split(iter(samples), f"{s3}/pool", samples_per_shard=10)
+    write_split(iter(samples), str(tmp_path / "pool"), samples_per_shard=10)
+    remote = [(s["key"], s["caption"], s["image"].sum().item()) for s in iter_split(f"{s3}/pool")]
+    local = [(s["key"], s["caption"], s["image"].sum().item()) for s in iter_split(str(tmp_path / "pool"))]
+    assert remote == local and len(remote) == 25
+    stream = SampleStream(f"{s3}/pool", None, seed=1, shuffle_buffer=5)
+    assert len({s["key"] for s in stream.take(25)}) == 25
+    # a corrupted object on S3 is reported like a local one
+    storage.write_bytes(f"{s3}/pool/shard-000001.tar", b"garbage")
+    stats = ReadStats()
+    assert len(list(iter_split(f"{s3}/pool", stats=stats))) == 15
+    assert stats.skipped["checksum_mismatch"] == 1 and stats.skipped["short_shard"] == 1
