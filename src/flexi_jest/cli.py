@@ -20,7 +20,8 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from flexi_jest import __version__
-from flexi_jest.config import PROFILES, STAGE_CONFIGS, deep_merge, stage_config
+from flexi_jest.config import PROFILES, STAGE_CONFIGS, deep_merge, format_validation_error, stage_config
+from flexi_jest.stages import run_stage
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
@@ -48,38 +49,9 @@ def load_config_file(path: str | None) -> dict[str, Any]:
     return data
 
 
-def format_validation_error(stage: str, error: ValidationError) -> str:
-    lines = [f"invalid config for {stage}:"]
-    for item in error.errors():
-        where = ".".join(str(part) for part in item["loc"]) or "(config)"
-        got = f" (got {item['input']!r})" if "input" in item and not isinstance(item["input"], dict) else ""
-        lines.append(f"  {where}: {item['msg']}{got}")
-    return "\n".join(lines)
-
-
 def build_config(stage: str, args: argparse.Namespace) -> BaseModel:
     values = deep_merge(load_config_file(args.config), parse_overrides(args.set or []))
     return stage_config(stage, args.profile, values)
-
-
-def run_stage(stage: str, cfg: BaseModel) -> BaseModel:
-    """Run one stage's library function on its validated config."""
-    if stage == "make-data":
-        from flexi_jest.data.make import make_data
-        return make_data(cfg)
-    if stage == "train-reference":
-        from flexi_jest.train import train_reference
-        return train_reference(cfg)
-    if stage == "cache-reference":
-        from flexi_jest.reference_cache import cache_reference
-        return cache_reference(cfg)
-    if stage == "train-learner":
-        from flexi_jest.train import train_learner
-        return train_learner(cfg)
-    if stage == "evaluate":
-        from flexi_jest.evaluate import evaluate
-        return evaluate(cfg)
-    raise ValueError(f"unknown stage {stage!r}")
 
 
 # ---- demo: every stage end to end -----------------------------------------------------------------------

@@ -7,7 +7,7 @@ Unknown fields and wrong types are rejected with the field named (extra="forbid"
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from flexi_jest.data.noise import NoiseConfig
 
@@ -295,3 +295,25 @@ def stage_config(stage: str, profile: str = "tiny", values: dict[str, Any] | Non
         raise ValueError(f"unknown profile {profile!r}; expected one of {sorted(PROFILES)}")
     merged = deep_merge(PROFILES[profile].get(stage, {}), values or {})
     return STAGE_CONFIGS[stage].model_validate(merged)
+
+
+def format_validation_error(stage: str, error: ValidationError) -> str:
+    """A readable message naming every bad field, its problem and the value given."""
+    lines = [f"invalid config for {stage}:"]
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"]) or "(config)"
+        got = f" (got {item['input']!r})" if "input" in item and not isinstance(item["input"], dict) else ""
+        lines.append(f"  {where}: {item['msg']}{got}")
+    return "\n".join(lines)
+
+
+class ConfigError(ValueError):
+    """A stage config failed validation; the message names the fields."""
+
+
+def validated_stage_config(stage: str, profile: str, values: dict[str, Any]) -> StrictModel:
+    """stage_config, with a validation failure turned into a ConfigError that names the bad fields."""
+    try:
+        return stage_config(stage, profile, values)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(stage, exc)) from None

@@ -33,6 +33,7 @@ def tracking_uri() -> str:
 
 
 def _mlflow():
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # no calls home from clusters or laptops
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri())
@@ -80,14 +81,43 @@ def finish_pipeline_run(run_id: str, status: str = "FINISHED") -> None:
     _mlflow().MlflowClient().set_terminated(run_id, status=status)
 
 
+def find_pipeline_run(run_name: str, experiment: str = DEFAULT_EXPERIMENT):
+    """The newest parent run named run_name, or None."""
+    client = _mlflow().MlflowClient()
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return None
+    runs = client.search_runs([found.experiment_id], f"attributes.run_name = '{run_name}' and tags.flexi_jest.kind = 'pipeline'",
+                              max_results=1, order_by=["attributes.start_time DESC"])
+    return runs[0] if runs else None
+
+
+def finish_pipeline_run_named(run_name: str, experiment: str = DEFAULT_EXPERIMENT, status: str = "FINISHED") -> bool:
+    """End the parent run named run_name (the exit handler knows the name, not the id); False if there is none."""
+    run = find_pipeline_run(run_name, experiment)
+    if run is None:
+        return False
+    finish_pipeline_run(run.info.run_id, status)
+    return True
+
+
+def parent_tags(pipeline_run: str | None, experiment: str) -> dict[str, str]:
+    """Tags nesting a run under the pipeline's parent run, found by its unique name (stages know the name,
+    a pipeline parameter, which every stage gets reliably; the id is only known at run time)."""
+    if not pipeline_run:
+        return {}
+    parent = find_pipeline_run(pipeline_run, experiment)
+    if parent is None:
+        raise LookupError(f"no MLflow pipeline run named {pipeline_run!r} in experiment {experiment!r} at {tracking_uri()}")
+    return {"mlflow.parentRunId": parent.info.run_id}
+
+
 @contextmanager
-def stage_run(parent_run_id: str | None, stage: str, config: BaseModel, experiment: str = DEFAULT_EXPERIMENT) -> Iterator[Any]:
+def stage_run(pipeline_run: str | None, stage: str, config: BaseModel, experiment: str = DEFAULT_EXPERIMENT) -> Iterator[Any]:
     """A run for one stage, nested under the pipeline's parent run; logs the config as params and artifact."""
     mlflow = _mlflow()
     mlflow.set_experiment(experiment)
-    tags = {"flexi_jest.stage": stage}
-    if parent_run_id:
-        tags["mlflow.parentRunId"] = parent_run_id
+    tags = {"flexi_jest.stage": stage, **parent_tags(pipeline_run, experiment)}
     with mlflow.start_run(run_name=stage, tags=tags) as run:
         mlflow.log_params({k: str(v)[:500] for k, v in flatten(config.model_dump()).items()})
         mlflow.log_dict(config.model_dump(), "config.json")
@@ -116,13 +146,18 @@ def log_figure(figure, name: str) -> None:
     _mlflow().log_figure(figure, name)
 
 
-def log_model(model, registered_name: str) -> str:
-    """Log a DualEncoder as an MLflow PyTorch model and register it; returns the new version number."""
-    mlflow = _mlflow()
+def log_model(model) -> None:
+    """Log a DualEncoder as the active run's MLflow PyTorch model `model` (runs:/<id>/model registers it)."""
+    _mlflow()
     import mlflow.pytorch
 
-    info = mlflow.pytorch.log_model(model.cpu(), name="model", registered_model_name=registered_name)
-    return str(info.registered_model_version)
+    mlflow.pytorch.log_model(model.cpu(), name="model", serialization_format="pickle",
+                             pip_requirements=[f"flexi-jest=={_version()}"])
+
+
+def _version() -> str:
+    from flexi_jest import __version__
+    return __version__
 
 
 class PromotionDecision(BaseModel):

@@ -1,0 +1,14 @@
+"""The one setting that names the component images: registry/repository:tag.
+
+    FLEXI_JEST_IMAGE       image of every component (default below)
+    FLEXI_JEST_GPU_IMAGE   image of the GPU stages (reference_finetune, train_learner); default FLEXI_JEST_IMAGE
+
+Read when the pipeline is compiled: `FLEXI_JEST_IMAGE=registry.example.com/team/flexi-jest:0.1.0 python
+pipelines/flexi_jest_pp.py compile`.
+"""
+
+import os
+
+DEFAULT_IMAGE = "ghcr.io/flexi-jest/flexi-jest:0.1.0"
+IMAGE = os.environ.get("FLEXI_JEST_IMAGE", DEFAULT_IMAGE)
+GPU_IMAGE = os.environ.get("FLEXI_JEST_GPU_IMAGE", IMAGE)

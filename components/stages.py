@@ -1,0 +1,158 @@
+"""The pipeline's components: one per stage, each taking its Pydantic config as a JSON string.
+
+Every component body imports only `flexi_jest` (installed in the image) and hands its work to a
+`flexi_jest.stages` function: the config is validated on entry (a bad field fails the task with
+the field named), the stage runs and is tracked in MLflow under the pipeline's parent run, and
+the data's storage URI (a local path or s3://...) travels in each artifact's metadata["uri"].
+"""
+
+from kfp import dsl
+from kfp.dsl import HTML, Dataset, Input, Metrics, Model, Output
+
+from components.image import GPU_IMAGE, IMAGE
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def open_tracking(run_name: str, experiment: str, dataset: str, profile: str, method: str, score: str,
+                  filter_ratio: float, n_chunks: int, steps: int, storage_root: str) -> str:
+    """Create the MLflow parent run of this pipeline run, with the pipeline's main knobs as params; returns its id."""
+    from flexi_jest.tracking import start_pipeline_run
+
+    params = {"dataset": dataset, "profile": profile, "method": method, "score": score, "filter_ratio": filter_ratio,
+              "n_chunks": n_chunks, "steps": steps, "storage_root": storage_root or "(beside the KFP artifacts)"}
+    return start_pipeline_run(run_name, params, experiment)
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def prepare_data(config_json: str, profile: str, dataset: str, storage_root: str, pipeline_run: str, experiment: str,
+                 curated: Output[Dataset], pool: Output[Dataset], eval_split: Output[Dataset]) -> str:
+    """Write the curated / pool / eval webdataset shards (or register existing ones: config `out_dir`)."""
+    import json
+
+    from flexi_jest.stages import make_data_stage, output_location
+
+    values = json.loads(config_json)
+    values.setdefault("dataset", dataset)
+    values.setdefault("out_dir", output_location(storage_root, curated.uri, curated.path, "data"))
+    result, run_id = make_data_stage(values, profile, pipeline_run, experiment)
+    for artifact, split in ((curated, "curated"), (pool, "pool"), (eval_split, "eval")):
+        info = result.splits[split]
+        artifact.metadata.update({"uri": info.path, "num_samples": info.num_samples, "num_shards": info.num_shards,
+                                  "dataset": result.dataset})
+        with open(artifact.path, "w") as f:
+            json.dump(info.model_dump(), f)
+    return json.dumps({"mlflow_run_id": run_id, "result": result.model_dump()})
+
+
+@dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
+def reference_finetune(config_json: str, profile: str, storage_root: str, pipeline_run: str, experiment: str,
+                       curated: Input[Dataset], model: Output[Model], metrics: Output[Metrics]) -> str:
+    """Train the reference on the curated split (SigLIP), resuming from its checkpoints on a retry."""
+    import json
+
+    from flexi_jest.stages import output_location, train_reference_stage
+
+    values = json.loads(config_json)
+    values.update(data=curated.metadata["uri"], out_dir=output_location(storage_root, model.uri, model.path, "reference"))
+    result, run_id = train_reference_stage(values, profile, pipeline_run, experiment)
+    model.metadata.update({"uri": result.checkpoint, "sha256": result.checkpoint_sha256, "mlflow_run_id": run_id,
+                           "total_flops": result.total_flops})
+    with open(model.path, "w") as f:
+        f.write(result.model_dump_json())
+    metrics.log_metric("final_loss", result.final_loss)
+    metrics.log_metric("reference_training_flops", result.flops.reference_training)
+    return json.dumps({"mlflow_run_id": run_id, "result": result.model_dump()})
+
+
+@dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
+def cache_reference_scores(config_json: str, profile: str, pipeline_run: str, experiment: str,
+                           reference: Input[Model], pool: Input[Dataset], cache: Output[Dataset]) -> str:
+    """One pass of the frozen reference over the pool; the cache is written next to the pool's shards."""
+    import json
+
+    from flexi_jest.stages import cache_reference_stage
+
+    values = json.loads(config_json)
+    values.update(reference=reference.metadata["uri"], pool=pool.metadata["uri"])
+    result, run_id = cache_reference_stage(values, profile, pipeline_run, experiment)
+    cache.metadata.update({"uri": result.cache_dir, "reference_sha256": result.reference_sha256,
+                           "num_samples": result.num_samples, "flops": result.flops})
+    with open(cache.path, "w") as f:
+        f.write(result.model_dump_json())
+    return json.dumps({"mlflow_run_id": run_id, "result": result.model_dump()})
+
+
+@dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
+def train_learner(config_json: str, profile: str, method: str, score: str, filter_ratio: float, n_chunks: int,
+                  steps: int, storage_root: str, pipeline_run: str, experiment: str,
+                  pool: Input[Dataset], cache: Input[Dataset], reference: Input[Model],
+                  model: Output[Model], metrics: Output[Metrics]) -> str:
+    """JEST / Flexi-JEST (or a baseline) learner; checkpoints beside its output, so a retried task resumes."""
+    import json
+
+    from flexi_jest.stages import output_location, train_learner_stage
+
+    values = json.loads(config_json)
+    values.update(method=method, score=score, filter_ratio=filter_ratio, n_chunks=n_chunks,
+                  pool=pool.metadata["uri"], reference_cache=cache.metadata["uri"],
+                  reference_sha256=cache.metadata["reference_sha256"],
+                  reference_training_flops=reference.metadata["total_flops"],
+                  reference_caching_flops=cache.metadata["flops"],
+                  out_dir=output_location(storage_root, model.uri, model.path, f"learner-{method}"))
+    if steps > 0:
+        values["steps"] = steps
+    result, run_id = train_learner_stage(values, profile, pipeline_run, experiment)
+    model.metadata.update({"uri": result.checkpoint, "sha256": result.checkpoint_sha256, "mlflow_run_id": run_id,
+                           "method": method, "total_flops": result.total_flops})
+    with open(model.path, "w") as f:
+        f.write(result.model_dump_json())
+    metrics.log_metric("final_loss", result.final_loss)
+    metrics.log_metric("total_flops", result.total_flops)
+    for key, value in result.selection.items():
+        metrics.log_metric(key, value)
+    return json.dumps({"mlflow_run_id": run_id, "result": result.model_dump()})
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def zero_shot_eval(config_json: str, profile: str, method: str, pipeline_run: str, experiment: str,
+                   model: Input[Model], eval_split: Input[Dataset], metrics: Output[Metrics], report: Output[HTML]) -> str:
+    """Zero-shot classification and retrieval; a report with the metric against training FLOPs."""
+    import json
+
+    from flexi_jest.stages import evaluate_stage
+
+    with open(model.path) as f:
+        training = json.load(f)
+    values = json.loads(config_json)
+    values.update(model=model.metadata["uri"], eval_data=[eval_split.metadata["uri"]])
+    result, run_id = evaluate_stage(values, profile, method, training, pipeline_run, experiment, report.path)
+    for split, split_metrics in result.splits.items():
+        for key, value in split_metrics.model_dump().items():
+            if value is not None:
+                metrics.log_metric(f"{split}.{key}", value)
+    return json.dumps({"mlflow_run_id": run_id, "method": method, "total_flops": training["total_flops"],
+                       "result": result.model_dump()})
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def promote_model(evaluation_json: str, pipeline_run: str, experiment: str,
+                  learner: Input[Model], reference: Input[Model]) -> str:
+    """Register learner and reference; move `champion` to the learner only if it beats the current champion."""
+    import json
+
+    from flexi_jest.stages import promote_stage
+
+    evaluation = json.loads(evaluation_json)["result"]
+    decision = promote_stage(learner.metadata["mlflow_run_id"], evaluation, pipeline_run, experiment,
+                             reference.metadata["mlflow_run_id"])
+    return decision.model_dump_json()
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def close_tracking(run_name: str, experiment: str, status: dsl.PipelineTaskFinalStatus) -> str:
+    """Exit handler: end the MLflow parent run (found by its unique run name) as FINISHED or FAILED."""
+    from flexi_jest.tracking import finish_pipeline_run_named
+
+    state = "FINISHED" if status.state == "SUCCEEDED" else "FAILED"
+    finish_pipeline_run_named(run_name, experiment, state)
+    return state

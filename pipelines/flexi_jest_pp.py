@@ -1,0 +1,264 @@
+"""The Flexi-JEST++ pipeline: data -> reference -> reference cache -> JEST learner (+ baselines) -> eval -> promotion.
+
+    python pipelines/flexi_jest_pp.py compile --out flexi_jest_pp.yaml          # KFP IR YAML for a cluster
+    python pipelines/flexi_jest_pp.py run-local --workdir runs/pipeline         # no cluster, no Docker
+    python pipelines/flexi_jest_pp.py submit --host https://kfp.example.com --param steps=2000
+
+Every stage is a component over a flexi_jest library function (components/stages.py), tracked in
+MLflow (one parent run per pipeline run, a nested run per stage) with its data at storage URIs
+(local paths, or s3://... on a cluster via FLEXI_JEST_S3_ENDPOINT). The learner named by `method`
+is promoted through the MLflow registry; `baseline_methods` train side by side on the same data
+and budget so that every run shows JEST against a baseline.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, List
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for `components`
+
+from kfp import compiler, dsl, kubernetes  # noqa: E402
+
+from components.stages import (  # noqa: E402
+    cache_reference_scores, close_tracking, open_tracking, prepare_data, promote_model, reference_finetune,
+    train_learner, zero_shot_eval,
+)
+
+# GPU node pool scheduling for the training stages, read at compile time.
+GPU_NODE_SELECTOR = os.environ.get("FLEXI_JEST_GPU_NODE_SELECTOR", "flexi-jest/node-pool=gpu")  # key=value
+GPU_TOLERATION_KEY = os.environ.get("FLEXI_JEST_GPU_TOLERATION", "nvidia.com/gpu")
+
+FLEXI_TINY = json.dumps({"scoring_patch_size": 16, "train_patch_sizes": [8, 16]})
+
+
+def on_gpu_pool(task: dsl.PipelineTask, accelerator_type: Any, accelerator_count: Any) -> dsl.PipelineTask:
+    """Ask for accelerators and schedule onto the GPU node pool. KFP local execution cannot resolve
+    accelerator settings given as pipeline parameters, and runs on this machine's devices anyway, so the
+    pipeline built for it (make_pipeline(accelerators=False)) leaves them out."""
+    if not ACCELERATORS:
+        return task
+    task.set_accelerator_type(accelerator_type).set_accelerator_limit(accelerator_count)
+    key, _, value = GPU_NODE_SELECTOR.partition("=")
+    kubernetes.add_node_selector(task, label_key=key, label_value=value)
+    kubernetes.add_toleration(task, key=GPU_TOLERATION_KEY, operator="Exists", effect="NoSchedule")
+    return task
+
+
+ACCELERATORS = True
+
+
+def flexi_jest_pp_definition(
+    dataset: str = "shapes",
+    profile: str = "tiny",
+    method: str = "joint",
+    score: str = "learnability",
+    filter_ratio: float = 0.8,
+    n_chunks: int = 16,
+    steps: int = 0,
+    baseline_methods: List[str] = ["uniform"],
+    storage_root: str = "",
+    experiment: str = "flexi-jest",
+    run_name: str = "flexi-jest-pp",
+    data_config: str = "{}",
+    reference_config: str = "{}",
+    cache_config: str = "{}",
+    learner_config: str = FLEXI_TINY,
+    baseline_config: str = "{}",
+    eval_config: str = "{}",
+    accelerator_type: str = "nvidia.com/gpu",
+    accelerator_count: str = "1",
+):
+    """steps = 0 keeps the profile's steps; *_config are JSON objects of stage config fields (validated
+    by the stage's Pydantic model); storage_root "" keeps data beside the KFP artifacts."""
+    with dsl.ExitHandler(close_tracking(run_name=run_name, experiment=experiment).set_caching_options(False)):
+        tracking = open_tracking(run_name=run_name, experiment=experiment, dataset=dataset, profile=profile,
+                                 method=method, score=score, filter_ratio=filter_ratio, n_chunks=n_chunks, steps=steps,
+                                 storage_root=storage_root).set_caching_options(False)
+        data = prepare_data(config_json=data_config, profile=profile, dataset=dataset, storage_root=storage_root,
+                            pipeline_run=run_name, experiment=experiment).after(tracking)
+        reference = on_gpu_pool(reference_finetune(
+            config_json=reference_config, profile=profile, storage_root=storage_root, pipeline_run=run_name,
+            experiment=experiment, curated=data.outputs["curated"]), accelerator_type, accelerator_count)
+        cache = on_gpu_pool(cache_reference_scores(
+            config_json=cache_config, profile=profile, pipeline_run=run_name, experiment=experiment,
+            reference=reference.outputs["model"], pool=data.outputs["pool"]), accelerator_type, accelerator_count)
+        learner = on_gpu_pool(train_learner(
+            config_json=learner_config, profile=profile, method=method, score=score, filter_ratio=filter_ratio,
+            n_chunks=n_chunks, steps=steps, storage_root=storage_root, pipeline_run=run_name, experiment=experiment,
+            pool=data.outputs["pool"], cache=cache.outputs["cache"], reference=reference.outputs["model"]),
+            accelerator_type, accelerator_count).set_retry(2)
+        evaluation = zero_shot_eval(config_json=eval_config, profile=profile, method=method, pipeline_run=run_name,
+                                    experiment=experiment, model=learner.outputs["model"],
+                                    eval_split=data.outputs["eval_split"])
+        promote_model(evaluation_json=evaluation.outputs["Output"], pipeline_run=run_name, experiment=experiment,
+                      learner=learner.outputs["model"], reference=reference.outputs["model"]).set_caching_options(False)
+        with dsl.ParallelFor(baseline_methods) as baseline:
+            baseline_learner = on_gpu_pool(train_learner(
+                config_json=baseline_config, profile=profile, method=baseline, score=score, filter_ratio=filter_ratio,
+                n_chunks=n_chunks, steps=steps, storage_root=storage_root, pipeline_run=run_name, experiment=experiment,
+                pool=data.outputs["pool"], cache=cache.outputs["cache"], reference=reference.outputs["model"]),
+                accelerator_type, accelerator_count).set_retry(2)
+            zero_shot_eval(config_json=eval_config, profile=profile, method=baseline, pipeline_run=run_name,
+                           experiment=experiment, model=baseline_learner.outputs["model"],
+                           eval_split=data.outputs["eval_split"])
+
+
+def make_pipeline(accelerators: bool):
+    """The pipeline, with (cluster) or without (local execution) accelerator and node-pool settings."""
+    global ACCELERATORS
+    ACCELERATORS = accelerators
+    try:
+        return dsl.pipeline(name="flexi-jest-pp",
+                            description="Flexi-JEST++: joint example selection with a FlexiViT learner")(flexi_jest_pp_definition)
+    finally:
+        ACCELERATORS = True
+
+
+flexi_jest_pp = make_pipeline(accelerators=True)
+flexi_jest_pp_local = make_pipeline(accelerators=False)
+
+
+# ---- the command line ------------------------------------------------------------------------------------
+
+
+def parse_params(pairs: list[str]) -> dict[str, Any]:
+    """["steps=100", "baseline_methods=[\"uniform\"]"] -> pipeline arguments typed by the pipeline's signature
+    (string parameters, the *_config JSON objects included, stay strings; others are parsed as JSON)."""
+    import inspect
+
+    signature = inspect.signature(flexi_jest_pp.pipeline_func).parameters
+    params: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--param expects key=value, got {pair!r}")
+        if key not in signature:
+            raise SystemExit(f"unknown pipeline parameter {key!r}; expected one of {sorted(signature)}")
+        if signature[key].annotation is str:
+            params[key] = raw
+            continue
+        try:
+            params[key] = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise SystemExit(f"--param {key}: {raw!r} is not a JSON value ({exc})") from None
+    return params
+
+
+def compile_pipeline(out: str) -> None:
+    compiler.Compiler().compile(flexi_jest_pp, package_path=out)
+    print(f"compiled flexi-jest-pp to {out}")
+
+
+def summarize(tracking_uri: str, run_name: str, experiment: str, workdir: Path) -> dict[str, Any]:
+    """From MLflow: the parent run, each method's eval metrics and FLOPs, the registered learner; plots metric vs FLOPs."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import mlflow
+
+    from flexi_jest.tracking import find_pipeline_run
+
+    mlflow.set_tracking_uri(tracking_uri)
+    client = mlflow.MlflowClient()
+    exp = client.get_experiment_by_name(experiment)
+    parent = find_pipeline_run(run_name, experiment)
+    if parent is None:
+        raise SystemExit(f"no MLflow run named {run_name!r} in {tracking_uri}: the pipeline did not start tracking")
+    children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    rows = []
+    for run in children:
+        if run.data.tags.get("flexi_jest.stage") != "evaluate":
+            continue
+        m = run.data.metrics
+        top1 = next((v for k, v in m.items() if k.endswith(".top1")), None)
+        i2t = next((v for k, v in m.items() if k.endswith(".image_to_text_r1")), None)
+        t2i = next((v for k, v in m.items() if k.endswith(".text_to_image_r1")), None)
+        rows.append({"method": run.data.tags.get("flexi_jest.method"), "top1": top1, "i2t_r1": i2t, "t2i_r1": t2i,
+                     "total_flops": m.get("total_flops")})
+    rows.sort(key=lambda r: r["method"] or "")
+    promotion = next((r for r in children if r.data.tags.get("flexi_jest.stage") == "promote"), None)
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for row in rows:
+        if row["total_flops"] and row["top1"] is not None:
+            axis.scatter(row["total_flops"], row["top1"], label=row["method"])
+    axis.set_xlabel("total training FLOPs")
+    axis.set_ylabel("zero-shot top-1")
+    axis.legend()
+    figure.tight_layout()
+    plot = workdir / "metric_vs_flops.png"
+    figure.savefig(plot)
+    client.log_artifact(parent.info.run_id, str(plot))
+    return {"parent_run_id": parent.info.run_id, "rows": rows, "plot": str(plot),
+            "decision": promotion.data.tags.get("decision") if promotion else None,
+            "learner_version": promotion.data.tags.get("learner_version") if promotion else None}
+
+
+def run_local(workdir: str, params: dict[str, Any]) -> dict[str, Any]:
+    """Run the whole pipeline with KFP local execution (subprocesses in this environment)."""
+    from kfp import local
+
+    root = Path(workdir).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    os.environ.setdefault("MLFLOW_ARTIFACTS_DESTINATION", str(root / "mlartifacts"))
+    params = {"run_name": f"flexi-jest-pp-{time.strftime('%Y%m%d-%H%M%S')}", **params}
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root / "kfp"))
+    started = time.perf_counter()
+    flexi_jest_pp_local(**params)
+    seconds = time.perf_counter() - started
+    summary = summarize(os.environ["MLFLOW_TRACKING_URI"], params["run_name"], params.get("experiment", "flexi-jest"), root)
+    summary["seconds"] = seconds
+    summary["tracking_uri"] = os.environ["MLFLOW_TRACKING_URI"]
+    (root / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    lines = [f"pipeline finished in {summary['seconds']:.1f} s",
+             f"MLflow store: {summary['tracking_uri']}  (browse: mlflow ui --backend-store-uri {summary['tracking_uri']})",
+             f"registered model: flexi-jest-learner version {summary['learner_version']} -> alias '{summary['decision']}'",
+             f"metric-vs-FLOPs plot: {summary['plot']}", "",
+             f"{'method':<12} {'top1':>7} {'i2t R@1':>8} {'t2i R@1':>8} {'total GFLOP':>12}"]
+    for row in summary["rows"]:
+        fmt = lambda v: f"{v:.3f}" if v is not None else "-"  # noqa: E731
+        flops = f"{row['total_flops'] / 1e9:.1f}" if row["total_flops"] else "-"
+        lines.append(f"{row['method'] or '?':<12} {fmt(row['top1']):>7} {fmt(row['i2t_r1']):>8} {fmt(row['t2i_r1']):>8} {flops:>12}")
+    return "\n".join(lines)
+
+
+def submit(host: str, experiment: str, params: dict[str, Any]) -> None:
+    import kfp
+
+    client = kfp.Client(host=host)
+    run = client.create_run_from_pipeline_func(flexi_jest_pp, arguments=params, experiment_name=experiment)
+    print(f"submitted run {run.run_id} to {host}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    c = commands.add_parser("compile", help="write the KFP IR YAML")
+    c.add_argument("--out", default="flexi_jest_pp.yaml")
+    r = commands.add_parser("run-local", help="run the whole pipeline here with KFP local execution")
+    r.add_argument("--workdir", default="runs/pipeline")
+    r.add_argument("--param", action="append", default=[], metavar="KEY=VALUE")
+    s = commands.add_parser("submit", help="submit to a Kubeflow Pipelines endpoint")
+    s.add_argument("--host", required=True)
+    s.add_argument("--experiment", default="flexi-jest")
+    s.add_argument("--param", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+    if args.command == "compile":
+        compile_pipeline(args.out)
+    elif args.command == "run-local":
+        print(format_summary(run_local(args.workdir, parse_params(args.param))))
+    else:
+        submit(args.host, args.experiment, parse_params(args.param))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""Stage entry points shared by the CLI and the KFP components: config in, result out, tracked in MLflow.
+
+`run_stage(stage, cfg)` runs one library stage on a validated config. The `*_stage` functions add
+what a pipeline stage needs around it: a validated config from a JSON-able dict (errors name the
+field), an MLflow run nested under the pipeline's parent run, metrics and artifacts, and for
+trained models an MLflow model. They import nothing from KFP; components/ wraps them.
+"""
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from flexi_jest import storage
+from flexi_jest.config import (
+    CacheReferenceResult, EvaluateResult, MakeDataResult, TrainResult, validated_stage_config,
+)
+
+
+def run_stage(stage: str, cfg: BaseModel) -> BaseModel:
+    """Run one stage's library function on its validated config."""
+    if stage == "make-data":
+        from flexi_jest.data.make import make_data
+        return make_data(cfg)
+    if stage == "train-reference":
+        from flexi_jest.train import train_reference
+        return train_reference(cfg)
+    if stage == "cache-reference":
+        from flexi_jest.reference_cache import cache_reference
+        return cache_reference(cfg)
+    if stage == "train-learner":
+        from flexi_jest.train import train_learner
+        return train_learner(cfg)
+    if stage == "evaluate":
+        from flexi_jest.evaluate import evaluate
+        return evaluate(cfg)
+    raise ValueError(f"unknown stage {stage!r}")
+
+
+def output_location(storage_root: str, artifact_uri: str, artifact_path: str, name: str) -> str:
+    """Where a stage writes its data: beside its KFP output artifact when storage_root is empty (local runs),
+    else under storage_root/<run>/<task>/name (e.g. s3://flexi-jest/...), unique per pipeline run and task
+    and stable across retries of the task, so a retried training task finds its checkpoints."""
+    if not storage_root:
+        return str(Path(artifact_path).parent / name)
+    run, task = artifact_uri.rstrip("/").split("/")[-3:-1]
+    return storage.join(storage_root, run, task, name)
+
+
+class TrackedResult(BaseModel):
+    """What a pipeline stage hands downstream: the stage's result and the MLflow run that recorded it."""
+
+    stage: str
+    mlflow_run_id: str
+    result: dict[str, Any]
+
+
+def _tracked(stage: str, values: dict[str, Any], profile: str, pipeline_run: str, experiment: str, after=None):
+    from flexi_jest import tracking
+
+    cfg = validated_stage_config(stage, profile, values)
+    with tracking.stage_run(pipeline_run or None, stage, cfg, experiment) as run:
+        result = run_stage(stage, cfg)
+        tracking.log_result(result)
+        if isinstance(result, TrainResult):
+            tracking.log_history(result.metrics_path)
+        if after is not None:
+            after(cfg, result)
+    return cfg, result, run.info.run_id
+
+
+def make_data_stage(values: dict[str, Any], profile: str, pipeline_run: str = "", experiment: str = "flexi-jest") -> tuple[MakeDataResult, str]:
+    _, result, run_id = _tracked("make-data", values, profile, pipeline_run, experiment)
+    return result, run_id
+
+
+def _log_model(cfg, result: TrainResult) -> None:
+    from flexi_jest import tracking
+    from flexi_jest.checkpoint import load_model
+    model, _ = load_model(result.checkpoint)
+    tracking.log_model(model)
+
+
+def train_reference_stage(values: dict[str, Any], profile: str, pipeline_run: str = "", experiment: str = "flexi-jest") -> tuple[TrainResult, str]:
+    """Train the reference and log it as an MLflow model (registered later as flexi-jest-reference)."""
+    _, result, run_id = _tracked("train-reference", values, profile, pipeline_run, experiment, _log_model)
+    return result, run_id
+
+
+def cache_reference_stage(values: dict[str, Any], profile: str, pipeline_run: str = "", experiment: str = "flexi-jest") -> tuple[CacheReferenceResult, str]:
+    _, result, run_id = _tracked("cache-reference", values, profile, pipeline_run, experiment)
+    return result, run_id
+
+
+def train_learner_stage(values: dict[str, Any], profile: str, pipeline_run: str = "", experiment: str = "flexi-jest") -> tuple[TrainResult, str]:
+    _, result, run_id = _tracked("train-learner", values, profile, pipeline_run, experiment, _log_model)
+    return result, run_id
+
+
+def evaluate_stage(values: dict[str, Any], profile: str, method: str, training: dict[str, Any] | None = None,
+                   pipeline_run: str = "", experiment: str = "flexi-jest", report_path: str | None = None) -> tuple[EvaluateResult, str]:
+    """Evaluate a model; with its training result, also report the eval metric against total FLOPs."""
+    from flexi_jest import tracking
+
+    def report(cfg, result: EvaluateResult) -> None:
+        import mlflow
+        mlflow.set_tag("flexi_jest.method", method)
+        if training is not None:
+            mlflow.log_metric("total_flops", float(training["total_flops"]))
+        figure = plot_training(method, result, training)
+        tracking.log_figure(figure, "report.png")
+        if report_path:
+            write_html_report(report_path, method, result, training, figure)
+
+    _, result, run_id = _tracked("evaluate", values, profile, pipeline_run, experiment, report)
+    return result, run_id
+
+
+def headline_metric(result: EvaluateResult) -> tuple[str, float]:
+    """The number promotion compares: zero-shot top-1 on the first split, or image->text R@1 without classes."""
+    name, metrics = next(iter(result.splits.items()))
+    if metrics.top1 is not None:
+        return f"{name}.top1", metrics.top1
+    return f"{name}.image_to_text_r1", metrics.image_to_text_r1
+
+
+def plot_training(method: str, result: EvaluateResult, training: dict[str, Any] | None):
+    """Training loss against total FLOPs, with the final eval metric in the title."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric, value = headline_metric(result)
+    figure, axis = plt.subplots(figsize=(6, 4))
+    if training is not None and storage.exists(training["metrics_path"]):
+        history = [json.loads(line) for line in storage.read_bytes(training["metrics_path"]).decode().splitlines()]
+        axis.plot([h["total_flops"] for h in history], [h["loss"] for h in history], label=f"{method} training loss")
+        axis.set_xlabel("total training FLOPs (scoring + training + reference share)")
+        axis.set_ylabel("loss")
+        axis.legend()
+    axis.set_title(f"{method}: {metric} = {value:.3f}")
+    figure.tight_layout()
+    return figure
+
+
+def write_html_report(path: str, method: str, result: EvaluateResult, training: dict[str, Any] | None, figure) -> None:
+    import base64
+    import io
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    image = base64.b64encode(buffer.getvalue()).decode()
+    rows = "".join(
+        f"<tr><td>{name}</td><td>{m.num_samples}</td><td>{m.top1 if m.top1 is not None else '-'}</td>"
+        f"<td>{m.image_to_text_r1:.3f}</td><td>{m.text_to_image_r1:.3f}</td></tr>"
+        for name, m in result.splits.items()
+    )
+    flops = f"<p>total training FLOPs: {training['total_flops']:.3e}</p>" if training else ""
+    Path(path).write_text(
+        f"<html><body><h2>flexi-jest zero-shot evaluation: {method}</h2>{flops}"
+        f"<table border=1><tr><th>split</th><th>samples</th><th>top-1</th><th>i2t R@1</th><th>t2i R@1</th></tr>{rows}</table>"
+        f"<img src='data:image/png;base64,{image}'/></body></html>"
+    )
+
+
+def promote_stage(learner_run_id: str, evaluation: dict[str, Any], pipeline_run: str = "",
+                  experiment: str = "flexi-jest", reference_run_id: str | None = None):
+    """Register the learner (and the reference) in the MLflow registry; `champion` moves only to a better learner."""
+    import mlflow
+
+    from flexi_jest import tracking
+
+    mlflow = tracking._mlflow()
+    metric, value = headline_metric(EvaluateResult.model_validate(evaluation))
+    learner_version = mlflow.register_model(f"runs:/{learner_run_id}/model", tracking.LEARNER_MODEL).version
+    decision = tracking.promote(tracking.LEARNER_MODEL, str(learner_version), metric, value)
+    reference_version = None
+    if reference_run_id:
+        reference_version = mlflow.register_model(f"runs:/{reference_run_id}/model", tracking.REFERENCE_MODEL).version
+    mlflow.set_experiment(experiment)
+    tags = {"flexi_jest.stage": "promote", **tracking.parent_tags(pipeline_run, experiment)}
+    with mlflow.start_run(run_name="promote", tags=tags):
+        mlflow.log_dict(decision.model_dump(), "decision.json")
+        mlflow.log_metrics({"candidate_metric": value, "promoted": float(decision.promoted)}
+                           | ({"champion_metric": decision.champion_value} if decision.champion_value is not None else {}))
+        mlflow.set_tags({"decision": decision.alias, "learner_version": str(learner_version),
+                         "reference_version": str(reference_version)})
+    return decision
