@@ -85,20 +85,18 @@ def cache_reference_scores(config_json: str, profile: str, pipeline_run: str, ex
 @dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
 def train_learner(config_json: str, profile: str, method: str, score: str, filter_ratio: float, n_chunks: int,
                   steps: int, storage_root: str, pipeline_run: str, experiment: str,
-                  pool: Input[Dataset], cache: Input[Dataset], reference: Input[Model],
-                  model: Output[Model], metrics: Output[Metrics]) -> str:
+                  pool: Input[Dataset], cache: Input[Dataset], model: Output[Model], metrics: Output[Metrics]) -> str:
     """JEST / Flexi-JEST (or a baseline) learner; checkpoints beside its output, so a retried task resumes."""
     import json
 
+    from flexi_jest.reference_cache import reference_share
     from flexi_jest.stages import output_location, train_learner_stage
 
     values = json.loads(config_json)
     values.update(method=method, score=score, filter_ratio=filter_ratio, n_chunks=n_chunks,
                   pool=pool.metadata["uri"], reference_cache=cache.metadata["uri"],
-                  reference_sha256=cache.metadata["reference_sha256"],
-                  reference_training_flops=reference.metadata["total_flops"],
-                  reference_caching_flops=cache.metadata["flops"],
-                  out_dir=output_location(storage_root, model.uri, model.path, f"learner-{method}"))
+                  out_dir=output_location(storage_root, model.uri, model.path, f"learner-{method}"),
+                  **reference_share(cache.metadata["uri"]))  # sha256 and FLOPs of the reference behind the cache
     if steps > 0:
         values["steps"] = steps
     result, run_id = train_learner_stage(values, profile, pipeline_run, experiment)
@@ -144,7 +142,7 @@ def promote_model(evaluation_json: str, pipeline_run: str, experiment: str,
 
     evaluation = json.loads(evaluation_json)["result"]
     decision = promote_stage(learner.metadata["mlflow_run_id"], evaluation, pipeline_run, experiment,
-                             reference.metadata["mlflow_run_id"])
+                             reference.metadata.get("mlflow_run_id"))  # absent for an imported reference
     return decision.model_dump_json()
 
 

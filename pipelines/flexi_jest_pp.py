@@ -23,6 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, f
 
 from kfp import compiler, dsl, kubernetes  # noqa: E402
 
+from kfp.dsl import Dataset, Model  # noqa: E402
+
 from components.stages import (  # noqa: E402
     cache_reference_scores, close_tracking, open_tracking, prepare_data, promote_model, reference_finetune,
     train_learner, zero_shot_eval,
@@ -89,7 +91,7 @@ def flexi_jest_pp_definition(
         learner = on_gpu_pool(train_learner(
             config_json=learner_config, profile=profile, method=method, score=score, filter_ratio=filter_ratio,
             n_chunks=n_chunks, steps=steps, storage_root=storage_root, pipeline_run=run_name, experiment=experiment,
-            pool=data.outputs["pool"], cache=cache.outputs["cache"], reference=reference.outputs["model"]),
+            pool=data.outputs["pool"], cache=cache.outputs["cache"]),
             accelerator_type, accelerator_count).set_retry(2)
         evaluation = zero_shot_eval(config_json=eval_config, profile=profile, method=method, pipeline_run=run_name,
                                     experiment=experiment, model=learner.outputs["model"],
@@ -100,37 +102,83 @@ def flexi_jest_pp_definition(
             baseline_learner = on_gpu_pool(train_learner(
                 config_json=baseline_config, profile=profile, method=baseline, score=score, filter_ratio=filter_ratio,
                 n_chunks=n_chunks, steps=steps, storage_root=storage_root, pipeline_run=run_name, experiment=experiment,
-                pool=data.outputs["pool"], cache=cache.outputs["cache"], reference=reference.outputs["model"]),
+                pool=data.outputs["pool"], cache=cache.outputs["cache"]),
                 accelerator_type, accelerator_count).set_retry(2)
             zero_shot_eval(config_json=eval_config, profile=profile, method=baseline, pipeline_run=run_name,
                            experiment=experiment, model=baseline_learner.outputs["model"],
                            eval_split=data.outputs["eval_split"])
 
 
-def make_pipeline(accelerators: bool):
-    """The pipeline, with (cluster) or without (local execution) accelerator and node-pool settings."""
+def from_cache_definition(
+    pool_uri: str,
+    cache_uri: str,
+    eval_uri: str,
+    reference_uri: str,
+    profile: str = "tiny",
+    method: str = "joint",
+    score: str = "learnability",
+    filter_ratio: float = 0.8,
+    n_chunks: int = 16,
+    steps: int = 0,
+    storage_root: str = "",
+    experiment: str = "flexi-jest",
+    run_name: str = "flexi-jest-from-cache",
+    learner_config: str = FLEXI_TINY,
+    eval_config: str = "{}",
+    accelerator_type: str = "nvidia.com/gpu",
+    accelerator_count: str = "1",
+):
+    """Stage-only entry point: train, evaluate and promote a learner on existing data and an existing
+    reference cache (URIs from an earlier run, imported with dsl.importer), skipping stages 1-3."""
+    with dsl.ExitHandler(close_tracking(run_name=run_name, experiment=experiment).set_caching_options(False)):
+        tracking = open_tracking(run_name=run_name, experiment=experiment, dataset="(imported)", profile=profile,
+                                 method=method, score=score, filter_ratio=filter_ratio, n_chunks=n_chunks, steps=steps,
+                                 storage_root=storage_root).set_caching_options(False)
+        pool = dsl.importer(artifact_uri=pool_uri, artifact_class=Dataset, metadata={"uri": pool_uri})
+        cache = dsl.importer(artifact_uri=cache_uri, artifact_class=Dataset, metadata={"uri": cache_uri})
+        eval_split = dsl.importer(artifact_uri=eval_uri, artifact_class=Dataset, metadata={"uri": eval_uri})
+        reference = dsl.importer(artifact_uri=reference_uri, artifact_class=Model, metadata={"uri": reference_uri})
+        learner = on_gpu_pool(train_learner(
+            config_json=learner_config, profile=profile, method=method, score=score, filter_ratio=filter_ratio,
+            n_chunks=n_chunks, steps=steps, storage_root=storage_root, pipeline_run=run_name, experiment=experiment,
+            pool=pool.output, cache=cache.output).after(tracking), accelerator_type, accelerator_count).set_retry(2)
+        evaluation = zero_shot_eval(config_json=eval_config, profile=profile, method=method, pipeline_run=run_name,
+                                    experiment=experiment, model=learner.outputs["model"], eval_split=eval_split.output)
+        promote_model(evaluation_json=evaluation.outputs["Output"], pipeline_run=run_name, experiment=experiment,
+                      learner=learner.outputs["model"], reference=reference.output).set_caching_options(False)
+
+
+def make_pipeline(definition, name: str, description: str, accelerators: bool):
+    """A pipeline from its definition, with (cluster) or without (local execution) accelerator settings."""
     global ACCELERATORS
     ACCELERATORS = accelerators
     try:
-        return dsl.pipeline(name="flexi-jest-pp",
-                            description="Flexi-JEST++: joint example selection with a FlexiViT learner")(flexi_jest_pp_definition)
+        return dsl.pipeline(name=name, description=description)(definition)
     finally:
         ACCELERATORS = True
 
 
-flexi_jest_pp = make_pipeline(accelerators=True)
-flexi_jest_pp_local = make_pipeline(accelerators=False)
+PIPELINES = {  # --from-stage -> (cluster pipeline, local pipeline)
+    stage: (make_pipeline(definition, name, description, True), make_pipeline(definition, name, description, False))
+    for stage, definition, name, description in [
+        ("prepare_data", flexi_jest_pp_definition, "flexi-jest-pp",
+         "Flexi-JEST++: joint example selection with a FlexiViT learner"),
+        ("train_learner", from_cache_definition, "flexi-jest-pp-from-cache",
+         "Flexi-JEST++ from an existing pool and reference cache: learner, evaluation, promotion"),
+    ]
+}
+flexi_jest_pp, flexi_jest_pp_local = PIPELINES["prepare_data"]
 
 
 # ---- the command line ------------------------------------------------------------------------------------
 
 
-def parse_params(pairs: list[str]) -> dict[str, Any]:
+def parse_params(pairs: list[str], pipeline=None) -> dict[str, Any]:
     """["steps=100", "baseline_methods=[\"uniform\"]"] -> pipeline arguments typed by the pipeline's signature
     (string parameters, the *_config JSON objects included, stay strings; others are parsed as JSON)."""
     import inspect
 
-    signature = inspect.signature(flexi_jest_pp.pipeline_func).parameters
+    signature = inspect.signature((pipeline or flexi_jest_pp).pipeline_func).parameters
     params: dict[str, Any] = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
@@ -148,9 +196,10 @@ def parse_params(pairs: list[str]) -> dict[str, Any]:
     return params
 
 
-def compile_pipeline(out: str) -> None:
-    compiler.Compiler().compile(flexi_jest_pp, package_path=out)
-    print(f"compiled flexi-jest-pp to {out}")
+def compile_pipeline(out: str, from_stage: str = "prepare_data") -> None:
+    pipeline = PIPELINES[from_stage][0]
+    compiler.Compiler().compile(pipeline, package_path=out)
+    print(f"compiled {pipeline.name} to {out}")
 
 
 def summarize(tracking_uri: str, run_name: str, experiment: str, workdir: Path) -> dict[str, Any]:
@@ -197,7 +246,7 @@ def summarize(tracking_uri: str, run_name: str, experiment: str, workdir: Path) 
             "learner_version": promotion.data.tags.get("learner_version") if promotion else None}
 
 
-def run_local(workdir: str, params: dict[str, Any]) -> dict[str, Any]:
+def run_local(workdir: str, params: dict[str, Any], from_stage: str = "prepare_data") -> dict[str, Any]:
     """Run the whole pipeline with KFP local execution (subprocesses in this environment)."""
     from kfp import local
 
@@ -208,7 +257,7 @@ def run_local(workdir: str, params: dict[str, Any]) -> dict[str, Any]:
     params = {"run_name": f"flexi-jest-pp-{time.strftime('%Y%m%d-%H%M%S')}", **params}
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root / "kfp"))
     started = time.perf_counter()
-    flexi_jest_pp_local(**params)
+    PIPELINES[from_stage][1](**params)
     seconds = time.perf_counter() - started
     summary = summarize(os.environ["MLFLOW_TRACKING_URI"], params["run_name"], params.get("experiment", "flexi-jest"), root)
     summary["seconds"] = seconds
@@ -230,11 +279,11 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def submit(host: str, experiment: str, params: dict[str, Any]) -> None:
+def submit(host: str, experiment: str, params: dict[str, Any], from_stage: str = "prepare_data") -> None:
     import kfp
 
     client = kfp.Client(host=host)
-    run = client.create_run_from_pipeline_func(flexi_jest_pp, arguments=params, experiment_name=experiment)
+    run = client.create_run_from_pipeline_func(PIPELINES[from_stage][0], arguments=params, experiment_name=experiment)
     print(f"submitted run {run.run_id} to {host}")
 
 
@@ -250,13 +299,18 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--host", required=True)
     s.add_argument("--experiment", default="flexi-jest")
     s.add_argument("--param", action="append", default=[], metavar="KEY=VALUE")
+    for sub in (c, r, s):
+        sub.add_argument("--from-stage", default="prepare_data", choices=sorted(PIPELINES),
+                         help="train_learner: start from an existing pool and reference cache "
+                              "(--param pool_uri=... cache_uri=... eval_uri=... reference_uri=...)")
     args = parser.parse_args(argv)
+    pipeline = PIPELINES[args.from_stage][0]
     if args.command == "compile":
-        compile_pipeline(args.out)
+        compile_pipeline(args.out, args.from_stage)
     elif args.command == "run-local":
-        print(format_summary(run_local(args.workdir, parse_params(args.param))))
+        print(format_summary(run_local(args.workdir, parse_params(args.param, pipeline), args.from_stage)))
     else:
-        submit(args.host, args.experiment, parse_params(args.param))
+        submit(args.host, args.experiment, parse_params(args.param, pipeline), args.from_stage)
     return 0
 
 

@@ -2,5 +2,5 @@
 # Install with the test extras, then run the whole test suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh data,test
+bash scripts/setup.sh data,pipeline,test
 exec .venv/bin/python -m pytest -q "$@"

@@ -52,6 +52,7 @@ def write_cache(
     batch_size: int,
     device: torch.device,
     to_model_input,
+    reference_uri: str | None = None,
 ) -> dict[str, Any]:
     """Embed every readable pool sample with the frozen reference; write one sidecar per shard, then the manifest.
 
@@ -106,6 +107,8 @@ def write_cache(
         "embed_dim": model.cfg.embed_dim,
         "patch_size": patch_size or model.cfg.patch_size,
         "pool": pool_dir,
+        "reference": reference_uri,
+        "flops": float(sum(s["num_samples"] for s in shards.values()) * pair_forward_flops(model.cfg, patch_size)),
         "pool_shards": _pool_fingerprint(pool_dir),
         "num_samples": sum(s["num_samples"] for s in shards.values()),
         "shards": shards,
@@ -193,10 +196,24 @@ def cache_reference(cfg: CacheReferenceConfig) -> CacheReferenceResult:
     cache_dir = cfg.out_dir or default_cache_dir(cfg.pool, sha)
     manifest = write_cache(
         model, Tokenizer(model.cfg.context_length), cfg.pool, cache_dir, sha, cfg.patch_size, cfg.batch_size,
-        device, lambda images: to_model_input(images, device),
+        device, lambda images: to_model_input(images, device), cfg.reference,
     )
     return CacheReferenceResult(
         cache_dir=cache_dir, reference_sha256=sha, num_samples=manifest["num_samples"],
         num_shards=len(manifest["shards"]), skipped=manifest["skipped"], seconds=time.perf_counter() - started,
-        flops=float(manifest["num_samples"] * pair_forward_flops(model.cfg, cfg.patch_size)),
+        flops=manifest["flops"],
     )
+
+
+def reference_share(cache_dir: str) -> dict[str, Any]:
+    """What a learner run needs to know of the reference behind a cache: its sha256 and its FLOPs (training,
+    from the result.json beside its model file when there is one, and the caching pass), counted once."""
+    manifest = ReferenceCache(cache_dir).manifest
+    training_flops = 0.0
+    reference = manifest.get("reference")
+    if reference:
+        result_uri = storage.join(reference.rsplit("/", 1)[0], "result.json")
+        if storage.exists(result_uri):
+            training_flops = float(json.loads(storage.read_bytes(result_uri))["flops"]["reference_training"])
+    return {"reference_sha256": manifest["reference_sha256"], "reference_training_flops": training_flops,
+            "reference_caching_flops": float(manifest.get("flops", 0.0))}

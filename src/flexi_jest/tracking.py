@@ -181,7 +181,7 @@ def promote(model_name: str, version: str, metric: str, value: float, higher_is_
     except mlflow.exceptions.MlflowException:
         champion = None
     champion_value = None
-    if champion is not None and champion.version != str(version):
+    if champion is not None and str(champion.version) != str(version):
         tag = champion.tags.get(METRIC_TAG, "")
         name, _, number = tag.partition("=")
         champion_value = float(number) if name == metric and number else None
@@ -189,7 +189,7 @@ def promote(model_name: str, version: str, metric: str, value: float, higher_is_
     alias = "champion" if better else "challenger"
     client.set_registered_model_alias(model_name, alias, version)
     return PromotionDecision(model_name=model_name, version=str(version), metric=metric, value=value,
-                             champion_version=champion.version if champion is not None else None,
+                             champion_version=str(champion.version) if champion is not None else None,
                              champion_value=champion_value, promoted=better, alias=alias)
 
 

@@ -1,0 +1,165 @@
+"""The KFP pipeline: compiled IR, each component alone and the whole DAG under KFP local execution."""
+
+import json
+
+import pytest
+import yaml
+
+SMALL = {
+    "data_config": json.dumps({"curated_size": 200, "pool_size": 600, "eval_size": 100, "samples_per_shard": 200}),
+    "reference_config": json.dumps({"steps": 4, "batch_size": 32, "progress": False}),
+    "learner_config": json.dumps({"super_batch_size": 80, "progress": False, "scoring_patch_size": 16,
+                                  "train_patch_sizes": [8, 16]}),
+    "baseline_config": json.dumps({"super_batch_size": 80, "progress": False}),
+    "steps": 3,
+}
+
+
+def test_compile_produces_ir_that_kfp_loads_back(tmp_path):
+    from kfp import components
+
+    from pipelines.flexi_jest_pp import main
+    out = tmp_path / "pp.yaml"
+    assert main(["compile", "--out", str(out)]) == 0
+    loaded = components.load_component_from_file(str(out))
+    assert loaded.name == "flexi-jest-pp"
+    documents = list(yaml.safe_load_all(out.read_text()))
+    spec, platform = documents[0], documents[1]
+    inputs = spec["root"]["inputDefinitions"]["parameters"]
+    for name in ("dataset", "profile", "method", "filter_ratio", "n_chunks", "steps", "baseline_methods",
+                 "accelerator_type", "accelerator_count"):
+        assert name in inputs
+    executors = spec["deploymentSpec"]["executors"]
+    trainer = executors["exec-train-learner"]["container"]
+    assert "accelerator" in trainer["resources"]
+    kubernetes = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-train-learner"]
+    assert kubernetes["nodeSelector"]["labels"] == {"flexi-jest/node-pool": "gpu"}
+    assert kubernetes["tolerations"][0]["key"] == "nvidia.com/gpu"
+    assert "exec-zero-shot-eval" not in platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+
+def test_the_image_is_one_setting(monkeypatch, tmp_path):
+    import importlib
+
+    import components.image
+    monkeypatch.setenv("FLEXI_JEST_IMAGE", "registry.example.com/team/flexi-jest:9.9")
+    importlib.reload(components.image)
+    assert components.image.IMAGE == components.image.GPU_IMAGE == "registry.example.com/team/flexi-jest:9.9"
+    monkeypatch.delenv("FLEXI_JEST_IMAGE")
+    importlib.reload(components.image)
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory):
+    import os
+
+    from pipelines.flexi_jest_pp import run_local
+    workdir = tmp_path_factory.mktemp("pipeline")
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{workdir / 'mlflow.db'}"
+    try:
+        summary = run_local(str(workdir), dict(SMALL, run_name="pp-under-test"))
+    finally:
+        if previous is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = previous
+    return workdir, summary
+
+
+def test_whole_pipeline_runs_locally_and_promotes(pipeline_run):
+    import mlflow
+
+    workdir, summary = pipeline_run
+    assert sorted(row["method"] for row in summary["rows"]) == ["joint", "uniform"]
+    assert all(row["i2t_r1"] is not None and row["total_flops"] > 0 for row in summary["rows"])
+    assert summary["decision"] == "champion" and summary["learner_version"] == "1"
+    mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlflow.db'}")
+    client = mlflow.MlflowClient()
+    parent = client.get_run(summary["parent_run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.params["method"] == "joint"
+    stages = [r.data.tags["flexi_jest.stage"] for r in client.search_runs(
+        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")]
+    assert sorted(stages) == sorted(["make-data", "train-reference", "cache-reference", "train-learner",
+                                     "train-learner", "evaluate", "evaluate", "promote"])
+    assert str(client.get_model_version_by_alias("flexi-jest-learner", "champion").version) == "1"
+    assert client.get_registered_model("flexi-jest-reference") is not None
+    assert (workdir / "metric_vs_flops.png").stat().st_size > 0
+    assert list((workdir / "kfp").rglob("report")), "the eval report (HTML artifact) is written"
+
+
+def test_components_run_alone(pipeline_run, tmp_path, monkeypatch):
+    """prepare_data alone; reference_finetune and cache_reference_scores alone on imported artifacts."""
+    from kfp import dsl, local
+    from kfp.dsl import Dataset, Model
+
+    from components.stages import cache_reference_scores, prepare_data, reference_finetune
+
+    workdir, _ = pipeline_run
+    data_dir = next((workdir / "kfp").rglob("prepare-data/data"))
+    reference_file = next((workdir / "kfp").rglob("reference-finetune/reference/model.pt"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "kfp"))
+    common = dict(profile="tiny", pipeline_run="", experiment="alone")
+
+    data = prepare_data(config_json=json.dumps({"curated_size": 20, "pool_size": 30, "eval_size": 10}),
+                        dataset="digits", storage_root="", **common)
+    assert data.outputs["pool"].metadata["num_samples"] == 30
+    assert data.outputs["eval_split"].metadata["dataset"] == "digits"
+
+    @dsl.pipeline(name="reference-alone")
+    def reference_alone():
+        curated = dsl.importer(artifact_uri=str(data_dir / "curated"), artifact_class=Dataset,
+                               metadata={"uri": str(data_dir / "curated")})
+        reference_finetune(config_json=SMALL["reference_config"], storage_root="", curated=curated.output, **common)
+
+    @dsl.pipeline(name="cache-alone")
+    def cache_alone():
+        pool = dsl.importer(artifact_uri=str(data_dir / "pool"), artifact_class=Dataset, metadata={"uri": str(data_dir / "pool")})
+        reference = dsl.importer(artifact_uri=str(reference_file), artifact_class=Model, metadata={"uri": str(reference_file)})
+        cache_reference_scores(config_json=json.dumps({"out_dir": str(tmp_path / "cache")}), reference=reference.output,
+                               pool=pool.output, **common)
+
+    reference_alone()
+    assert next((tmp_path / "kfp").rglob("reference/model.pt")).stat().st_size > 0
+    cache_alone()
+    manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
+    assert manifest["num_samples"] == 600 and manifest["reference"] == str(reference_file)
+
+
+def test_stage_only_entry_point_trains_from_an_existing_cache(pipeline_run):
+    import os
+
+    from pipelines.flexi_jest_pp import run_local
+
+    workdir, first = pipeline_run
+    data_dir = next((workdir / "kfp").rglob("prepare-data/data"))
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{workdir / 'mlflow.db'}"
+    try:
+        summary = run_local(str(workdir), {
+            "pool_uri": str(data_dir / "pool"), "cache_uri": str(next((data_dir / "pool").glob("refcache-*"))),
+            "eval_uri": str(data_dir / "eval"),
+            "reference_uri": str(next((workdir / "kfp").rglob("reference-finetune/reference/model.pt"))),
+            "steps": 2, "learner_config": json.dumps({"super_batch_size": 80, "progress": False}),
+            "run_name": "from-cache-under-test"}, from_stage="train_learner")
+    finally:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    assert [row["method"] for row in summary["rows"]] == ["joint"]
+    assert summary["learner_version"] == "2"
+    assert summary["decision"] in ("champion", "challenger")
+    assert summary["rows"][0]["total_flops"] > 0
+
+
+def test_a_bad_config_fails_the_component_with_the_field_named(tmp_path, monkeypatch, capfd):
+    from kfp import local
+
+    from components.stages import prepare_data
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "kfp"))
+    capfd.readouterr()
+    with pytest.raises(RuntimeError):
+        prepare_data(config_json='{"pool_size": "lots"}', dataset="shapes", storage_root="", profile="tiny",
+                     pipeline_run="", experiment="bad")
+    output = "".join(capfd.readouterr())
+    assert "invalid config for make-data" in output and "pool_size" in output and "lots" in output
