@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The main job: install, then run every stage end to end on generated data (tiny profile) and print the result table.
+# The main job: install, then run the whole Flexi-JEST++ pipeline locally (KFP local execution, MLflow in
+# runs/pipeline/mlflow.db, data beside the KFP artifacts) on the tiny profile and generated shapes data.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh data,pipeline
-exec .venv/bin/flexi-jest demo --workdir runs/demo "$@"
+exec .venv/bin/python pipelines/flexi_jest_pp.py run-local --workdir runs/pipeline "$@"

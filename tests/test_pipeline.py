@@ -1,6 +1,7 @@
 """The KFP pipeline: compiled IR, each component alone and the whole DAG under KFP local execution."""
 
 import json
+import shutil
 
 import pytest
 import yaml
@@ -50,13 +51,60 @@ def test_the_image_is_one_setting(monkeypatch, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def pipeline_run(tmp_path_factory):
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on loopback whose artifact store is S3 (moto's S3 server, as MinIO on a cluster)."""
+    import os
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from moto.server import ThreadedMotoServer
+    from test_storage import free_port
+
+    workdir = tmp_path_factory.mktemp("mlflow-server")
+    s3_port, port = free_port(), free_port()
+    s3 = ThreadedMotoServer(ip_address="127.0.0.1", port=s3_port, verbose=False)
+    s3.start()
+    env = dict(os.environ, MLFLOW_S3_ENDPOINT_URL=f"http://127.0.0.1:{s3_port}", AWS_ACCESS_KEY_ID="testing",
+               AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1", MLFLOW_DISABLE_TELEMETRY="true")
+    import boto3
+    boto3.client("s3", endpoint_url=env["MLFLOW_S3_ENDPOINT_URL"], region_name="us-east-1",
+                 aws_access_key_id="testing", aws_secret_access_key="testing").create_bucket(Bucket="mlflow")
+    log = open(workdir / "server.log", "w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{workdir / 'mlflow.db'}", "--artifacts-destination", "s3://mlflow/artifacts",
+         "--workers", "1"], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=workdir)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=2)
+            break
+        except OSError:
+            if server.poll() is not None:
+                raise RuntimeError(f"mlflow server exited: {(workdir / 'server.log').read_text()[-2000:]}")
+            time.sleep(1)
+    else:
+        server.kill()
+        raise RuntimeError("mlflow server did not answer /health within 90 s")
+    yield url, env
+    server.terminate()
+    server.wait(timeout=30)
+    s3.stop()
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory, mlflow_server):
+    """The whole pipeline once, tracked on the real MLflow server (artifacts and models go to its S3 store)."""
     import os
 
     from pipelines.flexi_jest_pp import run_local
+    url, _ = mlflow_server
     workdir = tmp_path_factory.mktemp("pipeline")
     previous = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{workdir / 'mlflow.db'}"
+    os.environ["MLFLOW_TRACKING_URI"] = url
     try:
         summary = run_local(str(workdir), dict(SMALL, run_name="pp-under-test"))
     finally:
@@ -74,7 +122,7 @@ def test_whole_pipeline_runs_locally_and_promotes(pipeline_run):
     assert sorted(row["method"] for row in summary["rows"]) == ["joint", "uniform"]
     assert all(row["i2t_r1"] is not None and row["total_flops"] > 0 for row in summary["rows"])
     assert summary["decision"] == "champion" and summary["learner_version"] == "1"
-    mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlflow.db'}")
+    mlflow.set_tracking_uri(summary["tracking_uri"])
     client = mlflow.MlflowClient()
     parent = client.get_run(summary["parent_run_id"])
     assert parent.info.status == "FINISHED" and parent.data.params["method"] == "joint"
@@ -134,7 +182,7 @@ def test_stage_only_entry_point_trains_from_an_existing_cache(pipeline_run):
 
     workdir, first = pipeline_run
     data_dir = next((workdir / "kfp").rglob("prepare-data/data"))
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{workdir / 'mlflow.db'}"
+    os.environ["MLFLOW_TRACKING_URI"] = first["tracking_uri"]
     try:
         summary = run_local(str(workdir), {
             "pool_uri": str(data_dir / "pool"), "cache_uri": str(next((data_dir / "pool").glob("refcache-*"))),
@@ -163,3 +211,31 @@ def test_a_bad_config_fails_the_component_with_the_field_named(tmp_path, monkeyp
                      pipeline_run="", experiment="bad")
     output = "".join(capfd.readouterr())
     assert "invalid config for make-data" in output and "pool_size" in output and "lots" in output
+
+
+def test_registered_champion_loads_back_from_the_server(pipeline_run):
+    import mlflow
+
+    from flexi_jest.model import DualEncoder
+    _, summary = pipeline_run
+    mlflow.set_tracking_uri(summary["tracking_uri"])
+    model = mlflow.pytorch.load_model("models:/flexi-jest-learner@champion")
+    assert isinstance(model, DualEncoder)
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (.ci/run installs it: apt-get install chromium)")
+def test_mlflow_ui_shows_the_champion_in_a_real_browser(pipeline_run, tmp_path):
+    import subprocess
+
+    _, summary = pipeline_run
+    url = f"{summary['tracking_uri']}/#/models/flexi-jest-learner"
+    dom = subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=20000", "--dump-dom", url],
+        capture_output=True, text=True, timeout=120).stdout
+    assert "flexi-jest-learner" in dom
+    assert "champion" in dom

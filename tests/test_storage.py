@@ -162,3 +162,24 @@ def test_shards_on_s3_read_exactly_like_local_shards(s3, tmp_path):
     stats = ReadStats()
     assert len(list(iter_split(f"{s3}/pool", stats=stats))) == 15
     assert stats.skipped["checksum_mismatch"] == 1 and stats.skipped["short_shard"] == 1
+
+
+def test_stages_read_and_write_s3_uris(s3):
+    """make-data, train-reference and cache-reference with every path an s3:// URI: only the scheme differs."""
+    from conftest import TEST_MODEL
+    from flexi_jest.config import CacheReferenceConfig, MakeDataConfig, TrainReferenceConfig
+    from flexi_jest.data.make import make_data
+    from flexi_jest.reference_cache import ReferenceCache, cache_reference
+    from flexi_jest.train import train_reference
+
+    made = make_data(MakeDataConfig(out_dir=f"{s3}/data", curated_size=64, pool_size=60, eval_size=10,
+                                    samples_per_shard=30))
+    assert made.splits["pool"].path == f"{s3}/data/pool"
+    assert storage.list_names(f"{s3}/data/pool", ".tar") == ["shard-000000.tar", "shard-000001.tar"]
+    reference = train_reference(TrainReferenceConfig(data=f"{s3}/data/curated", out_dir=f"{s3}/reference",
+                                                     model=TEST_MODEL, steps=3, batch_size=16, checkpoint_every=2,
+                                                     progress=False))
+    assert storage.exists(f"{s3}/reference/model.pt") and storage.exists(f"{s3}/reference/checkpoints/latest.json")
+    cache = cache_reference(CacheReferenceConfig(reference=reference.checkpoint, pool=f"{s3}/data/pool"))
+    assert cache.cache_dir.startswith(f"{s3}/data/pool/refcache-") and cache.num_samples == 60
+    assert ReferenceCache(cache.cache_dir, f"{s3}/data/pool", reference.checkpoint_sha256).load_shard("shard-000001.tar")[1].shape[0] == 30
