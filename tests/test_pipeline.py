@@ -239,3 +239,29 @@ def test_mlflow_ui_shows_the_champion_in_a_real_browser(pipeline_run, tmp_path):
         capture_output=True, text=True, timeout=120).stdout
     assert "flexi-jest-learner" in dom
     assert "champion" in dom
+
+
+def test_submit_sends_the_compiled_pipeline_to_the_given_host(monkeypatch, capsys):
+    import kfp
+
+    from pipelines import flexi_jest_pp as module
+    calls = {}
+
+    class FakeClient:
+        def __init__(self, host):
+            calls["host"] = host
+
+        def create_run_from_pipeline_func(self, pipeline, arguments, experiment_name):
+            calls.update(pipeline=pipeline.name, arguments=arguments, experiment=experiment_name)
+            return type("Run", (), {"run_id": "run-123"})()
+
+    monkeypatch.setattr(kfp, "Client", FakeClient)
+    assert module.main(["submit", "--host", "https://kfp.example", "--experiment", "exp",
+                        "--param", "steps=50", "--param", 'baseline_methods=["uniform", "independent"]',
+                        "--param", 'learner_config={"n_chunks": 4}']) == 0
+    assert calls == {"host": "https://kfp.example", "pipeline": "flexi-jest-pp", "experiment": "exp",
+                     "arguments": {"steps": 50, "baseline_methods": ["uniform", "independent"],
+                                   "learner_config": '{"n_chunks": 4}'}}
+    assert "submitted run run-123" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="unknown pipeline parameter"):
+        module.main(["submit", "--host", "h", "--param", "no_such=1"])
