@@ -53,6 +53,23 @@ def on_gpu_pool(task: dsl.PipelineTask, accelerator_type: Any, accelerator_count
 ACCELERATORS = True
 
 
+def train_evaluate_promote(*, learner_config, eval_config, profile, method, score, filter_ratio, n_chunks, steps,
+                           storage_root, run_name, experiment, accelerator_type, accelerator_count,
+                           pool, cache, eval_split, reference, after=None) -> None:
+    """Stages 4-6, shared by the full pipeline and the from-cache entry point: the learner, its zero-shot
+    evaluation and its promotion through the MLflow registry."""
+    task = train_learner(config_json=learner_config, profile=profile, method=method, score=score,
+                         filter_ratio=filter_ratio, n_chunks=n_chunks, steps=steps, storage_root=storage_root,
+                         pipeline_run=run_name, experiment=experiment, pool=pool, cache=cache)
+    if after is not None:
+        task.after(after)
+    learner = on_gpu_pool(task, accelerator_type, accelerator_count).set_retry(2)
+    evaluation = zero_shot_eval(config_json=eval_config, profile=profile, method=method, pipeline_run=run_name,
+                                experiment=experiment, model=learner.outputs["model"], eval_split=eval_split)
+    promote_model(evaluation_json=evaluation.outputs["Output"], pipeline_run=run_name, experiment=experiment,
+                  learner=learner.outputs["model"], reference=reference).set_caching_options(False)
+
+
 def flexi_jest_pp_definition(
     dataset: str = "shapes",
     profile: str = "tiny",
@@ -88,16 +105,12 @@ def flexi_jest_pp_definition(
         cache = on_gpu_pool(cache_reference_scores(
             config_json=cache_config, profile=profile, pipeline_run=run_name, experiment=experiment,
             reference=reference.outputs["model"], pool=data.outputs["pool"]), accelerator_type, accelerator_count)
-        learner = on_gpu_pool(train_learner(
-            config_json=learner_config, profile=profile, method=method, score=score, filter_ratio=filter_ratio,
-            n_chunks=n_chunks, steps=steps, storage_root=storage_root, pipeline_run=run_name, experiment=experiment,
-            pool=data.outputs["pool"], cache=cache.outputs["cache"]),
-            accelerator_type, accelerator_count).set_retry(2)
-        evaluation = zero_shot_eval(config_json=eval_config, profile=profile, method=method, pipeline_run=run_name,
-                                    experiment=experiment, model=learner.outputs["model"],
-                                    eval_split=data.outputs["eval_split"])
-        promote_model(evaluation_json=evaluation.outputs["Output"], pipeline_run=run_name, experiment=experiment,
-                      learner=learner.outputs["model"], reference=reference.outputs["model"]).set_caching_options(False)
+        train_evaluate_promote(
+            learner_config=learner_config, eval_config=eval_config, profile=profile, method=method, score=score,
+            filter_ratio=filter_ratio, n_chunks=n_chunks, steps=steps, storage_root=storage_root, run_name=run_name,
+            experiment=experiment, accelerator_type=accelerator_type, accelerator_count=accelerator_count,
+            pool=data.outputs["pool"], cache=cache.outputs["cache"], eval_split=data.outputs["eval_split"],
+            reference=reference.outputs["model"])
         with dsl.ParallelFor(baseline_methods) as baseline:
             baseline_learner = on_gpu_pool(train_learner(
                 config_json=baseline_config, profile=profile, method=baseline, score=score, filter_ratio=filter_ratio,
@@ -138,14 +151,12 @@ def from_cache_definition(
         cache = dsl.importer(artifact_uri=cache_uri, artifact_class=Dataset, metadata={"uri": cache_uri})
         eval_split = dsl.importer(artifact_uri=eval_uri, artifact_class=Dataset, metadata={"uri": eval_uri})
         reference = dsl.importer(artifact_uri=reference_uri, artifact_class=Model, metadata={"uri": reference_uri})
-        learner = on_gpu_pool(train_learner(
-            config_json=learner_config, profile=profile, method=method, score=score, filter_ratio=filter_ratio,
-            n_chunks=n_chunks, steps=steps, storage_root=storage_root, pipeline_run=run_name, experiment=experiment,
-            pool=pool.output, cache=cache.output).after(tracking), accelerator_type, accelerator_count).set_retry(2)
-        evaluation = zero_shot_eval(config_json=eval_config, profile=profile, method=method, pipeline_run=run_name,
-                                    experiment=experiment, model=learner.outputs["model"], eval_split=eval_split.output)
-        promote_model(evaluation_json=evaluation.outputs["Output"], pipeline_run=run_name, experiment=experiment,
-                      learner=learner.outputs["model"], reference=reference.output).set_caching_options(False)
+        train_evaluate_promote(
+            learner_config=learner_config, eval_config=eval_config, profile=profile, method=method, score=score,
+            filter_ratio=filter_ratio, n_chunks=n_chunks, steps=steps, storage_root=storage_root, run_name=run_name,
+            experiment=experiment, accelerator_type=accelerator_type, accelerator_count=accelerator_count,
+            pool=pool.output, cache=cache.output, eval_split=eval_split.output, reference=reference.output,
+            after=tracking)
 
 
 def make_pipeline(definition, name: str, description: str, accelerators: bool):
