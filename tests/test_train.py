@@ -152,3 +152,13 @@ def test_config_rejects_bad_values_with_the_field_named():
         TrainLearnerConfig(reference_cache="x", unknown_field=1)
     with pytest.raises(ValidationError, match="scoring_patch_size 7"):
         TrainLearnerConfig(reference_cache="x", scoring_patch_size=7)
+
+
+def test_periodic_evaluation_is_recorded_against_flops(shapes_data, reference_cache, tmp_path):
+    result = train_learner(learner_config(shapes_data, reference_cache, tmp_path, steps=4, log_every=10, eval_every=2,
+                                          eval_data=[shapes_data.splits["eval"].path], eval_max_samples=50))
+    history = [json.loads(line) for line in open(result.metrics_path)]
+    evaluated = [h for h in history if "eval" in h]
+    assert [h["step"] for h in evaluated] == [2, 4]
+    assert evaluated[0]["total_flops"] < evaluated[1]["total_flops"]
+    assert 0.0 <= evaluated[1]["eval"]["shapes.top1"] <= 1.0 and "shapes.image_to_text_r1" in evaluated[1]["eval"]

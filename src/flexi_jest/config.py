@@ -117,6 +117,9 @@ class TrainingConfig(StrictModel):
     resume: bool = Field(True, description="continue from out_dir's latest checkpoint if there is one")
     log_every: int = Field(10, ge=1)
     progress: bool = True
+    eval_every: int = Field(0, ge=0, description="evaluate every N steps (and at the end) on eval_data; 0: never")
+    eval_data: list[str] = Field(default_factory=list, description="eval splits for eval_every")
+    eval_max_samples: int | None = Field(500, ge=1, description="samples per eval split during training")
 
     @model_validator(mode="after")
     def _check_patches(self) -> "TrainingConfig":

@@ -29,6 +29,7 @@ from flexi_jest.checkpoint import load_latest_checkpoint, load_model, model_stat
 from flexi_jest.config import FlopsBreakdown, OptimConfig, TrainingConfig, TrainLearnerConfig, TrainReferenceConfig, TrainResult
 from flexi_jest.data.shards import SampleStream
 from flexi_jest.device import autocast, resolve_device, to_model_input
+from flexi_jest.evaluate import evaluate_model
 from flexi_jest.losses import sigmoid_loss
 from flexi_jest.model import DualEncoder, Tokenizer
 from flexi_jest.reference_cache import CacheError, ReferenceCache
@@ -188,10 +189,13 @@ def run_training(
             totals["seconds"] += seconds
             for key, value in out.stats.items():
                 stats_sums[key] = stats_sums.get(key, 0.0) + value
-            if step % cfg.log_every == 0 or step == cfg.steps:
+            evaluate_now = cfg.eval_every > 0 and cfg.eval_data and (step % cfg.eval_every == 0 or step == cfg.steps)
+            if step % cfg.log_every == 0 or step == cfg.steps or evaluate_now:
                 history.append({"step": step, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
                                 "images_per_second": out.trained / seconds, "seconds": seconds,
                                 "flops": ledger.model_dump(), "total_flops": ledger.total, **out.stats})
+            if evaluate_now:
+                history[-1]["eval"] = evaluate_during_training(model, cfg, device)
             bar.set_postfix(loss=f"{loss_value:.3f}", img_s=f"{out.trained / seconds:.0f}",
                             sel_ms=f"{1000 * out.stats.get('selection_seconds', 0.0):.1f}")
             bar.update(1)
@@ -220,6 +224,14 @@ def run_training(
     if stream.stats.skipped:
         print(f"[{description}] data: {stream.stats.summary()}")
     return result
+
+
+def evaluate_during_training(model: DualEncoder, cfg: TrainingConfig, device: torch.device) -> dict[str, float]:
+    """Zero-shot metrics on cfg.eval_data at the current weights (no randomness: resume stays exact)."""
+    splits = evaluate_model(model, cfg.eval_data, None, 256, device, cfg.eval_max_samples)
+    model.train()
+    return {f"{name}.{key}": value for name, metrics in splits.items()
+            for key, value in metrics.model_dump().items() if value is not None}
 
 
 def _one_step(model, prefetcher, step_fn, generator, optimizer, scheduler, cfg) -> tuple[StepOutput, float, dict[str, int]]:

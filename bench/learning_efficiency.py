@@ -1,0 +1,246 @@
+"""Learning efficiency: does JEST reach uniform's accuracy with fewer total training FLOPs?
+
+Same architecture, same pool, same seeds; every method gets the same total FLOP budget (scoring +
+training + the reference's share, JEST.md), so uniform trains for more steps than JEST. Each run is
+evaluated at regular points; curves are zero-shot top-1 against total FLOPs. For each method:
+
+    final_metric            accuracy at the budget (mean over seeds, with the spread)
+    flops_to_target         total FLOPs to first reach uniform's final accuracy (None: never)
+    flops_ratio_vs_uniform  uniform's FLOPs to reach its own final accuracy / this method's (> 1: cheaper)
+
+    python bench/learning_efficiency.py --quick                     # ~10 min on 2 CPU cores
+    python bench/learning_efficiency.py --dataset emoji --seeds 3   # the full set of methods, hours
+    python bench/learning_efficiency.py --ablations                  # + filter ratio, chunks, scores, noise
+
+Prints the JSON summary and writes it, with the plots, under --out.
+"""
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from flexi_jest import flops
+from flexi_jest.config import (
+    CacheReferenceConfig, MakeDataConfig, ModelConfig, TrainLearnerConfig, TrainReferenceConfig,
+)
+from flexi_jest.data.make import make_data
+from flexi_jest.data.noise import NoiseConfig
+from flexi_jest.reference_cache import cache_reference
+from flexi_jest.train import train_learner, train_reference
+
+# name -> learner config fields (tiny model: patch 8 is the paper's 16, patch 16 its 32)
+METHODS: dict[str, dict[str, Any]] = {
+    "uniform": {"method": "uniform"},
+    "independent-learnability": {"method": "independent", "score": "learnability"},
+    "independent-hard_learner": {"method": "independent", "score": "hard_learner"},
+    "independent-easy_reference": {"method": "independent", "score": "easy_reference"},
+    "joint-learnability": {"method": "joint", "score": "learnability"},
+    "joint-hard_learner": {"method": "joint", "score": "hard_learner"},
+    "joint-easy_reference": {"method": "joint", "score": "easy_reference"},
+    "flexi-jest": {"method": "joint", "score": "learnability", "scoring_patch_size": 16, "train_patch_sizes": [8, 16]},
+}
+QUICK_METHODS = ["uniform", "joint-learnability", "flexi-jest"]
+
+
+def learner_step_flops(cfg: TrainLearnerConfig, reference_dim: int) -> int:
+    """FLOPs of one learner step (scoring + training), as the training loop counts them."""
+    train = flops.training_step_flops(cfg.model, cfg.sub_batch_size, cfg.train_patch_sizes)
+    if cfg.method == "uniform":
+        return train
+    uses_reference = cfg.score != "hard_learner"
+    scoring = flops.scoring_step_flops(cfg.model, cfg.super_batch_size, cfg.scoring_patch_size or cfg.model.patch_size,
+                                       cfg.sub_batch_size, cfg.method, cfg.score != "easy_reference",
+                                       reference_dim if uses_reference else None)
+    return train + scoring
+
+
+def curve(metrics_path: str, metric: str) -> list[tuple[float, float]]:
+    """[(total_flops, metric)] at each evaluation of a run."""
+    points = []
+    for line in Path(metrics_path).read_text().splitlines():
+        record = json.loads(line)
+        if "eval" in record and metric in record["eval"]:
+            points.append((record["total_flops"], record["eval"][metric]))
+    return points
+
+
+def flops_to_reach(points: list[tuple[float, float]], target: float) -> float | None:
+    """Total FLOPs at which the curve first reaches target (linear between evaluations); None if never."""
+    previous = None
+    for x, y in points:
+        if y >= target:
+            if previous is None or previous[1] >= target:
+                return x
+            x0, y0 = previous
+            return x0 + (target - y0) / (y - y0) * (x - x0)
+        previous = (x, y)
+    return None
+
+
+def mean_curve(curves: list[list[tuple[float, float]]], grid: np.ndarray) -> np.ndarray:
+    """Seed-mean of curves interpolated onto a common FLOPs grid (NaN before a curve's first point)."""
+    values = [np.interp(grid, [p[0] for p in c], [p[1] for p in c], left=np.nan) for c in curves]
+    return np.nanmean(np.array(values), axis=0)
+
+
+def summarize(runs: dict[str, list[dict[str, Any]]], metric: str) -> dict[str, Any]:
+    """Per method: final metric (mean, spread), FLOPs to uniform's final metric, ratio vs uniform."""
+    finals = {name: [r["curve"][-1][1] for r in rs] for name, rs in runs.items()}
+    target = statistics.mean(finals["uniform"])
+    uniform_cost = statistics.mean(
+        [c for c in (flops_to_reach(r["curve"], target) for r in runs["uniform"]) if c is not None] or [math.nan])
+    summary = {}
+    for name, rs in runs.items():
+        costs = [flops_to_reach(r["curve"], target) for r in rs]
+        reached = [c for c in costs if c is not None]
+        cost = statistics.mean(reached) if len(reached) == len(costs) else None
+        summary[name] = {
+            "final_metric": statistics.mean(finals[name]),
+            "final_metric_std": statistics.pstdev(finals[name]),
+            "final_metric_per_seed": finals[name],
+            "total_flops": statistics.mean(r["total_flops"] for r in rs),
+            "steps": rs[0]["steps"],
+            "flops_to_target": cost,
+            "flops_to_target_per_seed": costs,
+            "seeds_reaching_target": len(reached),
+            "flops_ratio_vs_uniform": (uniform_cost / cost) if cost else None,
+            "noisy_fraction_selected": statistics.mean(r["selection"].get("noisy_fraction_selected", math.nan) for r in rs),
+        }
+    return {"metric": metric, "target": target, "uniform_flops_to_target": uniform_cost, "methods": summary}
+
+
+def plot(runs: dict[str, list[dict[str, Any]]], summary: dict[str, Any], out: Path, title: str) -> list[str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for name, rs in runs.items():
+        curves = [r["curve"] for r in rs]
+        grid = np.linspace(min(c[0][0] for c in curves), max(c[-1][0] for c in curves), 60)
+        values = np.array([np.interp(grid, [p[0] for p in c], [p[1] for p in c], left=np.nan) for c in curves])
+        mean = np.nanmean(values, axis=0)
+        axis.plot(grid, mean, label=name)
+        if len(curves) > 1:
+            axis.fill_between(grid, np.nanmin(values, axis=0), np.nanmax(values, axis=0), alpha=0.2)
+    axis.axhline(summary["target"], color="grey", linestyle=":", label="uniform final")
+    axis.set_xlabel("total training FLOPs (scoring + training + reference share)")
+    axis.set_ylabel(summary["metric"])
+    axis.set_title(title)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    curves_png = out / "accuracy_vs_flops.png"
+    figure.savefig(curves_png, dpi=110)
+
+    figure, axis = plt.subplots(figsize=(7, 3.5))
+    names = list(summary["methods"])
+    ratios = [summary["methods"][n]["flops_ratio_vs_uniform"] or 0.0 for n in names]
+    axis.bar(range(len(names)), ratios)
+    axis.axhline(1.0, color="grey", linestyle=":")
+    axis.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+    axis.set_ylabel("FLOPs-to-target ratio vs uniform\n(> 1: cheaper; 0: never reached)")
+    figure.tight_layout()
+    ratio_png = out / "flops_ratio.png"
+    figure.savefig(ratio_png, dpi=110)
+    return [str(curves_png), str(ratio_png)]
+
+
+def run_experiment(args: argparse.Namespace, out: Path, methods: list[str], noise_rate: float,
+                   overrides: dict[str, Any], tag: str) -> dict[str, Any]:
+    """Data at this noise rate -> reference -> cache -> every method x seed at one FLOP budget."""
+    data_dir = out / "data" / f"{args.dataset}-noise{int(noise_rate * 100)}"
+    if not (data_dir / "eval" / "manifest.json").exists():
+        make_data(MakeDataConfig(dataset=args.dataset, out_dir=str(data_dir), seed=0, curated_size=args.curated,
+                                 pool_size=args.pool, eval_size=args.eval_size, noise=NoiseConfig.at_rate(noise_rate)))
+    model = ModelConfig()
+    reference_dir = data_dir / "reference"
+    reference = train_reference(TrainReferenceConfig(data=str(data_dir / "curated"), out_dir=str(reference_dir),
+                                                     model=model, steps=args.reference_steps, batch_size=128,
+                                                     progress=False))
+    cache = cache_reference(CacheReferenceConfig(reference=reference.checkpoint, pool=str(data_dir / "pool")))
+    reference_share = reference.flops.reference_training + cache.flops
+    base = dict(pool=str(data_dir / "pool"), reference_cache=cache.cache_dir, reference_sha256=cache.reference_sha256,
+                reference_training_flops=reference.flops.reference_training, reference_caching_flops=cache.flops,
+                model=model, super_batch_size=args.super_batch, filter_ratio=0.8, n_chunks=16, progress=False,
+                eval_data=[str(data_dir / "eval")], eval_max_samples=args.eval_size, log_every=10, checkpoint_every=10**6)
+    base.update(overrides)
+    # the budget: the joint-learnability run at --jest-steps, reference share included
+    anchor = TrainLearnerConfig(**{**base, **METHODS["joint-learnability"], "out_dir": "unused", "steps": 1})
+    budget = reference_share + args.jest_steps * learner_step_flops(anchor, model.embed_dim)
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for name in methods:
+        for seed in range(args.seeds):
+            fields = {**base, **METHODS[name], "seed": seed, "out_dir": str(out / tag / name / f"seed{seed}"),
+                      "steps": 1}
+            probe = TrainLearnerConfig(**fields)
+            uses_reference = probe.method != "uniform" and probe.score != "hard_learner"
+            own_budget = budget - (reference_share if uses_reference else 0.0)
+            steps = max(1, round(own_budget / learner_step_flops(probe, model.embed_dim)))
+            fields.update(steps=steps, eval_every=max(1, steps // args.eval_points), resume=False)
+            started = time.perf_counter()
+            result = train_learner(TrainLearnerConfig(**fields))
+            runs.setdefault(name, []).append({
+                "seed": seed, "steps": steps, "total_flops": result.total_flops, "seconds": time.perf_counter() - started,
+                "curve": curve(result.metrics_path, f"{args.dataset}.top1"), "selection": result.selection})
+            print(f"[{tag}] {name} seed {seed}: {steps} steps, {result.total_flops / 1e9:.0f} GFLOP, "
+                  f"top1 {runs[name][-1]['curve'][-1][1]:.3f}, {time.perf_counter() - started:.0f} s", file=sys.stderr)
+    summary = summarize(runs, f"{args.dataset}.top1")
+    summary.update(budget_flops=budget, reference_share_flops=reference_share, noise_rate=noise_rate,
+                   overrides=dict(overrides))
+    (out / tag).mkdir(parents=True, exist_ok=True)
+    summary["plots"] = plot(runs, summary, out / tag, f"{args.dataset}, pool noise {noise_rate:.0%} ({tag})")
+    (out / tag / "runs.json").write_text(json.dumps(runs, indent=1))
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="3 methods, 2 seeds, small pool: ~10 min on 2 cores")
+    parser.add_argument("--dataset", default="shapes", choices=["shapes", "emoji"])
+    parser.add_argument("--methods", default=None, help=f"comma-separated from {sorted(METHODS)} (default: all)")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--noise", type=float, default=0.6, help="pool noise rate")
+    parser.add_argument("--jest-steps", type=int, default=300, help="the budget: joint-learnability at this many steps")
+    parser.add_argument("--super-batch", type=int, default=640)
+    parser.add_argument("--reference-steps", type=int, default=300)
+    parser.add_argument("--curated", type=int, default=2000)
+    parser.add_argument("--pool", type=int, default=20000)
+    parser.add_argument("--eval-size", type=int, default=500)
+    parser.add_argument("--eval-points", type=int, default=10)
+    parser.add_argument("--ablations", action="store_true", help="filter ratio, chunks, scores and noise ablations")
+    parser.add_argument("--out", default="runs/bench/learning_efficiency")
+    args = parser.parse_args()
+    if args.quick:
+        args.seeds, args.jest_steps, args.super_batch = 2, 60, 320
+        args.reference_steps, args.curated, args.pool, args.eval_size, args.eval_points = 150, 1000, 6000, 300, 6
+    methods = args.methods.split(",") if args.methods else (QUICK_METHODS if args.quick else list(METHODS))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    report: dict[str, Any] = {"benchmark": "learning_efficiency", "dataset": args.dataset, "quick": args.quick,
+                              "seeds": args.seeds, "args": vars(args)}
+    report["main"] = run_experiment(args, out, methods, args.noise, {}, "main")
+    if args.ablations:
+        ablations: dict[str, Any] = {}
+        core = ["uniform", "joint-learnability"]
+        for ratio in (0.5, 0.9):  # 0.8 is the main experiment
+            ablations[f"filter_{ratio}"] = run_experiment(args, out, core, args.noise, {"filter_ratio": ratio}, f"filter{ratio}")
+        for chunks in (1, 4):  # 16 is the main experiment
+            ablations[f"chunks_{chunks}"] = run_experiment(args, out, core, args.noise, {"n_chunks": chunks}, f"chunks{chunks}")
+        for rate in (0.0, 0.3):  # 0.6 is the main experiment
+            ablations[f"noise_{rate}"] = run_experiment(args, out, core, rate, {}, f"noise{rate}")
+        report["ablations"] = ablations
+    report["seconds"] = time.perf_counter() - started
+    (out / "summary.json").write_text(json.dumps(report, indent=1))
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""The learning-efficiency benchmark's arithmetic (its runs are benchmarks, not tests)."""
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from learning_efficiency import flops_to_reach, learner_step_flops, summarize  # noqa: E402
+
+from flexi_jest.config import TrainLearnerConfig  # noqa: E402
+
+
+def test_flops_to_reach_interpolates_and_reports_never():
+    points = [(1.0, 0.1), (2.0, 0.3), (3.0, 0.5)]
+    assert flops_to_reach(points, 0.4) == pytest.approx(2.5)
+    assert flops_to_reach(points, 0.05) == 1.0
+    assert flops_to_reach(points, 0.6) is None
+
+
+def test_summary_ratios():
+    runs = {
+        "uniform": [{"curve": [(1, 0.1), (2, 0.2), (4, 0.4)], "total_flops": 4, "steps": 40, "selection": {}}],
+        "jest": [{"curve": [(1, 0.2), (2, 0.4), (4, 0.5)], "total_flops": 4, "steps": 10, "selection": {}}],
+        "bad": [{"curve": [(1, 0.0), (2, 0.1), (4, 0.2)], "total_flops": 4, "steps": 10, "selection": {}}],
+    }
+    summary = summarize(runs, "top1")
+    assert summary["target"] == 0.4
+    assert summary["methods"]["uniform"]["flops_ratio_vs_uniform"] == pytest.approx(1.0)
+    assert summary["methods"]["jest"]["flops_to_target"] == 2 and summary["methods"]["jest"]["flops_ratio_vs_uniform"] == 2
+    assert summary["methods"]["bad"]["flops_to_target"] is None and summary["methods"]["bad"]["flops_ratio_vs_uniform"] is None
+    assert math.isnan(summary["methods"]["uniform"]["noisy_fraction_selected"])
+
+
+def test_step_flops_match_what_training_counts(shapes_data, reference_cache, tmp_path):
+    from conftest import TEST_MODEL
+    from flexi_jest.train import train_learner
+    for fields in ({"method": "uniform"}, {"method": "joint"}, {"method": "independent", "score": "hard_learner"},
+                   {"method": "joint", "score": "easy_reference", "scoring_patch_size": 16, "train_patch_sizes": [8, 16]}):
+        cfg = TrainLearnerConfig(pool=shapes_data.splits["pool"].path, reference_cache=reference_cache.cache_dir,
+                                 out_dir=str(tmp_path / str(len(str(fields)))), model=TEST_MODEL, super_batch_size=40,
+                                 steps=2, progress=False, **fields)
+        result = train_learner(cfg)
+        learner_flops = result.flops.learner_scoring + result.flops.learner_training
+        assert learner_flops == 2 * learner_step_flops(cfg, TEST_MODEL.embed_dim), fields
