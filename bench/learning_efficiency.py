@@ -84,34 +84,35 @@ def flops_to_reach(points: list[tuple[float, float]], target: float) -> float | 
     return None
 
 
-def mean_curve(curves: list[list[tuple[float, float]]], grid: np.ndarray) -> np.ndarray:
-    """Seed-mean of curves interpolated onto a common FLOPs grid (NaN before a curve's first point)."""
-    values = [np.interp(grid, [p[0] for p in c], [p[1] for p in c], left=np.nan) for c in curves]
-    return np.nanmean(np.array(values), axis=0)
+def mean_curve(curves: list[list[tuple[float, float]]]) -> list[tuple[float, float]]:
+    """Seed-mean curve. A method's seeds run the same steps and evaluate at the same FLOPs, so the
+    points line up; where they do not (a different length), the common prefix is averaged."""
+    length = min(len(c) for c in curves)
+    return [(statistics.mean(c[i][0] for c in curves), statistics.mean(c[i][1] for c in curves)) for i in range(length)]
 
 
 def summarize(runs: dict[str, list[dict[str, Any]]], metric: str) -> dict[str, Any]:
-    """Per method: final metric (mean, spread), FLOPs to uniform's final metric, ratio vs uniform."""
-    finals = {name: [r["curve"][-1][1] for r in rs] for name, rs in runs.items()}
-    target = statistics.mean(finals["uniform"])
-    uniform_cost = statistics.mean(
-        [c for c in (flops_to_reach(r["curve"], target) for r in runs["uniform"]) if c is not None] or [math.nan])
+    """Per method, on the seed-mean curve: final metric, FLOPs to first reach uniform's final metric, and
+    uniform's FLOPs to reach its own final metric divided by that (> 1: the method is cheaper). Per-seed
+    values are kept to show the spread."""
+    means = {name: mean_curve([r["curve"] for r in rs]) for name, rs in runs.items()}
+    target = means["uniform"][-1][1]
+    uniform_cost = flops_to_reach(means["uniform"], target)
     summary = {}
     for name, rs in runs.items():
-        costs = [flops_to_reach(r["curve"], target) for r in rs]
-        reached = [c for c in costs if c is not None]
-        cost = statistics.mean(reached) if len(reached) == len(costs) else None
+        finals = [r["curve"][-1][1] for r in rs]
+        cost = flops_to_reach(means[name], target)
         summary[name] = {
-            "final_metric": statistics.mean(finals[name]),
-            "final_metric_std": statistics.pstdev(finals[name]),
-            "final_metric_per_seed": finals[name],
+            "final_metric": means[name][-1][1],
+            "final_metric_std": statistics.pstdev(finals),
+            "final_metric_per_seed": finals,
             "total_flops": statistics.mean(r["total_flops"] for r in rs),
             "steps": rs[0]["steps"],
             "flops_to_target": cost,
-            "flops_to_target_per_seed": costs,
-            "seeds_reaching_target": len(reached),
+            "flops_to_target_per_seed": [flops_to_reach(r["curve"], target) for r in rs],
             "flops_ratio_vs_uniform": (uniform_cost / cost) if cost else None,
             "noisy_fraction_selected": statistics.mean(r["selection"].get("noisy_fraction_selected", math.nan) for r in rs),
+            "mean_curve": means[name],
         }
     return {"metric": metric, "target": target, "uniform_flops_to_target": uniform_cost, "methods": summary}
 
@@ -124,12 +125,12 @@ def plot(runs: dict[str, list[dict[str, Any]]], summary: dict[str, Any], out: Pa
     figure, axis = plt.subplots(figsize=(7, 4.5))
     for name, rs in runs.items():
         curves = [r["curve"] for r in rs]
-        grid = np.linspace(min(c[0][0] for c in curves), max(c[-1][0] for c in curves), 60)
-        values = np.array([np.interp(grid, [p[0] for p in c], [p[1] for p in c], left=np.nan) for c in curves])
-        mean = np.nanmean(values, axis=0)
-        axis.plot(grid, mean, label=name)
+        mean = summary["methods"][name]["mean_curve"]
+        axis.plot([p[0] for p in mean], [p[1] for p in mean], marker=".", label=name)
         if len(curves) > 1:
-            axis.fill_between(grid, np.nanmin(values, axis=0), np.nanmax(values, axis=0), alpha=0.2)
+            length = len(mean)
+            values = np.array([[c[i][1] for i in range(length)] for c in curves])
+            axis.fill_between([p[0] for p in mean], values.min(axis=0), values.max(axis=0), alpha=0.2)
     axis.axhline(summary["target"], color="grey", linestyle=":", label="uniform final")
     axis.set_xlabel("total training FLOPs (scoring + training + reference share)")
     axis.set_ylabel(summary["metric"])

@@ -21,12 +21,14 @@ def test_flops_to_reach_interpolates_and_reports_never():
 
 def test_summary_ratios():
     runs = {
-        "uniform": [{"curve": [(1, 0.1), (2, 0.2), (4, 0.4)], "total_flops": 4, "steps": 40, "selection": {}}],
+        "uniform": [{"curve": [(1, 0.1), (2, 0.2), (4, 0.5)], "total_flops": 4, "steps": 40, "selection": {}},
+                    {"curve": [(1, 0.1), (2, 0.2), (4, 0.3)], "total_flops": 4, "steps": 40, "selection": {}}],
         "jest": [{"curve": [(1, 0.2), (2, 0.4), (4, 0.5)], "total_flops": 4, "steps": 10, "selection": {}}],
         "bad": [{"curve": [(1, 0.0), (2, 0.1), (4, 0.2)], "total_flops": 4, "steps": 10, "selection": {}}],
     }
     summary = summarize(runs, "top1")
-    assert summary["target"] == 0.4
+    assert summary["target"] == pytest.approx(0.4)  # the seed-mean curve's final value
+    assert summary["methods"]["uniform"]["final_metric_std"] == pytest.approx(0.1)
     assert summary["methods"]["uniform"]["flops_ratio_vs_uniform"] == pytest.approx(1.0)
     assert summary["methods"]["jest"]["flops_to_target"] == 2 and summary["methods"]["jest"]["flops_ratio_vs_uniform"] == 2
     assert summary["methods"]["bad"]["flops_to_target"] is None and summary["methods"]["bad"]["flops_ratio_vs_uniform"] is None
