@@ -48,14 +48,6 @@ def output_location(storage_root: str, artifact_uri: str, artifact_path: str, na
     return storage.join(storage_root, run, task, name)
 
 
-class TrackedResult(BaseModel):
-    """What a pipeline stage hands downstream: the stage's result and the MLflow run that recorded it."""
-
-    stage: str
-    mlflow_run_id: str
-    result: dict[str, Any]
-
-
 def _tracked(stage: str, values: dict[str, Any], profile: str, pipeline_run: str, experiment: str, after=None):
     from flexi_jest import tracking
 
@@ -167,8 +159,6 @@ def write_html_report(path: str, method: str, result: EvaluateResult, training: 
 def promote_stage(learner_run_id: str, evaluation: dict[str, Any], pipeline_run: str = "",
                   experiment: str = "flexi-jest", reference_run_id: str | None = None):
     """Register the learner (and the reference) in the MLflow registry; `champion` moves only to a better learner."""
-    import mlflow
-
     from flexi_jest import tracking
 
     mlflow = tracking._mlflow()
