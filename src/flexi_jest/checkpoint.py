@@ -26,8 +26,7 @@ def _to_bytes(obj: Any) -> bytes:
 
 def save_model(model: DualEncoder, uri: str) -> str:
     """Write the model file; returns its sha256."""
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    data = _to_bytes({"model_config": model.cfg.model_dump(), "state_dict": state})
+    data = _to_bytes(model_state(model))
     storage.write_bytes(uri, data)
     return storage.sha256_bytes(data)
 
@@ -69,4 +68,5 @@ def load_latest_checkpoint(out_dir: str) -> dict[str, Any] | None:
 
 
 def model_state(model: DualEncoder) -> dict[str, Any]:
+    """What a model file holds: the model config and CPU weights."""
     return {"model_config": model.cfg.model_dump(), "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}

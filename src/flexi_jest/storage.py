@@ -217,13 +217,6 @@ def upload_file(local_file: str | Path, uri: str) -> None:
     write_bytes(uri, Path(local_file).read_bytes())
 
 
-def download_file(uri: str, local_file: str | Path) -> Path:
-    """Copy the object at uri to a local file (for libraries that need a real path)."""
-    Path(local_file).parent.mkdir(parents=True, exist_ok=True)
-    Path(local_file).write_bytes(read_bytes(uri))
-    return Path(local_file)
-
-
 def list_names(uri: str, suffix: str = "") -> list[str]:
     """Sorted names of the files directly under the directory (or S3 prefix) uri ending with suffix."""
     if not is_s3(uri):
