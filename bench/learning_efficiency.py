@@ -28,7 +28,7 @@ import numpy as np
 
 from flexi_jest import flops
 from flexi_jest.config import (
-    CacheReferenceConfig, MakeDataConfig, ModelConfig, TrainLearnerConfig, TrainReferenceConfig,
+    CacheReferenceConfig, MakeDataConfig, ModelConfig, TrainLearnerConfig, TrainReferenceConfig, TrainResult,
 )
 from flexi_jest.data.make import make_data
 from flexi_jest.data.noise import NoiseConfig
@@ -102,6 +102,7 @@ def summarize(runs: dict[str, list[dict[str, Any]]], metric: str) -> dict[str, A
     for name, rs in runs.items():
         finals = [r["curve"][-1][1] for r in rs]
         cost = flops_to_reach(means[name], target)
+        share = rs[0].get("reference_share_flops", 0.0)
         summary[name] = {
             "final_metric": means[name][-1][1],
             "final_metric_std": statistics.pstdev(finals),
@@ -111,6 +112,10 @@ def summarize(runs: dict[str, list[dict[str, Any]]], metric: str) -> dict[str, A
             "flops_to_target": cost,
             "flops_to_target_per_seed": [flops_to_reach(r["curve"], target) for r in rs],
             "flops_ratio_vs_uniform": (uniform_cost / cost) if cost else None,
+            # the same, with the reference's share left out (a reference amortised over many learners)
+            "reference_share_flops": share,
+            "flops_ratio_vs_uniform_learner_only": (uniform_cost / (cost - share)) if cost and cost > share else None,
+            "final_retrieval_r1": statistics.mean(r.get("final_r1", math.nan) for r in rs),
             "noisy_fraction_selected": statistics.mean(r["selection"].get("noisy_fraction_selected", math.nan) for r in rs),
             "mean_curve": means[name],
         }
@@ -154,17 +159,23 @@ def plot(runs: dict[str, list[dict[str, Any]]], summary: dict[str, Any], out: Pa
 
 
 def run_experiment(args: argparse.Namespace, out: Path, methods: list[str], noise_rate: float,
-                   overrides: dict[str, Any], tag: str) -> dict[str, Any]:
-    """Data at this noise rate -> reference -> cache -> every method x seed at one FLOP budget."""
-    data_dir = out / "data" / f"{args.dataset}-noise{int(noise_rate * 100)}"
+                   overrides: dict[str, Any], tag: str,
+                   reuse: dict[str, list[dict[str, Any]]] | None = None) -> dict[str, Any]:
+    """Data at this noise rate -> reference -> cache -> every method x seed at one FLOP budget.
+    `reuse`: runs of another experiment that are identical here (same data and budget), not rerun."""
+    data_dir = out / "data" / (f"{args.dataset}-c{args.curated}-p{args.pool}-e{args.eval_size}"
+                               f"-noise{int(noise_rate * 100)}")
     if not (data_dir / "eval" / "manifest.json").exists():
         make_data(MakeDataConfig(dataset=args.dataset, out_dir=str(data_dir), seed=0, curated_size=args.curated,
                                  pool_size=args.pool, eval_size=args.eval_size, noise=NoiseConfig.at_rate(noise_rate)))
     model = ModelConfig()
-    reference_dir = data_dir / "reference"
-    reference = train_reference(TrainReferenceConfig(data=str(data_dir / "curated"), out_dir=str(reference_dir),
-                                                     model=model, steps=args.reference_steps, batch_size=128,
-                                                     progress=False))
+    reference_dir = data_dir / f"reference-s{args.reference_steps}"
+    if (reference_dir / "result.json").exists():  # one reference per pool, shared by every experiment on it
+        reference = TrainResult.model_validate_json((reference_dir / "result.json").read_text())
+    else:
+        reference = train_reference(TrainReferenceConfig(data=str(data_dir / "curated"), out_dir=str(reference_dir),
+                                                         model=model, steps=args.reference_steps, batch_size=128,
+                                                         progress=False))
     cache = cache_reference(CacheReferenceConfig(reference=reference.checkpoint, pool=str(data_dir / "pool")))
     reference_share = reference.flops.reference_training + cache.flops
     base = dict(pool=str(data_dir / "pool"), reference_cache=cache.cache_dir, reference_sha256=cache.reference_sha256,
@@ -175,8 +186,8 @@ def run_experiment(args: argparse.Namespace, out: Path, methods: list[str], nois
     # the budget: the joint-learnability run at --jest-steps, reference share included
     anchor = TrainLearnerConfig(**{**base, **METHODS["joint-learnability"], "out_dir": "unused", "steps": 1})
     budget = reference_share + args.jest_steps * learner_step_flops(anchor, model.embed_dim)
-    runs: dict[str, list[dict[str, Any]]] = {}
-    for name in methods:
+    runs: dict[str, list[dict[str, Any]]] = dict(reuse or {})
+    for name in [m for m in methods if m not in runs]:
         for seed in range(args.seeds):
             fields = {**base, **METHODS[name], "seed": seed, "out_dir": str(out / tag / name / f"seed{seed}"),
                       "steps": 1}
@@ -187,11 +198,15 @@ def run_experiment(args: argparse.Namespace, out: Path, methods: list[str], nois
             fields.update(steps=steps, eval_every=max(1, steps // args.eval_points), resume=False)
             started = time.perf_counter()
             result = train_learner(TrainLearnerConfig(**fields))
+            r1 = curve(result.metrics_path, f"{args.dataset}.image_to_text_r1")
             runs.setdefault(name, []).append({
                 "seed": seed, "steps": steps, "total_flops": result.total_flops, "seconds": time.perf_counter() - started,
-                "curve": curve(result.metrics_path, f"{args.dataset}.top1"), "selection": result.selection})
+                "curve": curve(result.metrics_path, f"{args.dataset}.top1"), "selection": result.selection,
+                "final_r1": r1[-1][1] if r1 else math.nan,
+                "reference_share_flops": reference_share if uses_reference else 0.0})
             print(f"[{tag}] {name} seed {seed}: {steps} steps, {result.total_flops / 1e9:.0f} GFLOP, "
                   f"top1 {runs[name][-1]['curve'][-1][1]:.3f}, {time.perf_counter() - started:.0f} s", file=sys.stderr)
+    runs = {name: runs[name] for name in methods if name in runs}
     summary = summarize(runs, f"{args.dataset}.top1")
     summary.update(budget_flops=budget, reference_share_flops=reference_share, noise_rate=noise_rate,
                    overrides=dict(overrides))
@@ -229,14 +244,21 @@ def main() -> None:
                               "seeds": args.seeds, "args": vars(args)}
     report["main"] = run_experiment(args, out, methods, args.noise, {}, "main")
     if args.ablations:
+        main_runs = json.loads((out / "main" / "runs.json").read_text())
+        # learner-only vs reference-only vs learnability scoring: the main experiment's joint-* methods
         ablations: dict[str, Any] = {}
-        core = ["uniform", "joint-learnability"]
-        for ratio in (0.5, 0.9):  # 0.8 is the main experiment
-            ablations[f"filter_{ratio}"] = run_experiment(args, out, core, args.noise, {"filter_ratio": ratio}, f"filter{ratio}")
-        for chunks in (1, 4):  # 16 is the main experiment
-            ablations[f"chunks_{chunks}"] = run_experiment(args, out, core, args.noise, {"n_chunks": chunks}, f"chunks{chunks}")
-        for rate in (0.0, 0.3):  # 0.6 is the main experiment
-            ablations[f"noise_{rate}"] = run_experiment(args, out, core, rate, {}, f"noise{rate}")
+        for ratio in (0.5, 0.9):  # 0.8 is the main experiment; joint vs independent at each ratio
+            ablations[f"filter_{ratio}"] = run_experiment(
+                args, out, ["uniform", "independent-learnability", "joint-learnability"], args.noise,
+                {"filter_ratio": ratio}, f"filter{ratio}")
+        for chunks in (1, 4):  # 16 is the main experiment; the FLOPs do not depend on it, so uniform is reused
+            ablations[f"chunks_{chunks}"] = run_experiment(
+                args, out, ["uniform", "joint-learnability"], args.noise, {"n_chunks": chunks}, f"chunks{chunks}",
+                reuse={"uniform": main_runs["uniform"]} if "uniform" in main_runs else None)
+        for rate in (0.0, 0.3, 0.8):  # the main experiment is --noise (0.6)
+            if rate != args.noise:
+                ablations[f"noise_{rate}"] = run_experiment(
+                    args, out, ["uniform", "joint-learnability", "flexi-jest"], rate, {}, f"noise{rate}")
         report["ablations"] = ablations
     report["seconds"] = time.perf_counter() - started
     (out / "summary.json").write_text(json.dumps(report, indent=1))
