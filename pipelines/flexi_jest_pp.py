@@ -12,6 +12,7 @@ and budget so that every run shows JEST against a baseline.
 """
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -23,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, f
 
 from kfp import compiler, dsl, kubernetes  # noqa: E402
 
-from kfp.dsl import Dataset, Model  # noqa: E402
+from kfp.dsl import Dataset, Model, pipeline_context  # noqa: E402
 
 from components.stages import (  # noqa: E402
     cache_reference_scores, close_tracking, open_tracking, prepare_data, promote_model, reference_finetune,
@@ -51,6 +52,42 @@ def on_gpu_pool(task: dsl.PipelineTask, accelerator_type: Any, accelerator_count
 
 
 ACCELERATORS = True
+
+
+def cluster_url(name: str, default: str) -> str:
+    """An http(s) URL from the compile-time environment, else the in-cluster default (a local MLflow store
+    such as sqlite:///... exported in the shell is of no use to a pod)."""
+    value = os.environ.get(name, "")
+    return value if value.startswith(("http://", "https://")) else default
+
+
+# Object storage and MLflow for every component pod on a cluster, read at compile time; the defaults are the
+# services of k8s/base. The S3 keys come from a Kubernetes Secret in the pods' namespace, never from here.
+S3_SECRET = os.environ.get("FLEXI_JEST_S3_SECRET", "flexi-jest-s3")
+S3_SECRET_KEYS = {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"}
+S3_ENDPOINT = cluster_url("FLEXI_JEST_S3_ENDPOINT", "http://minio.flexi-jest.svc.cluster.local:9000")
+CLUSTER_ENV = {
+    "FLEXI_JEST_S3_ENDPOINT": S3_ENDPOINT,
+    "MLFLOW_S3_ENDPOINT_URL": cluster_url("MLFLOW_S3_ENDPOINT_URL", S3_ENDPOINT),
+    "MLFLOW_TRACKING_URI": cluster_url("MLFLOW_TRACKING_URI", "http://mlflow.flexi-jest.svc.cluster.local:5000"),
+}
+
+
+def with_cluster_services(definition):
+    """The definition, then, for a cluster (ACCELERATORS), the S3 Secret as env vars and the endpoints on every
+    container task it made; local execution cannot resolve Kubernetes settings and uses this machine's env."""
+    @functools.wraps(definition)
+    def definition_on_cluster(*args, **kwargs):
+        definition(*args, **kwargs)
+        if not ACCELERATORS:
+            return
+        for task in pipeline_context.Pipeline.get_default_pipeline().tasks.values():
+            if task.component_spec.implementation.container is None:  # importers run no container
+                continue
+            kubernetes.use_secret_as_env(task, secret_name=S3_SECRET, secret_key_to_env=S3_SECRET_KEYS)
+            for name, value in CLUSTER_ENV.items():
+                task.set_env_variable(name, value)
+    return definition_on_cluster
 
 
 def train_evaluate_promote(*, learner_config, eval_config, profile, method, score, filter_ratio, n_chunks, steps,
@@ -164,7 +201,7 @@ def make_pipeline(definition, name: str, description: str, accelerators: bool):
     global ACCELERATORS
     ACCELERATORS = accelerators
     try:
-        return dsl.pipeline(name=name, description=description)(definition)
+        return dsl.pipeline(name=name, description=description)(with_cluster_services(definition))
     finally:
         ACCELERATORS = True
 

@@ -36,7 +36,8 @@ def test_compile_produces_ir_that_kfp_loads_back(tmp_path):
     kubernetes = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-train-learner"]
     assert kubernetes["nodeSelector"]["labels"] == {"flexi-jest/node-pool": "gpu"}
     assert kubernetes["tolerations"][0]["key"] == "nvidia.com/gpu"
-    assert "exec-zero-shot-eval" not in platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    evaluation = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-zero-shot-eval"]
+    assert "nodeSelector" not in evaluation and "tolerations" not in evaluation  # only the S3 secret (test_k8s.py)
 
 
 def test_the_image_is_one_setting(monkeypatch, tmp_path):
