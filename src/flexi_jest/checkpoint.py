@@ -24,9 +24,14 @@ def _to_bytes(obj: Any) -> bytes:
     return buffer.getvalue()
 
 
+def model_bytes(model: DualEncoder) -> bytes:
+    """The model file's bytes."""
+    return _to_bytes(model_state(model))
+
+
 def save_model(model: DualEncoder, uri: str) -> str:
     """Write the model file; returns its sha256."""
-    data = _to_bytes(model_state(model))
+    data = model_bytes(model)
     storage.write_bytes(uri, data)
     return storage.sha256_bytes(data)
 

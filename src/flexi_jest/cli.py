@@ -158,8 +158,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(cfg.model_dump_json(indent=1))
         return 0
-    result = run_stage(args.command, cfg)
-    print(result.model_dump_json(indent=1))
+    from flexi_jest.distributed import is_main_process, shutdown
+    try:
+        result = run_stage(args.command, cfg)
+    finally:
+        shutdown()  # under torchrun: leave the process group
+    if is_main_process():
+        print(result.model_dump_json(indent=1))
     return 0
 
 

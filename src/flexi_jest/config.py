@@ -154,6 +154,7 @@ class TrainResult(StrictModel):
     total_flops: float
     metrics_path: str
     selection: dict[str, float] = Field(default_factory=dict, description="mean selection statistics")
+    world_size: int = Field(1, description="processes that trained it (torchrun / a PyTorchJob)")
 
 
 # ---- stage 1: reference -------------------------------------------------------------------------------------
@@ -202,6 +203,9 @@ class TrainLearnerConfig(TrainingConfig):
     independent_mode: Literal["sample", "topk"] = "sample"
     filter_ratio: float = Field(0.8, ge=0.0, lt=1.0, description="fraction of the super-batch discarded")
     n_chunks: int = Field(16, ge=1)
+    selection_scope: Literal["global", "local"] = Field("global", description=(
+        "with several processes: 'global' gathers the super-batch's embeddings and selects over all of it "
+        "(equal to one process); 'local' selects within each rank's shard, without the gather"))
     super_batch_size: int = Field(640, ge=2, description="B; the sub-batch is round(B * (1 - filter_ratio))")
     scoring_patch_size: int | None = Field(None, ge=1, description="learner patch size when scoring; default model.patch_size")
     reference_training_flops: float = Field(0.0, ge=0, description="the reference's training FLOPs, counted once in the total")

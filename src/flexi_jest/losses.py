@@ -61,6 +61,8 @@ def sigmoid_loss(
     logit_scale: Tensor,
     logit_bias: Tensor,
     chunk_size: int | None = None,
+    row_offset: int = 0,
+    normalizer: int | None = None,
 ) -> Tensor:
     """The training loss sum_ij L_ij / B, a scalar.
 
@@ -68,18 +70,24 @@ def sigmoid_loss(
     chunk_size at a time ([chunk_size, B] logits at most), which bounds memory for large B. Under
     autograd each block is recomputed in the backward pass (activation checkpointing) so the
     backward is bounded the same way. Equal to sigmoid_pair_losses(...).sum() / B up to rounding.
+
+    A block of rows of a larger batch (one rank's images against every rank's texts): image_emb
+    [Bi, d] are rows row_offset.. of the batch, text_emb [B, d] all of its texts, and normalizer the
+    batch size B; the block's share of the loss is returned, and the shares sum to the loss.
     """
-    batch = image_emb.shape[0]
-    if chunk_size is None or chunk_size >= batch:
-        return sigmoid_pair_losses(image_emb, text_emb, logit_scale, logit_bias).sum() / batch
+    rows_total = image_emb.shape[0]
+    batch = normalizer or text_emb.shape[0]
+    if chunk_size is None or chunk_size >= rows_total:
+        return sigmoid_pair_losses(image_emb, text_emb, logit_scale, logit_bias, row_offset).sum() / batch
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     total = image_emb.new_zeros((), dtype=torch.float32)
-    for start in range(0, batch, chunk_size):
+    for start in range(0, rows_total, chunk_size):
         rows = image_emb[start : start + chunk_size]
+        offset = row_offset + start
         if torch.is_grad_enabled():
-            block_sum = checkpoint(_block_loss_sum, rows, text_emb, logit_scale, logit_bias, start, use_reentrant=False)
+            block_sum = checkpoint(_block_loss_sum, rows, text_emb, logit_scale, logit_bias, offset, use_reentrant=False)
         else:
-            block_sum = _block_loss_sum(rows, text_emb, logit_scale, logit_bias, start)
+            block_sum = _block_loss_sum(rows, text_emb, logit_scale, logit_bias, offset)
         total = total + block_sum
     return total / batch

@@ -44,8 +44,19 @@ class DualEncoder(nn.Module):
         """tokens [B, context_length] -> [B, embed_dim], unit norm."""
         return F.normalize(self.text(tokens), dim=-1)
 
-    def forward(self, images: Tensor, tokens: Tensor, patch_size: int | None = None) -> tuple[Tensor, Tensor]:
-        return self.encode_image(images, patch_size), self.encode_text(tokens)
+    def forward(
+        self, images: Tensor, tokens: Tensor, patch_size: int | list[int] | None = None, group_sizes: list[int] | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """(image_emb [B, d], text_emb [B, d]). With a list of patch sizes, consecutive groups of
+        group_sizes images (which sum to B) are encoded at each patch size (Flexi-JEST's mixed training)."""
+        if not isinstance(patch_size, list):
+            return self.encode_image(images, patch_size), self.encode_text(tokens)
+        if group_sizes is None or len(group_sizes) != len(patch_size) or sum(group_sizes) != images.shape[0]:
+            raise ValueError(f"group_sizes {group_sizes} must give one count per patch size {patch_size}, "
+                             f"summing to the batch {images.shape[0]}")
+        parts = torch.split(images, group_sizes)
+        image_emb = torch.cat([self.encode_image(part, patch) for part, patch in zip(parts, patch_size) if part.shape[0]])
+        return image_emb, self.encode_text(tokens)
 
 
 class Tokenizer:

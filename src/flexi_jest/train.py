@@ -9,6 +9,7 @@ One learner step (JEST.md):
      at 32), the image embeddings are concatenated and the sigmoid loss taken over the whole b x b.
 
 Runs checkpoint every `checkpoint_every` steps and resume exactly: same weights as an uninterrupted run.
+Under torchrun (several processes) the same loops run data-parallel with DDP: see distributed.py.
 """
 
 import json
@@ -25,10 +26,15 @@ from torch import Tensor
 from tqdm import tqdm
 
 from flexi_jest import flops, storage
-from flexi_jest.checkpoint import load_latest_checkpoint, load_model, model_state, save_checkpoint, save_model
+from flexi_jest.checkpoint import (
+    load_latest_checkpoint, load_model, model_bytes, model_state, save_checkpoint, save_model,
+)
 from flexi_jest.config import FlopsBreakdown, OptimConfig, TrainingConfig, TrainLearnerConfig, TrainReferenceConfig, TrainResult
 from flexi_jest.data.shards import SampleStream
-from flexi_jest.device import autocast, resolve_device, to_model_input
+from flexi_jest.device import autocast, to_model_input
+from flexi_jest.distributed import (
+    World, check_divisible, gather_rows, gather_rows_with_grad, init_world, shard, sum_over_ranks,
+)
 from flexi_jest.evaluate import evaluate_model
 from flexi_jest.losses import sigmoid_loss
 from flexi_jest.model import DualEncoder, Tokenizer
@@ -61,28 +67,42 @@ def split_sizes(batch: int, parts: int) -> list[int]:
     return [batch // parts + (1 if i < batch % parts else 0) for i in range(parts)]
 
 
+def patch_groups(batch: int, patch_sizes: list[int], rows: slice) -> list[int]:
+    """How many of `rows` (a slice of a batch of `batch`, split evenly over patch_sizes by position)
+    train at each patch size: a rank's share of a mixed-resolution batch, [count per patch size]."""
+    counts, start = [], 0
+    for size in split_sizes(batch, len(patch_sizes)):
+        counts.append(max(0, min(start + size, rows.stop) - max(start, rows.start)))
+        start += size
+    return counts
+
+
 def multi_patch_loss(
-    model: DualEncoder, images: Tensor, tokens: Tensor, patch_sizes: list[int], loss_chunk_size: int | None = None
+    model: DualEncoder, images: Tensor, tokens: Tensor, patch_sizes: list[int], loss_chunk_size: int | None = None,
+    world: World = World(), batch: int | None = None, net: torch.nn.Module | None = None,
 ) -> Tensor:
-    """Sigmoid loss of a batch whose images are split evenly over patch_sizes. images [b, 3, H, W], tokens [b, L]."""
-    image_emb = torch.cat([
-        model.encode_image(part, patch)
-        for part, patch in zip(torch.split(images, split_sizes(images.shape[0], len(patch_sizes))), patch_sizes)
-        if part.shape[0] > 0
-    ])
-    text_emb = model.encode_text(tokens)
-    return sigmoid_loss(image_emb, text_emb, model.logit_scale, model.logit_bias, loss_chunk_size)
+    """Sigmoid loss of a batch whose images are split evenly over patch_sizes. images [b, 3, H, W], tokens [b, L].
+
+    Distributed: images/tokens are this rank's rows shard(batch, world) of the batch; its images meet every
+    rank's texts and the rank's share of the loss is returned (the shares sum to the batch's loss).
+    net: the module whose forward runs the towers (the DDP wrapper of model), default model."""
+    batch = batch or images.shape[0]
+    rows = shard(batch, world)
+    image_emb, text_emb = (net or model)(images, tokens, patch_sizes, patch_groups(batch, patch_sizes, rows))
+    text_emb = gather_rows_with_grad(text_emb, world)
+    return sigmoid_loss(image_emb, text_emb, model.logit_scale, model.logit_bias, loss_chunk_size,
+                        row_offset=rows.start, normalizer=batch)
 
 
 @dataclass
 class StepOutput:
-    loss: Tensor  # scalar with graph
+    loss: Tensor  # scalar with graph: this rank's share of the step's loss (the loss itself on one process)
     trained: int  # pairs trained on this step
     flops: dict[str, float]  # FlopsBreakdown parts spent this step
     stats: dict[str, float] = field(default_factory=dict)  # selection statistics
 
 
-StepFn = Callable[[DualEncoder, list[dict[str, Any]], torch.Generator], StepOutput]
+StepFn = Callable[[torch.nn.Module, list[dict[str, Any]], torch.Generator], StepOutput]  # (net, batch, generator)
 
 
 class Prefetcher:
@@ -137,8 +157,10 @@ def run_training(
     base_flops: FlopsBreakdown,
     device: torch.device,
     description: str,
+    world: World = World(),
 ) -> TrainResult:
-    """The loop both trainers share: resume, draw batch_size samples per step, step, log, checkpoint, write the result."""
+    """The loop both trainers share: resume, draw batch_size samples per step, step, log, checkpoint, write the result.
+    Distributed: the model is wrapped in DDP for the step; rank 0 alone evaluates and writes files."""
     started = time.perf_counter()
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.steps)
@@ -159,6 +181,9 @@ def run_training(
         ledger = FlopsBreakdown.model_validate(checkpoint["flops"])
         history = checkpoint["history"]
         step = checkpoint["step"]
+    net: torch.nn.Module = model
+    if world.distributed:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     start_step = step
     totals = {"loss": 0.0, "trained": 0, "seconds": 0.0}
     stats_sums: dict[str, float] = {}
@@ -166,6 +191,8 @@ def run_training(
     data_state = stream.state_dict()
 
     def checkpoint_now() -> None:
+        if not world.is_main:
+            return
         save_checkpoint(cfg.out_dir, step, {
             "model": model_state(model), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "rng": {"generator": generator.get_state(), "torch": torch.get_rng_state(), "python": random.getstate()},
@@ -175,13 +202,14 @@ def run_training(
         storage.write_bytes(metrics_path, "".join(json.dumps(h) + "\n" for h in history).encode())
 
     model.train()
-    bar = tqdm(total=cfg.steps, initial=step, desc=description, disable=not cfg.progress, dynamic_ncols=True, mininterval=2.0)
+    bar = tqdm(total=cfg.steps, initial=step, desc=description, disable=not (cfg.progress and world.is_main),
+               dynamic_ncols=True, mininterval=2.0)
     loss_value = float("nan")
     prefetcher = Prefetcher(stream, batch_size)
     try:
         while step < cfg.steps:
-            out, seconds, data_state = _one_step(model, prefetcher, step_fn, generator, optimizer, scheduler, cfg)
-            loss_value = out.loss.item()
+            out, loss_value, seconds, data_state = _one_step(net, prefetcher, step_fn, generator, optimizer, scheduler,
+                                                             cfg, world)
             step += 1
             ledger = flops.add(ledger, **out.flops)
             totals["loss"] += loss_value
@@ -194,7 +222,7 @@ def run_training(
                 history.append({"step": step, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
                                 "images_per_second": out.trained / seconds, "seconds": seconds,
                                 "flops": ledger.model_dump(), "total_flops": ledger.total, **out.stats})
-            if evaluate_now:
+            if evaluate_now and world.is_main:
                 history[-1]["eval"] = evaluate_during_training(model, cfg, device)
             bar.set_postfix(loss=f"{loss_value:.3f}", img_s=f"{out.trained / seconds:.0f}",
                             sel_ms=f"{1000 * out.stats.get('selection_seconds', 0.0):.1f}")
@@ -205,7 +233,10 @@ def run_training(
         prefetcher.close()
         bar.close()
     model_uri = storage.join(cfg.out_dir, "model.pt")
-    sha = save_model(model, model_uri)
+    if world.is_main:
+        sha = save_model(model, model_uri)
+    else:  # the same weights on every rank
+        sha = storage.sha256_bytes(model_bytes(model))
     steps_run = max(1, step - start_step)
     result = TrainResult(
         out_dir=cfg.out_dir,
@@ -219,9 +250,11 @@ def run_training(
         total_flops=ledger.total,
         metrics_path=metrics_path,
         selection={k: v / steps_run for k, v in stats_sums.items()},
+        world_size=world.size,
     )
-    storage.write_bytes(storage.join(cfg.out_dir, "result.json"), result.model_dump_json(indent=1).encode())
-    if stream.stats.skipped:
+    if world.is_main:
+        storage.write_bytes(storage.join(cfg.out_dir, "result.json"), result.model_dump_json(indent=1).encode())
+    if stream.stats.skipped and world.is_main:
         print(f"[{description}] data: {stream.stats.summary()}")
     return result
 
@@ -234,27 +267,33 @@ def evaluate_during_training(model: DualEncoder, cfg: TrainingConfig, device: to
             for key, value in metrics.model_dump().items() if value is not None}
 
 
-def _one_step(model, prefetcher, step_fn, generator, optimizer, scheduler, cfg) -> tuple[StepOutput, float, dict[str, int]]:
-    """Draw, forward, backward, update. Returns the step's output, its wall seconds and the data state after it."""
+def _one_step(net, prefetcher, step_fn, generator, optimizer, scheduler, cfg, world: World
+              ) -> tuple[StepOutput, float, float, dict[str, int]]:
+    """Draw, forward, backward, update. Returns the step's output, its loss (summed over ranks), its wall
+    seconds and the data state after it. DDP averages gradients over ranks; each rank's loss is its
+    share of the sum, so the share is scaled by the world size to give the full loss's gradient."""
     t0 = time.perf_counter()
     batch, data_state = prefetcher.next()
-    out = step_fn(model, batch, generator)
+    out = step_fn(net, batch, generator)
     optimizer.zero_grad(set_to_none=True)
-    out.loss.backward()
+    (out.loss * world.size if world.distributed else out.loss).backward()
     if cfg.optim.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.optim.grad_clip)
     optimizer.step()
     scheduler.step()
-    loss = out.loss.item()
+    loss = sum_over_ranks(out.loss, world).item()
     if not math.isfinite(loss):
         raise FloatingPointError(f"loss became {loss}: the run diverged (lower optim.lr)")
-    return out, time.perf_counter() - t0, data_state
+    return out, loss, time.perf_counter() - t0, data_state
 
 
-def _prepare(cfg: TrainingConfig) -> tuple[torch.device, Tokenizer]:
+def _prepare(cfg: TrainingConfig) -> tuple[World, torch.device, Tokenizer]:
+    """Seeds (the same on every rank: every rank builds the same model and reads the same stream), the
+    world (torchrun's processes, or one) and this rank's device, the tokenizer."""
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    return resolve_device(cfg.device), Tokenizer(cfg.model.context_length)
+    world, device = init_world(cfg.device)
+    return world, device, Tokenizer(cfg.model.context_length)
 
 
 # ---- the reference --------------------------------------------------------------------------------------------
@@ -262,7 +301,9 @@ def _prepare(cfg: TrainingConfig) -> tuple[torch.device, Tokenizer]:
 
 def train_reference(cfg: TrainReferenceConfig) -> TrainResult:
     """Plain SigLIP training of the reference on the curated split."""
-    device, tokenizer = _prepare(cfg)
+    world, device, tokenizer = _prepare(cfg)
+    check_divisible("batch_size", cfg.batch_size, world)
+    rows = shard(cfg.batch_size, world)
     if cfg.init_checkpoint:
         model, _ = load_model(cfg.init_checkpoint, device)
         if model.cfg != cfg.model:
@@ -272,28 +313,34 @@ def train_reference(cfg: TrainReferenceConfig) -> TrainResult:
     stream = SampleStream(cfg.data, cfg.model.image_size, cfg.seed, cfg.shuffle_buffer)
     step_flops = flops.training_step_flops(cfg.model, cfg.batch_size, cfg.train_patch_sizes)
 
-    def step_fn(model: DualEncoder, batch: list[dict[str, Any]], generator: torch.Generator) -> StepOutput:
-        images = to_model_input(torch.stack([s["image"] for s in batch]), device)
-        tokens = tokenizer([s["caption"] for s in batch]).to(device)
+    def step_fn(net: torch.nn.Module, batch: list[dict[str, Any]], generator: torch.Generator) -> StepOutput:
+        mine = batch[rows]
+        images = to_model_input(torch.stack([s["image"] for s in mine]), device)
+        tokens = tokenizer([s["caption"] for s in mine]).to(device)
         with autocast(device):
-            loss = multi_patch_loss(model, images, tokens, cfg.train_patch_sizes, cfg.loss_chunk_size)
+            loss = multi_patch_loss(model, images, tokens, cfg.train_patch_sizes, cfg.loss_chunk_size,
+                                    world, len(batch), net)
         return StepOutput(loss, len(batch), {"reference_training": step_flops})
 
-    return run_training(cfg, model, stream, cfg.batch_size, step_fn, FlopsBreakdown(), device, "reference")
+    return run_training(cfg, model, stream, cfg.batch_size, step_fn, FlopsBreakdown(), device, "reference", world)
 
 
 # ---- the learner ------------------------------------------------------------------------------------------------
 
 
 def train_learner(cfg: TrainLearnerConfig) -> TrainResult:
-    """JEST / Flexi-JEST learner training on the pool (see the module docstring)."""
-    device, tokenizer = _prepare(cfg)
+    """JEST / Flexi-JEST learner training on the pool (see the module docstring; distributed.py for several ranks)."""
+    world, device, tokenizer = _prepare(cfg)
     model = DualEncoder(cfg.model).to(device)
     needs_reference = cfg.method != "uniform" and cfg.score != "hard_learner"
     cache = ReferenceCache(cfg.reference_cache, cfg.pool, cfg.reference_sha256) if needs_reference else None
     stream = SampleStream(cfg.pool, cfg.model.image_size, cfg.seed, cfg.shuffle_buffer, cache.attach if cache else None)
     sub_batch = cfg.sub_batch_size
     draw = sub_batch if cfg.method == "uniform" else cfg.super_batch_size
+    check_divisible("super_batch_size", draw, world)
+    check_divisible("the sub-batch (super_batch_size * (1 - filter_ratio))", sub_batch, world)
+    scoring_rows, training_rows = shard(draw, world), shard(sub_batch, world)
+    local_scope = world.distributed and cfg.selection_scope == "local"
     scoring_patch = cfg.scoring_patch_size or cfg.model.patch_size
     train_flops = flops.training_step_flops(cfg.model, sub_batch, cfg.train_patch_sizes)
     uses_learner = cfg.score != "easy_reference"
@@ -301,7 +348,14 @@ def train_learner(cfg: TrainLearnerConfig) -> TrainResult:
         cfg.model, draw, scoring_patch, sub_batch, cfg.method, uses_learner,
         cache.manifest["embed_dim"] if cache else None)
 
-    def step_fn(model: DualEncoder, batch: list[dict[str, Any]], generator: torch.Generator) -> StepOutput:
+    def select(learner, reference, n_select: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """(chosen indices [n_select], own scores [B']) over the embeddings given."""
+        own = own_scores(cfg.score, learner, reference)  # [B']
+        if cfg.method == "joint":  # Algorithm 1 without materialising the [B, B] score matrix
+            return joint_select_from_embeddings(cfg.score, learner, reference, n_select, cfg.n_chunks, generator), own
+        return independent_select(own, n_select, cfg.independent_mode, generator), own
+
+    def step_fn(net: torch.nn.Module, batch: list[dict[str, Any]], generator: torch.Generator) -> StepOutput:
         images = to_model_input(torch.stack([s["image"] for s in batch]), device)
         tokens = tokenizer([s["caption"] for s in batch]).to(device)
         stats: dict[str, float] = {}
@@ -309,35 +363,44 @@ def train_learner(cfg: TrainLearnerConfig) -> TrainResult:
             chosen = torch.arange(draw, device=device)
         else:
             learner = reference = None
-            if uses_learner:
+            if uses_learner:  # this rank scores its shard of the super-batch
                 with torch.no_grad(), autocast(device):
-                    learner = (model.encode_image(images, scoring_patch).float(), model.encode_text(tokens).float(),
-                               model.logit_scale.detach(), model.logit_bias.detach())
+                    image_emb = model.encode_image(images[scoring_rows], scoring_patch).float()
+                    text_emb = model.encode_text(tokens[scoring_rows]).float()
+                if not local_scope:  # global selection: every rank sees the whole super-batch's embeddings
+                    image_emb, text_emb = gather_rows(image_emb, world), gather_rows(text_emb, world)
+                learner = (image_emb, text_emb, model.logit_scale.detach(), model.logit_bias.detach())
             if needs_reference:
                 missing = [s["key"] for s in batch if "ref_image_emb" not in s]
                 if missing:
                     raise CacheError(f"samples {missing[:5]} have no reference-cache entry; re-run cache-reference")
-                reference = (torch.stack([s["ref_image_emb"] for s in batch]).to(device).float(),
-                             torch.stack([s["ref_text_emb"] for s in batch]).to(device).float(),
+                ref_rows = scoring_rows if local_scope else slice(None)
+                reference = (torch.stack([s["ref_image_emb"] for s in batch[ref_rows]]).to(device).float(),
+                             torch.stack([s["ref_text_emb"] for s in batch[ref_rows]]).to(device).float(),
                              cache.logit_scale.to(device), cache.logit_bias.to(device))
             t0 = time.perf_counter()
-            own = own_scores(cfg.score, learner, reference)  # [B]
-            if cfg.method == "joint":  # Algorithm 1 without materialising the [B, B] score matrix
-                chosen = joint_select_from_embeddings(cfg.score, learner, reference, sub_batch, cfg.n_chunks, generator)
-            else:
-                chosen = independent_select(own, sub_batch, cfg.independent_mode, generator)
+            if local_scope:  # each rank picks its share within its own shard, from its own draws
+                seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+                local_generator = torch.Generator(device=device).manual_seed(seed + world.rank)
+                mine, own = select(learner, reference, sub_batch // world.size, local_generator)
+                chosen = gather_rows(mine + scoring_rows.start, world)
+                stats["score_selected_mean"] = own[mine].mean().item()
+            else:  # the same selection on every rank: the same embeddings and the same generator state
+                chosen, own = select(learner, reference, sub_batch, generator)
+                stats["score_selected_mean"] = own[chosen].mean().item()
             stats["selection_seconds"] = time.perf_counter() - t0
-            stats["score_selected_mean"] = own[chosen].mean().item()
             stats["score_superbatch_mean"] = own.mean().item()
         noisy = torch.tensor([s["meta"].get("noise", "clean") != "clean" for s in batch])
         stats["noisy_fraction_selected"] = noisy[chosen.cpu()].float().mean().item()
         stats["noisy_fraction_drawn"] = noisy.float().mean().item()
+        mine = chosen[training_rows]  # this rank's share of the selected sub-batch
         with autocast(device):
-            loss = multi_patch_loss(model, images[chosen], tokens[chosen], cfg.train_patch_sizes, cfg.loss_chunk_size)
+            loss = multi_patch_loss(model, images[mine], tokens[mine], cfg.train_patch_sizes, cfg.loss_chunk_size,
+                                    world, sub_batch, net)
         return StepOutput(loss, sub_batch, {"learner_scoring": score_flops, "learner_training": train_flops}, stats)
 
     base = FlopsBreakdown(reference_training=cfg.reference_training_flops, reference_caching=cfg.reference_caching_flops)
     if not needs_reference:
         base = FlopsBreakdown()
     name = f"learner[{cfg.method}{'' if cfg.method == 'uniform' else '/' + cfg.score}]"
-    return run_training(cfg, model, stream, draw, step_fn, base, device, name)
+    return run_training(cfg, model, stream, draw, step_fn, base, device, name, world)
