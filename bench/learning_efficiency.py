@@ -158,6 +158,16 @@ def plot(runs: dict[str, list[dict[str, Any]]], summary: dict[str, Any], out: Pa
     return [str(curves_png), str(ratio_png)]
 
 
+def finished_run(out_dir: Path, steps: int) -> TrainResult | None:
+    """The result of a run this benchmark already finished (same directory, same steps): a rerun of the
+    benchmark after an interruption continues where it stopped instead of training again."""
+    path = out_dir / "result.json"
+    if not path.exists():
+        return None
+    result = TrainResult.model_validate_json(path.read_text())
+    return result if result.steps == steps else None
+
+
 def run_experiment(args: argparse.Namespace, out: Path, methods: list[str], noise_rate: float,
                    overrides: dict[str, Any], tag: str,
                    reuse: dict[str, list[dict[str, Any]]] | None = None) -> dict[str, Any]:
@@ -197,7 +207,7 @@ def run_experiment(args: argparse.Namespace, out: Path, methods: list[str], nois
             steps = max(1, round(own_budget / learner_step_flops(probe, model.embed_dim)))
             fields.update(steps=steps, eval_every=max(1, steps // args.eval_points), resume=False)
             started = time.perf_counter()
-            result = train_learner(TrainLearnerConfig(**fields))
+            result = finished_run(Path(fields["out_dir"]), steps) or train_learner(TrainLearnerConfig(**fields))
             r1 = curve(result.metrics_path, f"{args.dataset}.image_to_text_r1")
             runs.setdefault(name, []).append({
                 "seed": seed, "steps": steps, "total_flops": result.total_flops, "seconds": time.perf_counter() - started,
