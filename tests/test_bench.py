@@ -1,5 +1,6 @@
 """The learning-efficiency benchmark's arithmetic (its runs are benchmarks, not tests)."""
 
+import json
 import math
 import sys
 from pathlib import Path
@@ -46,3 +47,19 @@ def test_step_flops_match_what_training_counts(shapes_data, reference_cache, tmp
         result = train_learner(cfg)
         learner_flops = result.flops.learner_scoring + result.flops.learner_training
         assert learner_flops == 2 * learner_step_flops(cfg, TEST_MODEL.embed_dim), fields
+
+
+def test_gpu_throughput_bench_reports_every_part(tmp_path):
+    """The bench's JSON on the CPU at a toy size (its figures come from a GPU run; see docs)."""
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "bench/gpu_throughput.py", "--presets", "tiny", "--super-batch", "40",
+                           "--device", "cpu", "--repeats", "1"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    result = report["results"][0]
+    assert result["preset"] == "tiny" and result["sub_batch"] == 8
+    for part in ("scoring", "scoring_flexi", "training", "training_mixed"):
+        assert result[part]["images_per_second"] > 0 and result[part]["tflops_per_second"] > 0
+    for variant in ("jest_step", "flexi_jest_step"):
+        assert sum(result[variant]["share"].values()) == pytest.approx(1.0)

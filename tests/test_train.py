@@ -6,10 +6,10 @@ import torch
 
 from conftest import TEST_MODEL
 from flexi_jest.checkpoint import load_model
-from flexi_jest.config import CacheReferenceConfig, TrainLearnerConfig
+from flexi_jest.config import CacheReferenceConfig, TrainLearnerConfig, TrainReferenceConfig
 from flexi_jest.data.shards import iter_split
 from flexi_jest.reference_cache import CacheError, ReferenceCache, cache_reference
-from flexi_jest.train import train_learner
+from flexi_jest.train import train_learner, train_reference
 
 
 def learner_config(shapes_data, cache, out_dir, **overrides) -> TrainLearnerConfig:
@@ -162,3 +162,12 @@ def test_periodic_evaluation_is_recorded_against_flops(shapes_data, reference_ca
     assert [h["step"] for h in evaluated] == [2, 4]
     assert evaluated[0]["total_flops"] < evaluated[1]["total_flops"]
     assert 0.0 <= evaluated[1]["eval"]["shapes.top1"] <= 1.0 and "shapes.image_to_text_r1" in evaluated[1]["eval"]
+
+
+def test_compiled_training_matches_eager(shapes_data, tmp_path):
+    """compile=True (the GPU speed path's torch.compile) trains the same model; here with inductor on the CPU."""
+    fields = dict(data=shapes_data.splits["curated"].path, model=TEST_MODEL, steps=2, batch_size=16, progress=False,
+                  log_every=1, device="cpu")
+    eager = train_reference(TrainReferenceConfig(out_dir=str(tmp_path / "eager"), **fields))
+    compiled = train_reference(TrainReferenceConfig(out_dir=str(tmp_path / "compiled"), compile=True, **fields))
+    assert compiled.final_loss == pytest.approx(eager.final_loss, rel=1e-4)

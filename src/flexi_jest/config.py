@@ -112,6 +112,7 @@ class TrainingConfig(StrictModel):
     train_patch_sizes: list[int] = Field(default_factory=lambda: [8], min_length=1, description=(
         "patch sizes the (sub-)batch trains at, split evenly; Flexi-JEST: [16, 32] (tiny: [8, 16])"))
     loss_chunk_size: int | None = Field(None, ge=1, description="row chunk of the sigmoid loss; None = whole batch")
+    compile: bool = Field(False, description="torch.compile the towers for the training forward (GPU speed path)")
     shuffle_buffer: int = Field(2000, ge=1)
     checkpoint_every: int = Field(100, ge=1)
     resume: bool = Field(True, description="continue from out_dir's latest checkpoint if there is one")

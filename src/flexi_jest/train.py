@@ -88,7 +88,7 @@ def multi_patch_loss(
     net: the module whose forward runs the towers (the DDP wrapper of model), default model."""
     batch = batch or images.shape[0]
     rows = shard(batch, world)
-    image_emb, text_emb = (net or model)(images, tokens, patch_sizes, patch_groups(batch, patch_sizes, rows))
+    image_emb, text_emb = (model if net is None else net)(images, tokens, patch_sizes, patch_groups(batch, patch_sizes, rows))
     text_emb = gather_rows_with_grad(text_emb, world)
     return sigmoid_loss(image_emb, text_emb, model.logit_scale, model.logit_bias, loss_chunk_size,
                         row_offset=rows.start, normalizer=batch)
@@ -184,6 +184,8 @@ def run_training(
     net: torch.nn.Module = model
     if world.distributed:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    if cfg.compile:  # the training forward; scoring and evaluation call the plain towers
+        net = torch.compile(net)
     start_step = step
     totals = {"loss": 0.0, "trained": 0, "seconds": 0.0}
     stats_sums: dict[str, float] = {}
