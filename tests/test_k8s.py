@@ -306,8 +306,9 @@ def test_no_credentials_are_committed_under_k8s():
     for path in files:
         assert not path.endswith(".env"), f"{path}: credential files are never committed"
         text = (ROOT / path).read_text()
-        assert not re.search(r"^\s*kind:\s*Secret\b", text, re.MULTILINE), f"{path} holds a Secret"
-        assert "stringData" not in text and not re.search(r"^\s*literals:", text, re.MULTILINE), path
+        if path.endswith((".yaml", ".yml", ".json")):  # manifests (the READMEs may name these words)
+            assert not re.search(r"^\s*kind:\s*Secret\b", text, re.MULTILINE), f"{path} holds a Secret"
+            assert "stringData" not in text and not re.search(r"^\s*-?\s*literals:", text, re.MULTILINE), path
         if path.endswith(".env.example"):
             values = [line.partition("=")[2] for line in text.splitlines() if "=" in line and not line.startswith("#")]
             assert values and all(value.startswith("change-me") for value in values), f"{path}: placeholders only"
