@@ -85,8 +85,11 @@ def cache_reference_scores(config_json: str, profile: str, pipeline_run: str, ex
 @dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
 def train_learner(config_json: str, profile: str, method: str, score: str, filter_ratio: float, n_chunks: int,
                   steps: int, storage_root: str, pipeline_run: str, experiment: str,
-                  pool: Input[Dataset], cache: Input[Dataset], model: Output[Model], metrics: Output[Metrics]) -> str:
-    """JEST / Flexi-JEST (or a baseline) learner; checkpoints beside its output, so a retried task resumes."""
+                  pool: Input[Dataset], cache: Input[Dataset], model: Output[Model], metrics: Output[Metrics],
+                  nodes: int = 1, multinode_json: str = "{}") -> str:
+    """JEST / Flexi-JEST (or a baseline) learner; checkpoints beside its output, so a retried task resumes.
+    nodes > 1: trained by a PyTorchJob this task launches and waits for (multinode_json: its image, GPUs per
+    node, scheduling and services; see flexi_jest.pytorchjob.run_pytorchjob)."""
     import json
 
     from flexi_jest.reference_cache import reference_share
@@ -99,9 +102,10 @@ def train_learner(config_json: str, profile: str, method: str, score: str, filte
                   **reference_share(cache.metadata["uri"]))  # sha256 and FLOPs of the reference behind the cache
     if steps > 0:
         values["steps"] = steps
-    result, run_id = train_learner_stage(values, profile, pipeline_run, experiment)
+    multinode = {**json.loads(multinode_json), "nodes": nodes} if nodes > 1 else None
+    result, run_id = train_learner_stage(values, profile, pipeline_run, experiment, multinode)
     model.metadata.update({"uri": result.checkpoint, "sha256": result.checkpoint_sha256, "mlflow_run_id": run_id,
-                           "method": method, "total_flops": result.total_flops})
+                           "method": method, "total_flops": result.total_flops, "world_size": result.world_size})
     with open(model.path, "w") as f:
         f.write(result.model_dump_json())
     metrics.log_metric("final_loss", result.final_loss)

@@ -26,6 +26,7 @@ from kfp import compiler, dsl, kubernetes  # noqa: E402
 
 from kfp.dsl import Dataset, Model, pipeline_context  # noqa: E402
 
+from components.image import GPU_IMAGE  # noqa: E402
 from components.stages import (  # noqa: E402
     cache_reference_scores, close_tracking, open_tracking, prepare_data, promote_model, reference_finetune,
     train_learner, zero_shot_eval,
@@ -52,6 +53,15 @@ def on_gpu_pool(task: dsl.PipelineTask, accelerator_type: Any, accelerator_count
 
 
 ACCELERATORS = True
+LEARNER_NODES, GPUS_PER_NODE = 1, 1  # > 1 node: the main learner trains as a PyTorchJob (compile --learner-nodes)
+
+
+def multinode_settings() -> str:
+    """What the learner task needs to launch its PyTorchJob (flexi_jest.pytorchjob.run_pytorchjob), as JSON."""
+    key, _, value = GPU_NODE_SELECTOR.partition("=")
+    return json.dumps({"gpus_per_node": GPUS_PER_NODE, "image": GPU_IMAGE, "node_selector": {key: value},
+                       "toleration_key": GPU_TOLERATION_KEY, "secret_name": S3_SECRET,
+                       "tracking_uri": CLUSTER_ENV["MLFLOW_TRACKING_URI"], "s3_endpoint": S3_ENDPOINT})
 
 
 def cluster_url(name: str, default: str) -> str:
@@ -95,12 +105,15 @@ def train_evaluate_promote(*, learner_config, eval_config, profile, method, scor
                            pool, cache, eval_split, reference, after=None) -> None:
     """Stages 4-6, shared by the full pipeline and the from-cache entry point: the learner, its zero-shot
     evaluation and its promotion through the MLflow registry."""
+    multinode = ACCELERATORS and LEARNER_NODES > 1
     task = train_learner(config_json=learner_config, profile=profile, method=method, score=score,
                          filter_ratio=filter_ratio, n_chunks=n_chunks, steps=steps, storage_root=storage_root,
-                         pipeline_run=run_name, experiment=experiment, pool=pool, cache=cache)
+                         pipeline_run=run_name, experiment=experiment, pool=pool, cache=cache,
+                         nodes=LEARNER_NODES if multinode else 1, multinode_json=multinode_settings() if multinode else "{}")
     if after is not None:
         task.after(after)
-    learner = on_gpu_pool(task, accelerator_type, accelerator_count).set_retry(2)
+    # several nodes: this task only launches and watches the PyTorchJob, so it needs no GPU itself
+    learner = (task if multinode else on_gpu_pool(task, accelerator_type, accelerator_count)).set_retry(2)
     evaluation = zero_shot_eval(config_json=eval_config, profile=profile, method=method, pipeline_run=run_name,
                                 experiment=experiment, model=learner.outputs["model"], eval_split=eval_split)
     promote_model(evaluation_json=evaluation.outputs["Output"], pipeline_run=run_name, experiment=experiment,
@@ -196,25 +209,36 @@ def from_cache_definition(
             after=tracking)
 
 
-def make_pipeline(definition, name: str, description: str, accelerators: bool):
-    """A pipeline from its definition, with (cluster) or without (local execution) accelerator settings."""
-    global ACCELERATORS
-    ACCELERATORS = accelerators
+def make_pipeline(definition, name: str, description: str, accelerators: bool, learner_nodes: int = 1,
+                  gpus_per_node: int = 1):
+    """A pipeline from its definition, with (cluster) or without (local execution) accelerator settings; on a
+    cluster, learner_nodes > 1 trains the main learner as a PyTorchJob of learner_nodes x gpus_per_node GPUs."""
+    global ACCELERATORS, LEARNER_NODES, GPUS_PER_NODE
+    ACCELERATORS, LEARNER_NODES, GPUS_PER_NODE = accelerators, learner_nodes, gpus_per_node
     try:
         return dsl.pipeline(name=name, description=description)(with_cluster_services(definition))
     finally:
-        ACCELERATORS = True
+        ACCELERATORS, LEARNER_NODES, GPUS_PER_NODE = True, 1, 1
 
 
-PIPELINES = {  # --from-stage -> (cluster pipeline, local pipeline)
-    stage: (make_pipeline(definition, name, description, True), make_pipeline(definition, name, description, False))
-    for stage, definition, name, description in [
+DEFINITIONS = [  # --from-stage, definition, name, description
         ("prepare_data", flexi_jest_pp_definition, "flexi-jest-pp",
          "Flexi-JEST++: joint example selection with a FlexiViT learner"),
         ("train_learner", from_cache_definition, "flexi-jest-pp-from-cache",
          "Flexi-JEST++ from an existing pool and reference cache: learner, evaluation, promotion"),
-    ]
+]
+PIPELINES = {  # --from-stage -> (cluster pipeline, local pipeline)
+    stage: (make_pipeline(definition, name, description, True), make_pipeline(definition, name, description, False))
+    for stage, definition, name, description in DEFINITIONS
 }
+
+
+def cluster_pipeline(from_stage: str = "prepare_data", learner_nodes: int = 1, gpus_per_node: int = 1):
+    """The pipeline for a cluster; with learner_nodes > 1 its main learner is a multi-node PyTorchJob."""
+    if learner_nodes <= 1:
+        return PIPELINES[from_stage][0]
+    _, definition, name, description = next(d for d in DEFINITIONS if d[0] == from_stage)
+    return make_pipeline(definition, name, description, True, learner_nodes, gpus_per_node)
 flexi_jest_pp, flexi_jest_pp_local = PIPELINES["prepare_data"]
 
 
@@ -244,8 +268,8 @@ def parse_params(pairs: list[str], pipeline=None) -> dict[str, Any]:
     return params
 
 
-def compile_pipeline(out: str, from_stage: str = "prepare_data") -> None:
-    pipeline = PIPELINES[from_stage][0]
+def compile_pipeline(out: str, from_stage: str = "prepare_data", learner_nodes: int = 1, gpus_per_node: int = 1) -> None:
+    pipeline = cluster_pipeline(from_stage, learner_nodes, gpus_per_node)
     compiler.Compiler().compile(pipeline, package_path=out)
     print(f"compiled {pipeline.name} to {out}")
 
@@ -327,11 +351,16 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def submit(host: str, experiment: str, params: dict[str, Any], from_stage: str = "prepare_data") -> None:
+def submit(host: str, experiment: str, params: dict[str, Any], from_stage: str = "prepare_data", learner_nodes: int = 1,
+           gpus_per_node: int = 1, service_account: str = "") -> None:
+    """Submit to a Kubeflow Pipelines endpoint. A multi-node learner launches a PyTorchJob: run the pipeline under
+    a service account allowed to (k8s/base: flexi-jest-pipeline-runner's Role)."""
     import kfp
 
+    pipeline = cluster_pipeline(from_stage, learner_nodes, gpus_per_node)
     client = kfp.Client(host=host)
-    run = client.create_run_from_pipeline_func(PIPELINES[from_stage][0], arguments=params, experiment_name=experiment)
+    run = client.create_run_from_pipeline_func(pipeline, arguments=params, experiment_name=experiment,
+                                               service_account=service_account or None)
     print(f"submitted run {run.run_id} to {host}")
 
 
@@ -347,6 +376,12 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--host", required=True)
     s.add_argument("--experiment", default="flexi-jest")
     s.add_argument("--param", action="append", default=[], metavar="KEY=VALUE")
+    s.add_argument("--service-account", default="", help="the pipeline pods' service account (multi-node: "
+                   "one allowed to create PyTorchJobs)")
+    for sub in (c, s):
+        sub.add_argument("--learner-nodes", type=int, default=1, help="> 1: train the main learner as a PyTorchJob "
+                         "on this many nodes (storage_root must be s3://...)")
+        sub.add_argument("--gpus-per-node", type=int, default=1)
     for sub in (c, r, s):
         sub.add_argument("--from-stage", default="prepare_data", choices=sorted(PIPELINES),
                          help="train_learner: start from an existing pool and reference cache "
@@ -354,11 +389,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     pipeline = PIPELINES[args.from_stage][0]
     if args.command == "compile":
-        compile_pipeline(args.out, args.from_stage)
+        compile_pipeline(args.out, args.from_stage, args.learner_nodes, args.gpus_per_node)
     elif args.command == "run-local":
         print(format_summary(run_local(args.workdir, parse_params(args.param, pipeline), args.from_stage)))
     else:
-        submit(args.host, args.experiment, parse_params(args.param, pipeline), args.from_stage)
+        submit(args.host, args.experiment, parse_params(args.param, pipeline), args.from_stage, args.learner_nodes,
+               args.gpus_per_node, args.service_account)
     return 0
 
 

@@ -1,6 +1,6 @@
 """The Kubernetes side, checked offline: every overlay of k8s/ rendered with `kubectl kustomize` and validated
 against the Kubernetes OpenAPI schemas (kubernetes-validate); the PyTorchJob (a custom resource, outside those
-schemas) by a structural check and against components/pytorchjob.py; and the pipeline compiled for a cluster.
+schemas) by a structural check and against src/flexi_jest/pytorchjob.py; and the pipeline compiled for a cluster.
 
 Rendering needs the git-ignored credential files (k8s/base/*.env): each test renders a copy of k8s/ in a
 temporary directory with test credentials written there, never the developer's own files. Tests that render
@@ -23,7 +23,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from components.pytorchjob import pytorchjob_config_map, pytorchjob_manifest
+from flexi_jest.pytorchjob import pytorchjob_config_map, pytorchjob_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
@@ -470,7 +470,7 @@ def test_pytorchjob_command_and_config_are_accepted_by_the_cli(template, tmp_pat
 
 
 def test_pytorchjob_module_does_not_import_the_kubernetes_client():
-    probe = "import sys, components.pytorchjob; assert 'kubernetes' not in sys.modules, 'kubernetes imported'"
+    probe = "import sys, flexi_jest.pytorchjob; assert 'kubernetes' not in sys.modules, 'kubernetes imported'"
     subprocess.run([sys.executable, "-c", probe], cwd=ROOT, check=True)
 
 

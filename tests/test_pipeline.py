@@ -252,8 +252,10 @@ def test_submit_sends_the_compiled_pipeline_to_the_given_host(monkeypatch, capsy
         def __init__(self, host):
             calls["host"] = host
 
-        def create_run_from_pipeline_func(self, pipeline, arguments, experiment_name):
+        def create_run_from_pipeline_func(self, pipeline, arguments, experiment_name, service_account=None):
             calls.update(pipeline=pipeline.name, arguments=arguments, experiment=experiment_name)
+            if service_account:
+                calls["service_account"] = service_account
             return type("Run", (), {"run_id": "run-123"})()
 
     monkeypatch.setattr(kfp, "Client", FakeClient)
@@ -264,5 +266,9 @@ def test_submit_sends_the_compiled_pipeline_to_the_given_host(monkeypatch, capsy
                      "arguments": {"steps": 50, "baseline_methods": ["uniform", "independent"],
                                    "learner_config": '{"n_chunks": 4}'}}
     assert "submitted run run-123" in capsys.readouterr().out
+    calls.clear()
+    assert module.main(["submit", "--host", "h", "--learner-nodes", "2", "--service-account",
+                        "flexi-jest-pipeline-runner"]) == 0
+    assert calls["service_account"] == "flexi-jest-pipeline-runner" and calls["pipeline"] == "flexi-jest-pp"
     with pytest.raises(SystemExit, match="unknown pipeline parameter"):
         module.main(["submit", "--host", "h", "--param", "no_such=1"])

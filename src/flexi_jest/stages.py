@@ -48,12 +48,14 @@ def output_location(storage_root: str, artifact_uri: str, artifact_path: str, na
     return storage.join(storage_root, run, task, name)
 
 
-def _tracked(stage: str, values: dict[str, Any], profile: str, pipeline_run: str, experiment: str, after=None):
+def _tracked(stage: str, values: dict[str, Any], profile: str, pipeline_run: str, experiment: str, after=None,
+             runner=None):
+    """Validate, run (in this process, or through runner(cfg) -> result), track."""
     from flexi_jest import tracking
 
     cfg = validated_stage_config(stage, profile, values)
     with tracking.stage_run(pipeline_run or None, stage, cfg, experiment) as run:
-        result = run_stage(stage, cfg)
+        result = runner(cfg) if runner is not None else run_stage(stage, cfg)
         tracking.log_result(result)
         if isinstance(result, TrainResult):
             tracking.log_history(result.metrics_path)
@@ -85,8 +87,18 @@ def cache_reference_stage(values: dict[str, Any], profile: str, pipeline_run: st
     return result, run_id
 
 
-def train_learner_stage(values: dict[str, Any], profile: str, pipeline_run: str = "", experiment: str = "flexi-jest") -> tuple[TrainResult, str]:
-    _, result, run_id = _tracked("train-learner", values, profile, pipeline_run, experiment, _log_model)
+def train_learner_stage(values: dict[str, Any], profile: str, pipeline_run: str = "", experiment: str = "flexi-jest",
+                        multinode: dict[str, Any] | None = None) -> tuple[TrainResult, str]:
+    """Train a learner here, or with multinode (run_pytorchjob's keyword arguments: nodes, gpus_per_node,
+    image, ...) as a PyTorchJob on several nodes, tracked the same way."""
+    runner = None
+    if multinode:
+        from flexi_jest.pytorchjob import run_pytorchjob
+
+        def runner(cfg) -> TrainResult:
+            return TrainResult.model_validate(run_pytorchjob(cfg.model_dump_json(), cfg.out_dir, profile=profile,
+                                                             **multinode))
+    _, result, run_id = _tracked("train-learner", values, profile, pipeline_run, experiment, _log_model, runner)
     return result, run_id
 
 

@@ -101,3 +101,115 @@ def pytorchjob_manifest(name: str, config_json: str, image: str, nodes: int, gpu
             "pytorchReplicaSpecs": specs,
         },
     }
+
+
+# ---- launching it from a pipeline task ---------------------------------------------------------------------
+
+
+class JobFailed(RuntimeError):
+    """The PyTorchJob ended in Failed, or did not finish in time."""
+
+
+def job_name(out_dir: str) -> str:
+    """A stable, valid name per learner output: a retried pipeline task finds the job it started (and the job's
+    checkpoints in out_dir), instead of starting a second one."""
+    import hashlib
+    return f"flexi-jest-learner-{hashlib.sha256(out_dir.encode()).hexdigest()[:12]}"
+
+
+def job_state(job: dict[str, Any]) -> tuple[str, str]:
+    """(state, message) of a PyTorchJob from its newest true condition: Created, Running, Restarting,
+    Succeeded, Failed; ("Pending", "") before the operator has written any status."""
+    conditions = [c for c in job.get("status", {}).get("conditions", []) if c.get("status") == "True"]
+    if not conditions:
+        return "Pending", ""
+    last = conditions[-1]
+    return last["type"], last.get("message", "")
+
+
+def current_namespace(default: str = "kubeflow") -> str:
+    """The namespace this pod runs in (the pipeline's), where the job and its ConfigMap are created."""
+    path = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+    try:
+        with open(path) as f:
+            return f.read().strip() or default
+    except OSError:
+        return default
+
+
+def run_pytorchjob(config_json: str, out_dir: str, *, nodes: int, gpus_per_node: int, image: str,
+                   node_selector: dict[str, str], toleration_key: str, secret_name: str, tracking_uri: str,
+                   s3_endpoint: str = DEFAULT_S3_ENDPOINT, namespace: str | None = None, profile: str = "paper",
+                   poll_seconds: float = 30.0, timeout_seconds: float = 7 * 24 * 3600, apis=None,
+                   sleep=None) -> dict[str, Any]:
+    """Train the learner as a PyTorchJob and wait for it; returns its result.json (a TrainResult as a dict).
+
+    out_dir (in the config) must be object storage (s3://...): the pods share nothing else. A job already
+    running under this out_dir's name is waited for; one that failed is replaced, and the new one resumes
+    from the checkpoints in out_dir. apis: (CoreV1Api, CustomObjectsApi), default the in-cluster client.
+    """
+    import time
+
+    from flexi_jest import storage
+
+    if nodes < 2:
+        raise ValueError(f"run_pytorchjob is for nodes >= 2 (got {nodes}); one node trains in the pipeline task")
+    if not storage.is_s3(out_dir):
+        raise ValueError(f"multi-node training writes to {out_dir!r}, a local path the job's pods cannot share; "
+                         "set the pipeline's storage_root to s3://bucket/prefix")
+    if apis is None:
+        from kubernetes import client, config
+        config.load_incluster_config()
+        apis = (client.CoreV1Api(), client.CustomObjectsApi())
+    core, custom = apis
+    sleep = sleep or time.sleep
+    namespace = namespace or current_namespace()
+    name = job_name(out_dir)
+    group = ("kubeflow.org", "v1", namespace, "pytorchjobs")
+    manifest = pytorchjob_manifest(name, config_json, image, nodes, gpus_per_node, node_selector, toleration_key,
+                                   namespace, secret_name, tracking_uri, profile=profile, s3_endpoint=s3_endpoint)
+
+    existing = _get_or_none(lambda: custom.get_namespaced_custom_object(*group, name))
+    if existing is not None and job_state(existing)[0] == "Failed":
+        custom.delete_namespaced_custom_object(*group, name)
+        existing = None
+    if existing is None:
+        config_map = pytorchjob_config_map(name, config_json, namespace)
+        if _get_or_none(lambda: core.read_namespaced_config_map(config_map_name(name), namespace)) is None:
+            core.create_namespaced_config_map(namespace, config_map)
+        else:
+            core.replace_namespaced_config_map(config_map_name(name), namespace, config_map)
+        custom.create_namespaced_custom_object(*group, manifest)
+        print(f"created PyTorchJob {namespace}/{name}: {nodes} nodes x {gpus_per_node} GPUs", flush=True)
+    else:
+        print(f"waiting for the existing PyTorchJob {namespace}/{name}", flush=True)
+
+    waited, last = 0.0, None
+    while True:
+        state, message = job_state(custom.get_namespaced_custom_object(*group, name))
+        if state != last:
+            print(f"PyTorchJob {name}: {state} {message}".rstrip(), flush=True)
+            last = state
+        if state == "Succeeded":
+            break
+        if state == "Failed":
+            raise JobFailed(f"PyTorchJob {namespace}/{name} failed: {message or 'no message'}; "
+                            f"see `kubectl -n {namespace} logs -l training.kubeflow.org/job-name={name}`")
+        if waited >= timeout_seconds:
+            raise JobFailed(f"PyTorchJob {namespace}/{name} did not finish in {timeout_seconds:.0f} s (state {state})")
+        sleep(poll_seconds)
+        waited += poll_seconds
+    result_uri = storage.join(out_dir, "result.json")
+    if not storage.exists(result_uri):
+        raise JobFailed(f"PyTorchJob {name} succeeded but wrote no {result_uri}")
+    return json.loads(storage.read_bytes(result_uri))
+
+
+def _get_or_none(read):
+    """read() or None when the object does not exist (HTTP 404)."""
+    try:
+        return read()
+    except Exception as exc:  # kubernetes.client.ApiException, without importing it here
+        if getattr(exc, "status", None) == 404:
+            return None
+        raise
