@@ -151,6 +151,10 @@ def test_learner_stage_trains_through_the_job_and_tracks_its_result(s3, shapes_d
     from flexi_jest.train import train_learner
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    # MLflow remembers the active experiment per process (and in MLFLOW_EXPERIMENT_ID): forget this store's after
+    monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", "")
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID")
 
     def operator(cluster, job):
         config = cluster.config_maps[config_map_name(job["metadata"]["name"])]["data"]["config.json"]
