@@ -198,11 +198,23 @@ def test_learner_on_two_processes_matches_one_and_checkpoints_resume_across_worl
 
 
 def test_local_selection_trains_each_rank_on_picks_from_its_own_shard(shapes_data, reference_cache, tmp_path):
+    """Also the way a pipeline stage trains on several devices: `processes: 2` makes the stage start torchrun."""
     cfg = learner_cfg(shapes_data, reference_cache, tmp_path / "local", selection_scope="local", steps=2,
-                      train_patch_sizes=[8])
-    proc = torchrun(["-m", "flexi_jest.cli", "train-learner", "--config", str(write_config(tmp_path / "local.json", cfg))],
-                    tmp_path)
-    result = json.loads(proc.stdout[proc.stdout.index("{"):])  # rank 0 alone prints the result
+                      train_patch_sizes=[8], processes=2)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "flexi_jest.cli", "train-learner", "--config",
+                           str(write_config(tmp_path / "local.json", cfg))],
+                          capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    result = json.loads(proc.stdout[proc.stdout.index("{"):])
     assert result["steps"] == 2 and result["world_size"] == 2 and result["flops"]["learner_scoring"] > 0
     steps = history(tmp_path / "local")
     assert len(steps) == 2 and all(0.0 <= h["noisy_fraction_selected"] <= 1.0 for h in steps)
+
+
+def test_a_failing_rank_fails_the_stage_with_a_clear_error(shapes_data, reference_cache, tmp_path, capfd):
+    from flexi_jest.stages import run_stage
+    cfg = learner_cfg(shapes_data, reference_cache, tmp_path / "odd", processes=3)  # a super-batch of 40 over 3 ranks
+    with pytest.raises(RuntimeError, match="train-learner on 3 processes failed"):
+        run_stage("train-learner", cfg)
+    assert "super_batch_size = 40 is not divisible by the number of processes (3)" in capfd.readouterr().err

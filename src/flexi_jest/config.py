@@ -113,6 +113,9 @@ class TrainingConfig(StrictModel):
         "patch sizes the (sub-)batch trains at, split evenly; Flexi-JEST: [16, 32] (tiny: [8, 16])"))
     loss_chunk_size: int | None = Field(None, ge=1, description="row chunk of the sigmoid loss; None = whole batch")
     compile: bool = Field(False, description="torch.compile the towers for the training forward (GPU speed path)")
+    processes: int = Field(0, ge=0, description=(
+        "data-parallel processes (DDP): 0 = one per visible GPU (one process without GPUs); N > 1 starts N under "
+        "torchrun (gloo on CPUs); ignored inside torchrun, which sets the world itself"))
     shuffle_buffer: int = Field(2000, ge=1)
     checkpoint_every: int = Field(100, ge=1)
     resume: bool = Field(True, description="continue from out_dir's latest checkpoint if there is one")

@@ -19,7 +19,10 @@ from flexi_jest.config import (
 
 
 def run_stage(stage: str, cfg: BaseModel) -> BaseModel:
-    """Run one stage's library function on its validated config."""
+    """Run one stage's library function on its validated config (training on several processes: torchrun_stage)."""
+    processes = training_processes(cfg)
+    if processes > 1:
+        return torchrun_stage(stage, cfg, processes)
     if stage == "make-data":
         from flexi_jest.data.make import make_data
         return make_data(cfg)
@@ -36,6 +39,38 @@ def run_stage(stage: str, cfg: BaseModel) -> BaseModel:
         from flexi_jest.evaluate import evaluate
         return evaluate(cfg)
     raise ValueError(f"unknown stage {stage!r}")
+
+
+def training_processes(cfg: BaseModel) -> int:
+    """How many DDP processes a training config asks for here: 1 for other stages and inside torchrun."""
+    import os
+    if not hasattr(cfg, "processes") or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return 1
+    if cfg.processes:
+        return cfg.processes
+    import torch
+    return max(1, torch.cuda.device_count()) if cfg.device in ("auto", "cuda") else 1
+
+
+def torchrun_stage(stage: str, cfg: BaseModel, processes: int) -> BaseModel:
+    """Run a training stage on `processes` local processes under torchrun (one per GPU, NCCL; or gloo on CPUs),
+    from its config written to a file; returns the result rank 0 wrote. Output of the ranks goes to this
+    process's stdout/stderr; a failed rank fails the stage with torchrun's exit status."""
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Path(tmp) / "config.json"
+        config.write_text(cfg.model_dump_json())
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+                   "-m", "flexi_jest.cli", stage, "--config", str(config)]
+        print(f"[{stage}] {processes} processes: {' '.join(command)}", flush=True)
+        completed = subprocess.run(command, stdout=subprocess.DEVNULL)
+    if completed.returncode != 0:
+        raise RuntimeError(f"{stage} on {processes} processes failed (torchrun exit status {completed.returncode}); "
+                           "the ranks' errors are printed above")
+    return TrainResult.model_validate_json(storage.read_bytes(storage.join(cfg.out_dir, "result.json")))
 
 
 def output_location(storage_root: str, artifact_uri: str, artifact_path: str, name: str) -> str:
