@@ -17,11 +17,11 @@ and prints JSON: images/s, TFLOP/s achieved (from flexi_jest.flops), and the tim
 import argparse
 import json
 import platform
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
+
+from timing import timed  # bench/timing.py
 
 from flexi_jest import flops
 from flexi_jest.config import MODEL_PRESETS, OptimConfig
@@ -31,22 +31,6 @@ from flexi_jest.selection import joint_select_from_embeddings
 from flexi_jest.train import build_optimizer, multi_patch_loss
 
 DEFAULT_SUPER_BATCH = {"tiny": 10240, "small": 5120, "vit_b16": 1280}
-
-
-def timed(fn, repeats: int, device: torch.device) -> float:
-    """Median wall seconds of fn over repeats, after two warm-up calls (allocator, cuDNN/compile)."""
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def chunked(fn, images: torch.Tensor, tokens: torch.Tensor, chunk: int):
@@ -75,7 +59,7 @@ def measure(preset: str, super_batch: int, filter_ratio: float, repeats: int, de
         return lambda: chunked(run, images, tokens, scoring_chunk)
 
     for name, patch in (("scoring", base), ("scoring_flexi", flexi)):
-        seconds = timed(score(patch), repeats, device)
+        seconds = timed(score(patch), repeats, device, warmup=2)
         work = super_batch * flops.pair_forward_flops(cfg, patch)
         out[name] = {"seconds": seconds, "images_per_second": super_batch / seconds, "tflops_per_second": work / seconds / 1e12}
 
@@ -89,7 +73,7 @@ def measure(preset: str, super_batch: int, filter_ratio: float, repeats: int, de
         return run
 
     for name, patch_sizes in (("training", [base]), ("training_mixed", [base, flexi])):
-        seconds = timed(train(patch_sizes), repeats, device)
+        seconds = timed(train(patch_sizes), repeats, device, warmup=2)
         work = flops.training_step_flops(cfg, sub_batch, patch_sizes)
         out[name] = {"seconds": seconds, "images_per_second": sub_batch / seconds, "tflops_per_second": work / seconds / 1e12}
 
@@ -101,7 +85,7 @@ def measure(preset: str, super_batch: int, filter_ratio: float, repeats: int, de
     scale, bias = torch.tensor(2.3, device=device), torch.tensor(-10.0, device=device)
     learner, reference = (unit(), unit(), scale, bias), (unit(), unit(), scale, bias)
     seconds = timed(lambda: joint_select_from_embeddings("learnability", learner, reference, sub_batch, 16, g),
-                    repeats, device)
+                    repeats, device, warmup=2)
     out["selection"] = {"seconds": seconds}
 
     for variant, scoring, training in (("jest", "scoring", "training"), ("flexi_jest", "scoring_flexi", "training_mixed")):

@@ -16,32 +16,17 @@ import argparse
 import json
 import os
 import platform
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
+
+from timing import timed  # bench/timing.py
 
 from flexi_jest.config import MODEL_PRESETS, OptimConfig
 from flexi_jest.device import resolve_device
 from flexi_jest.model import DualEncoder
 from flexi_jest.selection import joint_select, joint_select_from_embeddings, score_matrix
 from flexi_jest.train import build_optimizer, multi_patch_loss
-
-
-def timed(fn, repeats: int, device: torch.device) -> float:
-    """Median wall seconds of fn over repeats (after one warm-up call)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def unit(batch: int, dim: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
