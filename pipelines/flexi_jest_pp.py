@@ -54,12 +54,15 @@ def on_gpu_pool(task: dsl.PipelineTask, accelerator_type: Any, accelerator_count
 
 ACCELERATORS = True
 LEARNER_NODES, GPUS_PER_NODE = 1, 1  # > 1 node: the main learner trains as a PyTorchJob (compile --learner-nodes)
+# where the PyTorchJob runs: the namespace of k8s/base, with the S3 Secret and the runner's Role
+JOB_NAMESPACE = os.environ.get("FLEXI_JEST_JOB_NAMESPACE", "flexi-jest")
 
 
 def multinode_settings() -> str:
     """What the learner task needs to launch its PyTorchJob (flexi_jest.pytorchjob.run_pytorchjob), as JSON."""
     key, _, value = GPU_NODE_SELECTOR.partition("=")
     return json.dumps({"gpus_per_node": GPUS_PER_NODE, "image": GPU_IMAGE, "node_selector": {key: value},
+                       "namespace": JOB_NAMESPACE,
                        "toleration_key": GPU_TOLERATION_KEY, "secret_name": S3_SECRET,
                        "tracking_uri": CLUSTER_ENV["MLFLOW_TRACKING_URI"], "s3_endpoint": S3_ENDPOINT})
 

@@ -27,6 +27,14 @@ class FakeCluster:
     def __init__(self, on_create=None, states=("Created", "Running", "Succeeded")):
         self.config_maps, self.jobs, self.created, self.deleted = {}, {}, [], []
         self.on_create, self.states = on_create, list(states)
+        self.calls: set[tuple[str, str, str]] = set()  # (API group, resource, RBAC verb) of every request
+
+    def __getattribute__(self, name):
+        verbs = {"read": "get", "get": "get", "create": "create", "replace": "update", "delete": "delete"}
+        if name.split("_")[0] in verbs and name.endswith(("config_map", "custom_object")):
+            group, resource = ("", "configmaps") if name.endswith("config_map") else ("kubeflow.org", "pytorchjobs")
+            object.__getattribute__(self, "calls").add((group, resource, verbs[name.split("_")[0]]))
+        return object.__getattribute__(self, name)
 
     # CoreV1Api
     def read_namespaced_config_map(self, name, namespace):
@@ -135,6 +143,26 @@ def test_a_retried_task_waits_for_its_running_job_and_replaces_a_failed_one(s3):
     assert failed.created[0]["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == 2
 
 
+def test_the_runner_role_allows_every_request_the_launcher_makes(s3):  # noqa: F811
+    """Every call of a launch (create), a retry (read, replace, delete) is granted by k8s/base/rbac.yaml's Role."""
+    import yaml
+    from pathlib import Path
+
+    out_dir = f"{s3}/runs/rbac"
+    name = job_name(out_dir)
+    cluster = FakeCluster(states=("Succeeded",))
+    cluster.jobs[name] = {"metadata": {"name": name}, "status": {"conditions": [{"type": "Failed", "status": "True"}]}}
+    cluster.config_maps[config_map_name(name)] = {}
+    write_result(out_dir)
+    run_pytorchjob("{}", out_dir, nodes=2, apis=(cluster, cluster), sleep=lambda s: None, **SETTINGS)
+    role = next(d for d in yaml.safe_load_all((Path(__file__).parents[1] / "k8s/base/rbac.yaml").read_text())
+                if d["kind"] == "Role")
+    granted = {(g, r, v) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]
+               for v in rule["verbs"]}
+    assert {("", "configmaps", "update"), ("kubeflow.org", "pytorchjobs", "delete")} <= cluster.calls
+    assert cluster.calls <= granted, cluster.calls - granted
+
+
 def test_multinode_needs_shared_storage_and_two_nodes(tmp_path):
     with pytest.raises(ValueError, match="local path the job's pods cannot share; set the pipeline's storage_root"):
         run_pytorchjob("{}", str(tmp_path), nodes=2, apis=(None, None), **SETTINGS)
@@ -185,6 +213,7 @@ def test_compiled_multinode_pipeline_launches_the_main_learner_without_a_gpu(tmp
     assert inputs["nodes"]["runtimeValue"]["constant"] == 4
     settings = json.loads(inputs["multinode_json"]["runtimeValue"]["constant"])
     assert settings["gpus_per_node"] == 8 and settings["secret_name"] and settings["node_selector"]
+    assert settings["namespace"] == "flexi-jest"  # where k8s/base puts the S3 Secret and the runner's Role
     executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     assert "nodeSelector" not in executors["exec-train-learner"]  # the launcher holds no GPU
     assert "secretAsEnv" in executors["exec-train-learner"]
