@@ -35,9 +35,39 @@ def table(experiment: dict) -> str:
     return "\n".join(lines)
 
 
+def ratio(m: dict | None, key: str) -> str:
+    if m is None:
+        return "–"
+    return "never" if m.get(key) is None else f"{m[key]:.2f}×"
+
+
+def final(m: dict | None) -> str:
+    return "–" if m is None else f"{m['final_metric']:.3f} ± {m['final_metric_std']:.3f}"
+
+
+def ablation_table(report: dict) -> str:
+    """One row per experiment (the main one first): final top-1 per method and the FLOPs ratios vs uniform."""
+    methods = ["uniform", "independent-learnability", "joint-learnability", "flexi-jest"]
+    lines = ["| experiment | " + " | ".join(f"{m} top-1" for m in methods)
+             + " | joint ratio | joint ratio, ref. share left out | flexi ratio | flexi ratio, ref. share left out |",
+             "|---|" + "---:|" * (len(methods) + 4)]
+    experiments = {"main (filter 0.8, 16 chunks, noise 0.6)": report["main"], **report.get("ablations", {})}
+    for name, experiment in experiments.items():
+        got = experiment["methods"]
+        joint, flexi = got.get("joint-learnability"), got.get("flexi-jest")
+        lines.append(f"| {name} | " + " | ".join(final(got.get(m)) for m in methods) + " | "
+                     + " | ".join([ratio(joint, "flops_ratio_vs_uniform"), ratio(joint, "flops_ratio_vs_uniform_learner_only"),
+                                   ratio(flexi, "flops_ratio_vs_uniform"), ratio(flexi, "flops_ratio_vs_uniform_learner_only")])
+                     + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     report = json.load(open(sys.argv[1]))
     print(table(report["main"]))
+    if report.get("ablations"):
+        print("\n### Ablations at a glance\n")
+        print(ablation_table(report))
     for name, experiment in report.get("ablations", {}).items():
         print(f"\n### {name}\n")
         print(table(experiment))
