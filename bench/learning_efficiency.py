@@ -24,9 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from flexi_jest import flops
+from flexi_jest import efficiency, flops
 from flexi_jest.config import (
     CacheReferenceConfig, MakeDataConfig, ModelConfig, TrainLearnerConfig, TrainReferenceConfig, TrainResult,
 )
@@ -61,100 +59,25 @@ def learner_step_flops(cfg: TrainLearnerConfig, reference_dim: int) -> int:
     return train + scoring
 
 
-def curve(metrics_path: str, metric: str) -> list[tuple[float, float]]:
-    """[(total_flops, metric)] at each evaluation of a run."""
-    points = []
-    for line in Path(metrics_path).read_text().splitlines():
-        record = json.loads(line)
-        if "eval" in record and metric in record["eval"]:
-            points.append((record["total_flops"], record["eval"][metric]))
-    return points
-
-
-def flops_to_reach(points: list[tuple[float, float]], target: float) -> float | None:
-    """Total FLOPs at which the curve first reaches target (linear between evaluations); None if never."""
-    previous = None
-    for x, y in points:
-        if y >= target:
-            if previous is None or previous[1] >= target:
-                return x
-            x0, y0 = previous
-            return x0 + (target - y0) / (y - y0) * (x - x0)
-        previous = (x, y)
-    return None
-
-
-def mean_curve(curves: list[list[tuple[float, float]]]) -> list[tuple[float, float]]:
-    """Seed-mean curve. A method's seeds run the same steps and evaluate at the same FLOPs, so the
-    points line up; where they do not (a different length), the common prefix is averaged."""
-    length = min(len(c) for c in curves)
-    return [(statistics.mean(c[i][0] for c in curves), statistics.mean(c[i][1] for c in curves)) for i in range(length)]
-
-
 def summarize(runs: dict[str, list[dict[str, Any]]], metric: str) -> dict[str, Any]:
-    """Per method, on the seed-mean curve: final metric, FLOPs to first reach uniform's final metric, and
-    uniform's FLOPs to reach its own final metric divided by that (> 1: the method is cheaper). Per-seed
-    values are kept to show the spread."""
-    means = {name: mean_curve([r["curve"] for r in rs]) for name, rs in runs.items()}
-    target = means["uniform"][-1][1]
-    uniform_cost = flops_to_reach(means["uniform"], target)
-    summary = {}
+    """efficiency.summarize over each method's seeds, plus what the benchmark also reports per method:
+    steps, mean total FLOPs, final retrieval R@1 and the noisy share of what it trained on."""
+    summary = efficiency.summarize({name: [r["curve"] for r in rs] for name, rs in runs.items()}, metric,
+                                   {name: rs[0].get("reference_share_flops", 0.0) for name, rs in runs.items()})
     for name, rs in runs.items():
-        finals = [r["curve"][-1][1] for r in rs]
-        cost = flops_to_reach(means[name], target)
-        share = rs[0].get("reference_share_flops", 0.0)
-        summary[name] = {
-            "final_metric": means[name][-1][1],
-            "final_metric_std": statistics.pstdev(finals),
-            "final_metric_per_seed": finals,
-            "total_flops": statistics.mean(r["total_flops"] for r in rs),
-            "steps": rs[0]["steps"],
-            "flops_to_target": cost,
-            "flops_to_target_per_seed": [flops_to_reach(r["curve"], target) for r in rs],
-            "flops_ratio_vs_uniform": (uniform_cost / cost) if cost else None,
-            # the same, with the reference's share left out (a reference amortised over many learners)
-            "reference_share_flops": share,
-            "flops_ratio_vs_uniform_learner_only": (uniform_cost / (cost - share)) if cost and cost > share else None,
-            "final_retrieval_r1": statistics.mean(r.get("final_r1", math.nan) for r in rs),
-            "noisy_fraction_selected": statistics.mean(r["selection"].get("noisy_fraction_selected", math.nan) for r in rs),
-            "mean_curve": means[name],
-        }
-    return {"metric": metric, "target": target, "uniform_flops_to_target": uniform_cost, "methods": summary}
+        summary["methods"][name].update(
+            steps=rs[0]["steps"], total_flops=statistics.mean(r["total_flops"] for r in rs),
+            final_retrieval_r1=statistics.mean(r.get("final_r1", math.nan) for r in rs),
+            noisy_fraction_selected=statistics.mean(r["selection"].get("noisy_fraction_selected", math.nan) for r in rs))
+    return summary
 
 
 def plot(runs: dict[str, list[dict[str, Any]]], summary: dict[str, Any], out: Path, title: str) -> list[str]:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(7, 4.5))
-    for name, rs in runs.items():
-        curves = [r["curve"] for r in rs]
-        mean = summary["methods"][name]["mean_curve"]
-        axis.plot([p[0] for p in mean], [p[1] for p in mean], marker=".", label=name)
-        if len(curves) > 1:
-            length = len(mean)
-            values = np.array([[c[i][1] for i in range(length)] for c in curves])
-            axis.fill_between([p[0] for p in mean], values.min(axis=0), values.max(axis=0), alpha=0.2)
-    axis.axhline(summary["target"], color="grey", linestyle=":", label="uniform final")
-    axis.set_xlabel("total training FLOPs (scoring + training + reference share)")
-    axis.set_ylabel(summary["metric"])
-    axis.set_title(title)
-    axis.legend(fontsize=8)
-    figure.tight_layout()
-    curves_png = out / "accuracy_vs_flops.png"
-    figure.savefig(curves_png, dpi=110)
-
-    figure, axis = plt.subplots(figsize=(7, 3.5))
-    names = list(summary["methods"])
-    ratios = [summary["methods"][n]["flops_ratio_vs_uniform"] or 0.0 for n in names]
-    axis.bar(range(len(names)), ratios)
-    axis.axhline(1.0, color="grey", linestyle=":")
-    axis.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
-    axis.set_ylabel("FLOPs-to-target ratio vs uniform\n(> 1: cheaper; 0: never reached)")
-    figure.tight_layout()
-    ratio_png = out / "flops_ratio.png"
-    figure.savefig(ratio_png, dpi=110)
+    """accuracy_vs_flops.png (the pipeline's report draws the same figure) and flops_ratio.png under out."""
+    curves_png, ratio_png = out / "accuracy_vs_flops.png", out / "flops_ratio.png"
+    efficiency.figure({name: [r["curve"] for r in rs] for name, rs in runs.items()}, summary, title).savefig(
+        curves_png, dpi=110)
+    efficiency.ratio_figure(summary).savefig(ratio_png, dpi=110)
     return [str(curves_png), str(ratio_png)]
 
 
@@ -208,10 +131,10 @@ def run_experiment(args: argparse.Namespace, out: Path, methods: list[str], nois
             fields.update(steps=steps, eval_every=max(1, steps // args.eval_points), resume=False)
             started = time.perf_counter()
             result = finished_run(Path(fields["out_dir"]), steps) or train_learner(TrainLearnerConfig(**fields))
-            r1 = curve(result.metrics_path, f"{args.dataset}.image_to_text_r1")
+            r1 = efficiency.curve(result.metrics_path, f"{args.dataset}.image_to_text_r1")
             runs.setdefault(name, []).append({
                 "seed": seed, "steps": steps, "total_flops": result.total_flops, "seconds": time.perf_counter() - started,
-                "curve": curve(result.metrics_path, f"{args.dataset}.top1"), "selection": result.selection,
+                "curve": efficiency.curve(result.metrics_path, f"{args.dataset}.top1"), "selection": result.selection,
                 "final_r1": r1[-1][1] if r1 else math.nan,
                 "reference_share_flops": reference_share if uses_reference else 0.0})
             print(f"[{tag}] {name} seed {seed}: {steps} steps, {result.total_flops / 1e9:.0f} GFLOP, "

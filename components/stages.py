@@ -6,6 +6,8 @@ the field named), the stage runs and is tracked in MLflow under the pipeline's p
 the data's storage URI (a local path or s3://...) travels in each artifact's metadata["uri"].
 """
 
+from typing import List
+
 from kfp import dsl
 from kfp.dsl import HTML, Dataset, Input, Metrics, Model, Output
 
@@ -85,15 +87,15 @@ def cache_reference_scores(config_json: str, profile: str, pipeline_run: str, ex
 @dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
 def train_learner(config_json: str, profile: str, method: str, score: str, filter_ratio: float, n_chunks: int,
                   steps: int, storage_root: str, pipeline_run: str, experiment: str,
-                  pool: Input[Dataset], cache: Input[Dataset], model: Output[Model], metrics: Output[Metrics],
-                  nodes: int = 1, multinode_json: str = "{}") -> str:
+                  pool: Input[Dataset], cache: Input[Dataset], eval_split: Input[Dataset], model: Output[Model],
+                  metrics: Output[Metrics], nodes: int = 1, multinode_json: str = "{}") -> str:
     """JEST / Flexi-JEST (or a baseline) learner; checkpoints beside its output, so a retried task resumes.
     nodes > 1: trained by a PyTorchJob this task launches and waits for (multinode_json: its image, GPUs per
     node, scheduling and services; see flexi_jest.pytorchjob.run_pytorchjob)."""
     import json
 
     from flexi_jest.reference_cache import reference_share
-    from flexi_jest.stages import output_location, train_learner_stage
+    from flexi_jest.stages import output_location, train_learner_stage, with_eval_points
 
     values = json.loads(config_json)
     values.update(method=method, score=score, filter_ratio=filter_ratio, n_chunks=n_chunks,
@@ -102,6 +104,8 @@ def train_learner(config_json: str, profile: str, method: str, score: str, filte
                   **reference_share(cache.metadata["uri"]))  # sha256 and FLOPs of the reference behind the cache
     if steps > 0:
         values["steps"] = steps
+    # a few evaluations during training: the accuracy-vs-FLOPs curve compare_methods draws
+    values = with_eval_points("train-learner", values, profile, eval_split.metadata["uri"])
     multinode = {**json.loads(multinode_json), "nodes": nodes} if nodes > 1 else None
     result, run_id = train_learner_stage(values, profile, pipeline_run, experiment, multinode)
     model.metadata.update({"uri": result.checkpoint, "sha256": result.checkpoint_sha256, "mlflow_run_id": run_id,
@@ -132,8 +136,28 @@ def zero_shot_eval(config_json: str, profile: str, method: str, pipeline_run: st
         for key, value in split_metrics.model_dump().items():
             if value is not None:
                 metrics.log_metric(f"{split}.{key}", value)
+    reference_share = training["flops"]["reference_training"] + training["flops"]["reference_caching"]
     return json.dumps({"mlflow_run_id": run_id, "method": method, "total_flops": training["total_flops"],
+                       "metrics_path": training["metrics_path"], "reference_share": reference_share,
                        "result": result.model_dump()})
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def compare_methods(main: str, baselines: List[str], pipeline_run: str, experiment: str,
+                    report: Output[HTML], metrics: Output[Metrics]) -> str:
+    """The learners this run trained side by side: eval metric against total training FLOPs (the benchmark's
+    plot), FLOPs to reach the uniform baseline's final metric and the ratio; on the MLflow parent run too."""
+    import json
+
+    from flexi_jest.stages import compare_stage
+
+    evaluations = [json.loads(main)] + [json.loads(b) for b in baselines]
+    summary = compare_stage(evaluations, pipeline_run, experiment, report.path)
+    for name, info in summary["methods"].items():
+        metrics.log_metric(f"{name}.final_metric", info["final_metric"])
+        if info["flops_ratio_vs_uniform"] is not None:
+            metrics.log_metric(f"{name}.flops_ratio_vs_uniform", info["flops_ratio_vs_uniform"])
+    return json.dumps(summary)
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)

@@ -28,8 +28,8 @@ from kfp.dsl import Dataset, Model, pipeline_context  # noqa: E402
 
 from components.image import GPU_IMAGE  # noqa: E402
 from components.stages import (  # noqa: E402
-    cache_reference_scores, close_tracking, open_tracking, prepare_data, promote_model, reference_finetune,
-    train_learner, zero_shot_eval,
+    cache_reference_scores, close_tracking, compare_methods, open_tracking, prepare_data, promote_model,
+    reference_finetune, train_learner, zero_shot_eval,
 )
 
 # GPU node pool scheduling for the training stages, read at compile time.
@@ -105,13 +105,13 @@ def with_cluster_services(definition):
 
 def train_evaluate_promote(*, learner_config, eval_config, profile, method, score, filter_ratio, n_chunks, steps,
                            storage_root, run_name, experiment, accelerator_type, accelerator_count,
-                           pool, cache, eval_split, reference, after=None) -> None:
+                           pool, cache, eval_split, reference, after=None) -> dsl.PipelineTask:
     """Stages 4-6, shared by the full pipeline and the from-cache entry point: the learner, its zero-shot
-    evaluation and its promotion through the MLflow registry."""
+    evaluation and its promotion through the MLflow registry; returns the evaluation task."""
     multinode = ACCELERATORS and LEARNER_NODES > 1
     task = train_learner(config_json=learner_config, profile=profile, method=method, score=score,
                          filter_ratio=filter_ratio, n_chunks=n_chunks, steps=steps, storage_root=storage_root,
-                         pipeline_run=run_name, experiment=experiment, pool=pool, cache=cache,
+                         pipeline_run=run_name, experiment=experiment, pool=pool, cache=cache, eval_split=eval_split,
                          nodes=LEARNER_NODES if multinode else 1, multinode_json=multinode_settings() if multinode else "{}")
     if after is not None:
         task.after(after)
@@ -121,6 +121,7 @@ def train_evaluate_promote(*, learner_config, eval_config, profile, method, scor
                                 experiment=experiment, model=learner.outputs["model"], eval_split=eval_split)
     promote_model(evaluation_json=evaluation.outputs["Output"], pipeline_run=run_name, experiment=experiment,
                   learner=learner.outputs["model"], reference=reference).set_caching_options(False)
+    return evaluation
 
 
 def flexi_jest_pp_definition(
@@ -158,7 +159,7 @@ def flexi_jest_pp_definition(
         cache = on_gpu_pool(cache_reference_scores(
             config_json=cache_config, profile=profile, pipeline_run=run_name, experiment=experiment,
             reference=reference.outputs["model"], pool=data.outputs["pool"]), accelerator_type, accelerator_count)
-        train_evaluate_promote(
+        evaluation = train_evaluate_promote(
             learner_config=learner_config, eval_config=eval_config, profile=profile, method=method, score=score,
             filter_ratio=filter_ratio, n_chunks=n_chunks, steps=steps, storage_root=storage_root, run_name=run_name,
             experiment=experiment, accelerator_type=accelerator_type, accelerator_count=accelerator_count,
@@ -168,11 +169,13 @@ def flexi_jest_pp_definition(
             baseline_learner = on_gpu_pool(train_learner(
                 config_json=baseline_config, profile=profile, method=baseline, score=score, filter_ratio=filter_ratio,
                 n_chunks=n_chunks, steps=steps, storage_root=storage_root, pipeline_run=run_name, experiment=experiment,
-                pool=data.outputs["pool"], cache=cache.outputs["cache"]),
+                pool=data.outputs["pool"], cache=cache.outputs["cache"], eval_split=data.outputs["eval_split"]),
                 accelerator_type, accelerator_count).set_retry(2)
-            zero_shot_eval(config_json=eval_config, profile=profile, method=baseline, pipeline_run=run_name,
-                           experiment=experiment, model=baseline_learner.outputs["model"],
-                           eval_split=data.outputs["eval_split"])
+            baseline_evaluation = zero_shot_eval(
+                config_json=eval_config, profile=profile, method=baseline, pipeline_run=run_name,
+                experiment=experiment, model=baseline_learner.outputs["model"], eval_split=data.outputs["eval_split"])
+        compare_methods(main=evaluation.outputs["Output"], baselines=dsl.Collected(baseline_evaluation.outputs["Output"]),
+                        pipeline_run=run_name, experiment=experiment).set_caching_options(False)
 
 
 def from_cache_definition(
@@ -204,12 +207,14 @@ def from_cache_definition(
         cache = dsl.importer(artifact_uri=cache_uri, artifact_class=Dataset, metadata={"uri": cache_uri})
         eval_split = dsl.importer(artifact_uri=eval_uri, artifact_class=Dataset, metadata={"uri": eval_uri})
         reference = dsl.importer(artifact_uri=reference_uri, artifact_class=Model, metadata={"uri": reference_uri})
-        train_evaluate_promote(
+        evaluation = train_evaluate_promote(
             learner_config=learner_config, eval_config=eval_config, profile=profile, method=method, score=score,
             filter_ratio=filter_ratio, n_chunks=n_chunks, steps=steps, storage_root=storage_root, run_name=run_name,
             experiment=experiment, accelerator_type=accelerator_type, accelerator_count=accelerator_count,
             pool=pool.output, cache=cache.output, eval_split=eval_split.output, reference=reference.output,
             after=tracking)
+        compare_methods(main=evaluation.outputs["Output"], baselines=[], pipeline_run=run_name,
+                        experiment=experiment).set_caching_options(False)
 
 
 def make_pipeline(definition, name: str, description: str, accelerators: bool, learner_nodes: int = 1,
@@ -278,10 +283,8 @@ def compile_pipeline(out: str, from_stage: str = "prepare_data", learner_nodes: 
 
 
 def summarize(tracking_uri: str, run_name: str, experiment: str, workdir: Path) -> dict[str, Any]:
-    """From MLflow: the parent run, each method's eval metrics and FLOPs, the registered learner; plots metric vs FLOPs."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """From MLflow: the parent run, each method's eval metrics and FLOPs, the registered learner, and the
+    methods' comparison (compare_methods: accuracy-vs-FLOPs plot, downloaded into workdir, and FLOPs ratios)."""
     import mlflow
 
     from flexi_jest.tracking import find_pipeline_run
@@ -293,6 +296,9 @@ def summarize(tracking_uri: str, run_name: str, experiment: str, workdir: Path) 
     if parent is None:
         raise SystemExit(f"no MLflow run named {run_name!r} in {tracking_uri}: the pipeline did not start tracking")
     children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    comparison = json.loads(Path(client.download_artifacts(parent.info.run_id, "method_comparison.json",
+                                                           str(workdir))).read_text())
+    plot = client.download_artifacts(parent.info.run_id, "accuracy_vs_flops.png", str(workdir))
     rows = []
     for run in children:
         if run.data.tags.get("flexi_jest.stage") != "evaluate":
@@ -301,22 +307,13 @@ def summarize(tracking_uri: str, run_name: str, experiment: str, workdir: Path) 
         top1 = next((v for k, v in m.items() if k.endswith(".top1")), None)
         i2t = next((v for k, v in m.items() if k.endswith(".image_to_text_r1")), None)
         t2i = next((v for k, v in m.items() if k.endswith(".text_to_image_r1")), None)
-        rows.append({"method": run.data.tags.get("flexi_jest.method"), "top1": top1, "i2t_r1": i2t, "t2i_r1": t2i,
-                     "total_flops": m.get("total_flops")})
+        method = run.data.tags.get("flexi_jest.method")
+        ratio = comparison["methods"].get(method, {}).get("flops_ratio_vs_uniform")
+        rows.append({"method": method, "top1": top1, "i2t_r1": i2t, "t2i_r1": t2i,
+                     "total_flops": m.get("total_flops"), "flops_ratio_vs_uniform": ratio})
     rows.sort(key=lambda r: r["method"] or "")
     promotion = next((r for r in children if r.data.tags.get("flexi_jest.stage") == "promote"), None)
-    figure, axis = plt.subplots(figsize=(6, 4))
-    for row in rows:
-        if row["total_flops"] and row["top1"] is not None:
-            axis.scatter(row["total_flops"], row["top1"], label=row["method"])
-    axis.set_xlabel("total training FLOPs")
-    axis.set_ylabel("zero-shot top-1")
-    axis.legend()
-    figure.tight_layout()
-    plot = workdir / "metric_vs_flops.png"
-    figure.savefig(plot)
-    client.log_artifact(parent.info.run_id, str(plot))
-    return {"parent_run_id": parent.info.run_id, "rows": rows, "plot": str(plot),
+    return {"parent_run_id": parent.info.run_id, "rows": rows, "plot": plot, "comparison": comparison,
             "decision": promotion.data.tags.get("decision") if promotion else None,
             "learner_version": promotion.data.tags.get("learner_version") if promotion else None}
 
@@ -345,12 +342,16 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines = [f"pipeline finished in {summary['seconds']:.1f} s",
              f"MLflow store: {summary['tracking_uri']}  (browse: mlflow ui --backend-store-uri {summary['tracking_uri']})",
              f"registered model: flexi-jest-learner version {summary['learner_version']} -> alias '{summary['decision']}'",
-             f"metric-vs-FLOPs plot: {summary['plot']}", "",
-             f"{'method':<12} {'top1':>7} {'i2t R@1':>8} {'t2i R@1':>8} {'total GFLOP':>12}"]
+             f"accuracy-vs-FLOPs plot: {summary['plot']}", "",
+             f"{'method':<12} {'top1':>7} {'i2t R@1':>8} {'t2i R@1':>8} {'total GFLOP':>12} {'FLOPs ratio':>12}"]
     for row in summary["rows"]:
         fmt = lambda v: f"{v:.3f}" if v is not None else "-"  # noqa: E731
         flops = f"{row['total_flops'] / 1e9:.1f}" if row["total_flops"] else "-"
-        lines.append(f"{row['method'] or '?':<12} {fmt(row['top1']):>7} {fmt(row['i2t_r1']):>8} {fmt(row['t2i_r1']):>8} {flops:>12}")
+        ratio = f"{row['flops_ratio_vs_uniform']:.2f}x" if row.get("flops_ratio_vs_uniform") else "-"
+        lines.append(f"{row['method'] or '?':<12} {fmt(row['top1']):>7} {fmt(row['i2t_r1']):>8} {fmt(row['t2i_r1']):>8} "
+                     f"{flops:>12} {ratio:>12}")
+    lines.append("FLOPs ratio: uniform's total FLOPs to reach its final top-1 / the method's (> 1: cheaper; "
+                 "'-': never reached it)")
     return "\n".join(lines)
 
 

@@ -8,19 +8,12 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from learning_efficiency import flops_to_reach, learner_step_flops, summarize  # noqa: E402
+from learning_efficiency import learner_step_flops, summarize  # noqa: E402
 
 from flexi_jest.config import TrainLearnerConfig  # noqa: E402
 
 
-def test_flops_to_reach_interpolates_and_reports_never():
-    points = [(1.0, 0.1), (2.0, 0.3), (3.0, 0.5)]
-    assert flops_to_reach(points, 0.4) == pytest.approx(2.5)
-    assert flops_to_reach(points, 0.05) == 1.0
-    assert flops_to_reach(points, 0.6) is None
-
-
-def test_summary_ratios():
+def test_bench_summary_adds_its_own_figures():
     runs = {
         "uniform": [{"curve": [(1, 0.1), (2, 0.2), (4, 0.5)], "total_flops": 4, "steps": 40, "selection": {}},
                     {"curve": [(1, 0.1), (2, 0.2), (4, 0.3)], "total_flops": 4, "steps": 40, "selection": {}}],
@@ -34,6 +27,7 @@ def test_summary_ratios():
     assert summary["methods"]["jest"]["flops_to_target"] == 2 and summary["methods"]["jest"]["flops_ratio_vs_uniform"] == 2
     assert summary["methods"]["bad"]["flops_to_target"] is None and summary["methods"]["bad"]["flops_ratio_vs_uniform"] is None
     assert math.isnan(summary["methods"]["uniform"]["noisy_fraction_selected"])
+    assert summary["methods"]["jest"]["steps"] == 10 and summary["methods"]["uniform"]["total_flops"] == 4
 
 
 def test_step_flops_match_what_training_counts(shapes_data, reference_cache, tmp_path):

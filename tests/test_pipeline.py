@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import yaml
@@ -133,8 +134,43 @@ def test_whole_pipeline_runs_locally_and_promotes(pipeline_run):
                                      "train-learner", "evaluate", "evaluate", "promote"])
     assert str(client.get_model_version_by_alias("flexi-jest-learner", "champion").version) == "1"
     assert client.get_registered_model("flexi-jest-reference") is not None
-    assert (workdir / "metric_vs_flops.png").stat().st_size > 0
     assert list((workdir / "kfp").rglob("report")), "the eval report (HTML artifact) is written"
+
+
+def test_pipeline_compares_its_methods_on_accuracy_against_flops(pipeline_run):
+    """compare_methods: each learner's curve (evaluations during training + its zero-shot evaluation), FLOPs
+    ratios against uniform, the benchmark's plot on the MLflow parent run and an HTML report."""
+    import mlflow
+
+    workdir, summary = pipeline_run
+    comparison = summary["comparison"]
+    assert comparison["metric"] == "shapes.top1" and comparison["baseline"] == "uniform"
+    methods = comparison["methods"]
+    assert sorted(methods) == ["joint", "uniform"]
+    rows = {row["method"]: row for row in summary["rows"]}
+    for name, info in methods.items():
+        curve = info["mean_curve"]
+        assert len(curve) == 3, "steps 3: an evaluation at every step, the last one the zero-shot eval stage's"
+        assert [x for x, _ in curve] == sorted(x for x, _ in curve) and curve[-1][0] == rows[name]["total_flops"]
+        assert curve[-1][1] == pytest.approx(rows[name]["top1"])
+    assert comparison["target"] == pytest.approx(rows["uniform"]["top1"])
+    assert methods["uniform"]["flops_ratio_vs_uniform"] == pytest.approx(1.0)
+    joint = methods["joint"]
+    assert joint["reference_share_flops"] > 0 and methods["uniform"]["reference_share_flops"] == 0
+    if joint["flops_to_target"] is None:
+        assert joint["flops_ratio_vs_uniform"] is None
+    else:
+        assert joint["flops_ratio_vs_uniform"] == pytest.approx(
+            comparison["uniform_flops_to_target"] / joint["flops_to_target"])
+    assert Path(summary["plot"]).stat().st_size > 0
+    mlflow.set_tracking_uri(summary["tracking_uri"])
+    client = mlflow.MlflowClient()
+    artifacts = {a.path for a in client.list_artifacts(summary["parent_run_id"])}
+    assert {"accuracy_vs_flops.png", "method_comparison.json"} <= artifacts
+    parent = client.get_run(summary["parent_run_id"])
+    assert parent.data.metrics["compare.uniform.flops_ratio_vs_uniform"] == pytest.approx(1.0)
+    html = next(p for p in (workdir / "kfp").rglob("report") if "compare-methods" in str(p)).read_text()
+    assert "<td>joint</td>" in html and "<td>uniform</td>" in html and "base64," in html
 
 
 def test_components_run_alone(pipeline_run, tmp_path, monkeypatch):
@@ -197,6 +233,7 @@ def test_stage_only_entry_point_trains_from_an_existing_cache(pipeline_run):
     assert summary["learner_version"] == "2"
     assert summary["decision"] in ("champion", "challenger")
     assert summary["rows"][0]["total_flops"] > 0
+    assert list(summary["comparison"]["methods"]) == ["joint"] and summary["comparison"]["target"] is None
 
 
 def test_a_bad_config_fails_the_component_with_the_field_named(tmp_path, monkeypatch, capfd):

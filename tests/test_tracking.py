@@ -83,3 +83,49 @@ def test_every_stage_rejects_a_bad_config_naming_the_field(stage, values, field,
             stages.evaluate_stage(values, "tiny", "joint")
         else:
             runner[stage](values, "tiny")
+
+
+def test_pipeline_learners_evaluate_during_training():
+    from flexi_jest.stages import with_eval_points
+    values = with_eval_points("train-learner", {"steps": 50, "reference_cache": "c"}, "tiny", "s3://b/eval")
+    assert values["eval_data"] == ["s3://b/eval"] and values["eval_every"] == 10
+    assert with_eval_points("train-learner", {"steps": 3, "reference_cache": "c"}, "tiny", "e")["eval_every"] == 1
+    kept = with_eval_points("train-learner", {"eval_every": 7, "eval_data": ["mine"], "reference_cache": "c"}, "tiny", "e")
+    assert kept["eval_every"] == 7 and kept["eval_data"] == ["mine"]  # the user's own settings win
+
+
+def test_comparison_is_logged_on_the_pipeline_run(mlflow_store):
+    import json
+
+    import mlflow
+
+    from flexi_jest.config import EvaluateResult, SplitMetrics
+    from flexi_jest.stages import compare_stage
+    parent = tracking.start_pipeline_run("cmp-run", {})
+
+    def evaluation(method, top1, history, share=0.0):
+        path = mlflow_store / f"{method}.jsonl"
+        path.write_text("".join(json.dumps({"step": i, "total_flops": x, "eval": {"shapes.top1": y}}) + "\n"
+                                for i, (x, y) in enumerate(history)))
+        split = SplitMetrics(num_samples=10, num_classes=5, top1=top1, top5=1.0, image_to_text_r1=0.1,
+                             image_to_text_r5=0.5, image_to_text_r10=1.0, text_to_image_r1=0.1, text_to_image_r5=0.5,
+                             text_to_image_r10=1.0)
+        return {"method": method, "total_flops": history[-1][0], "metrics_path": str(path), "reference_share": share,
+                "result": EvaluateResult(model="m.pt", splits={"shapes": split}).model_dump()}
+
+    summary = compare_stage([evaluation("joint", 0.6, [(10.0, 0.3), (20.0, 0.55)], share=4.0),
+                             evaluation("uniform", 0.4, [(10.0, 0.2), (20.0, 0.38)])],
+                            "cmp-run", report_path=str(mlflow_store / "report.html"))
+    # the zero-shot eval replaces training's (capped) last evaluation
+    assert summary["methods"]["joint"]["mean_curve"] == [(10.0, 0.3), (20.0, 0.6)]
+    assert summary["target"] == 0.4 and summary["uniform_flops_to_target"] == 20.0
+    assert summary["methods"]["joint"]["flops_to_target"] == pytest.approx(10.0 + 10.0 * (0.1 / 0.3))
+    client = mlflow.MlflowClient()
+    assert {a.path for a in client.list_artifacts(parent)} == {"accuracy_vs_flops.png", "method_comparison.json"}
+    metrics = client.get_run(parent).data.metrics
+    assert metrics["compare.uniform.flops_ratio_vs_uniform"] == 1.0 and metrics["compare.joint.final_metric"] == 0.6
+    assert "<td>joint</td><td>0.600</td>" in (mlflow_store / "report.html").read_text()
+    with pytest.raises(ValueError, match="no evaluations"):
+        compare_stage([], "cmp-run")
+    with pytest.raises(LookupError, match="no MLflow pipeline run named 'absent'"):
+        compare_stage([evaluation("joint", 0.6, [(1.0, 0.6)])], "absent")

@@ -73,6 +73,20 @@ def torchrun_stage(stage: str, cfg: BaseModel, processes: int) -> BaseModel:
     return TrainResult.model_validate_json(storage.read_bytes(storage.join(cfg.out_dir, "result.json")))
 
 
+EVAL_POINTS = 5  # evaluations during a pipeline learner's training: its accuracy-vs-FLOPs curve
+
+
+def with_eval_points(stage: str, values: dict[str, Any], profile: str, eval_data: str,
+                     points: int = EVAL_POINTS) -> dict[str, Any]:
+    """values that also evaluate on eval_data `points` times during training (and at the end), unless they
+    set eval_data / eval_every themselves: the pipeline's learners give the method comparison its curves."""
+    values = {"eval_data": [eval_data], **values}
+    if not values.get("eval_every"):
+        steps = validated_stage_config(stage, profile, values).steps
+        values["eval_every"] = max(1, steps // points)
+    return values
+
+
 def output_location(storage_root: str, artifact_uri: str, artifact_path: str, name: str) -> str:
     """Where a stage writes its data: beside its KFP output artifact when storage_root is empty (local runs),
     else under storage_root/<run>/<task>/name (e.g. s3://flexi-jest/...), unique per pipeline run and task
@@ -201,6 +215,68 @@ def write_html_report(path: str, method: str, result: EvaluateResult, training: 
         f"<table border=1><tr><th>split</th><th>samples</th><th>top-1</th><th>i2t R@1</th><th>t2i R@1</th></tr>{rows}</table>"
         f"<img src='data:image/png;base64,{image}'/></body></html>"
     )
+
+
+def compare_stage(evaluations: list[dict[str, Any]], pipeline_run: str = "", experiment: str = "flexi-jest",
+                  report_path: str | None = None, baseline: str = "uniform") -> dict[str, Any]:
+    """The methods one pipeline run trained, side by side: each learner's eval metric against total training
+    FLOPs (the curve its training recorded, ending at its zero-shot evaluation), summarised against the
+    baseline when it ran (efficiency.summarize), drawn as the benchmark draws it (efficiency.figure).
+
+    evaluations: per method {"method", "total_flops", "metrics_path", "reference_share", "result"} (what the
+    evaluate component returns). Logged on the pipeline's MLflow parent run: accuracy_vs_flops.png,
+    method_comparison.json and each method's final metric and FLOPs ratio."""
+    from flexi_jest import efficiency, tracking
+
+    if not evaluations:
+        raise ValueError("compare: no evaluations to compare")
+    metric = headline_metric(EvaluateResult.model_validate(evaluations[0]["result"]))[0]
+    split, key = metric.rsplit(".", 1)
+    curves: dict[str, list[efficiency.Curve]] = {}
+    shares: dict[str, float] = {}
+    for evaluation in evaluations:
+        name = evaluation["method"]
+        while name in curves:  # two learners of one method (e.g. two configs): keep both
+            name += "'"
+        total = float(evaluation["total_flops"])
+        final = evaluation["result"]["splits"][split][key]
+        path = evaluation.get("metrics_path")
+        points = efficiency.curve(path, metric) if path and storage.exists(path) else []
+        # the zero-shot evaluation (whole eval split) is the final point; training's evals used a capped sample
+        curves[name] = [[p for p in points if p[0] < total] + [(total, float(final))]]
+        shares[name] = float(evaluation.get("reference_share", 0.0))
+    summary = efficiency.summarize(curves, metric, shares, baseline)
+    title = f"{metric} against total training FLOPs" + (f" ({pipeline_run})" if pipeline_run else "")
+    figure = efficiency.figure(curves, summary, title)
+    if report_path:
+        write_comparison_report(report_path, summary, figure)
+    if pipeline_run:
+        metrics = {f"compare.{name}.{field}": info[field] for name, info in summary["methods"].items()
+                   for field in ("final_metric", "total_flops", "flops_ratio_vs_uniform") if info[field] is not None}
+        tracking.log_to_pipeline_run(pipeline_run, experiment, {"accuracy_vs_flops.png": figure},
+                                     {"method_comparison.json": summary}, metrics)
+    return summary
+
+
+def write_comparison_report(path: str, summary: dict[str, Any], figure) -> None:
+    """HTML: the methods' table (final metric, FLOPs, FLOPs to the baseline's final metric, ratio) and the plot."""
+    import base64
+    import io
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    image = base64.b64encode(buffer.getvalue()).decode()
+    fmt = lambda v, spec: format(v, spec) if v is not None else "never" if spec == ".3e" else "-"  # noqa: E731
+    rows = "".join(
+        f"<tr><td>{name}</td><td>{info['final_metric']:.3f}</td><td>{info['total_flops']:.3e}</td>"
+        f"<td>{fmt(info['flops_to_target'], '.3e')}</td><td>{fmt(info['flops_ratio_vs_uniform'], '.2f')}</td></tr>"
+        for name, info in summary["methods"].items())
+    target = f"{summary['target']:.3f}" if summary["target"] is not None else "(no baseline ran)"
+    Path(path).write_text(
+        f"<html><body><h2>flexi-jest: methods compared</h2><p>{summary['metric']}; target = the "
+        f"{summary['baseline']} baseline's final value, {target}</p><table border=1><tr><th>method</th>"
+        f"<th>final</th><th>total FLOPs</th><th>FLOPs to target</th><th>ratio vs {summary['baseline']}</th></tr>"
+        f"{rows}</table><img src='data:image/png;base64,{image}'/></body></html>")
 
 
 def promote_stage(learner_run_id: str, evaluation: dict[str, Any], pipeline_run: str = "",

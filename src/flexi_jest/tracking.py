@@ -101,6 +101,24 @@ def finish_pipeline_run_named(run_name: str, experiment: str = DEFAULT_EXPERIMEN
     return True
 
 
+def log_to_pipeline_run(pipeline_run: str, experiment: str, figures: dict[str, Any] | None = None,
+                        data: dict[str, dict[str, Any]] | None = None, metrics: dict[str, float] | None = None) -> str:
+    """Log figures (name -> matplotlib Figure), JSON artifacts (name -> dict) and metrics on the pipeline's
+    parent run (found by its unique name), where a pipeline run's overall results belong; returns its id."""
+    client = _mlflow().MlflowClient()
+    parent = find_pipeline_run(pipeline_run, experiment)
+    if parent is None:
+        raise LookupError(f"no MLflow pipeline run named {pipeline_run!r} in experiment {experiment!r} at {tracking_uri()}")
+    run_id = parent.info.run_id
+    for name, figure in (figures or {}).items():
+        client.log_figure(run_id, figure, name)
+    for name, value in (data or {}).items():
+        client.log_dict(run_id, value, name)
+    for key, value in numeric_metrics(metrics or {}).items():
+        client.log_metric(run_id, key, value)
+    return run_id
+
+
 def parent_tags(pipeline_run: str | None, experiment: str) -> dict[str, str]:
     """Tags nesting a run under the pipeline's parent run, found by its unique name (stages know the name,
     a pipeline parameter, which every stage gets reliably; the id is only known at run time)."""

@@ -1,0 +1,129 @@
+"""Learning efficiency: an eval metric against total training FLOPs, and what each method pays to reach a target.
+
+A run's curve is [(total_flops, metric)] at each evaluation its training made (metrics.jsonl records with
+an "eval" entry; total_flops = scoring + training + the reference's share, JEST.md). Per method (several
+seeds = several curves) the summary holds:
+
+    final_metric            metric at the end of the seed-mean curve (with the spread over seeds)
+    flops_to_target         total FLOPs at which the seed-mean curve first reaches the target (None: never)
+    flops_ratio_vs_uniform  uniform's FLOPs to reach its own final metric / this method's (> 1: cheaper)
+
+The benchmark (bench/learning_efficiency.py) and the pipeline's method comparison both use these
+functions and `figure`, so a pipeline run's report shows the same plot as the benchmark.
+"""
+
+import json
+import statistics
+from typing import Any
+
+from flexi_jest import storage
+
+Curve = list[tuple[float, float]]
+
+
+def curve(metrics_path: str, metric: str) -> Curve:
+    """[(total_flops, metric)] at each evaluation of a run, from its metrics.jsonl (local path or s3://)."""
+    points = []
+    for line in storage.read_bytes(metrics_path).decode().splitlines():
+        record = json.loads(line)
+        if metric in record.get("eval", {}):
+            points.append((float(record["total_flops"]), float(record["eval"][metric])))
+    return points
+
+
+def flops_to_reach(points: Curve, target: float) -> float | None:
+    """Total FLOPs at which the curve first reaches target (linear between evaluations); None if never."""
+    previous = None
+    for x, y in points:
+        if y >= target:
+            if previous is None or previous[1] >= target:
+                return x
+            x0, y0 = previous
+            return x0 + (target - y0) / (y - y0) * (x - x0)
+        previous = (x, y)
+    return None
+
+
+def mean_curve(curves: list[Curve]) -> Curve:
+    """Seed-mean curve. A method's seeds run the same steps and evaluate at the same FLOPs, so the
+    points line up; where they do not (a different length), the common prefix is averaged."""
+    length = min(len(c) for c in curves)
+    return [(statistics.mean(c[i][0] for c in curves), statistics.mean(c[i][1] for c in curves)) for i in range(length)]
+
+
+def summarize(curves: dict[str, list[Curve]], metric: str, reference_share: dict[str, float] | None = None,
+              baseline: str = "uniform") -> dict[str, Any]:
+    """Per method (name -> one curve per seed): final metric and its spread, FLOPs to first reach the baseline's
+    final metric, and the baseline's FLOPs to reach it divided by the method's (> 1: the method is cheaper).
+    reference_share: per method, the reference's FLOPs inside its total; the ratio is also given with them
+    left out (a reference amortised over many learners). Without the baseline among the methods, the target
+    and ratios are None."""
+    reference_share = reference_share or {}
+    means = {name: mean_curve(cs) for name, cs in curves.items() if cs and all(cs)}
+    target = means[baseline][-1][1] if baseline in means else None
+    baseline_cost = flops_to_reach(means[baseline], target) if target is not None else None
+    methods = {}
+    for name, mean in means.items():
+        finals = [c[-1][1] for c in curves[name]]
+        cost = flops_to_reach(mean, target) if target is not None else None
+        share = reference_share.get(name, 0.0)
+        methods[name] = {
+            "final_metric": mean[-1][1],
+            "final_metric_std": statistics.pstdev(finals),
+            "final_metric_per_seed": finals,
+            "total_flops": mean[-1][0],
+            "flops_to_target": cost,
+            "flops_to_target_per_seed": [flops_to_reach(c, target) if target is not None else None
+                                         for c in curves[name]],
+            "flops_ratio_vs_uniform": (baseline_cost / cost) if cost and baseline_cost else None,
+            "reference_share_flops": share,
+            "flops_ratio_vs_uniform_learner_only": (baseline_cost / (cost - share))
+            if cost and baseline_cost and cost > share else None,
+            "mean_curve": mean,
+        }
+    return {"metric": metric, "baseline": baseline, "target": target, "uniform_flops_to_target": baseline_cost,
+            "methods": methods}
+
+
+def figure(curves: dict[str, list[Curve]], summary: dict[str, Any], title: str):
+    """Metric against total FLOPs: one line per method (its seed mean), a band over its seeds (min to max),
+    and the baseline's final metric as a dotted line. Returns a matplotlib Figure."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axis = plt.subplots(figsize=(7, 4.5))
+    for name, info in summary["methods"].items():
+        mean = info["mean_curve"]
+        xs = [p[0] for p in mean]
+        axis.plot(xs, [p[1] for p in mean], marker=".", label=name)
+        if len(curves[name]) > 1:
+            values = np.array([[c[i][1] for i in range(len(mean))] for c in curves[name]])
+            axis.fill_between(xs, values.min(axis=0), values.max(axis=0), alpha=0.2)
+    if summary["target"] is not None:
+        axis.axhline(summary["target"], color="grey", linestyle=":", label=f"{summary['baseline']} final")
+    axis.set_xlabel("total training FLOPs (scoring + training + reference share)")
+    axis.set_ylabel(summary["metric"])
+    axis.set_title(title)
+    axis.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def ratio_figure(summary: dict[str, Any]):
+    """Bar chart of each method's FLOPs-to-target ratio vs the baseline (0: never reached)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axis = plt.subplots(figsize=(7, 3.5))
+    names = list(summary["methods"])
+    ratios = [summary["methods"][n]["flops_ratio_vs_uniform"] or 0.0 for n in names]
+    axis.bar(range(len(names)), ratios)
+    axis.axhline(1.0, color="grey", linestyle=":")
+    axis.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+    axis.set_ylabel(f"FLOPs-to-target ratio vs {summary['baseline']}\n(> 1: cheaper; 0: never reached)")
+    fig.tight_layout()
+    return fig
+
