@@ -57,3 +57,30 @@ def test_gpu_throughput_bench_reports_every_part(tmp_path):
         assert result[part]["images_per_second"] > 0 and result[part]["tflops_per_second"] > 0
     for variant in ("jest_step", "flexi_jest_step"):
         assert sum(result[variant]["share"].values()) == pytest.approx(1.0)
+
+
+def test_learning_efficiency_bench_end_to_end_at_toy_size(tmp_path):
+    """The benchmark's whole path (data, reference, cache, three methods at one budget, summary, plots) at a
+    toy size; its figures come from the documented runs (docs/results.md). A rerun resumes every finished run."""
+    import subprocess
+    import sys
+    command = [sys.executable, "bench/learning_efficiency.py", "--seeds", "1", "--jest-steps", "4", "--super-batch", "40",
+               "--reference-steps", "3", "--curated", "100", "--pool", "400", "--eval-size", "50", "--eval-points", "2",
+               "--methods", "uniform,joint-learnability,flexi-jest", "--out", str(tmp_path)]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    main = report["main"]
+    assert list(main["methods"]) == ["uniform", "joint-learnability", "flexi-jest"]
+    for name, info in main["methods"].items():
+        assert set(info) >= {"final_metric", "flops_to_target", "flops_ratio_vs_uniform"}
+        assert info["total_flops"] <= main["budget_flops"] * 1.05, name  # one budget for every method
+    assert main["methods"]["uniform"]["flops_ratio_vs_uniform"] == pytest.approx(1.0)
+    assert main["methods"]["uniform"]["steps"] > main["methods"]["joint-learnability"]["steps"]
+    assert all(Path(png).stat().st_size > 0 for png in main["plots"])
+    assert json.loads((tmp_path / "summary.json").read_text())["main"]["target"] == main["target"]
+    finished = {path: path.stat().st_mtime_ns for path in (tmp_path / "main").rglob("result.json")}
+    assert len(finished) == 3
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0 and json.loads(rerun.stdout)["main"]["methods"] == main["methods"]
+    assert {path: path.stat().st_mtime_ns for path in finished} == finished, "a rerun trains nothing again"
