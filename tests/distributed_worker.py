@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-from flexi_jest.distributed import gather_rows, gather_rows_with_grad, init_world, shard, shutdown
+from flexi_jest.distributed import broadcast_object, gather_rows, gather_rows_with_grad, init_world, shard, shutdown
 from flexi_jest.losses import sigmoid_loss
 from flexi_jest.selection import joint_select_from_embeddings
 
@@ -23,7 +23,8 @@ def selection(inputs: dict, world) -> dict:
     generator = torch.Generator().manual_seed(inputs["seed"])
     chosen = joint_select_from_embeddings("learnability", learner, inputs["reference"], inputs["n_select"],
                                           inputs["n_chunks"], generator)
-    return {"chosen": chosen}
+    # rank 0 alone writes the model; every rank's result carries its digest
+    return {"chosen": chosen, "digest": broadcast_object(f"sha-of-rank-{world.rank}", world)}
 
 
 def loss(inputs: dict, world) -> dict:

@@ -76,6 +76,7 @@ def test_global_selection_equals_one_process(tmp_path):
                                             torch.Generator().manual_seed(7))
     for out in outputs:
         assert torch.equal(out["chosen"], expected)
+        assert out["digest"] == "sha-of-rank-0"  # broadcast_object: rank 0's value on every rank
 
 
 @pytest.mark.parametrize("chunk", [None, 2])

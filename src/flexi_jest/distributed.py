@@ -16,6 +16,7 @@ One process (WORLD_SIZE unset or 1) is the same code with every collective a no-
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -92,6 +93,15 @@ def sum_over_ranks(value: Tensor, world: World) -> Tensor:
     value = value.detach().clone()
     dist.all_reduce(value)
     return value
+
+
+def broadcast_object(value: Any, world: World) -> Any:
+    """Rank 0's value (any picklable object) on every rank, e.g. the digest of the model only rank 0 wrote."""
+    if not world.distributed:
+        return value
+    box = [value if world.is_main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def barrier(world: World) -> None:

@@ -27,13 +27,13 @@ from tqdm import tqdm
 
 from flexi_jest import flops, storage
 from flexi_jest.checkpoint import (
-    load_latest_checkpoint, load_model, model_bytes, model_state, save_checkpoint, save_model,
+    load_latest_checkpoint, load_model, model_state, save_checkpoint, save_model,
 )
 from flexi_jest.config import FlopsBreakdown, OptimConfig, TrainingConfig, TrainLearnerConfig, TrainReferenceConfig, TrainResult
 from flexi_jest.data.shards import SampleStream
 from flexi_jest.device import autocast, to_model_input
 from flexi_jest.distributed import (
-    World, check_divisible, gather_rows, gather_rows_with_grad, init_world, shard, sum_over_ranks,
+    World, broadcast_object, check_divisible, gather_rows, gather_rows_with_grad, init_world, shard, sum_over_ranks,
 )
 from flexi_jest.evaluate import evaluate_model
 from flexi_jest.losses import sigmoid_loss
@@ -235,10 +235,7 @@ def run_training(
         prefetcher.close()
         bar.close()
     model_uri = storage.join(cfg.out_dir, "model.pt")
-    if world.is_main:
-        sha = save_model(model, model_uri)
-    else:  # the same weights on every rank
-        sha = storage.sha256_bytes(model_bytes(model))
+    sha = broadcast_object(save_model(model, model_uri) if world.is_main else None, world)  # rank 0 writes it
     steps_run = max(1, step - start_step)
     result = TrainResult(
         out_dir=cfg.out_dir,
