@@ -52,7 +52,8 @@ TEMPLATE_INPUTS = dict(  # what k8s/pytorchjob/ holds, as pytorchjob_manifest ar
 def kubectl() -> str:
     found = shutil.which("kubectl")
     if found is None:
-        pytest.skip("kubectl is not installed: the manifests are rendered with `kubectl kustomize`")
+        pytest.skip("kubectl is not on PATH, and the manifests are rendered with `kubectl kustomize`: "
+                    "install kubectl (present on this project's dev and CI machines) to run these tests")
     return found
 
 

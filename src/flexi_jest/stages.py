@@ -197,13 +197,17 @@ def plot_training(method: str, result: EvaluateResult, training: dict[str, Any] 
     return figure
 
 
-def write_html_report(path: str, method: str, result: EvaluateResult, training: dict[str, Any] | None, figure) -> None:
+def figure_html(figure) -> str:
+    """A matplotlib figure as an inline <img> (the reports are single self-contained HTML files)."""
     import base64
     import io
 
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100)
-    image = base64.b64encode(buffer.getvalue()).decode()
+    return f"<img src='data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}'/>"
+
+
+def write_html_report(path: str, method: str, result: EvaluateResult, training: dict[str, Any] | None, figure) -> None:
     rows = "".join(
         f"<tr><td>{name}</td><td>{m.num_samples}</td><td>{m.top1 if m.top1 is not None else '-'}</td>"
         f"<td>{m.image_to_text_r1:.3f}</td><td>{m.text_to_image_r1:.3f}</td></tr>"
@@ -213,7 +217,7 @@ def write_html_report(path: str, method: str, result: EvaluateResult, training: 
     Path(path).write_text(
         f"<html><body><h2>flexi-jest zero-shot evaluation: {method}</h2>{flops}"
         f"<table border=1><tr><th>split</th><th>samples</th><th>top-1</th><th>i2t R@1</th><th>t2i R@1</th></tr>{rows}</table>"
-        f"<img src='data:image/png;base64,{image}'/></body></html>"
+        f"{figure_html(figure)}</body></html>"
     )
 
 
@@ -260,12 +264,6 @@ def compare_stage(evaluations: list[dict[str, Any]], pipeline_run: str = "", exp
 
 def write_comparison_report(path: str, summary: dict[str, Any], figure) -> None:
     """HTML: the methods' table (final metric, FLOPs, FLOPs to the baseline's final metric, ratio) and the plot."""
-    import base64
-    import io
-
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
-    image = base64.b64encode(buffer.getvalue()).decode()
     fmt = lambda v, spec: format(v, spec) if v is not None else "never" if spec == ".3e" else "-"  # noqa: E731
     rows = "".join(
         f"<tr><td>{name}</td><td>{info['final_metric']:.3f}</td><td>{info['total_flops']:.3e}</td>"
@@ -276,7 +274,7 @@ def write_comparison_report(path: str, summary: dict[str, Any], figure) -> None:
         f"<html><body><h2>flexi-jest: methods compared</h2><p>{summary['metric']}; target = the "
         f"{summary['baseline']} baseline's final value, {target}</p><table border=1><tr><th>method</th>"
         f"<th>final</th><th>total FLOPs</th><th>FLOPs to target</th><th>ratio vs {summary['baseline']}</th></tr>"
-        f"{rows}</table><img src='data:image/png;base64,{image}'/></body></html>")
+        f"{rows}</table>{figure_html(figure)}</body></html>")
 
 
 def promote_stage(learner_run_id: str, evaluation: dict[str, Any], pipeline_run: str = "",
