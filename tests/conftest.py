@@ -1,6 +1,12 @@
 """Shared fixtures: one small generated dataset and a trained reference, made once per test session."""
 
+import os
+
 import pytest
+
+# The `mlflow server`s the tests start (and their children) inherit this: no server-side job runner, which
+# would start seven huey worker processes (~1.2 GB) per server and outlive a killed test.
+os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
 
 from flexi_jest.config import MakeDataConfig, ModelConfig, TrainReferenceConfig
 from flexi_jest.data.make import make_data
