@@ -36,7 +36,7 @@ def test_step_flops_match_what_training_counts(shapes_data, reference_cache, tmp
     for fields in ({"method": "uniform"}, {"method": "joint"}, {"method": "independent", "score": "hard_learner"},
                    {"method": "joint", "score": "easy_reference", "scoring_patch_size": 16, "train_patch_sizes": [8, 16]}):
         cfg = TrainLearnerConfig(pool=shapes_data.splits["pool"].path, reference_cache=reference_cache.cache_dir,
-                                 out_dir=str(tmp_path / str(len(str(fields)))), model=TEST_MODEL, super_batch_size=40,
+                                 out_dir=str(tmp_path / str(len(str(fields)))), model=TEST_MODEL, super_batch_size=40, n_chunks=4,
                                  steps=2, progress=False, **fields)
         result = train_learner(cfg)
         learner_flops = result.flops.learner_scoring + result.flops.learner_training

@@ -24,6 +24,34 @@ from flexi_jest.config import PROFILES, STAGE_CONFIGS, deep_merge, format_valida
 from flexi_jest.stages import run_stage
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a mapping with a key twice (PyYAML silently keeps the last one)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: SafeLoader's own error names it
+                break
+            if first is not None:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark,
+                    f"found duplicate key {key!r} (first at line {first.line + 1})", key_node.start_mark)
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str) -> Any:
+    """Safe YAML (no tags that build objects) with duplicate keys refused."""
+    loader = UniqueKeyLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     """["optim.lr=1e-3", "train_patch_sizes=[8,16]"] -> {"optim": {"lr": "1e-3"}, "train_patch_sizes": [8, 16]}."""
     values: dict[str, Any] = {}
@@ -35,7 +63,7 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         *parents, leaf = key.strip().split(".")
         for part in parents:
             node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(raw) if raw.strip() else None
+        node[leaf] = load_yaml(raw) if raw.strip() else None
     return values
 
 
@@ -43,10 +71,18 @@ def load_config_file(path: str | None) -> dict[str, Any]:
     if not path:
         return {}
     text = Path(path).read_text()
-    data = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+    data = json.loads(text, object_pairs_hook=_unique_json_object) if path.endswith(".json") else load_yaml(text)
     if not isinstance(data, dict):
         raise ValueError(f"config file {path} must hold a mapping of field: value")
     return data
+
+
+def _unique_json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [key for key, _ in pairs]
+    duplicates = sorted({key for key in keys if keys.count(key) > 1})
+    if duplicates:
+        raise ValueError(f"duplicate keys {duplicates} in a JSON object")
+    return dict(pairs)
 
 
 def build_config(stage: str, args: argparse.Namespace) -> BaseModel:

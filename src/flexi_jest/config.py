@@ -2,12 +2,16 @@
 
 Defaults are the `tiny` profile (every stage in a minute or two on 2 CPU cores). `PROFILES` holds
 the overrides of the other profiles, e.g. `paper` (ViT-B/16, 32k sub-batch, 16 chunks, filter 80 %).
-Unknown fields and wrong types are rejected with the field named (extra="forbid").
+Unknown fields and wrong types are rejected with the field named (extra="forbid"), before any work:
+integers are strict (`steps: true` or `steps: 2.5` is an error, not 1 or 2), floats are finite and never
+booleans, devices are auto, cpu, cuda, cuda:N or mps, and the fields' relations are checked (n_chunks
+within the sub-batch, a sub-batch of at least 2, eval_every with eval_data).
 """
 
-from typing import Any, Literal
+import re
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError, model_validator
 
 from flexi_jest.data.noise import NoiseConfig
 
@@ -16,21 +20,67 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class ConfigModel(StrictModel):
+    """A stage config (or a part of one): also no NaN or infinite float anywhere."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+def _not_a_boolean(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError(f"expected a number, got the boolean {value}")
+    return value
+
+
+DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+def _known_device(value: str) -> str:
+    if not DEVICE.fullmatch(value):
+        raise ValueError(f"unknown device {value!r}: expected auto, cpu, cuda, cuda:N or mps")
+    return value
+
+
+# Strict: an int field takes ints only (YAML/JSON numbers and --set values parse to ints), never True or 2.5.
+Int = Annotated[int, Strict()]
+Float = Annotated[float, BeforeValidator(_not_a_boolean)]
+Device = Annotated[str, AfterValidator(_known_device)]
+
+
+class ReadStatsSummary(StrictModel):
+    """What reading a split did (shards.ReadStats, frozen into a result): every sample not used, by reason.
+
+    Reasons that lose samples: missing_image, empty_caption, non_utf8_caption, bad_image, bad_meta,
+    corrupt_member; reasons that damage a shard (and lose what it held): missing_shard, corrupt_shard,
+    short_shard, checksum_mismatch. Duplicate keys (the same key again in the split) are kept and counted.
+    """
+
+    samples: int = Field(0, description="samples read, decoded and used")
+    skipped: dict[str, int] = Field(default_factory=dict, description="problems by reason (see the class doc)")
+    duplicate_keys: int = Field(0, description="samples whose key was already read in this pass (kept)")
+    errors: list[str] = Field(default_factory=list, description="the first problems' messages")
+
+    @property
+    def complete(self) -> bool:
+        """True when nothing was skipped."""
+        return not self.skipped
+
+
 # ---- model -----------------------------------------------------------------------------------------
 
 
-class ModelConfig(StrictModel):
-    image_size: int = Field(32, gt=0, description="input images are resized to image_size x image_size")
-    patch_size: int = Field(8, gt=0, description="base patch size of the FlexiViT kernel (the training patch)")
-    vision_width: int = Field(96, gt=0)
-    vision_depth: int = Field(3, gt=0)
-    vision_heads: int = Field(3, gt=0)
-    text_width: int = Field(96, gt=0)
-    text_depth: int = Field(2, gt=0)
-    text_heads: int = Field(2, gt=0)
-    context_length: int = Field(16, gt=2, description="text tokens per caption, start/end included")
-    vocab_size: int = Field(49408, gt=0, description="open_clip's BPE vocabulary")
-    embed_dim: int = Field(64, gt=0, description="shared embedding size")
+class ModelConfig(ConfigModel):
+    image_size: Int = Field(32, gt=0, description="input images are resized to image_size x image_size")
+    patch_size: Int = Field(8, gt=0, description="base patch size of the FlexiViT kernel (the training patch)")
+    vision_width: Int = Field(96, gt=0)
+    vision_depth: Int = Field(3, gt=0)
+    vision_heads: Int = Field(3, gt=0)
+    text_width: Int = Field(96, gt=0)
+    text_depth: Int = Field(2, gt=0)
+    text_heads: Int = Field(2, gt=0)
+    context_length: Int = Field(16, gt=2, description="text tokens per caption, start/end included")
+    vocab_size: Int = Field(49408, gt=0, description="open_clip's BPE vocabulary")
+    embed_dim: Int = Field(64, gt=0, description="shared embedding size")
 
     @model_validator(mode="after")
     def _check_shapes(self) -> "ModelConfig":
@@ -59,27 +109,30 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
 }
 
 
-class OptimConfig(StrictModel):
-    lr: float = Field(2e-3, gt=0)
-    weight_decay: float = Field(1e-4, ge=0)
-    warmup_steps: int = Field(20, ge=0)
-    betas: tuple[float, float] = (0.9, 0.95)
-    grad_clip: float = Field(1.0, ge=0, description="max gradient norm; 0 disables clipping")
+Beta = Annotated[float, BeforeValidator(_not_a_boolean), Field(ge=0.0, lt=1.0)]
+
+
+class OptimConfig(ConfigModel):
+    lr: Float = Field(2e-3, gt=0)
+    weight_decay: Float = Field(1e-4, ge=0)
+    warmup_steps: Int = Field(20, ge=0)
+    betas: tuple[Beta, Beta] = Field((0.9, 0.95), description="AdamW's (beta1, beta2), each in [0, 1)")
+    grad_clip: Float = Field(1.0, ge=0, description="max gradient norm; 0 disables clipping")
 
 
 # ---- stage 0: data ------------------------------------------------------------------------------------
 
 
-class MakeDataConfig(StrictModel):
+class MakeDataConfig(ConfigModel):
     dataset: Literal["shapes", "emoji", "digits"] = "shapes"
     out_dir: str = Field("runs/data", description="the dataset's root; splits go to out_dir/{curated,pool,eval}")
-    seed: int = 0
-    image_size: int = Field(32, gt=0)
-    curated_size: int = Field(2000, ge=1)
-    pool_size: int = Field(12000, ge=1)
-    eval_size: int = Field(1000, ge=1)
+    seed: Int = 0
+    image_size: Int = Field(32, gt=0)
+    curated_size: Int = Field(2000, ge=1)
+    pool_size: Int = Field(12000, ge=1)
+    eval_size: Int = Field(1000, ge=1)
     noise: NoiseConfig = Field(default_factory=lambda: NoiseConfig.at_rate(0.6))
-    samples_per_shard: int = Field(1000, ge=1)
+    samples_per_shard: Int = Field(1000, ge=1)
     image_format: Literal["png", "jpg"] = "png"
 
 
@@ -100,36 +153,42 @@ class MakeDataResult(StrictModel):
 # ---- shared training settings ---------------------------------------------------------------------------
 
 
-class TrainingConfig(StrictModel):
+class TrainingConfig(ConfigModel):
     """Settings shared by the reference and the learner."""
 
     out_dir: str
     model: ModelConfig = Field(default_factory=ModelConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
-    steps: int = Field(200, ge=1)
-    seed: int = 0
-    device: str = Field("auto", description="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...")
-    train_patch_sizes: list[int] = Field(default_factory=lambda: [8], min_length=1, description=(
+    steps: Int = Field(200, ge=1)
+    seed: Int = 0
+    device: Device = Field("auto", description="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...")
+    train_patch_sizes: list[Int] = Field(default_factory=lambda: [8], min_length=1, description=(
         "patch sizes the (sub-)batch trains at, split evenly; Flexi-JEST: [16, 32] (tiny: [8, 16])"))
-    loss_chunk_size: int | None = Field(None, ge=1, description="row chunk of the sigmoid loss; None = whole batch")
+    loss_chunk_size: Int | None = Field(None, ge=1, description="row chunk of the sigmoid loss; None = whole batch")
     compile: bool = Field(False, description="torch.compile the towers for the training forward (GPU speed path)")
-    processes: int = Field(0, ge=0, description=(
+    processes: Int = Field(0, ge=0, description=(
         "data-parallel processes (DDP): 0 = one per visible GPU (one process without GPUs); N > 1 starts N under "
         "torchrun (gloo on CPUs); ignored inside torchrun, which sets the world itself"))
-    shuffle_buffer: int = Field(2000, ge=1)
-    checkpoint_every: int = Field(100, ge=1)
+    shuffle_buffer: Int = Field(2000, ge=1)
+    checkpoint_every: Int = Field(100, ge=1)
     resume: bool = Field(True, description="continue from out_dir's latest checkpoint if there is one")
-    log_every: int = Field(10, ge=1)
+    log_every: Int = Field(10, ge=1)
     progress: bool = True
-    eval_every: int = Field(0, ge=0, description="evaluate every N steps (and at the end) on eval_data; 0: never")
+    eval_every: Int = Field(0, ge=0, description="evaluate every N steps (and at the end) on eval_data; 0: never")
     eval_data: list[str] = Field(default_factory=list, description="eval splits for eval_every")
-    eval_max_samples: int | None = Field(500, ge=1, description="samples per eval split during training")
+    eval_max_samples: Int | None = Field(500, ge=1, description="samples per eval split during training")
+    max_consecutive_bad_samples: Int = Field(10_000, ge=0, description=(
+        "fail when this many training samples in a row are unusable (undecodable image, blank caption, ...); "
+        "0: no limit. A whole epoch without a usable sample fails regardless"))
 
     @model_validator(mode="after")
     def _check_patches(self) -> "TrainingConfig":
         for patch in self.train_patch_sizes:
             if self.model.image_size % patch:
                 raise ValueError(f"train_patch_sizes: {patch} does not divide model.image_size {self.model.image_size}")
+        if self.eval_every > 0 and not self.eval_data:
+            raise ValueError(f"eval_every: {self.eval_every} asks for evaluations during training but eval_data is "
+                             "empty; give eval_data (the eval splits) or set eval_every to 0")
         return self
 
 
@@ -159,6 +218,8 @@ class TrainResult(StrictModel):
     metrics_path: str
     selection: dict[str, float] = Field(default_factory=dict, description="mean selection statistics")
     world_size: int = Field(1, description="processes that trained it (torchrun / a PyTorchJob)")
+    read_stats: ReadStatsSummary = Field(default_factory=ReadStatsSummary, description=(
+        "the training stream's reads, all epochs (rank 0's: every rank reads the same stream)"))
 
 
 # ---- stage 1: reference -------------------------------------------------------------------------------------
@@ -167,21 +228,21 @@ class TrainResult(StrictModel):
 class TrainReferenceConfig(TrainingConfig):
     out_dir: str = "runs/reference"
     data: str = Field("runs/data/curated", description="the curated split (directory or URI of its shards)")
-    batch_size: int = Field(128, ge=2)
+    batch_size: Int = Field(128, ge=2)
     init_checkpoint: str | None = Field(None, description="start from this model file instead of from scratch")
-    steps: int = Field(300, ge=1)
+    steps: Int = Field(300, ge=1)
 
 
 # ---- stage 2: reference cache -------------------------------------------------------------------------------
 
 
-class CacheReferenceConfig(StrictModel):
+class CacheReferenceConfig(ConfigModel):
     reference: str = Field("runs/reference/model.pt", description="the frozen reference's model file")
     pool: str = Field("runs/data/pool", description="the pool split whose samples are embedded")
     out_dir: str | None = Field(None, description="cache directory; default: next to the shards, pool/refcache-<sha12>")
-    patch_size: int | None = Field(None, ge=1, description="patch size of the reference's image forward; default its base")
-    batch_size: int = Field(256, ge=1)
-    device: str = "auto"
+    patch_size: Int | None = Field(None, ge=1, description="patch size of the reference's image forward; default its base")
+    batch_size: Int = Field(256, ge=1)
+    device: Device = "auto"
 
 
 class CacheReferenceResult(StrictModel):
@@ -192,6 +253,7 @@ class CacheReferenceResult(StrictModel):
     skipped: dict[str, int]
     seconds: float
     flops: float = Field(description="the reference's forward FLOPs over the pool (counted once)")
+    read_stats: ReadStatsSummary = Field(default_factory=ReadStatsSummary, description="the pass over the pool")
 
 
 # ---- stage 3: learner ---------------------------------------------------------------------------------------
@@ -205,24 +267,35 @@ class TrainLearnerConfig(TrainingConfig):
     method: Literal["uniform", "independent", "joint"] = "joint"
     score: Literal["learnability", "hard_learner", "easy_reference"] = "learnability"
     independent_mode: Literal["sample", "topk"] = "sample"
-    filter_ratio: float = Field(0.8, ge=0.0, lt=1.0, description="fraction of the super-batch discarded")
-    n_chunks: int = Field(16, ge=1)
+    filter_ratio: Float = Field(0.8, ge=0.0, lt=1.0, description="fraction of the super-batch discarded")
+    n_chunks: Int = Field(16, ge=1)
     selection_scope: Literal["global", "local"] = Field("global", description=(
         "with several processes: 'global' gathers the super-batch's embeddings and selects over all of it "
         "(equal to one process); 'local' selects within each rank's shard, without the gather"))
-    super_batch_size: int = Field(640, ge=2, description="B; the sub-batch is round(B * (1 - filter_ratio))")
-    scoring_patch_size: int | None = Field(None, ge=1, description="learner patch size when scoring; default model.patch_size")
-    reference_training_flops: float = Field(0.0, ge=0, description="the reference's training FLOPs, counted once in the total")
-    reference_caching_flops: float = Field(0.0, ge=0, description="the reference's pass over the pool, counted once")
+    super_batch_size: Int = Field(640, ge=2, description="B; the sub-batch is round(B * (1 - filter_ratio))")
+    scoring_patch_size: Int | None = Field(None, ge=1, description="learner patch size when scoring; default model.patch_size")
+    reference_training_flops: Float = Field(0.0, ge=0, description="the reference's training FLOPs, counted once in the total")
+    reference_caching_flops: Float = Field(0.0, ge=0, description="the reference's pass over the pool, counted once")
 
     @property
     def sub_batch_size(self) -> int:
-        return max(1, round(self.super_batch_size * (1.0 - self.filter_ratio)))
+        """b = round(B * (1 - filter_ratio)), at least 2 (validated)."""
+        return round(self.super_batch_size * (1.0 - self.filter_ratio))
 
     @model_validator(mode="after")
     def _check_learner(self) -> "TrainLearnerConfig":
         if self.method != "uniform" and self.reference_cache is None and self.score != "hard_learner":
             raise ValueError(f"reference_cache is required for method={self.method!r} with score={self.score!r}")
+        sub_batch = self.sub_batch_size
+        if sub_batch < 2:
+            raise ValueError(
+                f"super_batch_size: {self.super_batch_size} with filter_ratio {self.filter_ratio} leaves a sub-batch of "
+                f"{sub_batch} (round(super_batch_size * (1 - filter_ratio))); the sigmoid loss needs at least 2 pairs")
+        if self.method == "joint" and self.n_chunks > sub_batch:
+            raise ValueError(
+                f"n_chunks: {self.n_chunks} is larger than the sub-batch {sub_batch} (super_batch_size "
+                f"{self.super_batch_size} x (1 - filter_ratio {self.filter_ratio})); joint selection draws at least "
+                "one example per chunk: lower n_chunks")
         patch = self.scoring_patch_size or self.model.patch_size
         if self.model.image_size % patch:
             raise ValueError(f"scoring_patch_size {patch} does not divide model.image_size {self.model.image_size}")
@@ -232,14 +305,17 @@ class TrainLearnerConfig(TrainingConfig):
 # ---- stage 4: evaluation ------------------------------------------------------------------------------------
 
 
-class EvaluateConfig(StrictModel):
+class EvaluateConfig(ConfigModel):
     model: str = Field("runs/learner/model.pt", description="model file to evaluate")
     eval_data: list[str] = Field(default_factory=lambda: ["runs/data/eval"], min_length=1, description="eval splits")
-    patch_size: int | None = Field(None, ge=1, description="image patch size; default the model's base (Flexi: 16)")
-    batch_size: int = Field(256, ge=1)
-    max_samples: int | None = Field(None, ge=1, description="evaluate at most this many samples per split")
-    device: str = "auto"
+    patch_size: Int | None = Field(None, ge=1, description="image patch size; default the model's base (Flexi: 16)")
+    batch_size: Int = Field(256, ge=1)
+    max_samples: Int | None = Field(None, ge=1, description="evaluate at most this many samples per split")
+    device: Device = "auto"
     out_path: str | None = Field(None, description="write the result JSON here")
+    allow_partial: bool = Field(False, description=(
+        "score on the readable part of a split with unreadable samples or shards (the shortfall is in the result); "
+        "default: such a split fails the evaluation"))
 
 
 class SplitMetrics(StrictModel):
@@ -253,6 +329,11 @@ class SplitMetrics(StrictModel):
     text_to_image_r1: float
     text_to_image_r5: float
     text_to_image_r10: float
+    read_stats: ReadStatsSummary = Field(default_factory=ReadStatsSummary)
+    expected_samples: int | None = Field(None, description=(
+        "samples the split's manifest promises (capped at max_samples); None without a manifest"))
+    shortfall: int = Field(0, description=(
+        "samples not scored: expected_samples - num_samples with a manifest, else the samples skipped one by one"))
 
 
 class EvaluateResult(StrictModel):
@@ -308,13 +389,20 @@ def stage_config(stage: str, profile: str = "tiny", values: dict[str, Any] | Non
     return STAGE_CONFIGS[stage].model_validate(merged)
 
 
+FIELD_FIRST = re.compile(r"(?P<field>[a-z_][a-z0-9_.]*): (?P<rest>.*)", re.S)
+
+
 def format_validation_error(stage: str, error: ValidationError) -> str:
     """A readable message naming every bad field, its problem and the value given."""
     lines = [f"invalid config for {stage}:"]
     for item in error.errors():
-        where = ".".join(str(part) for part in item["loc"]) or "(config)"
+        where = ".".join(str(part) for part in item["loc"])
+        message = item["msg"]
+        if not where:  # a check across fields; its message starts with the field it blames ("n_chunks: ...")
+            named = FIELD_FIRST.match(message.removeprefix("Value error, "))
+            where, message = (named["field"], named["rest"]) if named else ("(config)", message)
         got = f" (got {item['input']!r})" if "input" in item and not isinstance(item["input"], dict) else ""
-        lines.append(f"  {where}: {item['msg']}{got}")
+        lines.append(f"  {where}: {message}{got}")
     return "\n".join(lines)
 
 

@@ -4,6 +4,10 @@ Classification: each class's text embedding is the normalised mean of its prompt
 an image's prediction is the nearest class. Needs the split's `classes` and `templates` (in its
 manifest) and a `label` per sample.
 
+Completeness: metrics feed promotion, so a split with any unreadable sample or shard (missing,
+truncated, corrupt, undecodable image, blank or non-UTF-8 caption) fails the evaluation with its read
+stats, unless allow_partial; then each split's result carries the read stats and the shortfall.
+
 Retrieval: over the N pairs of a split. Generated captions repeat (two scenes can share one), so a
 retrieved item counts as a hit when its caption equals the query's caption, not only when it is the
 query's own partner.
@@ -18,7 +22,7 @@ from torch import Tensor
 from flexi_jest import storage
 from flexi_jest.checkpoint import load_model
 from flexi_jest.config import EvaluateConfig, EvaluateResult, SplitMetrics
-from flexi_jest.data.shards import ReadStats, iter_split, read_manifest
+from flexi_jest.data.shards import PartialReadError, ReadStats, iter_split, read_manifest
 from flexi_jest.model import DualEncoder, Tokenizer
 from flexi_jest.device import autocast, resolve_device, to_model_input
 
@@ -26,9 +30,11 @@ from flexi_jest.device import autocast, resolve_device, to_model_input
 @torch.no_grad()
 def embed_split(
     model: DualEncoder, tokenizer: Tokenizer, split_dir: str, patch_size: int | None, batch_size: int,
-    device: torch.device, max_samples: int | None = None,
+    device: torch.device, max_samples: int | None = None, allow_partial: bool = False,
 ) -> dict[str, Any]:
-    """Embeddings of a split: {image_emb [N, d], text_emb [N, d], captions, labels, stats}."""
+    """Embeddings of a split: {image_emb [N, d], text_emb [N, d], captions, labels, stats}.
+
+    A PartialReadError if reading skipped anything, unless allow_partial."""
     model.eval()
     stats = ReadStats()
     image_embs, text_embs, captions, labels = [], [], [], []
@@ -53,7 +59,12 @@ def embed_split(
     if batch:
         flush()
     if not captions:
-        raise ValueError(f"no readable samples in eval split {split_dir}: {stats.summary()}")
+        raise PartialReadError(f"no readable samples in eval split {split_dir}: {stats.summary()}")
+    if not stats.complete and not allow_partial:
+        raise PartialReadError(
+            f"eval split {split_dir} is not wholly readable: {stats.summary()}; first problems: {stats.errors[:5]}. "
+            "Scores on part of it would be misleading: repair or rewrite the split, or set allow_partial: true "
+            "to score the readable part (the shortfall is then in the result)")
     return {"image_emb": torch.cat(image_embs), "text_emb": torch.cat(text_embs), "captions": captions,
             "labels": labels, "stats": stats}
 
@@ -96,15 +107,18 @@ def retrieval_recall(image_emb: Tensor, text_emb: Tensor, captions: list[str], k
 
 def evaluate_model(
     model: DualEncoder, eval_splits: list[str], patch_size: int | None = None, batch_size: int = 256,
-    device: torch.device | None = None, max_samples: int | None = None,
+    device: torch.device | None = None, max_samples: int | None = None, allow_partial: bool = False,
 ) -> dict[str, SplitMetrics]:
-    """Zero-shot classification and retrieval on each eval split; keys are the splits' dataset names."""
+    """Zero-shot classification and retrieval on each eval split; keys are the splits' dataset names.
+
+    A split that cannot be read whole raises PartialReadError unless allow_partial (see the module doc)."""
     device = device or next(model.parameters()).device
     tokenizer = Tokenizer(model.cfg.context_length)
     results: dict[str, SplitMetrics] = {}
     for split_dir in eval_splits:
         manifest = read_manifest(split_dir) or {}
-        embedded = embed_split(model, tokenizer, split_dir, patch_size, batch_size, device, max_samples)
+        embedded = embed_split(model, tokenizer, split_dir, patch_size, batch_size, device, max_samples, allow_partial)
+        stats: ReadStats = embedded["stats"]
         classes, templates = manifest.get("classes"), manifest.get("templates") or ["{}"]
         metrics: dict[str, float | None] = {"top1": None, "top5": None}  # None: the split has no classes
         if classes and all(label in classes for label in embedded["labels"]):
@@ -113,7 +127,14 @@ def evaluate_model(
             metrics.update(classification_accuracy(embedded["image_emb"], labels, classifier))
         metrics.update(retrieval_recall(embedded["image_emb"], embedded["text_emb"], embedded["captions"]))
         name = manifest.get("dataset") or split_dir.rstrip("/").split("/")[-2]
-        results[name] = SplitMetrics(num_samples=len(embedded["captions"]), num_classes=len(classes or []), **metrics)
+        scored = len(embedded["captions"])
+        expected = None
+        if manifest:
+            expected = sum(s["num_samples"] for s in manifest["shards"])
+            expected = min(expected, max_samples) if max_samples is not None else expected
+        shortfall = max(0, expected - scored) if expected is not None else stats.lost_samples()
+        results[name] = SplitMetrics(num_samples=scored, num_classes=len(classes or []), **metrics,
+                                     read_stats=stats.to_summary(), expected_samples=expected, shortfall=shortfall)
     return results
 
 
@@ -121,7 +142,8 @@ def evaluate(cfg: EvaluateConfig) -> EvaluateResult:
     """The evaluate stage: load a model file and evaluate it on every eval split."""
     device = resolve_device(cfg.device)
     model, _ = load_model(cfg.model, device)
-    splits = evaluate_model(model, cfg.eval_data, cfg.patch_size, cfg.batch_size, device, cfg.max_samples)
+    splits = evaluate_model(model, cfg.eval_data, cfg.patch_size, cfg.batch_size, device, cfg.max_samples,
+                            cfg.allow_partial)
     result = EvaluateResult(model=cfg.model, splits=splits)
     if cfg.out_path:
         storage.write_bytes(cfg.out_path, result.model_dump_json(indent=1).encode())

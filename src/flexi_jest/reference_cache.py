@@ -113,6 +113,7 @@ def write_cache(
         "num_samples": sum(s["num_samples"] for s in shards.values()),
         "shards": shards,
         "skipped": dict(stats.skipped),
+        "read_stats": stats.to_summary().model_dump(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     storage.write_bytes(storage.join(cache_dir, CACHE_MANIFEST), json.dumps(manifest, indent=1).encode())
@@ -201,7 +202,7 @@ def cache_reference(cfg: CacheReferenceConfig) -> CacheReferenceResult:
     return CacheReferenceResult(
         cache_dir=cache_dir, reference_sha256=sha, num_samples=manifest["num_samples"],
         num_shards=len(manifest["shards"]), skipped=manifest["skipped"], seconds=time.perf_counter() - started,
-        flops=manifest["flops"],
+        flops=manifest["flops"], read_stats=manifest["read_stats"],
     )
 
 

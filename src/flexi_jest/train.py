@@ -250,6 +250,7 @@ def run_training(
         metrics_path=metrics_path,
         selection={k: v / steps_run for k, v in stats_sums.items()},
         world_size=world.size,
+        read_stats=stream.stats.to_summary(),
     )
     if world.is_main:
         storage.write_bytes(storage.join(cfg.out_dir, "result.json"), result.model_dump_json(indent=1).encode())
@@ -263,7 +264,7 @@ def evaluate_during_training(model: DualEncoder, cfg: TrainingConfig, device: to
     splits = evaluate_model(model, cfg.eval_data, None, 256, device, cfg.eval_max_samples)
     model.train()
     return {f"{name}.{key}": value for name, metrics in splits.items()
-            for key, value in metrics.model_dump().items() if value is not None}
+            for key, value in metrics.model_dump(exclude={"read_stats"}).items() if value is not None}
 
 
 def _one_step(net, prefetcher, step_fn, generator, optimizer, scheduler, cfg, world: World
@@ -309,7 +310,8 @@ def train_reference(cfg: TrainReferenceConfig) -> TrainResult:
             raise ValueError(f"init_checkpoint {cfg.init_checkpoint} has model {model.cfg}, config asks for {cfg.model}")
     else:
         model = DualEncoder(cfg.model).to(device)
-    stream = SampleStream(cfg.data, cfg.model.image_size, cfg.seed, cfg.shuffle_buffer)
+    stream = SampleStream(cfg.data, cfg.model.image_size, cfg.seed, cfg.shuffle_buffer,
+                          max_consecutive_bad=cfg.max_consecutive_bad_samples)
     step_flops = flops.training_step_flops(cfg.model, cfg.batch_size, cfg.train_patch_sizes)
 
     def step_fn(net: torch.nn.Module, batch: list[dict[str, Any]], generator: torch.Generator) -> StepOutput:
@@ -333,7 +335,8 @@ def train_learner(cfg: TrainLearnerConfig) -> TrainResult:
     model = DualEncoder(cfg.model).to(device)
     needs_reference = cfg.method != "uniform" and cfg.score != "hard_learner"
     cache = ReferenceCache(cfg.reference_cache, cfg.pool, cfg.reference_sha256) if needs_reference else None
-    stream = SampleStream(cfg.pool, cfg.model.image_size, cfg.seed, cfg.shuffle_buffer, cache.attach if cache else None)
+    stream = SampleStream(cfg.pool, cfg.model.image_size, cfg.seed, cfg.shuffle_buffer, cache.attach if cache else None,
+                          max_consecutive_bad=cfg.max_consecutive_bad_samples)
     sub_batch = cfg.sub_batch_size
     draw = sub_batch if cfg.method == "uniform" else cfg.super_batch_size
     check_divisible("super_batch_size", draw, world)

@@ -36,7 +36,9 @@ def test_reader_resizes_to_the_model_size(tmp_path):
 def test_plain_directory_of_tars_without_manifest(tmp_path):
     write_split(colour_samples(12), str(tmp_path), samples_per_shard=5)
     (tmp_path / "manifest.json").unlink()
-    assert shard_names(str(tmp_path)) == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
+    for shard in tmp_path.glob("shard-*.tar"):  # external names (flexi-jest's own without a manifest are refused)
+        shard.rename(tmp_path / shard.name.replace("shard-", "web-"))
+    assert shard_names(str(tmp_path)) == ["web-000000.tar", "web-000001.tar", "web-000002.tar"]
     assert len(list(iter_split(str(tmp_path)))) == 12
 
 
@@ -85,10 +87,9 @@ def test_undecodable_image_and_empty_caption_are_skipped_and_counted(tmp_path):
     })
     stats = ReadStats()
     samples = list(iter_split(str(tmp_path), stats=stats))
-    assert [s["key"] for s in samples] == ["k1", "k5"]
-    assert samples[1]["meta"] == {}
-    assert stats.skipped == {"bad_image": 1, "empty_caption": 1, "missing_image": 1}
-    assert "2 samples read" in stats.summary()
+    assert [s["key"] for s in samples] == ["k1"]  # k5's metadata (its label, its noise kind) is unreadable
+    assert stats.skipped == {"bad_image": 1, "empty_caption": 1, "missing_image": 1, "bad_meta": 1}
+    assert "1 samples read" in stats.summary()
 
 
 def test_missing_split_is_a_clear_error(tmp_path):
@@ -115,5 +116,5 @@ def test_stream_is_deterministic_shuffled_and_resumable(tmp_path):
 def test_stream_of_only_unreadable_data_raises(tmp_path):
     (tmp_path / "bad.tar").write_bytes(b"garbage")
     stream = SampleStream(str(tmp_path), None)
-    with pytest.raises(RuntimeError, match="no readable samples"):
+    with pytest.raises(ValueError, match="no usable sample"):
         stream.take(1)

@@ -2,17 +2,20 @@
 
 A split directory holds `shard-000000.tar`, ... (members `key.png|jpg`, `key.txt`, `key.json`) and
 `manifest.json`, written last, with per-shard sample counts and sha256 checksums. A directory of
-tars without a manifest (external webdataset data) is read too.
+external tars without a manifest is read too; shards named `shard-NNNNNN.tar` without a manifest are
+an interrupted write, refused (IncompleteSplitError).
 
-Reading never crashes on bad data and never drops it silently: a corrupt or truncated shard, an
-image that fails to decode, an empty caption are skipped and counted in ReadStats, and a shard that
-yields fewer samples than its manifest says is reported.
+Reading never crashes on bad bytes and never drops data silently: a missing, corrupt or truncated
+shard, an image that fails to decode, a blank or non-UTF-8 caption, unparsable JSON metadata are
+skipped and counted by reason in ReadStats, a shard yielding fewer samples than its manifest says is
+reported, and duplicate keys are counted. Every stage's result carries these counts (ReadStatsSummary);
+evaluation refuses a split with any of them unless allowed; a stream with no usable sample fails.
 """
 
 import io
 import json
 import random
-import tarfile
+import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -25,6 +28,7 @@ from webdataset import TarWriter
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from flexi_jest import storage
+from flexi_jest.config import ReadStatsSummary
 from flexi_jest.data.sample import Sample
 
 MANIFEST = "manifest.json"
@@ -97,45 +101,132 @@ def write_split(
 
 # ---- reading ----------------------------------------------------------------------------------------
 
+WRITTEN_SHARD = re.compile(r"shard-\d{6}\.tar")  # the names write_split gives its shards
+
+
+class ShardError(ValueError):
+    """A split cannot be read as asked: a corrupt or incomplete manifest, an interrupted write, no usable sample.
+
+    The reader's contract: bad bytes inside a shard are skipped and counted in ReadStats; what makes the
+    whole split unusable is a ShardError (or a storage.StorageError when the location cannot be reached)."""
+
+
+class IncompleteSplitError(ShardError):
+    """A split written by this project has shards but no manifest: its writing was interrupted."""
+
+
+class UnreadableSplitError(ShardError):
+    """Reading a split yields no usable sample (every image bad, every caption blank, ...)."""
+
+
+class PartialReadError(ShardError):
+    """Some samples or shards of a split that must be read whole (evaluation) could not be read."""
+
+
+def _check_manifest(uri: str, manifest: Any) -> dict[str, Any]:
+    """The manifest if its structure is what the reader relies on, else a ShardError naming the field."""
+    def bad(where: str, problem: str) -> ShardError:
+        return ShardError(f"corrupt manifest {uri}: {where} {problem}")
+
+    if not isinstance(manifest, dict):
+        raise bad("the document", f"must be a JSON object, got {type(manifest).__name__}")
+    shards = manifest.get("shards")
+    if not isinstance(shards, list):
+        raise bad("'shards'", "must be a list of {name, num_samples, sha256}")
+    for i, entry in enumerate(shards):
+        if not isinstance(entry, dict):
+            raise bad(f"shards[{i}]", "must be an object")
+        if not isinstance(entry.get("name"), str) or not entry["name"]:
+            raise bad(f"shards[{i}].name", "must be a non-empty string")
+        count = entry.get("num_samples")
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise bad(f"shards[{i}].num_samples", f"must be an integer >= 0, got {count!r}")
+        if "sha256" in entry and not isinstance(entry["sha256"], str):
+            raise bad(f"shards[{i}].sha256", "must be a string")
+    return manifest
+
 
 def read_manifest(split_dir: str) -> dict[str, Any] | None:
-    """The split's manifest, or None for a plain directory of tars."""
+    """The split's manifest, or None for a plain directory of tars; a ShardError if it is not a valid manifest."""
     uri = storage.join(split_dir, MANIFEST)
     if not storage.exists(uri):
         return None
     try:
-        return json.loads(storage.read_bytes(uri))
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"corrupt manifest {uri}: {exc}") from exc
+        manifest = json.loads(storage.read_bytes(uri))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise ShardError(f"corrupt manifest {uri}: {exc}") from exc
+    return _check_manifest(uri, manifest)
 
 
 def shard_names(split_dir: str) -> list[str]:
-    """Shard file names of a split, from its manifest or, without one, every *.tar in the directory."""
+    """Shard file names of a split, from its manifest or, without one, every *.tar in the directory.
+
+    Shards named as write_split names them (shard-000000.tar, ...) without a manifest are an interrupted
+    write, refused: the manifest is written last, so its absence means the split may be incomplete."""
     manifest = read_manifest(split_dir)
     names = [s["name"] for s in manifest["shards"]] if manifest else storage.list_names(split_dir, ".tar")
+    if not manifest and any(WRITTEN_SHARD.fullmatch(name) for name in names):
+        raise IncompleteSplitError(
+            f"split {split_dir} has shards written by flexi-jest ({names[0]}, ...) but no {MANIFEST}, which is "
+            "written last: the write was interrupted and the split may be incomplete. Re-run the stage that "
+            f"wrote it (make-data) to rewrite the split; if these are external tars, rename them (not shard-NNNNNN.tar)")
     if not names:
-        raise ValueError(f"no shards in {split_dir}")
+        raise ShardError(f"no shards in {split_dir}")
     return names
+
+
+# reasons that mean samples were lost (see config.ReadStatsSummary); the rest damage a whole shard
+SAMPLE_REASONS = ("missing_image", "empty_caption", "non_utf8_caption", "bad_image", "bad_meta", "corrupt_member")
 
 
 @dataclass
 class ReadStats:
-    """What reading skipped, by reason; `errors` keeps the first messages for the report."""
+    """What reading used and what it skipped, by reason; `errors` keeps the first messages for the report.
+
+    samples counts samples decoded and handed on, nothing else. Keys are remembered to count duplicates
+    (a key read again in the same pass: kept, counted); `new_pass()` forgets them (the stream's next epoch).
+    """
 
     samples: int = 0
     skipped: Counter = field(default_factory=Counter)
+    duplicate_keys: int = 0
     errors: list[str] = field(default_factory=list)
+    seen_keys: set[str] = field(default_factory=set, repr=False)
 
     def record(self, reason: str, message: str) -> None:
         self.skipped[reason] += 1
         if len(self.errors) < 20:
             self.errors.append(f"{reason}: {message}")
 
+    def note_key(self, key: str, where: str) -> None:
+        if key in self.seen_keys:
+            self.duplicate_keys += 1
+            if len(self.errors) < 20:
+                self.errors.append(f"duplicate_key: {key} again in {where}")
+        else:
+            self.seen_keys.add(key)
+
+    def new_pass(self) -> None:
+        self.seen_keys.clear()
+
+    @property
+    def complete(self) -> bool:
+        return not self.skipped
+
+    def lost_samples(self) -> int:
+        """Samples known to be skipped one by one (a damaged shard's loss is in short_shard, not here)."""
+        return sum(self.skipped[reason] for reason in SAMPLE_REASONS)
+
     def summary(self) -> str:
+        duplicates = f"; {self.duplicate_keys} duplicate keys (kept)" if self.duplicate_keys else ""
         if not self.skipped:
-            return f"{self.samples} samples read, none skipped"
+            return f"{self.samples} samples read, none skipped{duplicates}"
         parts = ", ".join(f"{n} {reason}" for reason, n in sorted(self.skipped.items()))
-        return f"{self.samples} samples read; skipped: {parts}"
+        return f"{self.samples} samples read; skipped: {parts}{duplicates}"
+
+    def to_summary(self) -> ReadStatsSummary:
+        return ReadStatsSummary(samples=self.samples, skipped=dict(self.skipped), duplicate_keys=self.duplicate_keys,
+                                errors=list(self.errors))
 
 
 def shard_entries(split_dir: str) -> dict[str, dict[str, Any]]:
@@ -145,7 +236,7 @@ def shard_entries(split_dir: str) -> dict[str, dict[str, Any]]:
 
 
 def iter_shard(split_dir: str, name: str, stats: ReadStats, expected: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
-    """Raw samples (dicts of member bytes, with __key__) of one shard, robust to corruption.
+    """Raw samples (dicts of member bytes, with __key__) of one shard, robust to corruption: never raises on its bytes.
 
     The shard is fetched whole (local file or S3 object) and checked against the manifest's sha256.
     A truncated or corrupt tar yields what it holds up to the damage; the damage is recorded, and so
@@ -170,8 +261,8 @@ def iter_shard(split_dir: str, name: str, stats: ReadStats, expected: dict[str, 
             for member in tar_file_iterator(io.BytesIO(data), handler=on_member_error):
                 member["__url__"] = uri
                 yield member
-        except (tarfile.TarError, OSError, EOFError) as exc:
-            stats.record("corrupt_shard", f"{uri}: {exc}")
+        except Exception as exc:  # noqa: BLE001 - any failure to parse bytes already in memory is damage
+            stats.record("corrupt_shard", f"{uri}: {type(exc).__name__}: {exc}")
 
     for raw in group_by_keys(members(), handler=on_member_error):
         raw["__shard__"] = name
@@ -182,15 +273,29 @@ def iter_shard(split_dir: str, name: str, stats: ReadStats, expected: dict[str, 
 
 
 def decode_sample(raw: dict[str, Any], image_size: int | None, stats: ReadStats) -> dict[str, Any] | None:
-    """Raw member bytes -> {key, image: uint8 [3, H, W], caption, meta, shard}, or None (counted) if unusable."""
+    """Raw member bytes -> {key, image: uint8 [3, H, W], caption, meta, shard}, or None (counted) if unusable.
+
+    A caption must be UTF-8 text (a non-UTF-8 one is skipped as non_utf8_caption, not guessed at with
+    replacement characters) and not blank; the JSON metadata, when present, must parse to an object."""
     key = raw["__key__"]
     image_bytes = next((raw[ext] for ext in IMAGE_EXTENSIONS if ext in raw), None)
-    if image_bytes is None:
+    if not isinstance(image_bytes, bytes):
         stats.record("missing_image", key)
         return None
-    caption = raw.get("txt", b"").decode("utf-8", errors="replace").strip()
+    try:
+        caption = raw.get("txt", b"").decode("utf-8").strip()
+    except UnicodeDecodeError as exc:
+        stats.record("non_utf8_caption", f"{key}: {exc}")
+        return None
     if not caption:
         stats.record("empty_caption", key)
+        return None
+    try:
+        meta = json.loads(raw["json"]) if "json" in raw else {}
+        if not isinstance(meta, dict):
+            raise ValueError(f"expected a JSON object, got {type(meta).__name__}")
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        stats.record("bad_meta", f"{key}: {exc}")
         return None
     try:
         with Image.open(io.BytesIO(image_bytes)) as image:
@@ -201,10 +306,6 @@ def decode_sample(raw: dict[str, Any], image_size: int | None, stats: ReadStats)
     except Exception as exc:  # PIL raises many types for bad data
         stats.record("bad_image", f"{key}: {exc}")
         return None
-    try:
-        meta = json.loads(raw["json"]) if "json" in raw else {}
-    except json.JSONDecodeError:
-        meta = {}
     stats.samples += 1
     decoded = {"key": key, "image": pixels, "caption": caption, "meta": meta, "shard": raw["__shard__"]}
     for extra in ("ref_image_emb", "ref_text_emb"):
@@ -214,11 +315,12 @@ def decode_sample(raw: dict[str, Any], image_size: int | None, stats: ReadStats)
 
 
 def iter_split(split_dir: str, image_size: int | None = None, stats: ReadStats | None = None) -> Iterator[dict[str, Any]]:
-    """Every usable sample of a split once, in shard order (for caching and evaluation)."""
+    """Every usable sample of a split once, in shard order (for caching and evaluation); stats counts the rest."""
     stats = stats if stats is not None else ReadStats()
     entries = shard_entries(split_dir)
     for name in shard_names(split_dir):
         for raw in iter_shard(split_dir, name, stats, entries.get(name)):
+            stats.note_key(raw["__key__"], name)
             sample = decode_sample(raw, image_size, stats)
             if sample is not None:
                 yield sample
@@ -235,22 +337,29 @@ class SampleStream:
     position). `state_dict()` records (epoch, position); loading it re-reads the epoch's raw members
     and skips `position` of them without decoding, which reproduces the stream exactly.
 
+    Liveness: a whole epoch without one usable sample, or max_consecutive_bad unusable samples in a
+    row (0: no limit), raises UnreadableSplitError with the read stats, instead of re-reading for ever.
+
     attach: optional callable(shard_name, raw_samples_of_shard) -> raw_samples, used to join the
     reference cache onto samples by key as each shard is read.
     """
 
-    def __init__(self, split_dir: str, image_size: int | None, seed: int = 0, shuffle_buffer: int = 2000, attach=None):
+    def __init__(self, split_dir: str, image_size: int | None, seed: int = 0, shuffle_buffer: int = 2000, attach=None,
+                 max_consecutive_bad: int = 10_000):
         self.split_dir = split_dir
         self.image_size = image_size
         self.seed = seed
         self.shuffle_buffer = shuffle_buffer
         self.attach = attach
+        self.max_consecutive_bad = max_consecutive_bad
         self.names = shard_names(split_dir)
         self.entries = shard_entries(split_dir)
         self.stats = ReadStats()
         self.epoch = 0
         self.position = 0  # raw samples emitted in this epoch
         self._iterator: Iterator[dict[str, Any]] | None = None
+        self._consecutive_bad = 0
+        self._usable_this_epoch = False
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
@@ -264,11 +373,13 @@ class SampleStream:
         names = list(self.names)
         rng.shuffle(names)
         buffer: list[dict[str, Any]] = []
+        self.stats.new_pass()
         for name in names:
             raws: Iterable[dict[str, Any]] = iter_shard(self.split_dir, name, self.stats, self.entries.get(name))
             if self.attach is not None:
                 raws = self.attach(name, raws)
             for raw in raws:
+                self.stats.note_key(raw["__key__"], name)
                 buffer.append(raw)
                 if len(buffer) >= self.shuffle_buffer:
                     yield buffer.pop(rng.randrange(len(buffer)))
@@ -278,6 +389,8 @@ class SampleStream:
     def _raw(self) -> Iterator[dict[str, Any]]:
         while True:
             skip, emitted = self.position, 0
+            whole_epoch = skip == 0  # a resumed epoch skips samples undecoded: it cannot judge the epoch
+            self._usable_this_epoch = False
             for raw in self._epoch_raw(self.epoch):
                 emitted += 1
                 if skip:
@@ -285,8 +398,10 @@ class SampleStream:
                     continue
                 self.position += 1
                 yield raw
-            if emitted == 0:
-                raise RuntimeError(f"no readable samples in {self.split_dir}: {self.stats.summary()}")
+            if emitted == 0 or (whole_epoch and not self._usable_this_epoch):
+                raise UnreadableSplitError(
+                    f"no usable sample in a whole pass over {self.split_dir}: {self.stats.summary()}; "
+                    f"first problems: {self.stats.errors[:5]}")
             self.epoch, self.position = self.epoch + 1, 0
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -298,7 +413,14 @@ class SampleStream:
         while True:
             sample = decode_sample(next(self._iterator), self.image_size, self.stats)
             if sample is not None:
+                self._consecutive_bad = 0
+                self._usable_this_epoch = True
                 return sample
+            self._consecutive_bad += 1
+            if self.max_consecutive_bad and self._consecutive_bad >= self.max_consecutive_bad:
+                raise UnreadableSplitError(
+                    f"{self._consecutive_bad} unusable samples in a row in {self.split_dir} (max_consecutive_bad_samples): "
+                    f"{self.stats.summary()}; first problems: {self.stats.errors[:5]}")
 
     def take(self, n: int) -> list[dict[str, Any]]:
         return [next(self) for _ in range(n)]
