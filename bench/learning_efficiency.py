@@ -113,7 +113,7 @@ def run_experiment(args: argparse.Namespace, out: Path, methods: list[str], nois
     reference_share = reference.flops.reference_training + cache.flops
     base = dict(pool=str(data_dir / "pool"), reference_cache=cache.cache_dir, reference_sha256=cache.reference_sha256,
                 reference_training_flops=reference.flops.reference_training, reference_caching_flops=cache.flops,
-                model=model, super_batch_size=args.super_batch, filter_ratio=0.8, n_chunks=16, progress=False,
+                model=model, super_batch_size=args.super_batch, filter_ratio=0.8, n_chunks=args.chunks, progress=False,
                 eval_data=[str(data_dir / "eval")], eval_max_samples=args.eval_size, log_every=10, checkpoint_every=10**6)
     base.update(overrides)
     # the budget: the joint-learnability run at --jest-steps, reference share included
@@ -158,6 +158,7 @@ def main() -> None:
     parser.add_argument("--noise", type=float, default=0.6, help="pool noise rate")
     parser.add_argument("--jest-steps", type=int, default=300, help="the budget: joint-learnability at this many steps")
     parser.add_argument("--super-batch", type=int, default=640)
+    parser.add_argument("--chunks", type=int, default=16, help="n_chunks of joint selection (at most the sub-batch)")
     parser.add_argument("--reference-steps", type=int, default=300)
     parser.add_argument("--curated", type=int, default=2000)
     parser.add_argument("--pool", type=int, default=20000)

@@ -64,7 +64,7 @@ def test_learning_efficiency_bench_end_to_end_at_toy_size(tmp_path):
     toy size; its figures come from the documented runs (docs/results.md). A rerun resumes every finished run."""
     import subprocess
     import sys
-    command = [sys.executable, "bench/learning_efficiency.py", "--seeds", "1", "--jest-steps", "4", "--super-batch", "40",
+    command = [sys.executable, "bench/learning_efficiency.py", "--seeds", "1", "--jest-steps", "4", "--super-batch", "40", "--chunks", "4",
                "--reference-steps", "3", "--curated", "100", "--pool", "400", "--eval-size", "50", "--eval-points", "2",
                "--methods", "uniform,joint-learnability,flexi-jest", "--out", str(tmp_path)]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=600)

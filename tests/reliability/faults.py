@@ -3,7 +3,11 @@ hostile writer damages them. Every helper writes real tar shards (and a real man
 
 import io
 import json
+import os
 import random
+import signal
+from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 
 from PIL import Image
@@ -72,3 +76,36 @@ def flip_bits(data: bytes, positions: list[int]) -> bytes:
     for position in positions:
         mutated[position % len(mutated)] ^= 1 << (position % 8)
     return bytes(mutated)
+
+
+# ---- fuzzing --------------------------------------------------------------------------------------------
+
+# Inputs per fuzz test: a short run in the default suite; FLEXI_JEST_FUZZ_EXAMPLES=5000 for the long run.
+FUZZ_EXAMPLES = int(os.environ.get("FLEXI_JEST_FUZZ_EXAMPLES", "60"))
+HANG_SECONDS = 30  # one input taking this long is a hang (an input takes milliseconds)
+
+
+def fuzz_settings(**overrides):
+    """Hypothesis settings of the fuzz tests: FUZZ_EXAMPLES inputs, a per-input deadline, derandomized in the
+    default suite (the same inputs every run) and random in a long run (new inputs each time)."""
+    from hypothesis import HealthCheck, settings
+    values = dict(max_examples=FUZZ_EXAMPLES, deadline=timedelta(seconds=10), derandomize=FUZZ_EXAMPLES <= 100,
+                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
+                                         HealthCheck.data_too_large])
+    values.update(overrides)
+    return settings(**values)
+
+
+@contextmanager
+def no_hang(seconds: int = HANG_SECONDS):
+    """Fail (TimeoutError) instead of hanging when the body runs longer than `seconds` (SIGALRM, main thread)."""
+    def expired(signum, frame):
+        raise TimeoutError(f"still running after {seconds} s: a hang")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
