@@ -50,12 +50,12 @@ def embed_split(
         labels.extend(s["meta"].get("label") for s in batch)
         batch.clear()
 
-    for count, sample in enumerate(iter_split(split_dir, model.cfg.image_size, stats)):
-        if max_samples is not None and count >= max_samples:
-            break
+    for count, sample in enumerate(iter_split(split_dir, model.cfg.image_size, stats), start=1):
         batch.append(sample)
         if len(batch) == batch_size:
             flush()
+        if max_samples is not None and count >= max_samples:
+            break  # before the reader decodes (and counts) a sample not scored
     if batch:
         flush()
     if not captions:

@@ -87,6 +87,9 @@ def test_whole_eval_split_carries_its_read_stats(tmp_path, model_file):
     metrics = evaluate(EvaluateConfig(model=model_file, eval_data=[str(split)], device="cpu")).splits["toy"]
     assert metrics.num_samples == metrics.read_stats.samples == metrics.expected_samples == 30
     assert metrics.shortfall == 0 and metrics.read_stats.skipped == {}
+    capped = evaluate(EvaluateConfig(model=model_file, eval_data=[str(split)], device="cpu", max_samples=7))
+    assert capped.splits["toy"].num_samples == capped.splits["toy"].read_stats.samples == 7  # none read unscored
+    assert capped.splits["toy"].expected_samples == 7 and capped.splits["toy"].shortfall == 0
 
 
 def test_partial_eval_is_logged_to_mlflow(tmp_path, model_file, monkeypatch):
