@@ -2,6 +2,7 @@
 
     python pipelines/flexi_jest_pp.py compile --out flexi_jest_pp.yaml          # KFP IR YAML for a cluster
     python pipelines/flexi_jest_pp.py run-local --workdir runs/pipeline         # no cluster, no Docker
+    python pipelines/flexi_jest_pp.py run-local --runner docker ...             # each component in its image
     python pipelines/flexi_jest_pp.py submit --host https://kfp.example.com --param steps=2000
 
 Every stage is a component over a flexi_jest library function (components/stages.py), tracked in
@@ -318,22 +319,64 @@ def summarize(tracking_uri: str, run_name: str, experiment: str, workdir: Path) 
             "learner_version": promotion.data.tags.get("learner_version") if promotion else None}
 
 
-def run_local(workdir: str, params: dict[str, Any], from_stage: str = "prepare_data") -> dict[str, Any]:
-    """Run the whole pipeline with KFP local execution (subprocesses in this environment)."""
+# --runner docker: the services and S3 keys a component container gets from this environment, as a pod gets
+# them from the cluster's env and its Secret (with_cluster_services); nothing else of this machine goes in.
+CONTAINER_ENV = ("MLFLOW_TRACKING_URI", "FLEXI_JEST_S3_ENDPOINT", "MLFLOW_S3_ENDPOINT_URL", "FLEXI_JEST_S3_REGION",
+                 "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+CONTAINER_USER = "10001:10001"  # the images' USER, as a pod's securityContext runAsUser/runAsGroup would set
+
+
+def docker_runner(params: dict[str, Any]):
+    """KFP's DockerRunner, running each component in its image (components/image.py: FLEXI_JEST_IMAGE) as a pod
+    would: as CONTAINER_USER, only KFP's pipeline root mounted, the MLflow server and S3 reached over the network
+    (their URLs must be reachable from the containers, not loopback), data at an s3:// storage_root."""
+    from kfp import local
+
+    tracking = os.environ.get("MLFLOW_TRACKING_URI", "")
+    endpoint = os.environ.get("FLEXI_JEST_S3_ENDPOINT") or os.environ.get("MLFLOW_S3_ENDPOINT_URL", "")
+    problems = []
+    if not tracking.startswith(("http://", "https://")):
+        problems.append(f"MLFLOW_TRACKING_URI must be an MLflow server the containers reach (http://...), "
+                        f"got {tracking or 'nothing'}")
+    if not endpoint.startswith(("http://", "https://")):
+        problems.append("FLEXI_JEST_S3_ENDPOINT must be the S3 server the containers reach (http://...)")
+    if not str(params.get("storage_root", "")).startswith("s3://"):
+        problems.append("--param storage_root=s3://bucket/prefix is required: a container's own disk is gone after it")
+    for url in (tracking, endpoint):
+        if any(f"//{host}" in url for host in ("127.", "localhost", "[::1]")):
+            problems.append(f"{url} is loopback: inside a container that is the container itself")
+    if problems:
+        raise SystemExit("run-local --runner docker: " + "; ".join(problems))
+    environment = {name: os.environ[name] for name in CONTAINER_ENV if os.environ.get(name)}
+    return local.DockerRunner(user=CONTAINER_USER, environment=environment)
+
+
+def run_local(workdir: str, params: dict[str, Any], from_stage: str = "prepare_data",
+              runner: str = "subprocess") -> dict[str, Any]:
+    """Run the whole pipeline with KFP local execution: subprocesses in this environment, or (runner "docker")
+    each component in its container image (docker_runner)."""
     from kfp import local
 
     root = Path(workdir).resolve()
     root.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
-    os.environ.setdefault("MLFLOW_ARTIFACTS_DESTINATION", str(root / "mlartifacts"))
+    if runner == "docker":
+        task_runner = docker_runner(params)
+        # KFP mounts its pipeline root into every container at the same path; CONTAINER_USER writes there.
+        (root / "kfp").mkdir(exist_ok=True)
+        (root / "kfp").chmod(0o1777)
+    else:
+        os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        os.environ.setdefault("MLFLOW_ARTIFACTS_DESTINATION", str(root / "mlartifacts"))
+        task_runner = local.SubprocessRunner(use_venv=False)
     params = {"run_name": f"flexi-jest-pp-{time.strftime('%Y%m%d-%H%M%S')}", **params}
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root / "kfp"))
+    local.init(runner=task_runner, pipeline_root=str(root / "kfp"))
     started = time.perf_counter()
     PIPELINES[from_stage][1](**params)
     seconds = time.perf_counter() - started
     summary = summarize(os.environ["MLFLOW_TRACKING_URI"], params["run_name"], params.get("experiment", "flexi-jest"), root)
     summary["seconds"] = seconds
     summary["tracking_uri"] = os.environ["MLFLOW_TRACKING_URI"]
+    summary["runner"] = runner
     (root / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 
@@ -376,6 +419,10 @@ def main(argv: list[str] | None = None) -> int:
     r = commands.add_parser("run-local", help="run the whole pipeline here with KFP local execution")
     r.add_argument("--workdir", default="runs/pipeline")
     r.add_argument("--param", action="append", default=[], metavar="KEY=VALUE")
+    r.add_argument("--runner", choices=("subprocess", "docker"), default="subprocess",
+                   help="docker: each component in its image (FLEXI_JEST_IMAGE) through DOCKER_HOST, as uid 10001, "
+                        "with MLFLOW_TRACKING_URI and FLEXI_JEST_S3_ENDPOINT servers the containers reach and an "
+                        "s3:// storage_root (scripts/container-pipeline.sh)")
     s = commands.add_parser("submit", help="submit to a Kubeflow Pipelines endpoint")
     s.add_argument("--host", required=True)
     s.add_argument("--experiment", default="flexi-jest")
@@ -395,7 +442,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "compile":
         compile_pipeline(args.out, args.from_stage, args.learner_nodes, args.gpus_per_node)
     elif args.command == "run-local":
-        print(format_summary(run_local(args.workdir, parse_params(args.param, pipeline), args.from_stage)))
+        print(format_summary(run_local(args.workdir, parse_params(args.param, pipeline), args.from_stage,
+                                       args.runner)))
     else:
         submit(args.host, args.experiment, parse_params(args.param, pipeline), args.from_stage, args.learner_nodes,
                args.gpus_per_node, args.service_account)
