@@ -422,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--runner", choices=("subprocess", "docker"), default="subprocess",
                    help="docker: each component in its image (FLEXI_JEST_IMAGE) through DOCKER_HOST, as uid 10001, "
                         "with MLFLOW_TRACKING_URI and FLEXI_JEST_S3_ENDPOINT servers the containers reach and an "
-                        "s3:// storage_root (scripts/container-pipeline.sh)")
+                        "s3:// storage_root (README, \"Before a cluster\")")
     s = commands.add_parser("submit", help="submit to a Kubeflow Pipelines endpoint")
     s.add_argument("--host", required=True)
     s.add_argument("--experiment", default="flexi-jest")

@@ -94,9 +94,7 @@ if [ -n "$indexes$links" ]; then
   sed 's/^/   /' "$work/pip.conf"
 fi
 
-"${podman[@]}" image exists "$base" || make_base
-
-# Each image holds torch 2.14.1 with its CUDA libraries (about 6.5 GB installed: PyPI's wheel, the one the
+# Each image holds torch 2.14.1 with triton and its CUDA libraries (5.3 GB installed: PyPI's wheel, the one the
 # local indexes hold) and podman keeps a layer twice while committing it: check the space before starting.
 need_gb=${FLEXI_JEST_BUILD_GB:-15}
 storage=$("${podman[@]}" info --format '{{.Store.GraphRoot}}')
@@ -110,20 +108,26 @@ for target in "${targets[@]}"; do
   fi
 done
 
+"${podman[@]}" image exists "$base" || make_base
+
 for target in "${targets[@]}"; do
   start=$(date +%s)
+  image=$cpu_image; [ "$target" = cpu ] || image=$cuda_image
+  previous=$("${podman[@]}" image inspect --format '{{.Id}}' "$image" 2>/dev/null || true)
   if [ "$target" = cpu ]; then
     echo "== $cpu_image from images/Dockerfile (BASE_IMAGE=$base)"
     "${podman[@]}" build --layers --file images/Dockerfile --tag "$cpu_image" \
       --build-arg "BASE_IMAGE=$base" "${torch_index[@]}" "${build_opts[@]}" .
-    image=$cpu_image
   else
     echo "== $cuda_image from images/Dockerfile.cuda (BASE_IMAGE=BUILDER_IMAGE=$base: no pytorch/pytorch here)"
     "${podman[@]}" build --layers --file images/Dockerfile.cuda --tag "$cuda_image" \
       --build-arg "BASE_IMAGE=$base" --build-arg "BUILDER_IMAGE=$base" "${build_opts[@]}" .
-    image=$cuda_image
   fi
   "${podman[@]}" run --rm "$image" flexi-jest --version
+  # the image this build replaced (a source change): its own layers go, the cached torch layer stays
+  if [ -n "$previous" ] && [ "$previous" != "$("${podman[@]}" image inspect --format '{{.Id}}' "$image")" ]; then
+    "${podman[@]}" rmi "$previous" >/dev/null 2>&1 || true
+  fi
   size=$("${podman[@]}" image inspect --format '{{.Size}}' "$image")
   echo "== built $image in $(( $(date +%s) - start )) s, $(( size / 1000000 )) MB"
 done

@@ -7,8 +7,9 @@ reached over the container network. The servers listen on the podman bridge's ga
 are reachable from this machine and its containers, not from outside. The test starts and stops its own podman
 API service (`podman system service`, DOCKER_HOST), and inspects the image: non-root, no credentials.
 
-Slow (it builds the image: minutes when cached, tens of minutes from scratch): `pytest -m slow`; `.ci/run` runs
-it after the default suite. Needs root with podman, runc and debootstrap (README, "Containers").
+The end-to-end tests are slow (they build the image): `pytest -m slow`; `.ci/run` runs them after the default
+suite. They need root with podman, runc and debootstrap (README, "Before a cluster"). The fast tests check what
+`run-local --runner docker` hands the containers, and what it refuses.
 """
 
 import json
@@ -23,8 +24,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
-pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 PODMAN = ["podman", "--runtime", "runc"]
@@ -207,6 +206,7 @@ def container_run(clone, image, docker_host, servers, tmp_path_factory):
     return json.loads((workdir / "summary.json").read_text()), workdir, started_images
 
 
+@pytest.mark.slow
 def test_pipeline_runs_green_in_containers_registers_the_learner_and_writes_to_s3(container_run, servers):
     import mlflow
 
@@ -230,6 +230,7 @@ def test_pipeline_runs_green_in_containers_registers_the_learner_and_writes_to_s
     assert keys(MLFLOW_BUCKET, "artifacts/"), "the MLflow server stored no artifacts in S3"
 
 
+@pytest.mark.slow
 def test_every_component_ran_in_the_image_as_uid_10001(container_run, image):
     """Every container podman started during the run was the image (8 tasks at least: tracking, data,
     reference, cache, two learners, two evaluations, promotion, comparison, close), and what the components
@@ -240,6 +241,7 @@ def test_every_component_ran_in_the_image_as_uid_10001(container_run, image):
     assert outputs and {path.stat().st_uid for path in outputs} == {10001}
 
 
+@pytest.mark.slow
 def test_image_runs_as_non_root_and_holds_no_credentials(image):
     (info,) = json.loads(subprocess.run([*PODMAN, "image", "inspect", image], check=True, capture_output=True,
                                         text=True).stdout)
@@ -275,3 +277,39 @@ def test_image_runs_as_non_root_and_holds_no_credentials(image):
             assert not path.exists() or (path.is_dir() and not any(path.iterdir())) or path.stat().st_size == 0, leftover
     finally:
         subprocess.run([*PODMAN, "image", "unmount", image], capture_output=True)
+
+
+RUNNER_ENV = {"MLFLOW_TRACKING_URI": "http://10.88.0.1:5000", "FLEXI_JEST_S3_ENDPOINT": "http://10.88.0.1:9000",
+              **KEYS}
+
+
+def test_docker_runner_runs_as_uid_10001_with_only_the_services_and_keys(monkeypatch):
+    from kfp import local
+
+    from pipelines.flexi_jest_pp import CONTAINER_ENV, docker_runner
+    for name, value in RUNNER_ENV.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("FLEXI_JEST_SOMETHING_ELSE", "stays here")
+    runner = docker_runner({"storage_root": "s3://flexi-jest/runs"})
+    assert isinstance(runner, local.DockerRunner)
+    assert runner.container_run_args["user"] == "10001:10001"
+    environment = runner.container_run_args["environment"]
+    assert environment == {name: os.environ[name] for name in CONTAINER_ENV if os.environ.get(name)}
+    assert RUNNER_ENV.items() <= environment.items() and "FLEXI_JEST_SOMETHING_ELSE" not in environment
+    assert "volumes" not in runner.container_run_args, "nothing but KFP's pipeline root is mounted"
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"MLFLOW_TRACKING_URI": "sqlite:///mlflow.db"}, "MLFLOW_TRACKING_URI must be an MLflow server"),
+    ({"MLFLOW_TRACKING_URI": "http://127.0.0.1:5000"}, "is loopback"),
+    ({"FLEXI_JEST_S3_ENDPOINT": "http://localhost:9000"}, "is loopback"),
+    ({"FLEXI_JEST_S3_ENDPOINT": ""}, "FLEXI_JEST_S3_ENDPOINT must be the S3 server"),
+    ({"storage_root": ""}, "storage_root=s3://"),
+], ids=["sqlite", "loopback-mlflow", "loopback-s3", "no-s3", "local-storage"])
+def test_docker_runner_refuses_what_a_container_cannot_reach(monkeypatch, change, message):
+    from pipelines.flexi_jest_pp import docker_runner
+    monkeypatch.delenv("MLFLOW_S3_ENDPOINT_URL", raising=False)
+    for name, value in RUNNER_ENV.items():
+        monkeypatch.setenv(name, change.get(name, value))
+    with pytest.raises(SystemExit, match=message):
+        docker_runner({"storage_root": change.get("storage_root", "s3://flexi-jest/runs")})
