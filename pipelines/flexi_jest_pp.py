@@ -324,6 +324,10 @@ def summarize(tracking_uri: str, run_name: str, experiment: str, workdir: Path) 
 CONTAINER_ENV = ("MLFLOW_TRACKING_URI", "FLEXI_JEST_S3_ENDPOINT", "MLFLOW_S3_ENDPOINT_URL", "FLEXI_JEST_S3_REGION",
                  "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
 CONTAINER_USER = "10001:10001"  # the images' USER, as a pod's securityContext runAsUser/runAsGroup would set
+# KFP's Docker task handler calls docker.from_env() with docker-py's 60 s read timeout, which also bounds the
+# silence between two lines of a container's streamed log: a component quiet for a minute (a training step on a
+# loaded machine), or podman's API busy removing the previous container, would fail a task that is fine.
+DOCKER_API_TIMEOUT_S = 3600
 
 
 def docker_runner(params: dict[str, Any]):
@@ -347,6 +351,9 @@ def docker_runner(params: dict[str, Any]):
             problems.append(f"{url} is loopback: inside a container that is the container itself")
     if problems:
         raise SystemExit("run-local --runner docker: " + "; ".join(problems))
+    import docker.client
+
+    docker.client.DEFAULT_TIMEOUT_SECONDS = DOCKER_API_TIMEOUT_S  # from_env's default, read when it is called
     environment = {name: os.environ[name] for name in CONTAINER_ENV if os.environ.get(name)}
     return local.DockerRunner(user=CONTAINER_USER, environment=environment)
 

@@ -313,3 +313,16 @@ def test_docker_runner_refuses_what_a_container_cannot_reach(monkeypatch, change
         monkeypatch.setenv(name, change.get(name, value))
     with pytest.raises(SystemExit, match=message):
         docker_runner({"storage_root": change.get("storage_root", "s3://flexi-jest/runs")})
+
+
+def test_docker_runner_lets_a_quiet_component_and_a_busy_podman_be(monkeypatch):
+    """docker-py's 60 s read timeout would cut a component's log stream after a minute without output."""
+    import docker
+
+    from pipelines.flexi_jest_pp import DOCKER_API_TIMEOUT_S, docker_runner
+    for name, value in RUNNER_ENV.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("DOCKER_HOST", "unix:///nonexistent/podman.sock")
+    monkeypatch.setattr(docker.client, "DEFAULT_TIMEOUT_SECONDS", 60)
+    docker_runner({"storage_root": "s3://flexi-jest/runs"})
+    assert docker.from_env(version="1.41").api.timeout == DOCKER_API_TIMEOUT_S >= 600  # no call to the socket
