@@ -111,7 +111,8 @@ def image(clone, tmp_path_factory):
     if done.returncode == 3:  # the script's "not enough disk" (it names the space needed and found)
         pytest.skip(log.read_text().strip().splitlines()[-1])
     assert done.returncode == 0, f"scripts/build-images.sh cpu failed:\n{log.read_text()[-4000:]}"
-    print(f"image {IMAGE} built in {seconds:.0f} s")
+    built = [line for line in log.read_text().splitlines() if line.startswith("== built")]
+    print(f"scripts/build-images.sh cpu: {seconds:.0f} s", *built, sep="\n")
     return IMAGE
 
 
