@@ -38,9 +38,11 @@ SMALL = [  # tests/test_pipeline.py's small run
     "baseline_config=" + json.dumps({"super_batch_size": 80, "progress": False}),
     "steps=3",
 ]
-# what a credential in an image looks like: AWS access keys, assignments of secrets, private keys
-CREDENTIAL = re.compile(rb"AKIA[0-9A-Z]{16}|aws_secret_access_key\s*[=:]|(?:PASSWORD|PASSWD|TOKEN)\s*=\s*\S"
-                        rb"|-----BEGIN [A-Z ]*PRIVATE KEY-----", re.IGNORECASE)
+# what a credential in an image looks like: an AWS access key id, a credentials file's secret, an env-file style
+# assignment of a secret (SOMETHING_PASSWORD=...), a private key, or the S3 keys this test hands the containers
+CREDENTIAL = re.compile(rb"AKIA[0-9A-Z]{16}|(?i:aws_secret_access_key)\s*[=:]\s*\S"
+                        rb"|(?m:^\s*(?:export\s+)?[A-Z0-9_]*(?:PASSWORD|PASSWD|SECRET|TOKEN|ACCESS_KEY)[A-Z0-9_]*\s*=\s*\S)"
+                        rb"|-----BEGIN [A-Z ]*PRIVATE KEY-----|" + "|".join(KEYS.values()).encode())
 CREDENTIAL_FILES = {".env", "credentials", ".netrc", ".pypirc", ".git-credentials", "id_rsa", "id_ed25519",
                     "config.json", "pip.conf", "pip-build-ca.crt"}
 
