@@ -95,6 +95,8 @@ def clone(tmp_path_factory):
     reason = podman_unavailable()
     if reason:
         pytest.skip(reason)
+    if subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True).returncode != 0:
+        pytest.skip(f"{ROOT} is not a git checkout: the test builds and runs a fresh clone of its HEAD")
     where = tmp_path_factory.mktemp("clone") / "flexi-jest"
     subprocess.run(["git", "clone", "--quiet", str(ROOT), str(where)], check=True, timeout=120)
     return where
