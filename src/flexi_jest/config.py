@@ -11,7 +11,10 @@ within the sub-batch, a sub-batch of at least 2, eval_every with eval_data).
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError, model_validator
+from pydantic import (
+    AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError, field_validator,
+    model_validator,
+)
 
 from flexi_jest.data.noise import NoiseConfig
 
@@ -51,8 +54,8 @@ class ReadStatsSummary(StrictModel):
     """What reading a split did (shards.ReadStats, frozen into a result): every sample not used, by reason.
 
     Reasons that lose samples: missing_image, empty_caption, non_utf8_caption, bad_image, bad_meta,
-    corrupt_member; reasons that damage a shard (and lose what it held): missing_shard, corrupt_shard,
-    short_shard, checksum_mismatch. Duplicate keys (the same key again in the split) are kept and counted.
+    corrupt_member, bad_label (an eval .cls that is not a class index); reasons that damage a shard (and lose
+    what it held): missing_shard, corrupt_shard, short_shard, checksum_mismatch. Duplicate keys (the same key again in the split) are kept and counted.
     """
 
     samples: int = Field(0, description="samples read, decoded and used")
@@ -305,9 +308,53 @@ class TrainLearnerConfig(TrainingConfig):
 # ---- stage 4: evaluation ------------------------------------------------------------------------------------
 
 
+EVAL_SET_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+
+
+class EvalSet(ConfigModel):
+    """One eval set: where it is, the name its metrics are reported under, and optionally its own class names
+    and prompt templates. Its layout is found from what is at `uri` (flexi_jest.data.eval_sets)."""
+
+    uri: str = Field(min_length=1, description=(
+        "a flexi-jest split, a CLIP_benchmark webdataset root (<uri>/<split>/*.tar, classnames.txt, "
+        "zeroshot_classification_templates.txt), a directory of tars (img2dataset), a .tar or brace pattern "
+        "of tars, or an ImageFolder (class folders of images); a path, file:// or s3://"))
+    name: str | None = Field(None, pattern=EVAL_SET_NAME, description=(
+        "reported under this name (metrics '<name>.top1', ...); default: derived from the uri (the split's "
+        "dataset, else its folder name), made unique among the call's sets"))
+    classnames: str | None = Field(None, description=(
+        "file of class names, one a line in label order (CLIP_benchmark's classnames.txt), or a JSON list; "
+        "default: the set's own (manifest, classnames.txt beside the data, ImageFolder folder names)"))
+    templates: str | None = Field(None, description=(
+        "file of prompt templates, one a line, with {c} or {} where the class name goes (CLIP_benchmark's "
+        "zeroshot_classification_templates.txt), or a JSON list; default: the set's own, else 'a photo of a {c}.'"))
+    layout: Literal["auto", "flexi-jest", "clip_benchmark", "webdataset", "imagefolder"] = Field(
+        "auto", description="how to read uri; auto: found from what is there")
+    split: str = Field("test", min_length=1, description="CLIP_benchmark root: the folder of the split's tars")
+
+    @classmethod
+    def parse(cls, item: "str | dict[str, Any] | EvalSet") -> "EvalSet":
+        """An EvalSet from its spec string 'name=uri' or 'uri' (or a dict of fields, or an EvalSet).
+
+        The part before the first '=' is a name only if it looks like one (letters, digits, '_.-', no '/' or
+        ':'), so 's3://bucket/k=v' and 'pipe:cmd --a=b' stay whole URIs."""
+        if isinstance(item, EvalSet):
+            return item
+        if isinstance(item, dict):
+            return cls.model_validate(item)
+        if not isinstance(item, str) or not item.strip():
+            raise ValueError(f"eval set spec {item!r}: expected 'name=uri', 'uri' or an object with a uri")
+        name, sep, uri = item.strip().partition("=")
+        if sep and re.match(EVAL_SET_NAME, name) and uri.strip():
+            return cls(name=name, uri=uri.strip())
+        return cls(uri=item.strip())
+
+
 class EvaluateConfig(ConfigModel):
     model: str = Field("runs/learner/model.pt", description="model file to evaluate")
-    eval_data: list[str] = Field(default_factory=lambda: ["runs/data/eval"], min_length=1, description="eval splits")
+    eval_data: list[str | EvalSet] = Field(default_factory=lambda: ["runs/data/eval"], min_length=1, description=(
+        "eval sets, each 'name=uri', 'uri' or {uri, name, classnames, templates, ...} (EvalSet); each is "
+        "reported under its own name"))
     patch_size: Int | None = Field(None, ge=1, description="image patch size; default the model's base (Flexi: 16)")
     batch_size: Int = Field(256, ge=1)
     max_samples: Int | None = Field(None, ge=1, description="evaluate at most this many samples per split")
@@ -316,29 +363,60 @@ class EvaluateConfig(ConfigModel):
     allow_partial: bool = Field(False, description=(
         "score on the readable part of a split with unreadable samples or shards (the shortfall is in the result); "
         "default: such a split fails the evaluation"))
+    champion_metric: str | None = Field(None, pattern=r"^.+\.[A-Za-z0-9_]+$", description=(
+        "'<eval set name>.<metric>' that promotion compares, e.g. imagenet-val.top1; default: the first eval "
+        "set's top1 (its image_to_text_r1 if it has no labels)"))
+
+    @field_validator("eval_data")
+    @classmethod
+    def _check_eval_sets(cls, items: list[Any]) -> list[Any]:
+        names = [EvalSet.parse(item).name for item in items]
+        repeated = sorted({n for n in names if n is not None and names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"eval set names must be unique; repeated: {repeated}")
+        return items
 
 
 class SplitMetrics(StrictModel):
-    num_samples: int
+    """One eval set's metrics. Classification needs class names and a label per sample, retrieval a caption
+    per sample: when either cannot run, its metrics are None and `*_skipped` says why (never a silent None)."""
+
+    uri: str | None = Field(None, description="where the set was read")
+    layout: str | None = Field(None, description="flexi-jest, clip_benchmark, webdataset or imagefolder")
+    num_samples: int = Field(description="images scored")
     num_classes: int
-    top1: float | None = Field(description="zero-shot top-1; None when the split defines no classes")
-    top5: float | None
-    image_to_text_r1: float
-    image_to_text_r5: float
-    image_to_text_r10: float
-    text_to_image_r1: float
-    text_to_image_r5: float
-    text_to_image_r10: float
+    num_texts: int = Field(0, description="captions scored (an image may have several)")
+    top1: float | None = Field(None, description="zero-shot top-1 accuracy")
+    top5: float | None = None
+    mean_per_class_recall: float | None = Field(None, description="top-1 recall averaged over the classes present")
+    classification_skipped: str | None = Field(None, description="why there is no top1 (no labels, no class names)")
+    image_to_text_r1: float | None = None
+    image_to_text_r5: float | None = None
+    image_to_text_r10: float | None = None
+    text_to_image_r1: float | None = None
+    text_to_image_r5: float | None = None
+    text_to_image_r10: float | None = None
+    retrieval_skipped: str | None = Field(None, description="why there is no retrieval (no captions)")
     read_stats: ReadStatsSummary = Field(default_factory=ReadStatsSummary)
     expected_samples: int | None = Field(None, description=(
         "samples the split's manifest promises (capped at max_samples); None without a manifest"))
     shortfall: int = Field(0, description=(
         "samples not scored: expected_samples - num_samples with a manifest, else the samples skipped one by one"))
 
+    @model_validator(mode="after")
+    def _say_why(self) -> "SplitMetrics":
+        if (self.top1 is None) == (self.classification_skipped is None):
+            raise ValueError("a split has either top1 or classification_skipped (the reason there is none)")
+        if (self.image_to_text_r1 is None) == (self.retrieval_skipped is None):
+            raise ValueError("a split has either retrieval metrics or retrieval_skipped (the reason there are none)")
+        return self
+
 
 class EvaluateResult(StrictModel):
     model: str
     splits: dict[str, SplitMetrics]
+    champion_metric: str | None = Field(None, description="the metric promotion compares ('<set>.<metric>')")
+    champion_value: float | None = None
 
 
 # ---- profiles ---------------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ trained models an MLflow model. They import nothing from KFP; components/ wraps 
 """
 
 import json
+from html import escape
 from pathlib import Path
 from typing import Any
 
@@ -171,11 +172,18 @@ def evaluate_stage(values: dict[str, Any], profile: str, method: str, training: 
 
 
 def headline_metric(result: EvaluateResult) -> tuple[str, float]:
-    """The number promotion compares: zero-shot top-1 on the first split, or image->text R@1 without classes."""
-    name, metrics = next(iter(result.splits.items()))
-    if metrics.top1 is not None:
-        return f"{name}.top1", metrics.top1
-    return f"{name}.image_to_text_r1", metrics.image_to_text_r1
+    """The first eval set's top-1 (its image->text R@1 without labels): the metric the method comparison
+    draws (the learners' evaluations during training are on that set)."""
+    from flexi_jest.evaluate import champion
+    return champion(result)
+
+
+def champion_metric(result: EvaluateResult) -> tuple[str, float]:
+    """The number promotion compares: the evaluation's champion metric (EvaluateConfig.champion_metric, e.g.
+    imagenet-val.top1), else the headline metric."""
+    if result.champion_metric is not None and result.champion_value is not None:
+        return result.champion_metric, result.champion_value
+    return headline_metric(result)
 
 
 def plot_training(method: str, result: EvaluateResult, training: dict[str, Any] | None):
@@ -208,15 +216,20 @@ def figure_html(figure) -> str:
 
 
 def write_html_report(path: str, method: str, result: EvaluateResult, training: dict[str, Any] | None, figure) -> None:
+    fmt = lambda value, why: f"{value:.3f}" if value is not None else f"- ({escape(why or '')})"  # noqa: E731
     rows = "".join(
-        f"<tr><td>{name}</td><td>{m.num_samples}</td><td>{m.top1 if m.top1 is not None else '-'}</td>"
-        f"<td>{m.image_to_text_r1:.3f}</td><td>{m.text_to_image_r1:.3f}</td></tr>"
+        f"<tr><td>{escape(name)}</td><td>{escape(m.layout or '')}</td><td>{m.num_samples}</td>"
+        f"<td>{fmt(m.top1, m.classification_skipped)}</td><td>{fmt(m.image_to_text_r1, m.retrieval_skipped)}</td>"
+        f"<td>{fmt(m.text_to_image_r1, m.retrieval_skipped)}</td></tr>"
         for name, m in result.splits.items()
     )
+    champion = (f"<p>champion metric: {escape(result.champion_metric)} = {result.champion_value:.4f}</p>"
+                if result.champion_metric and result.champion_value is not None else "")
     flops = f"<p>total training FLOPs: {training['total_flops']:.3e}</p>" if training else ""
     Path(path).write_text(
-        f"<html><body><h2>flexi-jest zero-shot evaluation: {method}</h2>{flops}"
-        f"<table border=1><tr><th>split</th><th>samples</th><th>top-1</th><th>i2t R@1</th><th>t2i R@1</th></tr>{rows}</table>"
+        f"<html><body><h2>flexi-jest zero-shot evaluation: {method}</h2>{flops}{champion}"
+        f"<table border=1><tr><th>eval set</th><th>layout</th><th>samples</th><th>top-1</th><th>i2t R@1</th>"
+        f"<th>t2i R@1</th></tr>{rows}</table>"
         f"{figure_html(figure)}</body></html>"
     )
 
@@ -283,7 +296,7 @@ def promote_stage(learner_run_id: str, evaluation: dict[str, Any], pipeline_run:
     from flexi_jest import tracking
 
     mlflow = tracking._mlflow()
-    metric, value = headline_metric(EvaluateResult.model_validate(evaluation))
+    metric, value = champion_metric(EvaluateResult.model_validate(evaluation))
     learner_version = mlflow.register_model(f"runs:/{learner_run_id}/model", tracking.LEARNER_MODEL).version
     decision = tracking.promote(tracking.LEARNER_MODEL, str(learner_version), metric, value)
     reference_version = None

@@ -240,6 +240,32 @@ def list_names(uri: str, suffix: str = "") -> list[str]:
     return found
 
 
+def list_tree(uri: str) -> list[str]:
+    """Sorted '/'-joined paths, relative to uri, of every file under the directory (or S3 prefix) uri, at
+    any depth (hidden files and folders skipped). A local directory's empty sub-folders do not appear."""
+    if not is_s3(uri):
+        root = _local_path(uri)
+        if not root.is_dir():
+            raise StorageError(f"not a directory: {uri}")
+        found = []
+        for directory, folders, files in os.walk(root, followlinks=True):
+            folders[:] = [f for f in folders if not f.startswith(".")]
+            relative = Path(directory).relative_to(root)
+            found += [(relative / name).as_posix() for name in files if not name.startswith(".")]
+        return sorted(found)
+    bucket, prefix = _bucket_key(uri)
+    prefix = prefix.rstrip("/") + "/" if prefix else ""
+    client = s3_client()
+
+    def names() -> list[str]:
+        return sorted(
+            obj.object_name[len(prefix):] for obj in client.list_objects(bucket, prefix=prefix, recursive=True)
+            if not obj.is_dir and not any(part.startswith(".") for part in obj.object_name[len(prefix):].split("/"))
+        )
+
+    return _with_retries(uri, names)
+
+
 def remove(uri: str) -> None:
     if is_s3(uri):
         bucket, key = _bucket_key(uri)

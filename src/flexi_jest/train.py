@@ -264,7 +264,7 @@ def evaluate_during_training(model: DualEncoder, cfg: TrainingConfig, device: to
     splits = evaluate_model(model, cfg.eval_data, None, 256, device, cfg.eval_max_samples)
     model.train()
     return {f"{name}.{key}": value for name, metrics in splits.items()
-            for key, value in metrics.model_dump(exclude={"read_stats"}).items() if value is not None}
+            for key, value in metrics.model_dump().items() if isinstance(value, (int, float))}
 
 
 def _one_step(net, prefetcher, step_fn, generator, optimizer, scheduler, cfg, world: World

@@ -176,7 +176,8 @@ def shard_names(split_dir: str) -> list[str]:
 
 
 # reasons that mean samples were lost (see config.ReadStatsSummary); the rest damage a whole shard
-SAMPLE_REASONS = ("missing_image", "empty_caption", "non_utf8_caption", "bad_image", "bad_meta", "corrupt_member")
+SAMPLE_REASONS = ("missing_image", "empty_caption", "non_utf8_caption", "bad_image", "bad_meta", "corrupt_member",
+                  "bad_label")  # bad_label: an eval sample's .cls that is not a class index (eval_sets.py)
 
 
 @dataclass
