@@ -1,6 +1,7 @@
 """Shared fixtures: one small generated dataset and a trained reference, made once per test session."""
 
 import os
+import socket
 
 import pytest
 
@@ -38,3 +39,34 @@ def reference_cache(reference, shapes_data):
     from flexi_jest.reference_cache import cache_reference
     return cache_reference(CacheReferenceConfig(reference=reference.checkpoint, pool=shapes_data.splits["pool"].path,
                                                 batch_size=128))
+
+
+# ---- S3: moto's S3-compatible server on loopback, read through the real minio client ----------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    from moto.server import ThreadedMotoServer
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch):
+    monkeypatch.setenv("FLEXI_JEST_S3_ENDPOINT", s3_server)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    from flexi_jest import storage
+    client = storage.s3_client()
+    bucket = f"b{free_port()}"
+    client.make_bucket(bucket)
+    return f"s3://{bucket}"
