@@ -308,7 +308,8 @@ def images_and_captions(batch):
 
 def top_k_correct_fraction(output, target, topk=(1,)):
     """clip_benchmark 1.6.2's zeroshot_classification.accuracy, line for line, except that it sums to a 0-d
-    array before float(): its float() of a 1-element 1-d array (deprecated since numpy 1.25) is a TypeError with this environment's numpy 2.4."""
+    array before float(): its float() of a 1-element 1-d array (deprecated since numpy 1.25) is a TypeError
+    with this environment's numpy 2.4."""
     pred = output.topk(max(topk), 1, True, True)[1].t()
     correct = pred.eq(target.view(1, -1).expand_as(pred))
     return [float(correct[:k].reshape(-1).float().sum().cpu().numpy()) / len(target) for k in topk]

@@ -91,16 +91,20 @@ def embed_eval_set(
 
 @torch.no_grad()
 def zero_shot_classifier(
-    model: DualEncoder, tokenizer: Tokenizer, classes: list[str], templates: list[str], device: torch.device
+    model: DualEncoder, tokenizer: Tokenizer, classes: list[str], templates: list[str], device: torch.device,
+    batch_size: int = 1024,
 ) -> Tensor:
     """Class embeddings [C, d]: the normalised mean over templates of each class's prompt embeddings.
-    A template holds `{c}` (CLIP_benchmark's) or `{}` where the class name goes."""
+    A template holds `{c}` (CLIP_benchmark's) or `{}` where the class name goes. The C x len(templates)
+    prompts are encoded batch_size at a time."""
     model.eval()
-    weights = []
-    for name in classes:
-        prompts = tokenizer([fill_template(template, name) for template in templates]).to(device)
-        weights.append(F.normalize(model.encode_text(prompts).float().mean(0), dim=-1))
-    return torch.stack(weights).cpu()
+    prompts = [fill_template(template, name) for name in classes for template in templates]  # class-major
+    embeddings = []
+    for start in range(0, len(prompts), batch_size):
+        tokens = tokenizer(prompts[start:start + batch_size]).to(device)
+        embeddings.append(model.encode_text(tokens).float().cpu())
+    per_class = torch.cat(embeddings).view(len(classes), len(templates), -1)  # [C, templates, d]
+    return F.normalize(per_class.mean(1), dim=-1)
 
 
 def classification_accuracy(image_emb: Tensor, labels: Tensor, classifier: Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[str, float]:
