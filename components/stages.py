@@ -121,8 +121,11 @@ def train_learner(config_json: str, profile: str, method: str, score: str, filte
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def zero_shot_eval(config_json: str, profile: str, method: str, pipeline_run: str, experiment: str,
-                   model: Input[Model], eval_split: Input[Dataset], metrics: Output[Metrics], report: Output[HTML]) -> str:
-    """Zero-shot classification and retrieval; a report with the metric against training FLOPs."""
+                   model: Input[Model], eval_split: Input[Dataset], metrics: Output[Metrics], report: Output[HTML],
+                   eval_sets: List[str] = [], champion_metric: str = "") -> str:
+    """Zero-shot classification and retrieval on the pipeline's eval split and on eval_sets ('name=uri', each
+    reported under its name); a report with the metric against training FLOPs. champion_metric (e.g.
+    'imagenet-val.top1'; "" keeps the config's, by default the eval split's top1) is what promotion compares."""
     import json
 
     from flexi_jest.stages import evaluate_stage
@@ -130,12 +133,16 @@ def zero_shot_eval(config_json: str, profile: str, method: str, pipeline_run: st
     with open(model.path) as f:
         training = json.load(f)
     values = json.loads(config_json)
-    values.update(model=model.metadata["uri"], eval_data=[eval_split.metadata["uri"]])
+    values.update(model=model.metadata["uri"], eval_data=[eval_split.metadata["uri"], *eval_sets])
+    if champion_metric:
+        values["champion_metric"] = champion_metric
     result, run_id = evaluate_stage(values, profile, method, training, pipeline_run, experiment, report.path)
     for split, split_metrics in result.splits.items():
         for key, value in split_metrics.model_dump().items():
-            if value is not None:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):  # not the uri, layout, skip reasons
                 metrics.log_metric(f"{split}.{key}", value)
+    if result.champion_value is not None:
+        metrics.log_metric("champion_metric", result.champion_value)
     reference_share = training["flops"]["reference_training"] + training["flops"]["reference_caching"]
     return json.dumps({"mlflow_run_id": run_id, "method": method, "total_flops": training["total_flops"],
                        "metrics_path": training["metrics_path"], "reference_share": reference_share,

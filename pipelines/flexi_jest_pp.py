@@ -106,7 +106,7 @@ def with_cluster_services(definition):
 
 def train_evaluate_promote(*, learner_config, eval_config, profile, method, score, filter_ratio, n_chunks, steps,
                            storage_root, run_name, experiment, accelerator_type, accelerator_count,
-                           pool, cache, eval_split, reference, after=None) -> dsl.PipelineTask:
+                           pool, cache, eval_split, reference, eval_sets, champion_metric, after=None) -> dsl.PipelineTask:
     """Stages 4-6, shared by the full pipeline and the from-cache entry point: the learner, its zero-shot
     evaluation and its promotion through the MLflow registry; returns the evaluation task."""
     multinode = ACCELERATORS and LEARNER_NODES > 1
@@ -119,7 +119,8 @@ def train_evaluate_promote(*, learner_config, eval_config, profile, method, scor
     # several nodes: this task only launches and watches the PyTorchJob, so it needs no GPU itself
     learner = (task if multinode else on_gpu_pool(task, accelerator_type, accelerator_count)).set_retry(2)
     evaluation = zero_shot_eval(config_json=eval_config, profile=profile, method=method, pipeline_run=run_name,
-                                experiment=experiment, model=learner.outputs["model"], eval_split=eval_split)
+                                experiment=experiment, model=learner.outputs["model"], eval_split=eval_split,
+                                eval_sets=eval_sets, champion_metric=champion_metric)
     promote_model(evaluation_json=evaluation.outputs["Output"], pipeline_run=run_name, experiment=experiment,
                   learner=learner.outputs["model"], reference=reference).set_caching_options(False)
     return evaluation
@@ -143,11 +144,16 @@ def flexi_jest_pp_definition(
     learner_config: str = FLEXI_TINY,
     baseline_config: str = "{}",
     eval_config: str = "{}",
+    eval_sets: List[str] = [],
+    champion_metric: str = "",
     accelerator_type: str = "nvidia.com/gpu",
     accelerator_count: str = "1",
 ):
     """steps = 0 keeps the profile's steps; *_config are JSON objects of stage config fields (validated
-    by the stage's Pydantic model); storage_root "" keeps data beside the KFP artifacts."""
+    by the stage's Pydantic model); storage_root "" keeps data beside the KFP artifacts. eval_sets: more
+    eval sets besides the eval split, each 'name=uri' (an ImageFolder, a CLIP_benchmark webdataset root, tars),
+    reported under its name; champion_metric: the metric promotion compares, e.g. 'imagenet-val.top1' ("": the
+    eval split's top1)."""
     with dsl.ExitHandler(close_tracking(run_name=run_name, experiment=experiment).set_caching_options(False)):
         tracking = open_tracking(run_name=run_name, experiment=experiment, dataset=dataset, profile=profile,
                                  method=method, score=score, filter_ratio=filter_ratio, n_chunks=n_chunks, steps=steps,
@@ -165,7 +171,7 @@ def flexi_jest_pp_definition(
             filter_ratio=filter_ratio, n_chunks=n_chunks, steps=steps, storage_root=storage_root, run_name=run_name,
             experiment=experiment, accelerator_type=accelerator_type, accelerator_count=accelerator_count,
             pool=data.outputs["pool"], cache=cache.outputs["cache"], eval_split=data.outputs["eval_split"],
-            reference=reference.outputs["model"])
+            reference=reference.outputs["model"], eval_sets=eval_sets, champion_metric=champion_metric)
         with dsl.ParallelFor(baseline_methods) as baseline:
             baseline_learner = on_gpu_pool(train_learner(
                 config_json=baseline_config, profile=profile, method=baseline, score=score, filter_ratio=filter_ratio,
@@ -174,7 +180,8 @@ def flexi_jest_pp_definition(
                 accelerator_type, accelerator_count).set_retry(2)
             baseline_evaluation = zero_shot_eval(
                 config_json=eval_config, profile=profile, method=baseline, pipeline_run=run_name,
-                experiment=experiment, model=baseline_learner.outputs["model"], eval_split=data.outputs["eval_split"])
+                experiment=experiment, model=baseline_learner.outputs["model"], eval_split=data.outputs["eval_split"],
+                eval_sets=eval_sets, champion_metric=champion_metric)
         compare_methods(main=evaluation.outputs["Output"], baselines=dsl.Collected(baseline_evaluation.outputs["Output"]),
                         pipeline_run=run_name, experiment=experiment).set_caching_options(False)
 
@@ -195,6 +202,8 @@ def from_cache_definition(
     run_name: str = "flexi-jest-from-cache",
     learner_config: str = FLEXI_TINY,
     eval_config: str = "{}",
+    eval_sets: List[str] = [],
+    champion_metric: str = "",
     accelerator_type: str = "nvidia.com/gpu",
     accelerator_count: str = "1",
 ):
@@ -213,7 +222,7 @@ def from_cache_definition(
             filter_ratio=filter_ratio, n_chunks=n_chunks, steps=steps, storage_root=storage_root, run_name=run_name,
             experiment=experiment, accelerator_type=accelerator_type, accelerator_count=accelerator_count,
             pool=pool.output, cache=cache.output, eval_split=eval_split.output, reference=reference.output,
-            after=tracking)
+            eval_sets=eval_sets, champion_metric=champion_metric, after=tracking)
         compare_methods(main=evaluation.outputs["Output"], baselines=[], pipeline_run=run_name,
                         experiment=experiment).set_caching_options(False)
 
@@ -301,13 +310,12 @@ def summarize(tracking_uri: str, run_name: str, experiment: str, workdir: Path) 
                                                            str(workdir))).read_text())
     plot = client.download_artifacts(parent.info.run_id, "accuracy_vs_flops.png", str(workdir))
     rows = []
+    headline = comparison["metric"].rsplit(".", 1)[0]  # the eval split the methods are compared on
     for run in children:
         if run.data.tags.get("flexi_jest.stage") != "evaluate":
             continue
         m = run.data.metrics
-        top1 = next((v for k, v in m.items() if k.endswith(".top1")), None)
-        i2t = next((v for k, v in m.items() if k.endswith(".image_to_text_r1")), None)
-        t2i = next((v for k, v in m.items() if k.endswith(".text_to_image_r1")), None)
+        top1, i2t, t2i = (m.get(f"{headline}.{key}") for key in ("top1", "image_to_text_r1", "text_to_image_r1"))
         method = run.data.tags.get("flexi_jest.method")
         ratio = comparison["methods"].get(method, {}).get("flops_ratio_vs_uniform")
         rows.append({"method": method, "top1": top1, "i2t_r1": i2t, "t2i_r1": t2i,

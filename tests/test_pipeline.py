@@ -29,7 +29,7 @@ def test_compile_produces_ir_that_kfp_loads_back(tmp_path):
     spec, platform = documents[0], documents[1]
     inputs = spec["root"]["inputDefinitions"]["parameters"]
     for name in ("dataset", "profile", "method", "filter_ratio", "n_chunks", "steps", "baseline_methods",
-                 "accelerator_type", "accelerator_count"):
+                 "eval_sets", "champion_metric", "accelerator_type", "accelerator_count"):
         assert name in inputs
     executors = spec["deploymentSpec"]["executors"]
     trainer = executors["exec-train-learner"]["container"]
@@ -212,13 +212,33 @@ def test_components_run_alone(pipeline_run, tmp_path, monkeypatch):
     assert manifest["num_samples"] == 600 and manifest["reference"] == str(reference_file)
 
 
-def test_stage_only_entry_point_trains_from_an_existing_cache(pipeline_run):
+def write_imagefolder(split_dir: Path, root: Path, count: int) -> Path:
+    """The first `count` samples of a generated split as class folders of PNGs (torchvision's ImageFolder)."""
+    from PIL import Image
+
+    from flexi_jest.data.shards import iter_split
+
+    for position, sample in enumerate(iter_split(str(split_dir))):
+        if position == count:
+            break
+        folder = root / sample["meta"]["label"]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(sample["image"].permute(1, 2, 0).numpy()).save(folder / f"{sample['key']}.png")
+    return root
+
+
+def test_stage_only_entry_point_trains_from_an_existing_cache(pipeline_run, tmp_path):
+    """The stage-only pipeline, also evaluating on a named ImageFolder (eval_sets) whose top-1 is the champion
+    metric: the evaluation reports it under its name and promotion compares it."""
     import os
+
+    import mlflow
 
     from pipelines.flexi_jest_pp import run_local
 
     workdir, first = pipeline_run
     data_dir = next((workdir / "kfp").rglob("prepare-data/data"))
+    folder = write_imagefolder(data_dir / "eval", tmp_path / "folder", 60)
     os.environ["MLFLOW_TRACKING_URI"] = first["tracking_uri"]
     try:
         summary = run_local(str(workdir), {
@@ -226,6 +246,7 @@ def test_stage_only_entry_point_trains_from_an_existing_cache(pipeline_run):
             "eval_uri": str(data_dir / "eval"),
             "reference_uri": str(next((workdir / "kfp").rglob("reference-finetune/reference/model.pt"))),
             "steps": 2, "learner_config": json.dumps({"super_batch_size": 80, "progress": False}),
+            "eval_sets": [f"held-out-folder={folder}"], "champion_metric": "held-out-folder.top1",
             "run_name": "from-cache-under-test"}, from_stage="train_learner")
     finally:
         os.environ.pop("MLFLOW_TRACKING_URI", None)
@@ -234,6 +255,21 @@ def test_stage_only_entry_point_trains_from_an_existing_cache(pipeline_run):
     assert summary["decision"] in ("champion", "challenger")
     assert summary["rows"][0]["total_flops"] > 0
     assert list(summary["comparison"]["methods"]) == ["joint"] and summary["comparison"]["target"] is None
+    assert summary["comparison"]["metric"] == "shapes.top1"  # the methods are compared on the pipeline's eval split
+
+    client = mlflow.MlflowClient(first["tracking_uri"])
+    runs = {r.data.tags["flexi_jest.stage"]: r for r in client.search_runs(
+        [client.get_experiment_by_name("flexi-jest").experiment_id],
+        f"tags.mlflow.parentRunId = '{summary['parent_run_id']}'")}
+    evaluation = json.loads(Path(client.download_artifacts(runs["evaluate"].info.run_id, "result.json", str(tmp_path)))
+                            .read_text())
+    held_out = evaluation["splits"]["held-out-folder"]
+    assert held_out["layout"] == "imagefolder" and held_out["num_samples"] == 60 and held_out["top1"] is not None
+    assert held_out["retrieval_skipped"] == "an ImageFolder has no captions"
+    assert evaluation["champion_metric"] == "held-out-folder.top1"
+    decision = json.loads(Path(client.download_artifacts(runs["promote"].info.run_id, "decision.json", str(tmp_path)))
+                          .read_text())
+    assert decision["metric"] == "held-out-folder.top1" and decision["value"] == pytest.approx(held_out["top1"])
 
 
 def test_a_bad_config_fails_the_component_with_the_field_named(tmp_path, monkeypatch, capfd):
