@@ -188,6 +188,8 @@ def test_bad_eval_sets_fail_naming_the_set(layouts, tmp_path):
     missing = tmp_path / "nope"
     with pytest.raises(EvalSetError, match=f"eval set '{missing}'.*not a directory"):
         open_eval_set(EvalSet(uri=str(missing)))
+    pattern = open_eval_set(EvalSet(uri=str(layouts["wds_classification"] / "test" / "{0..1}.tar")))
+    assert pattern.layout == "webdataset" and len(pattern.shard_urls) == 2 and len(pattern.classnames) == 48
     with pytest.raises(EvalSetError, match=r"missing shard .*/2.tar \(and 5 more of 8\)"):
         open_eval_set(EvalSet(uri=str(layouts["wds_classification"] / "test" / "{0..7}.tar")))
     wrong = tmp_path / "classnames.txt"
@@ -255,6 +257,13 @@ def test_cli_evaluate_on_named_sets(reference, layouts, tmp_path, capsys):
     result = EvaluateResult.model_validate_json(out.read_text())
     assert set(result.splits) == {"imagenet-val", "wds"} and result.champion_metric == "wds.top1"
     assert json.loads(capsys.readouterr().out)["splits"]["imagenet-val"]["layout"] == "imagefolder"
+    missing = tmp_path / "no-such-set"
+    assert cli_main(["evaluate", "--set", f"model={reference.checkpoint}", "--set", f"eval_data=[x={missing}]"]) == 2
+    assert capsys.readouterr().err.strip() == f"evaluate: eval set '{missing}': not a directory: {missing}"
+    own = f"[{{name: mine, uri: {layouts['imagefolder']}, templates: {tmp_path / 't.txt'}}}]"  # YAML flow mapping
+    (tmp_path / "t.txt").write_text("a {c} here\n")
+    assert cli_main(["evaluate", "--set", f"model={reference.checkpoint}", "--set", f"eval_data={own}"]) == 0
+    assert json.loads(capsys.readouterr().out)["splits"]["mine"]["num_classes"] >= 40
 
 
 def test_eval_sets_on_s3_score_as_they_do_locally(reference, layouts, s3):

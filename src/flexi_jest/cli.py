@@ -194,9 +194,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(cfg.model_dump_json(indent=1))
         return 0
+    from flexi_jest.data.eval_sets import EvalSetError
     from flexi_jest.distributed import is_main_process, shutdown
     try:
         result = run_stage(args.command, cfg)
+    except EvalSetError as exc:  # an eval set that cannot be read as given: one line naming it, no traceback
+        print(f"{args.command}: {exc}", file=sys.stderr)
+        return 2
     finally:
         shutdown()  # under torchrun: leave the process group
     if is_main_process():

@@ -285,7 +285,7 @@ def open_eval_set(spec: EvalSet) -> OpenedEvalSet:
             folder = _parent(urls[0])
             classnames, source, templates = _side_files(spec, folder, _parent(folder))
             return OpenedEvalSet(spec, "webdataset", classnames, templates or DEFAULT_TEMPLATES, source,
-                                 shard_urls=urls, multi_caption=_is_retrieval_set(folder))
+                                 shard_urls=urls, multi_caption=_is_retrieval_set(folder) or _is_retrieval_set(_parent(folder)))
         files = storage.list_tree(uri)
     except storage.StorageError as exc:
         raise EvalSetError(f"eval set {spec.uri!r}: {exc}") from None
