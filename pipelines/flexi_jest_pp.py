@@ -315,7 +315,7 @@ def summarize(tracking_uri: str, run_name: str, experiment: str, workdir: Path) 
         if run.data.tags.get("flexi_jest.stage") != "evaluate":
             continue
         m = run.data.metrics
-        top1, i2t, t2i = (m.get(f"{headline}.{key}") for key in ("top1", "image_to_text_r1", "text_to_image_r1"))
+        top1, i2t, t2i = (m.get(f"splits.{headline}.{key}") for key in ("top1", "image_to_text_r1", "text_to_image_r1"))
         method = run.data.tags.get("flexi_jest.method")
         ratio = comparison["methods"].get(method, {}).get("flops_ratio_vs_uniform")
         rows.append({"method": method, "top1": top1, "i2t_r1": i2t, "t2i_r1": t2i,
