@@ -80,7 +80,7 @@ def flip_bits(data: bytes, positions: list[int]) -> bytes:
 
 # ---- fuzzing --------------------------------------------------------------------------------------------
 
-# Inputs per fuzz test: a short run in the default suite; FLEXI_JEST_FUZZ_EXAMPLES=5000 for the long run.
+# Inputs per fuzz test: a short run in the default suite; FLEXI_JEST_FUZZ_EXAMPLES=2000 for the long run.
 FUZZ_EXAMPLES = int(os.environ.get("FLEXI_JEST_FUZZ_EXAMPLES", "60"))
 HANG_SECONDS = 30  # one input taking this long is a hang (an input takes milliseconds)
 

@@ -6,7 +6,7 @@ nothing counted as read that was not: stats.samples == the samples yielded, each
 [3, H, W] with a non-blank caption; an undamaged shard beside the damaged one is read whole.
 
 Default: FUZZ_EXAMPLES (60) inputs per test, the same ones every run; a long run:
-FLEXI_JEST_FUZZ_EXAMPLES=5000 .venv/bin/python -m pytest tests/reliability -k fuzz --hypothesis-show-statistics
+FLEXI_JEST_FUZZ_EXAMPLES=2000 .venv/bin/python -m pytest tests/reliability -k fuzz --hypothesis-show-statistics
 """
 
 import gzip
