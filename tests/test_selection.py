@@ -161,3 +161,42 @@ def test_independent_select_accepts_own_scores():
     scores = random_scores(30)
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
     assert torch.equal(independent_select(scores, 10, "sample", g1), independent_select(scores.diagonal(), 10, "sample", g2))
+
+
+# ---- the offline filter ---------------------------------------------------------------------------------
+
+
+@settings(max_examples=40, deadline=None)
+@given(pool=st.integers(1, 500), keep_ratio=st.floats(0.01, 1.0), seed=st.integers(0, 1000))
+def test_offline_keep_mask_keeps_the_top_fraction(pool, keep_ratio, seed):
+    from flexi_jest.selection import offline_keep_mask
+    scores = torch.randn(pool, generator=torch.Generator().manual_seed(seed))
+    keep, threshold = offline_keep_mask(scores, keep_ratio)
+    assert int(keep.sum()) == max(1, round(keep_ratio * pool))
+    assert threshold == float(scores[keep].min())
+    if not keep.all():
+        assert float(scores[~keep].max()) <= threshold  # nothing dropped scores above anything kept
+
+
+def test_offline_keep_mask_threshold_is_the_quantile_and_rejects_bad_ratios():
+    from flexi_jest.selection import offline_keep_mask
+    scores = torch.arange(1000, dtype=torch.float32)  # 0 .. 999
+    keep, threshold = offline_keep_mask(scores, 0.3)
+    assert threshold == 700.0 and keep[700:].all() and not keep[:700].any()
+    for bad in (0.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match="keep_ratio"):
+            offline_keep_mask(scores, bad)
+
+
+def test_pair_cosines_are_the_image_text_cosine():
+    from flexi_jest.selection import pair_cosines
+    image = torch.tensor([[1.0, 0.0], [3.0, 4.0], [1.0, 1.0]])
+    text = torch.tensor([[2.0, 0.0], [-3.0, -4.0], [1.0, 0.0]])
+    assert torch.allclose(pair_cosines(image, text), torch.tensor([1.0, -1.0, 2 ** -0.5]))
+    with pytest.raises(ValueError, match=r"\[N, d\]"):
+        pair_cosines(image, text[:2])
+
+
+def test_offline_filter_selects_uniformly_within_a_batch():
+    chosen = select("offline-filter", None, 5, 20, generator=torch.Generator().manual_seed(0))
+    assert chosen.numel() == 5 == chosen.unique().numel()

@@ -171,3 +171,69 @@ def test_compiled_training_matches_eager(shapes_data, tmp_path):
     eager = train_reference(TrainReferenceConfig(out_dir=str(tmp_path / "eager"), **fields))
     compiled = train_reference(TrainReferenceConfig(out_dir=str(tmp_path / "compiled"), compile=True, **fields))
     assert compiled.final_loss == pytest.approx(eager.final_loss, rel=1e-4)
+
+
+def test_offline_filter_keeps_the_top_fraction_of_the_pool_by_reference_cosine(shapes_data, reference_cache):
+    """The kept set is exactly the top round(k N) of the pool by the reference's cached image-text cosine."""
+    from flexi_jest.reference_cache import OfflineFilter
+    from flexi_jest.selection import pair_cosines
+    cache = ReferenceCache(reference_cache.cache_dir, shapes_data.splits["pool"].path)
+    offline = OfflineFilter(cache, 0.3)
+    assert offline.pool_size == shapes_data.splits["pool"].num_samples
+    assert offline.kept == round(0.3 * offline.pool_size)
+    cosines = {}
+    for shard in cache.manifest["shards"]:
+        index, image_emb, text_emb = cache.load_shard(shard)
+        row_cosines = pair_cosines(torch.from_numpy(image_emb), torch.from_numpy(text_emb))
+        cosines.update({key: float(row_cosines[row]) for key, row in index.items()})
+    kept = [cosines[key] for key in offline.kept_keys]
+    dropped = [value for key, value in cosines.items() if key not in offline.kept_keys]
+    assert min(kept) == pytest.approx(offline.threshold) and max(dropped) <= offline.threshold
+
+
+def test_offline_filter_trains_uniformly_on_the_kept_samples_and_is_charged_the_reference(
+        shapes_data, reference_cache, tmp_path, monkeypatch):
+    """The stream drops (and counts) the samples below the threshold; the kept fraction is k; no learner scoring
+    FLOPs; the reference's training and caching are charged, the cosines with the caching."""
+    from flexi_jest import train as train_module
+    from flexi_jest.reference_cache import OfflineFilter
+    seen: list[str] = []
+    original = train_module.OfflineFilter.__call__
+
+    def recording(self, shard_name, raws):
+        for raw in original(self, shard_name, raws):
+            seen.append(raw["__key__"])
+            yield raw
+
+    filters: list[OfflineFilter] = []
+    monkeypatch.setattr(train_module.OfflineFilter, "__call__", recording)
+    monkeypatch.setattr(train_module, "OfflineFilter", lambda *a: filters.append(OfflineFilter(*a)) or filters[-1])
+    pool = shapes_data.splits["pool"].num_samples
+    result = train_learner(learner_config(shapes_data, reference_cache, tmp_path, method="offline-filter",
+                                          offline_keep_ratio=0.25, steps=40, super_batch_size=40,
+                                          reference_training_flops=1e9, reference_caching_flops=2e9))
+    offline = filters[0]
+    assert set(seen) <= offline.kept_keys and len(set(seen)) == offline.kept == round(0.25 * pool)
+    assert offline.dropped >= pool - offline.kept  # 40 steps x 8 = 320 > the 225 kept: one epoch at least
+    assert result.selection["offline_kept_fraction"] == pytest.approx(0.25, abs=1e-3)
+    assert result.flops.learner_scoring == 0
+    assert result.flops.reference_training == 1e9
+    assert result.flops.reference_caching == pytest.approx(2e9 + 6 * pool * TEST_MODEL.embed_dim)
+
+
+def test_offline_filter_keeps_fewer_noisy_samples_than_the_pool_holds(shapes_data, reference, tmp_path):
+    """With a reference that has learnt something, the top 30 % by cosine is cleaner than the pool (the pool
+    records each sample's noise kind in its json)."""
+    from flexi_jest.reference_cache import OfflineFilter
+    trained = train_reference(TrainReferenceConfig(
+        data=shapes_data.splits["curated"].path, out_dir=str(tmp_path / "reference"), model=TEST_MODEL, steps=60,
+        batch_size=64, progress=False, init_checkpoint=reference.checkpoint))
+    cache_dir = str(tmp_path / "cache")
+    cache_reference(CacheReferenceConfig(reference=trained.checkpoint, pool=shapes_data.splits["pool"].path,
+                                         out_dir=cache_dir, batch_size=128))
+    offline = OfflineFilter(ReferenceCache(cache_dir), 0.3)
+    noise = {s["key"]: s["meta"].get("noise", "clean") for s in iter_split(shapes_data.splits["pool"].path)}
+    pool_noisy = sum(kind != "clean" for kind in noise.values()) / len(noise)
+    kept_noisy = sum(noise[key] != "clean" for key in offline.kept_keys) / offline.kept
+    print(f"offline filter 30 %: noisy share kept {kept_noisy:.3f}, pool {pool_noisy:.3f}")
+    assert pool_noisy > 0.4 and kept_noisy < pool_noisy - 0.15, (kept_noisy, pool_noisy)

@@ -267,11 +267,15 @@ class TrainLearnerConfig(TrainingConfig):
     pool: str = Field("runs/data/pool", description="the pool split (directory or URI of its shards)")
     reference_cache: str | None = Field(None, description="cache directory from cache-reference; needed unless uniform")
     reference_sha256: str | None = Field(None, description="if set, the cache must have been made by this reference")
-    method: Literal["uniform", "independent", "joint"] = "joint"
+    method: Literal["uniform", "independent", "joint", "offline-filter"] = Field("joint", description=(
+        "offline-filter: keep the top offline_keep_ratio of the pool by the reference's cached image-text cosine, "
+        "then train uniformly on it (no learner scoring; the reference's share is charged)"))
     score: Literal["learnability", "hard_learner", "easy_reference"] = "learnability"
     independent_mode: Literal["sample", "topk"] = "sample"
     filter_ratio: Float = Field(0.8, ge=0.0, lt=1.0, description="fraction of the super-batch discarded")
     n_chunks: Int = Field(16, ge=1)
+    offline_keep_ratio: Float = Field(0.3, gt=0.0, le=1.0, description=(
+        "offline-filter: fraction of the pool kept, by the reference's cosine (DataComp's CLIP-score filter: 0.3)"))
     selection_scope: Literal["global", "local"] = Field("global", description=(
         "with several processes: 'global' gathers the super-batch's embeddings and selects over all of it "
         "(equal to one process); 'local' selects within each rank's shard, without the gather"))
@@ -287,7 +291,10 @@ class TrainLearnerConfig(TrainingConfig):
 
     @model_validator(mode="after")
     def _check_learner(self) -> "TrainLearnerConfig":
-        if self.method != "uniform" and self.reference_cache is None and self.score != "hard_learner":
+        if self.method == "offline-filter" and self.reference_cache is None:
+            raise ValueError("reference_cache is required for method='offline-filter' (it filters by the reference's "
+                             "cached cosines)")
+        if self.method not in ("uniform", "offline-filter") and self.reference_cache is None and self.score != "hard_learner":
             raise ValueError(f"reference_cache is required for method={self.method!r} with score={self.score!r}")
         sub_batch = self.sub_batch_size
         if sub_batch < 2:

@@ -5,7 +5,7 @@ products (patch embedding, attention projections and products, MLPs, output head
 element-wise work (norms, activations, softmax). A training step is forward + backward = 3 forwards.
 """
 
-from flexi_jest.config import FlopsBreakdown, ModelConfig
+from flexi_jest.config import FlopsBreakdown, ModelConfig, TrainLearnerConfig
 
 
 def transformer_flops(tokens: int, width: int, depth: int, mlp_ratio: float = 4.0) -> int:
@@ -73,6 +73,37 @@ def scoring_step_flops(
     else:
         pair_terms = sum(2 * super_batch * dim for dim in dims)
     return forward + pair_terms
+
+
+def offline_filter_flops(pool_size: int, reference_dim: int) -> int:
+    """The offline filter's score: one image-text cosine per pool sample from the cached embeddings (three
+    length-d dot products). Counted once, with the reference's caching pass."""
+    return 6 * pool_size * reference_dim
+
+
+def uses_reference(cfg: TrainLearnerConfig) -> bool:
+    """Whether a learner run relies on the reference (and is charged its share): every score but hard_learner
+    under independent / joint selection, and the offline filter."""
+    return cfg.method == "offline-filter" or (cfg.method != "uniform" and cfg.score != "hard_learner")
+
+
+def learner_step_flops(cfg: TrainLearnerConfig, reference_dim: int) -> int:
+    """FLOPs of one learner step (scoring + training), as the training loop counts them. Uniform and the
+    offline filter train on the sub-batch they draw and score nothing."""
+    train = training_step_flops(cfg.model, cfg.sub_batch_size, cfg.train_patch_sizes)
+    if cfg.method in ("uniform", "offline-filter"):
+        return train
+    scoring = scoring_step_flops(cfg.model, cfg.super_batch_size, cfg.scoring_patch_size or cfg.model.patch_size,
+                                 cfg.sub_batch_size, cfg.method, cfg.score != "easy_reference",
+                                 reference_dim if uses_reference(cfg) else None)
+    return train + scoring
+
+
+def steps_for_budget(budget: float, cfg: TrainLearnerConfig, reference_share: float, reference_dim: int) -> int:
+    """Steps a learner runs on a total-FLOP budget (the benchmark's rule, JEST.md): the budget less the
+    reference's share where the method uses the reference, divided by its step's FLOPs; at least 1."""
+    own = budget - (reference_share if uses_reference(cfg) else 0.0)
+    return max(1, round(own / learner_step_flops(cfg, reference_dim)))
 
 
 def add(ledger: FlopsBreakdown, **parts: float) -> FlopsBreakdown:

@@ -6,7 +6,8 @@ Layout, next to the pool's shards:
     pool/refcache-<sha12>/manifest.json      reference sha256, logit scale/bias, per-shard counts and sha256
 
 With cached embeddings the reference's [B, B] pair-loss matrix of any super-batch is one matmul
-(losses.sigmoid_pair_losses), so learner training runs no reference forward pass.
+(losses.sigmoid_pair_losses), so learner training runs no reference forward pass, and the offline filter's
+per-sample image-text cosine over the whole pool is one pass over the sidecars (OfflineFilter).
 """
 
 import io
@@ -16,13 +17,15 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from flexi_jest import storage
 from flexi_jest.checkpoint import load_model
 from flexi_jest.config import CacheReferenceConfig, CacheReferenceResult
 from flexi_jest.device import resolve_device, to_model_input
-from flexi_jest.flops import pair_forward_flops
+from flexi_jest.flops import offline_filter_flops, pair_forward_flops
 from flexi_jest.model import Tokenizer
+from flexi_jest.selection import offline_keep_mask, pair_cosines
 from flexi_jest.data.shards import ReadStats, decode_sample, iter_shard, read_manifest, shard_entries, shard_names
 
 CACHE_MANIFEST = "manifest.json"
@@ -187,6 +190,46 @@ class ReferenceCache:
             raw["ref_image_emb"] = torch.from_numpy(image_emb[row])
             raw["ref_text_emb"] = torch.from_numpy(text_emb[row])
             yield raw
+
+
+    def pool_cosines(self) -> tuple[list[str], Tensor]:
+        """Every cached sample's key and the reference's image-text cosine similarity, in shard order: ([N], [N] fp32)."""
+        keys: list[str] = []
+        cosines: list[Tensor] = []
+        for shard_name in self.manifest["shards"]:
+            index, image_emb, text_emb = self.load_shard(shard_name)
+            keys += sorted(index, key=index.get)
+            cosines.append(pair_cosines(torch.from_numpy(image_emb), torch.from_numpy(text_emb)))
+        if not keys:
+            raise CacheError(f"reference cache {self.cache_dir} holds no samples: nothing to filter")
+        return keys, torch.cat(cosines)
+
+
+class OfflineFilter:
+    """The offline filter's side of the training stream: keep the top keep_ratio of the pool by the reference's
+    cached image-text cosine, drop (and count) the rest as shards are read.
+
+    Use as SampleStream's `attach` hook: filter(shard_name, raw_samples) yields the kept raw samples. The
+    decision is a fixed function of the sample's key, so a resumed stream drops the same samples.
+    Fields: threshold (the lowest kept cosine, the (1 - keep_ratio) quantile of the pool's), pool_size, kept,
+    dropped (samples dropped so far by the stream, all epochs), flops (the cosines: 6 d FLOPs a sample)."""
+
+    def __init__(self, cache: ReferenceCache, keep_ratio: float):
+        keys, cosines = cache.pool_cosines()
+        keep, self.threshold = offline_keep_mask(cosines, keep_ratio)
+        self.keep_ratio = keep_ratio
+        self.pool_size = len(keys)
+        self.kept_keys = {key for key, kept in zip(keys, keep.tolist()) if kept}
+        self.kept = len(self.kept_keys)
+        self.dropped = 0
+        self.flops = float(offline_filter_flops(self.pool_size, cache.manifest["embed_dim"]))
+
+    def __call__(self, shard_name: str, raws: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        for raw in raws:
+            if raw["__key__"] in self.kept_keys:
+                yield raw
+            else:
+                self.dropped += 1
 
 
 def cache_reference(cfg: CacheReferenceConfig) -> CacheReferenceResult:

@@ -1,8 +1,12 @@
-"""Example scores and batch selection: uniform, independent and joint (JEST, Algorithm 1).
+"""Example scores and batch selection: uniform, independent and joint (JEST, Algorithm 1), and the offline filter.
 
 Scores are [B, B] matrices over a super-batch of B pairs, built from per-pair SigLIP losses
 (losses.sigmoid_pair_losses). Because the loss of a sub-batch S is sum_{i,j in S} L_ij, scoring a
 sub-batch jointly means summing a block of the matrix; joint_select samples such blocks.
+
+The offline filter (DataComp's CLIP-score filtering) needs no learner: it keeps the top fraction of the
+whole pool by the reference's image-text cosine similarity, once, and the learner trains uniformly on
+what it kept (offline_keep_mask; the training stream drops the rest, see reference_cache.OfflineFilter).
 """
 
 from typing import Callable, Literal
@@ -13,7 +17,7 @@ from torch import Tensor
 
 from flexi_jest.losses import pair_logits, sigmoid_pair_losses
 
-SelectionMethod = Literal["uniform", "independent", "joint"]
+SelectionMethod = Literal["uniform", "independent", "joint", "offline-filter"]
 ScoreName = Literal["learnability", "hard_learner", "easy_reference"]
 
 
@@ -105,6 +109,39 @@ def _negative_pair_scores(
     learner_losses = negative_losses(learner) if score != "easy_reference" else None
     reference_losses = negative_losses(reference) if score != "hard_learner" else None
     return SCORES[score](learner_losses, reference_losses)
+
+
+# ---- the offline filter: one score per pool sample, one threshold --------------------------------------
+
+
+def pair_cosines(image_emb: Tensor, text_emb: Tensor) -> Tensor:
+    """Each pair's image-text cosine similarity (the CLIP score): image_emb [N, d], text_emb [N, d] -> [N] fp32.
+    Embeddings need not be normalised; a zero vector gets cosine 0."""
+    if image_emb.shape != text_emb.shape or image_emb.ndim != 2:
+        raise ValueError(f"image_emb and text_emb must both be [N, d], got {tuple(image_emb.shape)} "
+                         f"and {tuple(text_emb.shape)}")
+    return F.cosine_similarity(image_emb.float(), text_emb.float(), dim=-1)
+
+
+def offline_keep_count(pool_size: int, keep_ratio: float) -> int:
+    """How many of pool_size samples the offline filter keeps: round(keep_ratio * pool_size), at least 1."""
+    if not 0.0 < keep_ratio <= 1.0:
+        raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
+    if pool_size < 1:
+        raise ValueError("the offline filter needs a non-empty pool")
+    return max(1, round(keep_ratio * pool_size))
+
+
+def offline_keep_mask(scores: Tensor, keep_ratio: float) -> tuple[Tensor, float]:
+    """The offline filter over a whole pool: (keep [N] bool, threshold). scores [N] (e.g. pair_cosines).
+
+    Keeps exactly offline_keep_count(N, keep_ratio) samples, those with the highest scores (ties broken by
+    position, deterministically); threshold is the lowest kept score, i.e. the (1 - keep_ratio) quantile."""
+    count = offline_keep_count(scores.numel(), keep_ratio)
+    order = torch.sort(scores.float(), descending=True, stable=True).indices[:count]
+    keep = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
+    keep[order] = True
+    return keep, float(scores[order[-1]])
 
 
 # ---- sampling ------------------------------------------------------------------------------------
@@ -245,8 +282,9 @@ def select(
     generator: torch.Generator | None = None,
     independent_mode: Literal["sample", "topk"] = "sample",
 ) -> Tensor:
-    """Dispatch on the selection method; scores [B, B] is unused (may be None) for uniform."""
-    if method == "uniform":
+    """Dispatch on the selection method; scores [B, B] is unused (may be None) for uniform and offline-filter
+    (its filtering happens once over the pool, before the stream: within a batch it is uniform)."""
+    if method in ("uniform", "offline-filter"):
         device = scores.device if scores is not None else (generator.device if generator is not None else "cpu")
         return uniform_select(batch_size, n_select, generator, device)
     if scores is None:
@@ -255,4 +293,4 @@ def select(
         return independent_select(scores, n_select, independent_mode, generator)
     if method == "joint":
         return joint_select(scores, n_select, n_chunks, generator)
-    raise ValueError(f"unknown selection method {method!r}; expected uniform, independent or joint")
+    raise ValueError(f"unknown selection method {method!r}; expected uniform, independent, joint or offline-filter")

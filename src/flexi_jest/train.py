@@ -38,7 +38,7 @@ from flexi_jest.distributed import (
 from flexi_jest.evaluate import evaluate_model
 from flexi_jest.losses import sigmoid_loss
 from flexi_jest.model import DualEncoder, Tokenizer
-from flexi_jest.reference_cache import CacheError, ReferenceCache
+from flexi_jest.reference_cache import CacheError, OfflineFilter, ReferenceCache
 from flexi_jest.selection import independent_select, joint_select_from_embeddings, own_scores
 
 
@@ -333,12 +333,17 @@ def train_learner(cfg: TrainLearnerConfig) -> TrainResult:
     """JEST / Flexi-JEST learner training on the pool (see the module docstring; distributed.py for several ranks)."""
     world, device, tokenizer = _prepare(cfg)
     model = DualEncoder(cfg.model).to(device)
-    needs_reference = cfg.method != "uniform" and cfg.score != "hard_learner"
-    cache = ReferenceCache(cfg.reference_cache, cfg.pool, cfg.reference_sha256) if needs_reference else None
-    stream = SampleStream(cfg.pool, cfg.model.image_size, cfg.seed, cfg.shuffle_buffer, cache.attach if cache else None,
+    offline = cfg.method == "offline-filter"  # uniform over the pool's top offline_keep_ratio by reference cosine
+    needs_reference = cfg.method not in ("uniform", "offline-filter") and cfg.score != "hard_learner"
+    cache = (ReferenceCache(cfg.reference_cache, cfg.pool, cfg.reference_sha256) if needs_reference or offline
+             else None)
+    offline_filter = OfflineFilter(cache, cfg.offline_keep_ratio) if offline else None
+    stream = SampleStream(cfg.pool, cfg.model.image_size, cfg.seed, cfg.shuffle_buffer,
+                          offline_filter if offline else cache.attach if cache else None,
                           max_consecutive_bad=cfg.max_consecutive_bad_samples)
     sub_batch = cfg.sub_batch_size
-    draw = sub_batch if cfg.method == "uniform" else cfg.super_batch_size
+    uniform_draw = cfg.method in ("uniform", "offline-filter")
+    draw = sub_batch if uniform_draw else cfg.super_batch_size
     check_divisible("super_batch_size", draw, world)
     check_divisible("the sub-batch (super_batch_size * (1 - filter_ratio))", sub_batch, world)
     scoring_rows, training_rows = shard(draw, world), shard(sub_batch, world)
@@ -346,7 +351,7 @@ def train_learner(cfg: TrainLearnerConfig) -> TrainResult:
     scoring_patch = cfg.scoring_patch_size or cfg.model.patch_size
     train_flops = flops.training_step_flops(cfg.model, sub_batch, cfg.train_patch_sizes)
     uses_learner = cfg.score != "easy_reference"
-    score_flops = 0 if cfg.method == "uniform" else flops.scoring_step_flops(
+    score_flops = 0 if uniform_draw else flops.scoring_step_flops(
         cfg.model, draw, scoring_patch, sub_batch, cfg.method, uses_learner,
         cache.manifest["embed_dim"] if cache else None)
 
@@ -357,12 +362,18 @@ def train_learner(cfg: TrainLearnerConfig) -> TrainResult:
             return joint_select_from_embeddings(cfg.score, learner, reference, n_select, cfg.n_chunks, generator), own
         return independent_select(own, n_select, cfg.independent_mode, generator), own
 
+    dropped_seen = [0]
+
     def step_fn(net: torch.nn.Module, batch: list[dict[str, Any]], generator: torch.Generator) -> StepOutput:
         images = to_model_input(torch.stack([s["image"] for s in batch]), device)
         tokens = tokenizer([s["caption"] for s in batch]).to(device)
         stats: dict[str, float] = {}
-        if cfg.method == "uniform":
+        if uniform_draw:
             chosen = torch.arange(draw, device=device)
+            if offline:  # the stream's drops since the last step (the reader runs one batch ahead)
+                dropped, dropped_seen[0] = offline_filter.dropped - dropped_seen[0], offline_filter.dropped
+                stats.update(offline_threshold=offline_filter.threshold, offline_dropped=float(dropped),
+                             offline_kept_fraction=offline_filter.kept / offline_filter.pool_size)
         else:
             learner = reference = None
             if uses_learner:  # this rank scores its shard of the super-batch
@@ -401,8 +412,9 @@ def train_learner(cfg: TrainLearnerConfig) -> TrainResult:
                                     world, sub_batch, net)
         return StepOutput(loss, sub_batch, {"learner_scoring": score_flops, "learner_training": train_flops}, stats)
 
-    base = FlopsBreakdown(reference_training=cfg.reference_training_flops, reference_caching=cfg.reference_caching_flops)
-    if not needs_reference:
+    base = FlopsBreakdown(reference_training=cfg.reference_training_flops, reference_caching=cfg.reference_caching_flops
+                          + (offline_filter.flops if offline else 0.0))  # the cosines, once, with the caching pass
+    if not (needs_reference or offline):
         base = FlopsBreakdown()
-    name = f"learner[{cfg.method}{'' if cfg.method == 'uniform' else '/' + cfg.score}]"
+    name = f"learner[{cfg.method}{'' if uniform_draw else '/' + cfg.score}]"
     return run_training(cfg, model, stream, draw, step_fn, base, device, name, world)
