@@ -128,7 +128,7 @@ def run_experiment(args: argparse.Namespace, out: Path, methods: list[str], nois
             uses_reference = probe.method != "uniform" and probe.score != "hard_learner"
             own_budget = budget - (reference_share if uses_reference else 0.0)
             steps = max(1, round(own_budget / learner_step_flops(probe, model.embed_dim)))
-            fields.update(steps=steps, eval_every=max(1, steps // args.eval_points), resume=False)
+            fields.update(steps=steps, eval_every=max(1, steps // args.eval_points), overwrite=True)
             started = time.perf_counter()
             result = finished_run(Path(fields["out_dir"]), steps) or train_learner(TrainLearnerConfig(**fields))
             r1 = efficiency.curve(result.metrics_path, f"{args.dataset}.image_to_text_r1")

@@ -237,3 +237,4 @@ def test_offline_filter_keeps_fewer_noisy_samples_than_the_pool_holds(shapes_dat
     kept_noisy = sum(noise[key] != "clean" for key in offline.kept_keys) / offline.kept
     print(f"offline filter 30 %: noisy share kept {kept_noisy:.3f}, pool {pool_noisy:.3f}")
     assert pool_noisy > 0.4 and kept_noisy < pool_noisy - 0.15, (kept_noisy, pool_noisy)
+from flexi_jest.run_identity import check_out_dir, write_run_config

@@ -174,7 +174,10 @@ class TrainingConfig(ConfigModel):
         "torchrun (gloo on CPUs); ignored inside torchrun, which sets the world itself"))
     shuffle_buffer: Int = Field(2000, ge=1)
     checkpoint_every: Int = Field(100, ge=1)
-    resume: bool = Field(True, description="continue from out_dir's latest checkpoint if there is one")
+    resume: bool = Field(True, description="continue from out_dir's latest checkpoint if there is one (of this config)")
+    overwrite: bool = Field(False, description=(
+        "remove an earlier run's checkpoints and result from out_dir and start afresh; without it, out_dir "
+        "holding another config's work is refused and a finished run of this config is returned as it is"))
     log_every: Int = Field(10, ge=1)
     progress: bool = True
     eval_every: Int = Field(0, ge=0, description="evaluate every N steps (and at the end) on eval_data; 0: never")
@@ -424,6 +427,18 @@ class EvaluateResult(StrictModel):
     splits: dict[str, SplitMetrics]
     champion_metric: str | None = Field(None, description="the metric promotion compares ('<set>.<metric>')")
     champion_value: float | None = None
+
+
+# ---- promotion -------------------------------------------------------------------------------------------------
+
+
+class ChampionRule(StrictModel):
+    """When a new learner version takes `champion` from the current one (tracking.promote)."""
+
+    metric: str = Field("", description="the eval metric compared, by name (<split>.<metric>, e.g. shapes.top1); "
+                        "'' = the evaluation's headline metric (top-1 of its first split, else image->text R@1)")
+    direction: Literal["max", "min"] = Field("max", description="max: higher is better; min: lower is better")
+    min_margin: float = Field(0.0, ge=0.0, description="the challenger must beat the champion by more than this")
 
 
 # ---- profiles ---------------------------------------------------------------------------------------------------

@@ -33,12 +33,13 @@ from flexi_jest.config import FlopsBreakdown, OptimConfig, TrainingConfig, Train
 from flexi_jest.data.shards import SampleStream
 from flexi_jest.device import autocast, to_model_input
 from flexi_jest.distributed import (
-    World, broadcast_object, check_divisible, gather_rows, gather_rows_with_grad, init_world, shard, sum_over_ranks,
+    World, barrier, broadcast_object, check_divisible, gather_rows, gather_rows_with_grad, init_world, shard, sum_over_ranks,
 )
 from flexi_jest.evaluate import evaluate_model
 from flexi_jest.losses import sigmoid_loss
 from flexi_jest.model import DualEncoder, Tokenizer
 from flexi_jest.reference_cache import CacheError, OfflineFilter, ReferenceCache
+from flexi_jest.run_identity import check_out_dir, write_run_config
 from flexi_jest.selection import independent_select, joint_select_from_embeddings, own_scores
 
 
@@ -169,7 +170,18 @@ def run_training(
     ledger, step = base_flops, 0
     metrics_path = storage.join(cfg.out_dir, "metrics.jsonl")
     history: list[dict[str, Any]] = []
-    checkpoint = load_latest_checkpoint(cfg.out_dir) if cfg.resume else None
+    # out_dir must hold nothing, or this very config's work (run_identity): never another config's
+    latest = None if cfg.overwrite else load_latest_checkpoint(cfg.out_dir)
+    state = check_out_dir(cfg, latest.get("config") if latest else None, remove=world.is_main)
+    barrier(world)
+    if state == "finished":
+        if world.is_main:
+            print(f"[{description}] {cfg.out_dir} already holds a finished run of this config: its result is "
+                  "returned without recomputing (overwrite: true to train again)", flush=True)
+        return TrainResult.model_validate_json(storage.read_bytes(storage.join(cfg.out_dir, "result.json")))
+    if world.is_main:
+        write_run_config(cfg)
+    checkpoint = latest if state == "resume" and cfg.resume else None
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"]["state_dict"])
         optimizer.load_state_dict(checkpoint["optimizer"])
