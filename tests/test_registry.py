@@ -1,0 +1,169 @@
+"""The model registry and promotion against an `mlflow server` whose backend store is a real PostgreSQL, as
+k8s/base deploys it (tests/postgres_mlflow.py): the champion rule, one champion, racing promotions from two
+processes, the promote and rollback commands."""
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from flexi_jest import tracking
+
+
+@pytest.fixture(scope="module")
+def registry_server(tmp_path_factory):
+    from postgres_mlflow import mlflow_on_postgres
+    with mlflow_on_postgres(tmp_path_factory.mktemp("registry")) as (url, database):
+        yield url, database
+
+
+@pytest.fixture
+def registry(registry_server, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", registry_server[0])
+    return registry_server[0]
+
+
+def test_the_registry_lives_in_postgresql(registry, registry_server):
+    """What the server registers is in PostgreSQL's tables (no SQLite file anywhere in between)."""
+    import psycopg2
+
+    client = tracking._mlflow().MlflowClient()
+    bare_version(client, "where-am-i")
+    connection = psycopg2.connect(registry_server[1])
+    try:
+        cursor = connection.cursor()
+        cursor.execute("SELECT name FROM registered_models WHERE name = 'where-am-i'")
+        assert cursor.fetchall() == [("where-am-i",)]
+        cursor.execute("SHOW server_version")
+        assert cursor.fetchone()[0].startswith("15")
+    finally:
+        connection.close()
+
+
+def bare_version(client, name: str) -> str:
+    """A registry version without a logged model (the promotion logic reads only aliases and tags)."""
+    import mlflow
+    try:
+        client.create_registered_model(name)
+    except mlflow.exceptions.MlflowException:
+        pass
+    return str(client.create_model_version(name, source="file:///nowhere/model").version)
+
+
+def test_champion_rule_metric_direction_and_margin(registry, capsys):
+    import mlflow
+
+    from flexi_jest.config import ChampionRule
+    client = tracking._mlflow().MlflowClient()
+    champion = bare_version(client, "rule")
+    tracking.promote("rule", champion, {"shapes.top1": 0.50, "shapes.loss": 1.0})
+    rule = ChampionRule(metric="shapes.top1", min_margin=0.05)
+    small_gain = bare_version(client, "rule")
+    decision = tracking.promote("rule", small_gain, {"shapes.top1": 0.54}, rule)
+    assert not decision.promoted and "margin 0.05" in decision.reason
+    lower_loss = bare_version(client, "rule")
+    decision = tracking.promote("rule", lower_loss, {"shapes.loss": 0.8, "shapes.top1": 0.1},
+                                ChampionRule(metric="shapes.loss", direction="min"))
+    assert decision.promoted and decision.champion_value == pytest.approx(1.0)
+    assert str(client.get_model_version_by_alias("rule", "champion").version) == lower_loss
+    assert str(client.get_model_version_by_alias("rule", "challenger").version) == small_gain
+    assert "crowned: shapes.loss 0.8000" in capsys.readouterr().out
+    with pytest.raises(Exception, match="direction"):
+        ChampionRule(direction="up")
+
+
+def test_a_challenger_is_not_crowned_on_a_metric_the_champion_lacks(registry, capsys):
+    """The issue's case: promote(..., "other_eval.top1", 0.0) crowned a model with 0.0, which then held both
+    aliases. Now the champion keeps its title, and the reason is on the version's tags and printed."""
+    import mlflow
+
+    from flexi_jest.config import ChampionRule
+    client = tracking._mlflow().MlflowClient()
+    champion = bare_version(client, "lacks")
+    tracking.promote("lacks", champion, {"shapes.top1": 0.6})
+    challenger = bare_version(client, "lacks")
+    decision = tracking.promote("lacks", challenger, {"other_eval.top1": 0.0}, ChampionRule(metric="other_eval.top1"))
+    assert not decision.promoted and decision.alias == "challenger"
+    reason = client.get_model_version("lacks", challenger).tags["flexi_jest.promotion"]
+    assert reason == decision.reason and f"champion version {champion} has no metric 'other_eval.top1'" in reason
+    assert reason in capsys.readouterr().out
+    aliases = {a: str(client.get_model_version_by_alias("lacks", a).version) for a in ("champion", "challenger")}
+    assert aliases == {"champion": champion, "challenger": challenger}
+    missing = bare_version(client, "lacks")
+    decision = tracking.promote("lacks", missing, {"shapes.top1": 0.9}, ChampionRule(metric="shapes.top5"))
+    assert not decision.promoted and "has no metric 'shapes.top5'" in decision.reason
+    holders = [v.version for v in client.search_model_versions("name = 'lacks'")
+               if "champion" in client.get_model_version("lacks", v.version).aliases]
+    assert holders == [champion]
+
+
+def test_promote_and_rollback_commands(registry, capsys):
+    from flexi_jest.cli import main
+    client = tracking._mlflow().MlflowClient()
+    first, second = bare_version(client, "cli-model"), bare_version(client, "cli-model")
+    assert main(["promote", "--model", "cli-model", "--version", first]) == 0
+    assert main(["promote", "--model", "cli-model", "--version", second]) == 0
+    assert f"version {second} is now 'champion' (was version {first}" in capsys.readouterr().out
+    assert main(["rollback", "--model", "cli-model"]) == 0
+    assert f"rolled back from version {second} to version {first}" in capsys.readouterr().out
+    assert str(client.get_model_version_by_alias("cli-model", "champion").version) == first
+    assert str(client.get_model_version_by_alias("cli-model", "previous-champion").version) == second
+    assert main(["promote", "--model", "cli-model", "--version", "99"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cli-model has no version 99" in err
+    assert main(["rollback", "--model", "no-such-model"]) == 1
+    assert "no version with alias 'previous-champion'" in capsys.readouterr().err
+
+
+RACER = """
+import sys, time
+from pathlib import Path
+from flexi_jest import tracking
+from flexi_jest.config import ChampionRule
+model, version, value, sync = sys.argv[1], sys.argv[2], float(sys.argv[3]), Path(sys.argv[4])
+tracking._mlflow().MlflowClient().get_registered_model(model)  # imports and connections done before the start
+(sync / f"ready-{version}").touch()
+while not (sync / "go").exists():
+    time.sleep(0.01)
+print(tracking.promote(model, version, {"shapes.top1": value}, ChampionRule()).model_dump_json())
+"""
+
+
+def test_two_racing_promotions_end_with_the_better_model_as_champion(registry, tmp_path):
+    """Two processes promote at the same instant (both read the same champion): the registry lock makes them
+    take turns, so the better challenger ends as champion, whichever writes last, and exactly one version
+    holds `champion`."""
+    import json
+
+    client = tracking._mlflow().MlflowClient()
+    for round_ in range(2):
+        model = f"race-{round_}"
+        old = bare_version(client, model)
+        tracking.promote(model, old, {"shapes.top1": 0.3})
+        better, worse = bare_version(client, model), bare_version(client, model)
+        sync = tmp_path / model
+        sync.mkdir()
+        racers = [subprocess.Popen([sys.executable, "-c", RACER, model, version, str(value), str(sync)],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                   env={**os.environ, "MLFLOW_TRACKING_URI": registry})
+                  for version, value in ((worse, 0.5), (better, 0.9))]
+        deadline = time.time() + 300
+        while not all((sync / f"ready-{v}").exists() for v in (better, worse)):
+            assert time.time() < deadline and all(r.poll() is None for r in racers), \
+                [r.communicate()[1][-2000:] for r in racers if r.poll() is not None]
+            time.sleep(0.05)
+        (sync / "go").touch()
+        decisions = []
+        for racer in racers:
+            out, err = racer.communicate(timeout=300)
+            assert racer.returncode == 0, err[-2000:]
+            decisions.append(json.loads(out.strip().splitlines()[-1]))
+        assert str(client.get_model_version_by_alias(model, "champion").version) == better
+        holders = [v.version for v in client.search_model_versions(f"name = '{model}'")
+                   if "champion" in client.get_model_version(model, v.version).aliases]
+        assert holders == [better]
+        assert str(client.get_model_version_by_alias(model, "previous-champion").version) in (old, worse)
+        assert {d["version"]: d["promoted"] for d in decisions}[better] is True
+        assert model + ".promotion-lock" not in {m.name for m in client.search_registered_models()}
