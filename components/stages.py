@@ -4,123 +4,143 @@ Every component body imports only `flexi_jest` (installed in the image) and hand
 `flexi_jest.stages` function: the config is validated on entry (a bad field fails the task with
 the field named), the stage runs and is tracked in MLflow under the pipeline's parent run, and
 the data's storage URI (a local path or s3://...) travels in each artifact's metadata["uri"].
+
+Caching: the stages KFP may take from its cache (data, reference, reference cache, learners, evaluation)
+take content only: their typed config, their input artifacts (URI, sha256) and the image (the code
+version). Run names, the KFP run ID and MLflow run ids never enter them, so a cloned run with one
+learner knob changed reuses everything upstream. Their MLflow runs are attached to the pipeline's parent
+run by the tracking-only tasks (open_tracking, track_stages, compare_methods, promote_model,
+close_tracking), which are never cached and know the parent by the KFP run ID.
 """
 
 from typing import List
 
 from kfp import dsl
-from kfp.dsl import HTML, Dataset, Input, Metrics, Model, Output
+from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Model, Output
 
 from components.image import GPU_IMAGE, IMAGE
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def open_tracking(run_name: str, experiment: str, dataset: str, profile: str, method: str, score: str,
-                  filter_ratio: float, n_chunks: int, steps: int, storage_root: str) -> str:
-    """Create the MLflow parent run of this pipeline run, with the pipeline's main knobs as params; returns its id."""
+def open_tracking(kfp_run_id: str, run_name: str, experiment: str, dataset: str, profile: str, method: str,
+                  score: str, filter_ratio: float, n_chunks: int, steps: int, storage_root: str,
+                  tracking: Output[Artifact]) -> str:
+    """Create the MLflow parent run of this pipeline run (tagged with the KFP run ID, dsl.PIPELINE_JOB_ID_PLACEHOLDER),
+    with the pipeline's main knobs as params; returns its id (also in the `tracking` artifact)."""
+    import json
+
     from flexi_jest.tracking import start_pipeline_run
 
     params = {"dataset": dataset, "profile": profile, "method": method, "score": score, "filter_ratio": filter_ratio,
               "n_chunks": n_chunks, "steps": steps, "storage_root": storage_root or "(beside the KFP artifacts)"}
-    return start_pipeline_run(run_name, params, experiment)
+    run_id = start_pipeline_run(run_name, params, experiment, kfp_run_id)
+    tracking.metadata.update({"mlflow_run_id": run_id, "kfp_run_id": kfp_run_id})
+    with open(tracking.path, "w") as f:
+        json.dump({"mlflow_run_id": run_id, "kfp_run_id": kfp_run_id, "experiment": experiment}, f)
+    return run_id
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def prepare_data(config_json: str, profile: str, dataset: str, storage_root: str, pipeline_run: str, experiment: str,
+def prepare_data(config_json: str, profile: str, dataset: str, storage_root: str, experiment: str,
                  curated: Output[Dataset], pool: Output[Dataset], eval_split: Output[Dataset]) -> str:
     """Write the curated / pool / eval webdataset shards (or register existing ones: config `out_dir`)."""
     import json
 
-    from flexi_jest.stages import make_data_stage, output_location
+    from flexi_jest.stages import make_data_stage, output_location, stage_output
 
     values = json.loads(config_json)
     values.setdefault("dataset", dataset)
     values.setdefault("out_dir", output_location(storage_root, curated.uri, curated.path, "data"))
-    result, run_id = make_data_stage(values, profile, pipeline_run, experiment)
+    result, run_id = make_data_stage(values, profile, "", experiment)
     for artifact, split in ((curated, "curated"), (pool, "pool"), (eval_split, "eval")):
         info = result.splits[split]
         artifact.metadata.update({"uri": info.path, "num_samples": info.num_samples, "num_shards": info.num_shards,
                                   "dataset": result.dataset})
         with open(artifact.path, "w") as f:
             json.dump(info.model_dump(), f)
-    return json.dumps({"mlflow_run_id": run_id, "result": result.model_dump()})
+    paths = {name: result.splits[split].path for name, split in (("curated", "curated"), ("pool", "pool"),
+                                                                  ("eval_split", "eval"))}
+    return stage_output("make-data", run_id, result, paths)
 
 
 @dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
-def reference_finetune(config_json: str, profile: str, storage_root: str, pipeline_run: str, experiment: str,
-                       curated: Input[Dataset], model: Output[Model], metrics: Output[Metrics]) -> str:
-    """Train the reference on the curated split (SigLIP), resuming from its checkpoints on a retry."""
+def reference_finetune(config_json: str, profile: str, storage_root: str, experiment: str,
+                       curated: Input[Dataset], model: Output[Model], metrics: Output[Metrics],
+                       batch_size: int = 0, init_checkpoint: str = "") -> str:
+    """Train the reference on the curated split (SigLIP), resuming from its checkpoints on a retry; the typed
+    knobs (0 / "": the config's own) override config_json."""
     import json
 
-    from flexi_jest.stages import output_location, train_reference_stage
+    from flexi_jest.stages import output_location, stage_output, train_reference_stage, with_knobs
 
-    values = json.loads(config_json)
+    values = with_knobs(json.loads(config_json), batch_size=batch_size, init_checkpoint=init_checkpoint)
     values.update(data=curated.metadata["uri"], out_dir=output_location(storage_root, model.uri, model.path, "reference"))
-    result, run_id = train_reference_stage(values, profile, pipeline_run, experiment)
-    model.metadata.update({"uri": result.checkpoint, "sha256": result.checkpoint_sha256, "mlflow_run_id": run_id,
+    result, run_id = train_reference_stage(values, profile, "", experiment)
+    model.metadata.update({"uri": result.checkpoint, "sha256": result.checkpoint_sha256,
                            "total_flops": result.total_flops})
     with open(model.path, "w") as f:
         f.write(result.model_dump_json())
     metrics.log_metric("final_loss", result.final_loss)
     metrics.log_metric("reference_training_flops", result.flops.reference_training)
-    return json.dumps({"mlflow_run_id": run_id, "result": result.model_dump()})
+    return stage_output("train-reference", run_id, result, {"reference": result.checkpoint,
+                                                            "reference_sha256": result.checkpoint_sha256})
 
 
 @dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
-def cache_reference_scores(config_json: str, profile: str, pipeline_run: str, experiment: str,
+def cache_reference_scores(config_json: str, profile: str, experiment: str,
                            reference: Input[Model], pool: Input[Dataset], cache: Output[Dataset]) -> str:
     """One pass of the frozen reference over the pool; the cache is written next to the pool's shards."""
     import json
 
-    from flexi_jest.stages import cache_reference_stage
+    from flexi_jest.stages import cache_reference_stage, stage_output
 
     values = json.loads(config_json)
     values.update(reference=reference.metadata["uri"], pool=pool.metadata["uri"])
-    result, run_id = cache_reference_stage(values, profile, pipeline_run, experiment)
+    result, run_id = cache_reference_stage(values, profile, "", experiment)
     cache.metadata.update({"uri": result.cache_dir, "reference_sha256": result.reference_sha256,
                            "num_samples": result.num_samples, "flops": result.flops})
     with open(cache.path, "w") as f:
         f.write(result.model_dump_json())
-    return json.dumps({"mlflow_run_id": run_id, "result": result.model_dump()})
+    return stage_output("cache-reference", run_id, result, {"cache": result.cache_dir})
 
 
 @dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
 def train_learner(config_json: str, profile: str, method: str, score: str, filter_ratio: float, n_chunks: int,
-                  steps: int, storage_root: str, pipeline_run: str, experiment: str,
+                  steps: int, storage_root: str, experiment: str,
                   pool: Input[Dataset], cache: Input[Dataset], eval_split: Input[Dataset], model: Output[Model],
-                  metrics: Output[Metrics], nodes: int = 1, multinode_json: str = "{}") -> str:
+                  metrics: Output[Metrics], nodes: int = 1, multinode_json: str = "{}", learning_rate: float = 0.0,
+                  super_batch_size: int = 0, model_name: str = "") -> str:
     """JEST / Flexi-JEST (or a baseline) learner; checkpoints beside its output, so a retried task resumes.
+    The typed knobs override config_json (steps, learning_rate, super_batch_size, model_name: 0 / "" keep it).
     nodes > 1: trained by a PyTorchJob this task launches and waits for (multinode_json: its image, GPUs per
     node, scheduling and services; see flexi_jest.pytorchjob.run_pytorchjob)."""
     import json
 
     from flexi_jest.reference_cache import reference_share
-    from flexi_jest.stages import output_location, train_learner_stage, with_eval_points
+    from flexi_jest.stages import output_location, stage_output, train_learner_stage, with_eval_points, with_knobs
 
-    values = json.loads(config_json)
+    values = with_knobs(json.loads(config_json), steps=steps, learning_rate=learning_rate,
+                        super_batch_size=super_batch_size, model_name=model_name)
     values.update(method=method, score=score, filter_ratio=filter_ratio, n_chunks=n_chunks,
                   pool=pool.metadata["uri"], reference_cache=cache.metadata["uri"],
                   out_dir=output_location(storage_root, model.uri, model.path, f"learner-{method}"),
                   **reference_share(cache.metadata["uri"]))  # sha256 and FLOPs of the reference behind the cache
-    if steps > 0:
-        values["steps"] = steps
     # a few evaluations during training: the accuracy-vs-FLOPs curve compare_methods draws
     values = with_eval_points("train-learner", values, profile, eval_split.metadata["uri"])
     multinode = {**json.loads(multinode_json), "nodes": nodes} if nodes > 1 else None
-    result, run_id = train_learner_stage(values, profile, pipeline_run, experiment, multinode)
-    model.metadata.update({"uri": result.checkpoint, "sha256": result.checkpoint_sha256, "mlflow_run_id": run_id,
-                           "method": method, "total_flops": result.total_flops, "world_size": result.world_size})
+    result, run_id = train_learner_stage(values, profile, "", experiment, multinode)
+    model.metadata.update({"uri": result.checkpoint, "sha256": result.checkpoint_sha256, "method": method, "total_flops": result.total_flops, "world_size": result.world_size})
     with open(model.path, "w") as f:
         f.write(result.model_dump_json())
     metrics.log_metric("final_loss", result.final_loss)
     metrics.log_metric("total_flops", result.total_flops)
     for key, value in result.selection.items():
         metrics.log_metric(key, value)
-    return json.dumps({"mlflow_run_id": run_id, "result": result.model_dump()})
+    return stage_output(f"train-learner.{method}", run_id, result, {f"learner.{method}": result.checkpoint})
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def zero_shot_eval(config_json: str, profile: str, method: str, pipeline_run: str, experiment: str,
+def zero_shot_eval(config_json: str, profile: str, method: str, experiment: str,
                    model: Input[Model], eval_split: Input[Dataset], metrics: Output[Metrics], report: Output[HTML],
                    eval_sets: List[str] = [], champion_metric: str = "") -> str:
     """Zero-shot classification and retrieval on the pipeline's eval split and on eval_sets ('name=uri', each
@@ -128,7 +148,7 @@ def zero_shot_eval(config_json: str, profile: str, method: str, pipeline_run: st
     'imagenet-val.top1'; "" keeps the config's, by default the eval split's top1) is what promotion compares."""
     import json
 
-    from flexi_jest.stages import evaluate_stage
+    from flexi_jest.stages import evaluate_stage, stage_output
 
     with open(model.path) as f:
         training = json.load(f)
@@ -136,7 +156,7 @@ def zero_shot_eval(config_json: str, profile: str, method: str, pipeline_run: st
     values.update(model=model.metadata["uri"], eval_data=[eval_split.metadata["uri"], *eval_sets])
     if champion_metric:
         values["champion_metric"] = champion_metric
-    result, run_id = evaluate_stage(values, profile, method, training, pipeline_run, experiment, report.path)
+    result, run_id = evaluate_stage(values, profile, method, training, "", experiment, report.path)
     for split, split_metrics in result.splits.items():
         for key, value in split_metrics.model_dump().items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):  # not the uri, layout, skip reasons
@@ -144,13 +164,25 @@ def zero_shot_eval(config_json: str, profile: str, method: str, pipeline_run: st
     if result.champion_value is not None:
         metrics.log_metric("champion_metric", result.champion_value)
     reference_share = training["flops"]["reference_training"] + training["flops"]["reference_caching"]
-    return json.dumps({"mlflow_run_id": run_id, "method": method, "total_flops": training["total_flops"],
-                       "metrics_path": training["metrics_path"], "reference_share": reference_share,
-                       "result": result.model_dump()})
+    return stage_output(f"evaluate.{method}", run_id, result, method=method, total_flops=training["total_flops"],
+                        metrics_path=training["metrics_path"], reference_share=reference_share)
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def compare_methods(main: str, baselines: List[str], pipeline_run: str, experiment: str,
+def track_stages(parent_run_id: str, first: str = "", second: str = "", third: str = "", learners: List[str] = [],
+                 evaluations: List[str] = []) -> str:
+    """Tracking only (never cached): attach stages' MLflow runs (their outputs: up to three, and the lists a
+    ParallelFor collected) to the pipeline's parent run and record their outputs' URIs there; a stage KFP took
+    from its cache is marked `cached`."""
+    import json
+
+    from flexi_jest.stages import record_stages
+
+    return json.dumps(record_stages(parent_run_id, first, second, third, *learners, *evaluations))
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def compare_methods(main: str, baselines: List[str], parent_run_id: str,
                     report: Output[HTML], metrics: Output[Metrics]) -> str:
     """The learners this run trained side by side: eval metric against total training FLOPs (the benchmark's
     plot), FLOPs to reach the uniform baseline's final metric and the ratio; on the MLflow parent run too."""
@@ -159,7 +191,7 @@ def compare_methods(main: str, baselines: List[str], pipeline_run: str, experime
     from flexi_jest.stages import compare_stage
 
     evaluations = [json.loads(main)] + [json.loads(b) for b in baselines]
-    summary = compare_stage(evaluations, pipeline_run, experiment, report.path)
+    summary = compare_stage(evaluations, parent_run_id, report_path=report.path)
     for name, info in summary["methods"].items():
         metrics.log_metric(f"{name}.final_metric", info["final_metric"])
         if info["flops_ratio_vs_uniform"] is not None:
@@ -168,24 +200,48 @@ def compare_methods(main: str, baselines: List[str], pipeline_run: str, experime
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def promote_model(evaluation_json: str, pipeline_run: str, experiment: str,
-                  learner: Input[Model], reference: Input[Model]) -> str:
-    """Register learner and reference; move `champion` to the learner only if it beats the current champion."""
+def promote_model(evaluation_json: str, learner_json: str, reference_json: str, parent_run_id: str,
+                  experiment: str, promotion_config: str = "{}") -> str:
+    """Register learner and reference (each once, however often KFP's cache hands them over); move `champion`
+    to the learner only if it beats the current champion under the champion rule (promotion_config: a JSON
+    config.ChampionRule). reference_json: the reference stage's output, or {"mlflow_run_id": ...} of a
+    reference resolved from an earlier run."""
     import json
 
     from flexi_jest.stages import promote_stage
 
     evaluation = json.loads(evaluation_json)["result"]
-    decision = promote_stage(learner.metadata["mlflow_run_id"], evaluation, pipeline_run, experiment,
-                             reference.metadata.get("mlflow_run_id"))  # absent for an imported reference
+    decision = promote_stage(json.loads(learner_json)["mlflow_run_id"], evaluation, parent_run_id, experiment,
+                             json.loads(reference_json).get("mlflow_run_id"), json.loads(promotion_config))
     return decision.model_dump_json()
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def close_tracking(run_name: str, experiment: str, status: dsl.PipelineTaskFinalStatus) -> str:
-    """Exit handler: end the MLflow parent run (found by its unique run name) as FINISHED or FAILED."""
-    from flexi_jest.tracking import finish_pipeline_run_named
+def close_tracking(kfp_run_id: str, experiment: str, status: dsl.PipelineTaskFinalStatus) -> str:
+    """Exit handler: end the MLflow parent run (found by the KFP run ID) as FINISHED or FAILED."""
+    from flexi_jest.tracking import finish_pipeline_run_of
 
     state = "FINISHED" if status.state == "SUCCEEDED" else "FAILED"
-    finish_pipeline_run_named(run_name, experiment, state)
+    finish_pipeline_run_of(kfp_run_id, experiment, state)
     return state
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def resolve_run(from_run: str, parent_run_id: str, pool: Output[Dataset], cache: Output[Dataset],
+                eval_split: Output[Dataset], reference: Output[Model]) -> str:
+    """Tracking only (never cached): the outputs an earlier pipeline run recorded on its MLflow parent run
+    (its KFP run ID or MLflow parent run id: from_run) as this run's input artifacts: pool, reference cache,
+    eval split and the reference (with its registered version); recorded on this run's parent run too.
+    Returns {"mlflow_run_id": the reference's run, "reference_version": ...} for promote_model."""
+    import json
+
+    from flexi_jest.stages import resolve_earlier_run
+
+    resolved = resolve_earlier_run(from_run, parent_run_id)
+    for artifact, name in ((pool, "pool"), (cache, "cache"), (eval_split, "eval_split"), (reference, "reference")):
+        artifact.metadata.update({"uri": resolved[name], "from_run": resolved["parent_run_id"]})
+        with open(artifact.path, "w") as f:
+            json.dump({"uri": resolved[name], "from_run": resolved["parent_run_id"]}, f)
+    reference.metadata["sha256"] = resolved["reference_sha256"]
+    return json.dumps({"mlflow_run_id": resolved.get("train-reference.mlflow_run_id"),
+                       "reference_version": resolved.get("reference_version")})

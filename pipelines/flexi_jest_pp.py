@@ -28,9 +28,10 @@ from kfp import compiler, dsl, kubernetes  # noqa: E402
 from kfp.dsl import Dataset, Model, pipeline_context  # noqa: E402
 
 from components.image import GPU_IMAGE  # noqa: E402
+from flexi_jest.config import TrainLearnerConfig  # noqa: E402
 from components.stages import (  # noqa: E402
     cache_reference_scores, close_tracking, compare_methods, open_tracking, prepare_data, promote_model,
-    reference_finetune, train_learner, zero_shot_eval,
+    reference_finetune, resolve_run, track_stages, train_learner, zero_shot_eval,
 )
 
 # GPU node pool scheduling for the training stages, read at compile time.
@@ -38,6 +39,8 @@ GPU_NODE_SELECTOR = os.environ.get("FLEXI_JEST_GPU_NODE_SELECTOR", "flexi-jest/n
 GPU_TOLERATION_KEY = os.environ.get("FLEXI_JEST_GPU_TOLERATION", "nvidia.com/gpu")
 
 FLEXI_TINY = json.dumps({"scoring_patch_size": 16, "train_patch_sizes": [8, 16]})
+# the learner knobs' defaults, from the learner's Pydantic config (one source of truth)
+LEARNER = {name: field.default for name, field in TrainLearnerConfig.model_fields.items()}
 
 
 def on_gpu_pool(task: dsl.PipelineTask, accelerator_type: Any, accelerator_count: Any) -> dsl.PipelineTask:
@@ -105,35 +108,52 @@ def with_cluster_services(definition):
 
 
 def train_evaluate_promote(*, learner_config, eval_config, profile, method, score, filter_ratio, n_chunks, steps,
-                           storage_root, run_name, experiment, accelerator_type, accelerator_count,
-                           pool, cache, eval_split, reference, eval_sets, champion_metric, after=None) -> dsl.PipelineTask:
-    """Stages 4-6, shared by the full pipeline and the from-cache entry point: the learner, its zero-shot
-    evaluation and its promotion through the MLflow registry; returns the evaluation task."""
+                           learning_rate, super_batch_size, model_name, storage_root, experiment, accelerator_type,
+                           accelerator_count, pool, cache, eval_split, reference_json, parent_run_id, promotion_config,
+                           eval_sets, champion_metric) -> dsl.PipelineTask:
+    """Stages 4-6, shared by the full pipeline and the single-stage rerun: the learner, its zero-shot
+    evaluation, their tracking and the learner's promotion through the MLflow registry; returns the evaluation."""
     multinode = ACCELERATORS and LEARNER_NODES > 1
     task = train_learner(config_json=learner_config, profile=profile, method=method, score=score,
-                         filter_ratio=filter_ratio, n_chunks=n_chunks, steps=steps, storage_root=storage_root,
-                         pipeline_run=run_name, experiment=experiment, pool=pool, cache=cache, eval_split=eval_split,
+                         filter_ratio=filter_ratio, n_chunks=n_chunks, steps=steps, learning_rate=learning_rate,
+                         super_batch_size=super_batch_size, model_name=model_name, storage_root=storage_root,
+                         experiment=experiment, pool=pool, cache=cache, eval_split=eval_split,
                          nodes=LEARNER_NODES if multinode else 1, multinode_json=multinode_settings() if multinode else "{}")
-    if after is not None:
-        task.after(after)
     # several nodes: this task only launches and watches the PyTorchJob, so it needs no GPU itself
     learner = (task if multinode else on_gpu_pool(task, accelerator_type, accelerator_count)).set_retry(2)
-    evaluation = zero_shot_eval(config_json=eval_config, profile=profile, method=method, pipeline_run=run_name,
-                                experiment=experiment, model=learner.outputs["model"], eval_split=eval_split,
-                                eval_sets=eval_sets, champion_metric=champion_metric)
-    promote_model(evaluation_json=evaluation.outputs["Output"], pipeline_run=run_name, experiment=experiment,
-                  learner=learner.outputs["model"], reference=reference).set_caching_options(False)
+    evaluation = zero_shot_eval(config_json=eval_config, profile=profile, method=method, experiment=experiment,
+                                model=learner.outputs["model"], eval_split=eval_split, eval_sets=eval_sets,
+                                champion_metric=champion_metric)
+    track_stages(parent_run_id=parent_run_id, first=learner.outputs["Output"],
+                 second=evaluation.outputs["Output"]).set_caching_options(False)
+    promote_model(evaluation_json=evaluation.outputs["Output"], learner_json=learner.outputs["Output"],
+                  reference_json=reference_json, parent_run_id=parent_run_id, experiment=experiment,
+                  promotion_config=promotion_config).set_caching_options(False)
     return evaluation
+
+
+def open_run_tracking(**params) -> dsl.PipelineTask:
+    """The tracking-only task opening the MLflow parent run, keyed by the KFP run ID (never by the run's name)."""
+    return open_tracking(kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, **params).set_caching_options(False)
+
+
+def close_run_tracking(experiment) -> dsl.PipelineTask:
+    return close_tracking(kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, experiment=experiment).set_caching_options(False)
 
 
 def flexi_jest_pp_definition(
     dataset: str = "shapes",
     profile: str = "tiny",
-    method: str = "joint",
-    score: str = "learnability",
-    filter_ratio: float = 0.8,
-    n_chunks: int = 16,
+    method: str = LEARNER["method"],
+    score: str = LEARNER["score"],
+    filter_ratio: float = LEARNER["filter_ratio"],
+    n_chunks: int = LEARNER["n_chunks"],
     steps: int = 0,
+    learning_rate: float = 0.0,
+    super_batch_size: int = 0,
+    model_name: str = "",
+    batch_size: int = 0,
+    init_checkpoint: str = "",
     baseline_methods: List[str] = ["uniform"],
     storage_root: str = "",
     experiment: str = "flexi-jest",
@@ -146,85 +166,104 @@ def flexi_jest_pp_definition(
     eval_config: str = "{}",
     eval_sets: List[str] = [],
     champion_metric: str = "",
+    promotion_config: str = "{}",
     accelerator_type: str = "nvidia.com/gpu",
     accelerator_count: str = "1",
 ):
-    """steps = 0 keeps the profile's steps; *_config are JSON objects of stage config fields (validated
-    by the stage's Pydantic model); storage_root "" keeps data beside the KFP artifacts. eval_sets: more
-    eval sets besides the eval split, each 'name=uri' (an ImageFolder, a CLIP_benchmark webdataset root, tars),
-    reported under its name; champion_metric: the metric promotion compares, e.g. 'imagenet-val.top1' ("": the
-    eval split's top1)."""
-    with dsl.ExitHandler(close_tracking(run_name=run_name, experiment=experiment).set_caching_options(False)):
-        tracking = open_tracking(run_name=run_name, experiment=experiment, dataset=dataset, profile=profile,
-                                 method=method, score=score, filter_ratio=filter_ratio, n_chunks=n_chunks, steps=steps,
-                                 storage_root=storage_root).set_caching_options(False)
+    """The knobs a rerun changes are typed parameters (editable in the KFP UI) that override the stage's JSON
+    config: the learner's method, score, filter_ratio, n_chunks, steps, learning_rate (optim.lr),
+    super_batch_size and model_name (a preset of flexi_jest.config.MODEL_PRESETS), also used by the baselines;
+    the reference's batch_size and init_checkpoint. steps, learning_rate, super_batch_size, model_name,
+    batch_size and init_checkpoint at 0 / "" keep the config's (or profile's) value. *_config are JSON objects
+    of stage config fields (validated by the stage's Pydantic model; promotion_config: config.ChampionRule);
+    storage_root "" keeps data beside the KFP artifacts; run_name labels the MLflow parent run (runs are found
+    by the KFP run ID, and a name never enters a cached stage). eval_sets: more eval sets besides the eval
+    split, each 'name=uri' (an ImageFolder, a CLIP_benchmark webdataset root, tars), reported under its name;
+    champion_metric: the metric promotion compares, e.g. 'imagenet-val.top1' ("": the eval split's top1)."""
+    with dsl.ExitHandler(close_run_tracking(experiment)):
+        tracking = open_run_tracking(run_name=run_name, experiment=experiment, dataset=dataset, profile=profile,
+                                     method=method, score=score, filter_ratio=filter_ratio, n_chunks=n_chunks,
+                                     steps=steps, storage_root=storage_root)
+        parent_run_id = tracking.outputs["Output"]
         data = prepare_data(config_json=data_config, profile=profile, dataset=dataset, storage_root=storage_root,
-                            pipeline_run=run_name, experiment=experiment).after(tracking)
+                            experiment=experiment).after(tracking)
         reference = on_gpu_pool(reference_finetune(
-            config_json=reference_config, profile=profile, storage_root=storage_root, pipeline_run=run_name,
-            experiment=experiment, curated=data.outputs["curated"]), accelerator_type, accelerator_count)
+            config_json=reference_config, profile=profile, storage_root=storage_root, experiment=experiment,
+            curated=data.outputs["curated"], batch_size=batch_size, init_checkpoint=init_checkpoint),
+            accelerator_type, accelerator_count)
         cache = on_gpu_pool(cache_reference_scores(
-            config_json=cache_config, profile=profile, pipeline_run=run_name, experiment=experiment,
+            config_json=cache_config, profile=profile, experiment=experiment,
             reference=reference.outputs["model"], pool=data.outputs["pool"]), accelerator_type, accelerator_count)
+        track_stages(parent_run_id=parent_run_id, first=data.outputs["Output"], second=reference.outputs["Output"],
+                     third=cache.outputs["Output"]).set_caching_options(False)
         evaluation = train_evaluate_promote(
             learner_config=learner_config, eval_config=eval_config, profile=profile, method=method, score=score,
-            filter_ratio=filter_ratio, n_chunks=n_chunks, steps=steps, storage_root=storage_root, run_name=run_name,
+            filter_ratio=filter_ratio, n_chunks=n_chunks, steps=steps, learning_rate=learning_rate,
+            super_batch_size=super_batch_size, model_name=model_name, storage_root=storage_root,
             experiment=experiment, accelerator_type=accelerator_type, accelerator_count=accelerator_count,
             pool=data.outputs["pool"], cache=cache.outputs["cache"], eval_split=data.outputs["eval_split"],
-            reference=reference.outputs["model"], eval_sets=eval_sets, champion_metric=champion_metric)
+            reference_json=reference.outputs["Output"], parent_run_id=parent_run_id, promotion_config=promotion_config,
+            eval_sets=eval_sets, champion_metric=champion_metric)
         with dsl.ParallelFor(baseline_methods) as baseline:
             baseline_learner = on_gpu_pool(train_learner(
                 config_json=baseline_config, profile=profile, method=baseline, score=score, filter_ratio=filter_ratio,
-                n_chunks=n_chunks, steps=steps, storage_root=storage_root, pipeline_run=run_name, experiment=experiment,
+                n_chunks=n_chunks, steps=steps, learning_rate=learning_rate, super_batch_size=super_batch_size,
+                model_name=model_name, storage_root=storage_root, experiment=experiment,
                 pool=data.outputs["pool"], cache=cache.outputs["cache"], eval_split=data.outputs["eval_split"]),
                 accelerator_type, accelerator_count).set_retry(2)
             baseline_evaluation = zero_shot_eval(
-                config_json=eval_config, profile=profile, method=baseline, pipeline_run=run_name,
-                experiment=experiment, model=baseline_learner.outputs["model"], eval_split=data.outputs["eval_split"],
-                eval_sets=eval_sets, champion_metric=champion_metric)
+                config_json=eval_config, profile=profile, method=baseline, experiment=experiment,
+                model=baseline_learner.outputs["model"], eval_split=data.outputs["eval_split"], eval_sets=eval_sets,
+                champion_metric=champion_metric)
+        # the baselines' tracking after their loop: inside it, KFP 2.17's local execution resolves an upstream
+        # task's output parameter to the loop item
+        track_stages(parent_run_id=parent_run_id, learners=dsl.Collected(baseline_learner.outputs["Output"]),
+                     evaluations=dsl.Collected(baseline_evaluation.outputs["Output"])).set_caching_options(False)
         compare_methods(main=evaluation.outputs["Output"], baselines=dsl.Collected(baseline_evaluation.outputs["Output"]),
-                        pipeline_run=run_name, experiment=experiment).set_caching_options(False)
+                        parent_run_id=parent_run_id).set_caching_options(False)
 
 
-def from_cache_definition(
-    pool_uri: str,
-    cache_uri: str,
-    eval_uri: str,
-    reference_uri: str,
+def from_run_definition(
+    from_run: str,
     profile: str = "tiny",
-    method: str = "joint",
-    score: str = "learnability",
-    filter_ratio: float = 0.8,
-    n_chunks: int = 16,
+    method: str = LEARNER["method"],
+    score: str = LEARNER["score"],
+    filter_ratio: float = LEARNER["filter_ratio"],
+    n_chunks: int = LEARNER["n_chunks"],
     steps: int = 0,
+    learning_rate: float = 0.0,
+    super_batch_size: int = 0,
+    model_name: str = "",
     storage_root: str = "",
     experiment: str = "flexi-jest",
-    run_name: str = "flexi-jest-from-cache",
+    run_name: str = "flexi-jest-rerun",
     learner_config: str = FLEXI_TINY,
     eval_config: str = "{}",
     eval_sets: List[str] = [],
     champion_metric: str = "",
+    promotion_config: str = "{}",
     accelerator_type: str = "nvidia.com/gpu",
     accelerator_count: str = "1",
 ):
-    """Stage-only entry point: train, evaluate and promote a learner on existing data and an existing
-    reference cache (URIs from an earlier run, imported with dsl.importer), skipping stages 1-3."""
-    with dsl.ExitHandler(close_tracking(run_name=run_name, experiment=experiment).set_caching_options(False)):
-        tracking = open_tracking(run_name=run_name, experiment=experiment, dataset="(imported)", profile=profile,
-                                 method=method, score=score, filter_ratio=filter_ratio, n_chunks=n_chunks, steps=steps,
-                                 storage_root=storage_root).set_caching_options(False)
-        pool = dsl.importer(artifact_uri=pool_uri, artifact_class=Dataset, metadata={"uri": pool_uri})
-        cache = dsl.importer(artifact_uri=cache_uri, artifact_class=Dataset, metadata={"uri": cache_uri})
-        eval_split = dsl.importer(artifact_uri=eval_uri, artifact_class=Dataset, metadata={"uri": eval_uri})
-        reference = dsl.importer(artifact_uri=reference_uri, artifact_class=Model, metadata={"uri": reference_uri})
+    """Single-stage rerun: train, evaluate and promote a learner on an earlier run's data, reference cache and
+    registered reference, all resolved from that run's MLflow parent run (from_run: its KFP run ID or MLflow
+    parent run id), skipping stages 1-3. The learner's knobs as in the full pipeline."""
+    with dsl.ExitHandler(close_run_tracking(experiment)):
+        tracking = open_run_tracking(run_name=run_name, experiment=experiment, dataset="(from run)", profile=profile,
+                                     method=method, score=score, filter_ratio=filter_ratio, n_chunks=n_chunks,
+                                     steps=steps, storage_root=storage_root)
+        parent_run_id = tracking.outputs["Output"]
+        earlier = resolve_run(from_run=from_run, parent_run_id=parent_run_id).set_caching_options(False)
         evaluation = train_evaluate_promote(
             learner_config=learner_config, eval_config=eval_config, profile=profile, method=method, score=score,
-            filter_ratio=filter_ratio, n_chunks=n_chunks, steps=steps, storage_root=storage_root, run_name=run_name,
+            filter_ratio=filter_ratio, n_chunks=n_chunks, steps=steps, learning_rate=learning_rate,
+            super_batch_size=super_batch_size, model_name=model_name, storage_root=storage_root,
             experiment=experiment, accelerator_type=accelerator_type, accelerator_count=accelerator_count,
-            pool=pool.output, cache=cache.output, eval_split=eval_split.output, reference=reference.output,
-            eval_sets=eval_sets, champion_metric=champion_metric, after=tracking)
-        compare_methods(main=evaluation.outputs["Output"], baselines=[], pipeline_run=run_name,
-                        experiment=experiment).set_caching_options(False)
+            pool=earlier.outputs["pool"], cache=earlier.outputs["cache"], eval_split=earlier.outputs["eval_split"],
+            reference_json=earlier.outputs["Output"], parent_run_id=parent_run_id, promotion_config=promotion_config,
+            eval_sets=eval_sets, champion_metric=champion_metric)
+        compare_methods(main=evaluation.outputs["Output"], baselines=[],
+                        parent_run_id=parent_run_id).set_caching_options(False)
 
 
 def make_pipeline(definition, name: str, description: str, accelerators: bool, learner_nodes: int = 1,
@@ -242,8 +281,9 @@ def make_pipeline(definition, name: str, description: str, accelerators: bool, l
 DEFINITIONS = [  # --from-stage, definition, name, description
         ("prepare_data", flexi_jest_pp_definition, "flexi-jest-pp",
          "Flexi-JEST++: joint example selection with a FlexiViT learner"),
-        ("train_learner", from_cache_definition, "flexi-jest-pp-from-cache",
-         "Flexi-JEST++ from an existing pool and reference cache: learner, evaluation, promotion"),
+        ("train_learner", from_run_definition, "flexi-jest-pp-rerun-learner",
+         "Flexi-JEST++ learner rerun on an earlier run's data, reference and reference cache: learner, evaluation, "
+         "promotion"),
 ]
 PIPELINES = {  # --from-stage -> (cluster pipeline, local pipeline)
     stage: (make_pipeline(definition, name, description, True), make_pipeline(definition, name, description, False))
@@ -292,28 +332,29 @@ def compile_pipeline(out: str, from_stage: str = "prepare_data", learner_nodes: 
     print(f"compiled {pipeline.name} to {out}")
 
 
-def summarize(tracking_uri: str, run_name: str, experiment: str, workdir: Path) -> dict[str, Any]:
-    """From MLflow: the parent run, each method's eval metrics and FLOPs, the registered learner, and the
-    methods' comparison (compare_methods: accuracy-vs-FLOPs plot, downloaded into workdir, and FLOPs ratios)."""
+def summarize(tracking_uri: str, parent_run_id: str, workdir: Path) -> dict[str, Any]:
+    """From MLflow: the parent run, each method's eval metrics and FLOPs, the registered learner, the stages KFP
+    took from its cache, and the methods' comparison (compare_methods: accuracy-vs-FLOPs plot, downloaded into
+    workdir, and FLOPs ratios)."""
     import mlflow
 
-    from flexi_jest.tracking import find_pipeline_run
+    from flexi_jest.tracking import STAGE_TAG, find_pipeline_run
 
     mlflow.set_tracking_uri(tracking_uri)
     client = mlflow.MlflowClient()
-    exp = client.get_experiment_by_name(experiment)
-    parent = find_pipeline_run(run_name, experiment)
+    parent = find_pipeline_run(parent_run_id)
     if parent is None:
-        raise SystemExit(f"no MLflow run named {run_name!r} in {tracking_uri}: the pipeline did not start tracking")
-    children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+        raise SystemExit(f"no MLflow pipeline run {parent_run_id!r} in {tracking_uri}: the pipeline did not start tracking")
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     comparison = json.loads(Path(client.download_artifacts(parent.info.run_id, "method_comparison.json",
                                                            str(workdir))).read_text())
     plot = client.download_artifacts(parent.info.run_id, "accuracy_vs_flops.png", str(workdir))
+    tags = parent.data.tags
+    evaluations = [client.get_run(run_id) for key, run_id in sorted(tags.items())
+                   if key.startswith(f"{STAGE_TAG}evaluate.")]  # computed here or taken from KFP's cache
     rows = []
     headline = comparison["metric"].rsplit(".", 1)[0]  # the eval split the methods are compared on
-    for run in children:
-        if run.data.tags.get("flexi_jest.stage") != "evaluate":
-            continue
+    for run in evaluations:
         m = run.data.metrics
         top1, i2t, t2i = (m.get(f"splits.{headline}.{key}") for key in ("top1", "image_to_text_r1", "text_to_image_r1"))
         method = run.data.tags.get("flexi_jest.method")
@@ -322,7 +363,10 @@ def summarize(tracking_uri: str, run_name: str, experiment: str, workdir: Path) 
                      "total_flops": m.get("total_flops"), "flops_ratio_vs_uniform": ratio})
     rows.sort(key=lambda r: r["method"] or "")
     promotion = next((r for r in children if r.data.tags.get("flexi_jest.stage") == "promote"), None)
-    return {"parent_run_id": parent.info.run_id, "rows": rows, "plot": plot, "comparison": comparison,
+    cached = sorted(key.split(".", 2)[2] for key, value in tags.items()
+                    if key.startswith("flexi_jest.cached.") and value == "true")
+    return {"parent_run_id": parent.info.run_id, "kfp_run_id": tags.get("flexi_jest.kfp_run_id"), "rows": rows,
+            "plot": plot, "comparison": comparison, "cached_stages": cached,
             "decision": promotion.data.tags.get("decision") if promotion else None,
             "learner_version": promotion.data.tags.get("learner_version") if promotion else None}
 
@@ -366,10 +410,21 @@ def docker_runner(params: dict[str, Any]):
     return local.DockerRunner(user=CONTAINER_USER, environment=environment)
 
 
+def local_parent_run_id(pipeline_root: Path, pipeline_name: str, since: float) -> str:
+    """The MLflow parent run id of the local pipeline run started at `since`: open_tracking's `tracking`
+    artifact (KFP local execution names the run <pipeline name>-<timestamp> and does not hand out its run ID)."""
+    found = sorted((path.stat().st_mtime, path) for path in pipeline_root.glob(f"{pipeline_name}-*/open-tracking/tracking")
+                   if path.stat().st_mtime >= since)
+    if not found:
+        raise SystemExit(f"the pipeline wrote no open-tracking artifact under {pipeline_root}: it did not start tracking")
+    return json.loads(found[-1][1].read_text())["mlflow_run_id"]
+
+
 def run_local(workdir: str, params: dict[str, Any], from_stage: str = "prepare_data",
-              runner: str = "subprocess") -> dict[str, Any]:
+              runner: str = "subprocess", cache: bool = True) -> dict[str, Any]:
     """Run the whole pipeline with KFP local execution: subprocesses in this environment, or (runner "docker")
-    each component in its container image (docker_runner)."""
+    each component in its container image (docker_runner). cache: KFP's local cache under workdir/kfp-cache,
+    so that a rerun with one knob changed recomputes only what depends on it."""
     from kfp import local
 
     root = Path(workdir).resolve()
@@ -384,11 +439,15 @@ def run_local(workdir: str, params: dict[str, Any], from_stage: str = "prepare_d
         os.environ.setdefault("MLFLOW_ARTIFACTS_DESTINATION", str(root / "mlartifacts"))
         task_runner = local.SubprocessRunner(use_venv=False)
     params = {"run_name": f"flexi-jest-pp-{time.strftime('%Y%m%d-%H%M%S')}", **params}
-    local.init(runner=task_runner, pipeline_root=str(root / "kfp"))
+    local.init(runner=task_runner, pipeline_root=str(root / "kfp"), enable_caching=cache,
+               cache_root=str(root / "kfp-cache"))
+    pipeline = PIPELINES[from_stage][1]
+    started_at = time.time() - 1
     started = time.perf_counter()
-    PIPELINES[from_stage][1](**params)
+    pipeline(**params)
     seconds = time.perf_counter() - started
-    summary = summarize(os.environ["MLFLOW_TRACKING_URI"], params["run_name"], params.get("experiment", "flexi-jest"), root)
+    parent_run_id = local_parent_run_id(root / "kfp", pipeline.name, started_at)
+    summary = summarize(os.environ["MLFLOW_TRACKING_URI"], parent_run_id, root)
     summary["seconds"] = seconds
     summary["tracking_uri"] = os.environ["MLFLOW_TRACKING_URI"]
     summary["runner"] = runner
@@ -397,7 +456,9 @@ def run_local(workdir: str, params: dict[str, Any], from_stage: str = "prepare_d
 
 
 def format_summary(summary: dict[str, Any]) -> str:
-    lines = [f"pipeline finished in {summary['seconds']:.1f} s",
+    lines = [f"pipeline finished in {summary['seconds']:.1f} s; MLflow parent run {summary['parent_run_id']} "
+             f"(rerun the learner on its outputs: --from-run {summary['parent_run_id']})",
+             f"from KFP's cache: {', '.join(summary['cached_stages']) or 'nothing'}",
              f"MLflow store: {summary['tracking_uri']}  (browse: mlflow ui --backend-store-uri {summary['tracking_uri']})",
              f"registered model: flexi-jest-learner version {summary['learner_version']} -> alias '{summary['decision']}'",
              f"accuracy-vs-FLOPs plot: {summary['plot']}", "",
@@ -438,6 +499,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="docker: each component in its image (FLEXI_JEST_IMAGE) through DOCKER_HOST, as uid 10001, "
                         "with MLFLOW_TRACKING_URI and FLEXI_JEST_S3_ENDPOINT servers the containers reach and an "
                         "s3:// storage_root (README, \"Before a cluster\")")
+    r.add_argument("--no-cache", action="store_true", help="recompute every stage (default: KFP's local cache "
+                   "under WORKDIR/kfp-cache reuses stages whose inputs are unchanged)")
     s = commands.add_parser("submit", help="submit to a Kubeflow Pipelines endpoint")
     s.add_argument("--host", required=True)
     s.add_argument("--experiment", default="flexi-jest")
@@ -450,18 +513,25 @@ def main(argv: list[str] | None = None) -> int:
         sub.add_argument("--gpus-per-node", type=int, default=1)
     for sub in (c, r, s):
         sub.add_argument("--from-stage", default="prepare_data", choices=sorted(PIPELINES),
-                         help="train_learner: start from an existing pool and reference cache "
-                              "(--param pool_uri=... cache_uri=... eval_uri=... reference_uri=...)")
+                         help="train_learner: rerun the learner (evaluation, promotion) on an earlier run's outputs, "
+                              "given by --from-run")
+    for sub in (r, s):
+        sub.add_argument("--from-run", default="", metavar="RUN_ID", help="rerun the learner on this earlier "
+                         "pipeline run's outputs (its KFP run ID or MLflow parent run id); implies "
+                         "--from-stage train_learner")
     args = parser.parse_args(argv)
-    pipeline = PIPELINES[args.from_stage][0]
+    from_stage = "train_learner" if getattr(args, "from_run", "") else args.from_stage
+    pipeline = PIPELINES[from_stage][0]
+    params = parse_params(getattr(args, "param", []), pipeline)
+    if getattr(args, "from_run", ""):
+        params["from_run"] = args.from_run
     if args.command == "compile":
-        compile_pipeline(args.out, args.from_stage, args.learner_nodes, args.gpus_per_node)
+        compile_pipeline(args.out, from_stage, args.learner_nodes, args.gpus_per_node)
     elif args.command == "run-local":
-        print(format_summary(run_local(args.workdir, parse_params(args.param, pipeline), args.from_stage,
-                                       args.runner)))
+        print(format_summary(run_local(args.workdir, params, from_stage, args.runner, cache=not args.no_cache)))
     else:
-        submit(args.host, args.experiment, parse_params(args.param, pipeline), args.from_stage, args.learner_nodes,
-               args.gpus_per_node, args.service_account)
+        submit(args.host, args.experiment, params, from_stage, args.learner_nodes, args.gpus_per_node,
+               args.service_account)
     return 0
 
 

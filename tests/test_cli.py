@@ -58,3 +58,28 @@ def test_demo_runs_every_stage_end_to_end(tmp_path, capsys, monkeypatch):
     rows = json.loads((tmp_path / "demo_results.json").read_text())
     assert [r["method"] for r in rows] == ["uniform", "flexi-jest", "reference"]
     assert rows[1]["total_flops"] > rows[1]["learner_flops"] > 0  # the reference's share is counted
+
+
+def test_cli_stages_log_the_run_the_pipeline_stage_would(tmp_path, monkeypatch, capsys):
+    """MLFLOW_TRACKING_URI set (or --track): a CLI stage is an MLflow run with the config as params and the
+    result as metrics and result.json, as the pipeline's stage logs it; --overwrite reaches the config."""
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.chdir(tmp_path)
+    assert main(["make-data", "--set", f"out_dir={tmp_path / 'data'}", "--set", "curated_size=10", "--set",
+                 "pool_size=20", "--set", "eval_size=10", "--experiment", "cli-tracked"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["splits"]["pool"]["num_samples"] == 20
+    run_id = captured.err.split("tracked as MLflow run ")[1].split()[0]
+    client = mlflow.MlflowClient()
+    run = client.get_run(run_id)
+    assert run.data.tags["flexi_jest.stage"] == "make-data" and run.data.params["pool_size"] == "20"
+    assert run.data.metrics["splits.pool.num_samples"] == 20
+    assert {a.path for a in client.list_artifacts(run_id)} >= {"config.json", "result.json"}
+    assert main(["train-reference", "--overwrite", "--print-config"]) == 0
+    assert json.loads(capsys.readouterr().out)["overwrite"] is True
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert main(["make-data", "--set", f"out_dir={tmp_path / 'untracked'}", "--set", "curated_size=10", "--set",
+                 "pool_size=20", "--set", "eval_size=10"]) == 0
+    assert "tracked as" not in capsys.readouterr().err

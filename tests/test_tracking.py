@@ -30,40 +30,84 @@ def register_version(name: str) -> str:
 def test_promotion_moves_champion_only_to_a_better_model(mlflow_store):
     tracking._mlflow()
     first = register_version("promo-test")
-    decision = tracking.promote("promo-test", first, "shapes.top1", 0.40)
+    decision = tracking.promote("promo-test", first, {"shapes.top1": 0.40})
     assert decision.promoted and decision.alias == "champion" and decision.champion_version is None
 
     worse = register_version("promo-test")
-    decision = tracking.promote("promo-test", worse, "shapes.top1", 0.30)
+    decision = tracking.promote("promo-test", worse, {"shapes.top1": 0.30})
     assert not decision.promoted and decision.alias == "challenger"
     assert decision.champion_version == str(first) and decision.champion_value == pytest.approx(0.40)
 
     better = register_version("promo-test")
-    decision = tracking.promote("promo-test", better, "shapes.top1", 0.55)
+    decision = tracking.promote("promo-test", better, {"shapes.top1": 0.55})
     assert decision.promoted and decision.alias == "champion"
 
     import mlflow
     client = mlflow.MlflowClient()
     assert str(client.get_model_version_by_alias("promo-test", "champion").version) == str(better)
+    assert str(client.get_model_version_by_alias("promo-test", "previous-champion").version) == str(first)
+    assert client.get_model_version("promo-test", first).tags["previous-champion"] == f"until version {better}"
     assert str(client.get_model_version_by_alias("promo-test", "challenger").version) == str(worse)
     loaded = mlflow.pytorch.load_model("models:/promo-test@champion")
     assert isinstance(loaded, DualEncoder)
 
 
-def test_stage_runs_nest_under_the_pipeline_run(mlflow_store):
+def test_promote_refuses_in_one_line_when_the_server_is_unreachable(monkeypatch, capsys):
+    from test_storage import free_port
+
+    from flexi_jest.cli import main
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    for argv in (["promote", "--version", "1"], ["rollback"]):
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "is unreachable" in err, err
+
+
+def test_stage_runs_nest_under_the_pipeline_run_found_by_its_kfp_run_id(mlflow_store):
+    """Two pipeline runs with one name stay apart: a run is found by its KFP run ID or MLflow id, never by name."""
     from flexi_jest.config import EvaluateConfig
-    parent = tracking.start_pipeline_run("pp-test-run", {"steps": 3})
-    with tracking.stage_run("pp-test-run", "evaluate", EvaluateConfig()) as run:
+    parent = tracking.start_pipeline_run("pp-test-run", {"steps": 3}, kfp_run_id="kfp-1")
+    other = tracking.start_pipeline_run("pp-test-run", {"steps": 3}, kfp_run_id="kfp-2")
+    with tracking.stage_run("kfp-1", "evaluate", EvaluateConfig()) as run:
         child = run.info.run_id
+    with tracking.stage_run(other, "evaluate", EvaluateConfig()) as run:
+        other_child = run.info.run_id
     import mlflow
     client = mlflow.MlflowClient()
     assert client.get_run(child).data.tags["mlflow.parentRunId"] == parent
+    assert client.get_run(other_child).data.tags["mlflow.parentRunId"] == other
     assert client.get_run(child).data.params["batch_size"] == "256"
-    assert tracking.finish_pipeline_run_named("pp-test-run")
-    assert client.get_run(parent).info.status == "FINISHED"
-    with pytest.raises(LookupError, match="no MLflow pipeline run named 'missing'"):
+    assert tracking.finish_pipeline_run_of("kfp-1")
+    assert client.get_run(parent).info.status == "FINISHED" and client.get_run(other).info.status == "RUNNING"
+    assert not tracking.finish_pipeline_run_of("kfp-unknown")
+    with pytest.raises(LookupError, match="no MLflow pipeline run with KFP run ID or MLflow run id 'missing'"):
         with tracking.stage_run("missing", "evaluate", EvaluateConfig()):
             pass
+    with pytest.raises(LookupError, match="'pp-test-run'"):  # a name is no id
+        tracking.parent_tags("pp-test-run")
+
+
+def test_a_cached_stage_is_recorded_on_the_next_pipeline_run_without_moving(mlflow_store):
+    """record_stage: a stage computed for this run is nested under it; one reused from KFP's cache stays under
+    the run that computed it, and the new parent gets a `<stage> (cached)` child and the outputs' URIs."""
+    import mlflow
+
+    from flexi_jest.config import EvaluateConfig
+    first = tracking.start_pipeline_run("a", {}, kfp_run_id="kfp-a")
+    second = tracking.start_pipeline_run("b", {}, kfp_run_id="kfp-b")
+    with tracking.stage_run(None, "make-data", EvaluateConfig()) as run:
+        stage = run.info.run_id
+    client = mlflow.MlflowClient()
+    assert "mlflow.parentRunId" not in client.get_run(stage).data.tags
+    assert tracking.record_stage(first, "make-data", stage, {"pool": "s3://b/pool"}) is False
+    assert client.get_run(stage).data.tags["mlflow.parentRunId"] == first
+    assert tracking.record_stage("kfp-b", "make-data", stage, {"pool": "s3://b/pool"}) is True
+    assert client.get_run(stage).data.tags["mlflow.parentRunId"] == first
+    children = client.search_runs([client.get_run(second).info.experiment_id], f"tags.mlflow.parentRunId = '{second}'")
+    assert [(c.info.run_name, c.data.tags["flexi_jest.reused_run_id"]) for c in children] == [("make-data (cached)", stage)]
+    outputs = tracking.recorded_outputs("kfp-b")
+    assert outputs["pool"] == "s3://b/pool" and outputs["make-data.mlflow_run_id"] == stage
+    assert outputs["parent_run_id"] == second and tracking.recorded_outputs(second) == outputs
 
 
 @pytest.mark.parametrize("stage,values,field", [
@@ -115,7 +159,7 @@ def test_comparison_is_logged_on_the_pipeline_run(mlflow_store):
 
     summary = compare_stage([evaluation("joint", 0.6, [(10.0, 0.3), (20.0, 0.55)], share=4.0),
                              evaluation("uniform", 0.4, [(10.0, 0.2), (20.0, 0.38)])],
-                            "cmp-run", report_path=str(mlflow_store / "report.html"))
+                            parent, report_path=str(mlflow_store / "report.html"))
     # the zero-shot eval replaces training's (capped) last evaluation
     assert summary["methods"]["joint"]["mean_curve"] == [(10.0, 0.3), (20.0, 0.6)]
     assert summary["target"] == 0.4 and summary["uniform_flops_to_target"] == 20.0
@@ -126,6 +170,6 @@ def test_comparison_is_logged_on_the_pipeline_run(mlflow_store):
     assert metrics["compare.uniform.flops_ratio_vs_uniform"] == 1.0 and metrics["compare.joint.final_metric"] == 0.6
     assert "<td>joint</td><td>0.600</td>" in (mlflow_store / "report.html").read_text()
     with pytest.raises(ValueError, match="no evaluations"):
-        compare_stage([], "cmp-run")
-    with pytest.raises(LookupError, match="no MLflow pipeline run named 'absent'"):
+        compare_stage([], parent)
+    with pytest.raises(LookupError, match="no MLflow pipeline run with KFP run ID or MLflow run id 'absent'"):
         compare_stage([evaluation("joint", 0.6, [(1.0, 0.6)])], "absent")

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ValidationError
 
 from flexi_jest import __version__
 from flexi_jest.config import PROFILES, STAGE_CONFIGS, deep_merge, format_validation_error, stage_config
+from flexi_jest.run_identity import StaleOutputError
 from flexi_jest.stages import run_stage
 
 
@@ -87,6 +88,8 @@ def _unique_json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 def build_config(stage: str, args: argparse.Namespace) -> BaseModel:
     values = deep_merge(load_config_file(args.config), parse_overrides(args.set or []))
+    if getattr(args, "overwrite", False):
+        values["overwrite"] = True
     return stage_config(stage, args.profile, values)
 
 
@@ -152,6 +155,26 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def registry_command(args: argparse.Namespace) -> int:
+    """promote / rollback on the MLflow registry (MLFLOW_TRACKING_URI); a refusal is one line on stderr."""
+    from flexi_jest import tracking
+
+    try:
+        if args.command == "promote":
+            old = tracking.promote_by_hand(args.model, args.version, args.alias)
+            print(f"{args.model} version {args.version} is now {args.alias!r}"
+                  + (f" (was version {old}; it is now {tracking.PREVIOUS_CHAMPION!r})"
+                     if old and old != str(args.version) and args.alias == tracking.CHAMPION else ""))
+        else:
+            new, old = tracking.rollback(args.model)
+            print(f"{args.model}: champion rolled back from version {old} to version {new} "
+                  f"(version {old} is now {tracking.PREVIOUS_CHAMPION!r})")
+    except (ConnectionError, LookupError, TimeoutError) as exc:
+        print(f"flexi-jest {args.command}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="flexi-jest", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"flexi-jest {__version__}")
@@ -162,6 +185,18 @@ def main(argv: list[str] | None = None) -> int:
         sub.add_argument("--profile", default="tiny", choices=sorted(PROFILES))
         sub.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field (repeatable)")
         sub.add_argument("--print-config", action="store_true", help="print the validated config and exit")
+        sub.add_argument("--track", action="store_true", help="log an MLflow run as the pipeline stage does "
+                         "(default when MLFLOW_TRACKING_URI is set; without it, the store is ./mlflow.db)")
+        sub.add_argument("--experiment", default="flexi-jest", help="MLflow experiment of a tracked run")
+        if "overwrite" in STAGE_CONFIGS[stage].model_fields:
+            sub.add_argument("--overwrite", action="store_true", help="start afresh: remove an earlier run's "
+                             "checkpoints and result from out_dir (same as --set overwrite=true)")
+    promote = commands.add_parser("promote", help="give a registered model version an alias (default: champion)")
+    promote.add_argument("--model", default="flexi-jest-learner")
+    promote.add_argument("--version", required=True)
+    promote.add_argument("--alias", default="champion")
+    rollback = commands.add_parser("rollback", help="champion back to the previous-champion version")
+    rollback.add_argument("--model", default="flexi-jest-learner")
     demo = commands.add_parser("demo", help="every stage end to end on generated data, then a result table")
     demo.add_argument("--workdir", default="runs/demo")
     demo.add_argument("--dataset", default="shapes", choices=["shapes", "emoji", "digits"])
@@ -170,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--learner-steps", type=int, default=None)
     args = parser.parse_args(argv)
 
+    if args.command in ("promote", "rollback"):
+        return registry_command(args)
     if args.command == "demo":
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
         unknown = [m for m in methods if m not in DEMO_METHODS]
@@ -195,10 +232,21 @@ def main(argv: list[str] | None = None) -> int:
         print(cfg.model_dump_json(indent=1))
         return 0
     from flexi_jest.data.eval_sets import EvalSetError
+    if tracked(args):
+        try:
+            result, run_id = run_tracked_stage(args.command, cfg, args.experiment)
+        except (StaleOutputError, EvalSetError) as exc:
+            print(f"{args.command}: {exc}", file=sys.stderr)
+            return 2
+        from flexi_jest.tracking import tracking_uri
+        print(f"[{args.command}] tracked as MLflow run {run_id} (experiment {args.experiment!r}, {tracking_uri()})",
+              file=sys.stderr)
+        print(result.model_dump_json(indent=1))
+        return 0
     from flexi_jest.distributed import is_main_process, shutdown
     try:
         result = run_stage(args.command, cfg)
-    except EvalSetError as exc:  # an eval set that cannot be read as given: one line naming it, no traceback
+    except (StaleOutputError, EvalSetError) as exc:  # one line naming the problem, no traceback
         print(f"{args.command}: {exc}", file=sys.stderr)
         return 2
     finally:
@@ -206,6 +254,28 @@ def main(argv: list[str] | None = None) -> int:
     if is_main_process():
         print(result.model_dump_json(indent=1))
     return 0
+
+
+def tracked(args: argparse.Namespace) -> bool:
+    """Track this CLI stage in MLflow: --track, or MLFLOW_TRACKING_URI set; never inside torchrun's ranks (the
+    process that started torchrun tracks the stage, as the pipeline's does)."""
+    import os
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return False
+    return args.track or bool(os.environ.get("MLFLOW_TRACKING_URI"))
+
+
+def run_tracked_stage(stage: str, cfg: BaseModel, experiment: str) -> tuple[BaseModel, str]:
+    """The stage through the pipeline stage's own entry point (flexi_jest.stages), so that it logs the same
+    MLflow run: config as params, result as metrics and JSON, training curves, the model for training stages."""
+    from flexi_jest import stages
+
+    values = cfg.model_dump()
+    if stage == "evaluate":
+        return stages.evaluate_stage(values, "tiny", Path(cfg.model).parent.name or "model", None, "", experiment)
+    entry = {"make-data": stages.make_data_stage, "train-reference": stages.train_reference_stage,
+             "cache-reference": stages.cache_reference_stage, "train-learner": stages.train_learner_stage}[stage]
+    return entry(values, "tiny", "", experiment)
 
 
 if __name__ == "__main__":

@@ -436,7 +436,8 @@ class ChampionRule(StrictModel):
     """When a new learner version takes `champion` from the current one (tracking.promote)."""
 
     metric: str = Field("", description="the eval metric compared, by name (<split>.<metric>, e.g. shapes.top1); "
-                        "'' = the evaluation's headline metric (top-1 of its first split, else image->text R@1)")
+                        "'' = the evaluation's champion metric (EvaluateConfig.champion_metric, the pipeline's "
+                        "champion_metric), else its headline (top-1 of its first set, else image->text R@1)")
     direction: Literal["max", "min"] = Field("max", description="max: higher is better; min: lower is better")
     min_margin: float = Field(0.0, ge=0.0, description="the challenger must beat the champion by more than this")
 

@@ -11,7 +11,7 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from flexi_jest import storage
 from flexi_jest.config import (
@@ -74,6 +74,32 @@ def torchrun_stage(stage: str, cfg: BaseModel, processes: int) -> BaseModel:
     return TrainResult.model_validate_json(storage.read_bytes(storage.join(cfg.out_dir, "result.json")))
 
 
+# the pipeline's typed knobs that keep the config's own value at 0 / "" (the others always apply), and the
+# config field each one sets
+KNOB_FIELDS = {"learning_rate": "optim.lr", "steps": "steps", "super_batch_size": "super_batch_size",
+               "batch_size": "batch_size", "model_name": "model", "init_checkpoint": "init_checkpoint"}
+
+
+def with_knobs(values: dict[str, Any], **knobs: Any) -> dict[str, Any]:
+    """values (a stage's JSON config) with the pipeline's typed knobs on top (KNOB_FIELDS: learning_rate sets
+    optim.lr, model_name a model preset of config.MODEL_PRESETS, ...); a knob at 0 or "" keeps the config's value."""
+    from flexi_jest.config import MODEL_PRESETS, ConfigError, deep_merge
+
+    for knob, value in knobs.items():
+        if value in (0, ""):
+            continue
+        if knob == "model_name":
+            if value not in MODEL_PRESETS:
+                raise ConfigError(f"model_name {value!r} is no model preset; expected one of {sorted(MODEL_PRESETS)}")
+            value = MODEL_PRESETS[value].model_dump()
+        *parents, leaf = KNOB_FIELDS[knob].split(".")
+        override: dict[str, Any] = {leaf: value}
+        for parent in reversed(parents):
+            override = {parent: override}
+        values = deep_merge(values, override)
+    return values
+
+
 EVAL_POINTS = 5  # evaluations during a pipeline learner's training: its accuracy-vs-FLOPs curve
 
 
@@ -100,7 +126,8 @@ def output_location(storage_root: str, artifact_uri: str, artifact_path: str, na
 
 def _tracked(stage: str, values: dict[str, Any], profile: str, pipeline_run: str, experiment: str, after=None,
              runner=None):
-    """Validate, run (in this process, or through runner(cfg) -> result), track."""
+    """Validate, run (in this process, or through runner(cfg) -> result), track: an MLflow run nested under
+    pipeline_run (the pipeline's MLflow parent run id or KFP run ID) when given, else a run of its own."""
     from flexi_jest import tracking
 
     cfg = validated_stage_config(stage, profile, values)
@@ -112,6 +139,52 @@ def _tracked(stage: str, values: dict[str, Any], profile: str, pipeline_run: str
         if after is not None:
             after(cfg, result)
     return cfg, result, run.info.run_id
+
+
+def stage_output(stage: str, run_id: str, result: BaseModel, outputs: dict[str, str] | None = None,
+                 **extra: Any) -> str:
+    """What a pipeline stage returns (its KFP output parameter), as JSON: the stage, its MLflow run, its result
+    and its outputs' storage URIs by name, which record_stage writes on the pipeline's parent run."""
+    return json.dumps({"stage": stage, "mlflow_run_id": run_id, "outputs": outputs or {}, "result": result.model_dump(),
+                       **extra})
+
+
+def record_stages(parent_run_id: str, *stage_outputs: str) -> dict[str, bool]:
+    """Attach stages (their stage_output JSON; "" skipped) to the pipeline's parent run: {stage: from the cache}."""
+    from flexi_jest import tracking
+
+    cached = {}
+    for text in stage_outputs:
+        if text:
+            output = json.loads(text)
+            cached[output["stage"]] = tracking.record_stage(parent_run_id, output["stage"], output["mlflow_run_id"],
+                                                            output["outputs"])
+    return cached
+
+
+RERUN_INPUTS = ("pool", "cache", "eval_split", "reference", "reference_sha256")  # what a learner rerun needs
+
+
+def resolve_earlier_run(from_run: str, parent_run_id: str = "") -> dict[str, str]:
+    """The outputs an earlier pipeline run recorded (tracking.recorded_outputs), checked to hold what a learner
+    rerun needs; recorded on this run's parent run (parent_run_id) too, with the run they came from."""
+    from flexi_jest import tracking
+
+    resolved = tracking.recorded_outputs(from_run)
+    missing = [name for name in RERUN_INPUTS if name not in resolved]
+    if missing:
+        raise LookupError(f"pipeline run {from_run!r} (MLflow run {resolved['parent_run_id']}) recorded no "
+                          f"{', '.join(missing)}: did its data, reference and cache stages finish?")
+    if parent_run_id:
+        client = tracking._mlflow().MlflowClient()
+        parent = tracking.pipeline_run_or_fail(parent_run_id).info.run_id
+        client.set_tag(parent, "flexi_jest.from_run", resolved["parent_run_id"])
+        for name in RERUN_INPUTS + ("reference_version", "curated"):
+            if name in resolved:
+                client.set_tag(parent, f"{tracking.OUTPUT_TAG}{name}", resolved[name])
+        if "train-reference.mlflow_run_id" in resolved:
+            client.set_tag(parent, f"{tracking.STAGE_TAG}train-reference", resolved["train-reference.mlflow_run_id"])
+    return resolved
 
 
 def make_data_stage(values: dict[str, Any], profile: str, pipeline_run: str = "", experiment: str = "flexi-jest") -> tuple[MakeDataResult, str]:
@@ -270,7 +343,7 @@ def compare_stage(evaluations: list[dict[str, Any]], pipeline_run: str = "", exp
     if pipeline_run:
         metrics = {f"compare.{name}.{field}": info[field] for name, info in summary["methods"].items()
                    for field in ("final_metric", "total_flops", "flops_ratio_vs_uniform") if info[field] is not None}
-        tracking.log_to_pipeline_run(pipeline_run, experiment, {"accuracy_vs_flops.png": figure},
+        tracking.log_to_pipeline_run(pipeline_run, {"accuracy_vs_flops.png": figure},
                                      {"method_comparison.json": summary}, metrics)
     return summary
 
@@ -290,24 +363,51 @@ def write_comparison_report(path: str, summary: dict[str, Any], figure) -> None:
         f"{rows}</table>{figure_html(figure)}</body></html>")
 
 
-def promote_stage(learner_run_id: str, evaluation: dict[str, Any], pipeline_run: str = "",
-                  experiment: str = "flexi-jest", reference_run_id: str | None = None):
-    """Register the learner (and the reference) in the MLflow registry; `champion` moves only to a better learner."""
-    from flexi_jest import tracking
+def evaluation_metrics(result: EvaluateResult) -> dict[str, float]:
+    """Every metric of an evaluation by name (<set>.<metric>), its champion metric (champion_metric) first."""
+    name, value = champion_metric(result)
+    metrics = {name: value}
+    for split, split_metrics in result.splits.items():
+        for key, number in split_metrics.model_dump().items():
+            if isinstance(number, (int, float)) and not isinstance(number, bool) and key not in ("num_samples",
+                                                                                                 "num_classes"):
+                metrics.setdefault(f"{split}.{key}", float(number))
+    return metrics
 
+
+def promote_stage(learner_run_id: str, evaluation: dict[str, Any], pipeline_run: str = "",
+                  experiment: str = "flexi-jest", reference_run_id: str | None = None, rule: dict[str, Any] | None = None):
+    """Register the learner (and the reference) in the MLflow registry, once each; `champion` moves only to a
+    better learner under the champion rule (config.ChampionRule, from `rule`)."""
+    from flexi_jest import tracking
+    from flexi_jest.config import ChampionRule, ConfigError, format_validation_error
+
+    try:
+        champion_rule = ChampionRule.model_validate(rule or {})
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error("promotion", exc)) from None
     mlflow = tracking._mlflow()
-    metric, value = champion_metric(EvaluateResult.model_validate(evaluation))
-    learner_version = mlflow.register_model(f"runs:/{learner_run_id}/model", tracking.LEARNER_MODEL).version
-    decision = tracking.promote(tracking.LEARNER_MODEL, str(learner_version), metric, value)
+    metrics = evaluation_metrics(EvaluateResult.model_validate(evaluation))
+    learner_version = tracking.register_once(tracking.LEARNER_MODEL, learner_run_id)
+    decision = tracking.promote(tracking.LEARNER_MODEL, str(learner_version), metrics, champion_rule)
+    value = decision.value
     reference_version = None
     if reference_run_id:
-        reference_version = mlflow.register_model(f"runs:/{reference_run_id}/model", tracking.REFERENCE_MODEL).version
+        reference_version = tracking.register_once(tracking.REFERENCE_MODEL, reference_run_id)
     mlflow.set_experiment(experiment)
-    tags = {"flexi_jest.stage": "promote", **tracking.parent_tags(pipeline_run, experiment)}
+    tags = {"flexi_jest.stage": "promote", **tracking.parent_tags(pipeline_run)}
     with mlflow.start_run(run_name="promote", tags=tags):
         mlflow.log_dict(decision.model_dump(), "decision.json")
-        mlflow.log_metrics({"candidate_metric": value, "promoted": float(decision.promoted)}
+        mlflow.log_metrics({"promoted": float(decision.promoted)}
+                           | ({"candidate_metric": value} if value is not None else {})
                            | ({"champion_metric": decision.champion_value} if decision.champion_value is not None else {}))
         mlflow.set_tags({"decision": decision.alias, "learner_version": str(learner_version),
-                         "reference_version": str(reference_version)})
+                         "reference_version": str(reference_version), "reason": decision.reason,
+                         "metric": decision.metric})
+    if pipeline_run:  # what a later single-stage rerun of this run resolves (tracking.recorded_outputs)
+        parent = tracking.pipeline_run_or_fail(pipeline_run).info.run_id
+        client = mlflow.MlflowClient()
+        client.set_tag(parent, f"{tracking.OUTPUT_TAG}learner_version", str(learner_version))
+        if reference_version is not None:
+            client.set_tag(parent, f"{tracking.OUTPUT_TAG}reference_version", str(reference_version))
     return decision

@@ -8,8 +8,10 @@ result JSON, plots and the model.
 Where MLflow lives: MLFLOW_TRACKING_URI from the environment (a cluster's tracking server), else a
 local SQLite store `mlflow.db` in the working directory (the embedded default).
 
-Promotion: a registered version gets the alias `champion` only if its eval metric beats the
-current champion's (recorded as a version tag); otherwise it gets `challenger`.
+Promotion: a registered version gets the alias `champion` only if it beats the current champion under
+the champion rule (config.ChampionRule: metric by name, direction, minimum margin) on a metric both were
+evaluated on (recorded as version tags); otherwise it gets `challenger`. The dethroned version gets
+`previous-champion`, which `flexi-jest rollback` restores.
 """
 
 import json
@@ -65,13 +67,21 @@ def numeric_metrics(values: dict[str, Any], prefix: str = "") -> dict[str, float
     return out
 
 
-def start_pipeline_run(run_name: str, params: dict[str, Any], experiment: str = DEFAULT_EXPERIMENT) -> str:
-    """Create the parent run of one pipeline run; returns its run id (left open for the stages)."""
+KFP_RUN_TAG = "flexi_jest.kfp_run_id"
+OUTPUT_TAG = "flexi_jest.output."  # + name: the storage URI (or sha256) of a stage output, on the parent run
+STAGE_TAG = "flexi_jest.stage_run."  # + stage: the MLflow run holding that stage's work, on the parent run
+
+
+def start_pipeline_run(run_name: str, params: dict[str, Any], experiment: str = DEFAULT_EXPERIMENT,
+                       kfp_run_id: str = "") -> str:
+    """Create the parent run of one pipeline run, tagged with the KFP run ID; returns its MLflow run id (left
+    open for the stages). run_name is a label for people, never a key: runs are found by id."""
     mlflow = _mlflow()
     mlflow.set_experiment(experiment)
     client = mlflow.MlflowClient()
     experiment_id = mlflow.get_experiment_by_name(experiment).experiment_id
-    run = client.create_run(experiment_id, run_name=run_name, tags={"flexi_jest.kind": "pipeline"})
+    tags = {"flexi_jest.kind": "pipeline", **({KFP_RUN_TAG: kfp_run_id} if kfp_run_id else {})}
+    run = client.create_run(experiment_id, run_name=run_name, tags=tags)
     for key, value in flatten(params).items():
         client.log_param(run.info.run_id, key, value)
     return run.info.run_id
@@ -81,35 +91,52 @@ def finish_pipeline_run(run_id: str, status: str = "FINISHED") -> None:
     _mlflow().MlflowClient().set_terminated(run_id, status=status)
 
 
-def find_pipeline_run(run_name: str, experiment: str = DEFAULT_EXPERIMENT):
-    """The newest parent run named run_name, or None."""
-    client = _mlflow().MlflowClient()
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
+def find_pipeline_run(run_ref: str, experiment: str | None = None):
+    """The MLflow parent run of a pipeline run, by its KFP run ID (the tag start_pipeline_run wrote) or by its
+    own MLflow run id; None if there is none. Never by name: two runs may share a name."""
+    mlflow = _mlflow()
+    client = mlflow.MlflowClient()
+    if experiment is not None:
+        found = client.get_experiment_by_name(experiment)
+        experiment_ids = [found.experiment_id] if found is not None else []
+    else:
+        experiment_ids = [e.experiment_id for e in client.search_experiments()]
+    if experiment_ids:
+        runs = client.search_runs(experiment_ids, f"tags.`{KFP_RUN_TAG}` = '{run_ref}'", max_results=2)
+        if len(runs) > 1:
+            raise LookupError(f"two MLflow runs are tagged with KFP run {run_ref!r}: {[r.info.run_id for r in runs]}")
+        if runs:
+            return runs[0]
+    try:
+        run = client.get_run(run_ref)
+    except mlflow.exceptions.MlflowException:
         return None
-    runs = client.search_runs([found.experiment_id], f"attributes.run_name = '{run_name}' and tags.flexi_jest.kind = 'pipeline'",
-                              max_results=1, order_by=["attributes.start_time DESC"])
-    return runs[0] if runs else None
+    return run if run.data.tags.get("flexi_jest.kind") == "pipeline" else None
 
 
-def finish_pipeline_run_named(run_name: str, experiment: str = DEFAULT_EXPERIMENT, status: str = "FINISHED") -> bool:
-    """End the parent run named run_name (the exit handler knows the name, not the id); False if there is none."""
-    run = find_pipeline_run(run_name, experiment)
+def pipeline_run_or_fail(run_ref: str, experiment: str | None = None):
+    run = find_pipeline_run(run_ref, experiment)
+    if run is None:
+        where = f" in experiment {experiment!r}" if experiment else ""
+        raise LookupError(f"no MLflow pipeline run with KFP run ID or MLflow run id {run_ref!r}{where} at {tracking_uri()}")
+    return run
+
+
+def finish_pipeline_run_of(kfp_run_id: str, experiment: str = DEFAULT_EXPERIMENT, status: str = "FINISHED") -> bool:
+    """End the parent run of KFP run kfp_run_id (the exit handler knows the KFP run ID); False if there is none."""
+    run = find_pipeline_run(kfp_run_id, experiment)
     if run is None:
         return False
     finish_pipeline_run(run.info.run_id, status)
     return True
 
 
-def log_to_pipeline_run(pipeline_run: str, experiment: str, figures: dict[str, Any] | None = None,
+def log_to_pipeline_run(parent_run_id: str, figures: dict[str, Any] | None = None,
                         data: dict[str, dict[str, Any]] | None = None, metrics: dict[str, float] | None = None) -> str:
     """Log figures (name -> matplotlib Figure), JSON artifacts (name -> dict) and metrics on the pipeline's
-    parent run (found by its unique name), where a pipeline run's overall results belong; returns its id."""
+    parent run, where a pipeline run's overall results belong; returns its id."""
     client = _mlflow().MlflowClient()
-    parent = find_pipeline_run(pipeline_run, experiment)
-    if parent is None:
-        raise LookupError(f"no MLflow pipeline run named {pipeline_run!r} in experiment {experiment!r} at {tracking_uri()}")
-    run_id = parent.info.run_id
+    run_id = pipeline_run_or_fail(parent_run_id).info.run_id
     for name, figure in (figures or {}).items():
         client.log_figure(run_id, figure, name)
     for name, value in (data or {}).items():
@@ -119,23 +146,56 @@ def log_to_pipeline_run(pipeline_run: str, experiment: str, figures: dict[str, A
     return run_id
 
 
-def parent_tags(pipeline_run: str | None, experiment: str) -> dict[str, str]:
-    """Tags nesting a run under the pipeline's parent run, found by its unique name (stages know the name,
-    a pipeline parameter, which every stage gets reliably; the id is only known at run time)."""
-    if not pipeline_run:
+def parent_tags(parent_run_id: str | None) -> dict[str, str]:
+    """Tags nesting a run under the pipeline's parent run (given by its MLflow run id or KFP run ID)."""
+    if not parent_run_id:
         return {}
-    parent = find_pipeline_run(pipeline_run, experiment)
-    if parent is None:
-        raise LookupError(f"no MLflow pipeline run named {pipeline_run!r} in experiment {experiment!r} at {tracking_uri()}")
-    return {"mlflow.parentRunId": parent.info.run_id}
+    return {"mlflow.parentRunId": pipeline_run_or_fail(parent_run_id).info.run_id}
+
+
+def record_stage(parent_run_id: str, stage: str, stage_run_id: str, outputs: dict[str, str]) -> bool:
+    """Attach a stage's MLflow run to the pipeline's parent run and record its outputs' URIs on the parent (tags
+    flexi_jest.output.<name>), from which a later run resolves them (resolve_outputs). A stage computed for
+    this pipeline run is nested under the parent; one KFP took from its cache (a run already nested under an
+    earlier pipeline run) stays where it is, and a child run `<stage> (cached)` pointing at it is nested here.
+    Returns whether the stage came from the cache."""
+    client = _mlflow().MlflowClient()
+    parent = pipeline_run_or_fail(parent_run_id)
+    stage_run = client.get_run(stage_run_id)
+    owner = stage_run.data.tags.get("mlflow.parentRunId")
+    cached = owner is not None and owner != parent.info.run_id
+    if owner is None:
+        client.set_tag(stage_run_id, "mlflow.parentRunId", parent.info.run_id)
+    elif cached:
+        reused = client.create_run(parent.info.experiment_id, run_name=f"{stage} (cached)", tags={
+            "mlflow.parentRunId": parent.info.run_id, "flexi_jest.stage": stage, "flexi_jest.cached": "true",
+            "flexi_jest.reused_run_id": stage_run_id})
+        client.set_terminated(reused.info.run_id)
+    client.set_tag(parent.info.run_id, f"{STAGE_TAG}{stage}", stage_run_id)
+    client.set_tag(parent.info.run_id, f"flexi_jest.cached.{stage}", str(cached).lower())
+    for name, value in outputs.items():
+        client.set_tag(parent.info.run_id, f"{OUTPUT_TAG}{name}", value)
+    return cached
+
+
+def recorded_outputs(run_ref: str, experiment: str | None = None) -> dict[str, str]:
+    """The stage outputs a pipeline run recorded (record_stage), by name: {"pool": uri, "reference": uri, ...};
+    the run given by its KFP run ID or its MLflow parent run id."""
+    parent = pipeline_run_or_fail(run_ref, experiment)
+    tags = parent.data.tags
+    outputs = {key[len(OUTPUT_TAG):]: value for key, value in tags.items() if key.startswith(OUTPUT_TAG)}
+    stages = {key[len(STAGE_TAG):]: value for key, value in tags.items() if key.startswith(STAGE_TAG)}
+    return {**outputs, **{f"{stage}.mlflow_run_id": run_id for stage, run_id in stages.items()},
+            "parent_run_id": parent.info.run_id}
 
 
 @contextmanager
-def stage_run(pipeline_run: str | None, stage: str, config: BaseModel, experiment: str = DEFAULT_EXPERIMENT) -> Iterator[Any]:
-    """A run for one stage, nested under the pipeline's parent run; logs the config as params and artifact."""
+def stage_run(parent_run_id: str | None, stage: str, config: BaseModel, experiment: str = DEFAULT_EXPERIMENT) -> Iterator[Any]:
+    """A run for one stage, nested under the pipeline's parent run if given (a pipeline's cached stages are
+    attached afterwards by record_stage); logs the config as params and artifact."""
     mlflow = _mlflow()
     mlflow.set_experiment(experiment)
-    tags = {"flexi_jest.stage": stage, **parent_tags(pipeline_run, experiment)}
+    tags = {"flexi_jest.stage": stage, **parent_tags(parent_run_id)}
     with mlflow.start_run(run_name=stage, tags=tags) as run:
         mlflow.log_params({k: str(v)[:500] for k, v in flatten(config.model_dump()).items()})
         mlflow.log_dict(config.model_dump(), "config.json")
@@ -178,37 +238,206 @@ def _version() -> str:
     return __version__
 
 
+def register_once(model_name: str, run_id: str) -> str:
+    """The registry version of runs:/<run_id>/model under model_name, registered now if it is not yet: a stage
+    KFP took from its cache hands over the same run, which must not become a second version."""
+    mlflow = _mlflow()
+    existing = mlflow.MlflowClient().search_model_versions(f"name = '{model_name}' and run_id = '{run_id}'")
+    if existing:
+        return str(min(int(v.version) for v in existing))
+    return str(mlflow.register_model(f"runs:/{run_id}/model", model_name).version)
+
+
+METRIC_VALUE_TAG = "flexi_jest.metric."  # + metric name: the version's evaluation, one tag per metric
+PROMOTION_TAG = "flexi_jest.promotion"  # the decision on this version, in words
+CHAMPION, CHALLENGER, PREVIOUS_CHAMPION = "champion", "challenger", "previous-champion"
+
+
 class PromotionDecision(BaseModel):
     model_name: str
     version: str
     metric: str
-    value: float
+    value: float | None
     champion_version: str | None
     champion_value: float | None
     promoted: bool
     alias: str
+    reason: str
 
 
-def promote(model_name: str, version: str, metric: str, value: float, higher_is_better: bool = True) -> PromotionDecision:
-    """Move `champion` to this version if it beats the current champion on `metric`, else mark it `challenger`."""
+def version_metrics(version) -> dict[str, float]:
+    """The evaluation metrics a registered version was tagged with (metric name -> value)."""
+    metrics = {key[len(METRIC_VALUE_TAG):]: float(value) for key, value in version.tags.items()
+               if key.startswith(METRIC_VALUE_TAG)}
+    name, _, number = version.tags.get(METRIC_TAG, "").partition("=")  # versions registered before the per-metric tags
+    if name and number and name not in metrics:
+        metrics[name] = float(number)
+    return metrics
+
+
+def alias_holder(client, model_name: str, alias: str):
+    """The version holding alias, or None."""
+    import mlflow
+    try:
+        return client.get_model_version_by_alias(model_name, alias)
+    except mlflow.exceptions.MlflowException:
+        return None
+
+
+@contextmanager
+def registry_lock(model_name: str, timeout: float = 120.0, stale_after: float = 600.0) -> Iterator[None]:
+    """Mutual exclusion between promotions of one model, held by creating the registered model
+    `<model_name>.promotion-lock` (the registry's unique name: one creator wins, in the database's transaction)
+    and released by deleting it. A lock older than stale_after seconds (a crashed holder) is broken."""
+    import time
+
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    name = f"{model_name}.promotion-lock"
+    deadline = time.time() + timeout
+    while True:
+        try:
+            client.create_registered_model(name, tags={"flexi_jest.lock_since": str(time.time())},
+                                           description=f"held while a version of {model_name} is promoted")
+            break
+        except mlflow.exceptions.MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            try:
+                since = float(client.get_registered_model(name).tags.get("flexi_jest.lock_since", "0"))
+            except mlflow.exceptions.MlflowException:
+                continue  # released meanwhile
+            if time.time() - since > stale_after:
+                client.delete_registered_model(name)
+                continue
+            if time.time() > deadline:
+                raise TimeoutError(f"{name} has been held for {time.time() - since:.0f} s: another promotion is "
+                                   f"running (or crashed; the lock is broken after {stale_after:.0f} s)") from None
+            time.sleep(0.2)
+    try:
+        yield
+    finally:
+        client.delete_registered_model(name)
+
+
+def crown(client, model_name: str, version: str, alias: str = CHAMPION) -> str | None:
+    """Give version `alias`; the version that held it becomes `previous-champion` (alias and tag); a version
+    holding both champion and challenger is not left behind. Returns the version that held it before."""
+    old = alias_holder(client, model_name, alias)
+    old_version = str(old.version) if old is not None else None
+    if old_version == str(version):
+        return old_version
+    client.set_registered_model_alias(model_name, alias, version)  # the new holder first: never no champion
+    if alias == CHAMPION:
+        if old_version is not None:
+            client.set_registered_model_alias(model_name, PREVIOUS_CHAMPION, old_version)
+            client.set_model_version_tag(model_name, old_version, PREVIOUS_CHAMPION, f"until version {version}")
+        challenger = alias_holder(client, model_name, CHALLENGER)
+        if challenger is not None and str(challenger.version) == str(version):
+            client.delete_registered_model_alias(model_name, CHALLENGER)
+    return old_version
+
+
+def promote(model_name: str, version: str, metrics: dict[str, float], rule=None) -> PromotionDecision:
+    """Crown this version `champion` if it beats the current champion under the champion rule (config.ChampionRule:
+    the metric by name, its direction, a minimum margin), else make it `challenger`. It is compared only on a
+    metric the champion was also evaluated on: a champion without it keeps its title, and the reason is written
+    to the version's tags (flexi_jest.promotion) and printed. Concurrent promotions of one model take turns
+    (registry_lock), so two racing end with the better model as champion."""
+    from flexi_jest.config import ChampionRule
+
+    rule = rule or ChampionRule()
+    metric = rule.metric or next(iter(metrics), "")
     mlflow = _mlflow()
     client = mlflow.MlflowClient()
-    client.set_model_version_tag(model_name, version, METRIC_TAG, f"{metric}={value}")
-    try:
-        champion = client.get_model_version_by_alias(model_name, "champion")
-    except mlflow.exceptions.MlflowException:
-        champion = None
-    champion_value = None
-    if champion is not None and str(champion.version) != str(version):
-        tag = champion.tags.get(METRIC_TAG, "")
-        name, _, number = tag.partition("=")
-        champion_value = float(number) if name == metric and number else None
-    better = champion_value is None or (value > champion_value if higher_is_better else value < champion_value)
-    alias = "champion" if better else "challenger"
-    client.set_registered_model_alias(model_name, alias, version)
+    for name, number in metrics.items():
+        client.set_model_version_tag(model_name, version, f"{METRIC_VALUE_TAG}{name}", str(number))
+    value = metrics.get(metric)
+    if value is not None:
+        client.set_model_version_tag(model_name, version, METRIC_TAG, f"{metric}={value}")
+    with registry_lock(model_name):
+        champion = alias_holder(client, model_name, CHAMPION)
+        champion_value = None
+        if value is None:
+            promoted = False
+            reason = f"not crowned: version {version} has no metric {metric!r} (it has {sorted(metrics)})"
+        elif champion is None:
+            promoted, reason = True, f"crowned: no champion yet ({metric} = {value:.4f})"
+        elif str(champion.version) == str(version):
+            promoted, reason = True, f"already champion ({metric} = {value:.4f})"
+        else:
+            champion_value = version_metrics(champion).get(metric)
+            if champion_value is None:
+                promoted = False
+                reason = (f"not crowned: champion version {champion.version} has no metric {metric!r} to compare "
+                          f"with (it has {sorted(version_metrics(champion))})")
+            else:
+                gain = value - champion_value if rule.direction == "max" else champion_value - value
+                promoted = gain > rule.min_margin
+                verdict = "crowned" if promoted else "not crowned"
+                reason = (f"{verdict}: {metric} {value:.4f} vs champion version {champion.version}'s "
+                          f"{champion_value:.4f} ({rule.direction}, margin {rule.min_margin})")
+        if promoted:
+            crown(client, model_name, version)
+        elif champion is None or str(champion.version) != str(version):
+            client.set_registered_model_alias(model_name, CHALLENGER, version)
+        client.set_model_version_tag(model_name, version, PROMOTION_TAG, reason)
+    print(f"[promote] {model_name} version {version}: {reason}", flush=True)
     return PromotionDecision(model_name=model_name, version=str(version), metric=metric, value=value,
                              champion_version=str(champion.version) if champion is not None else None,
-                             champion_value=champion_value, promoted=better, alias=alias)
+                             champion_value=champion_value, promoted=promoted,
+                             alias=CHAMPION if promoted else CHALLENGER, reason=reason)
+
+
+def check_reachable(timeout: float = 5.0) -> None:
+    """Raise ConnectionError (one line) if the tracking URI is a server that does not answer /health."""
+    import urllib.request
+
+    uri = tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout)
+    except OSError as exc:
+        raise ConnectionError(f"the MLflow tracking server at {uri} is unreachable ({getattr(exc, 'reason', exc)})") from None
+
+
+def registered_version(client, model_name: str, version: str):
+    """The registered version, or LookupError (one line) if the model or the version does not exist."""
+    import mlflow
+    try:
+        return client.get_model_version(model_name, str(version))
+    except mlflow.exceptions.MlflowException:
+        raise LookupError(f"{model_name} has no version {version} at {tracking_uri()}") from None
+
+
+def promote_by_hand(model_name: str, version: str, alias: str = CHAMPION) -> str | None:
+    """`flexi-jest promote`: give version `alias` (a person's decision, no rule applied); for `champion` the
+    version that held it becomes `previous-champion`. Returns the version that held the alias."""
+    check_reachable()
+    client = _mlflow().MlflowClient()
+    registered_version(client, model_name, version)
+    with registry_lock(model_name):
+        old = crown(client, model_name, str(version), alias)
+        client.set_model_version_tag(model_name, str(version), PROMOTION_TAG, f"{alias} by hand (flexi-jest promote)")
+    return old
+
+
+def rollback(model_name: str) -> tuple[str, str]:
+    """`flexi-jest rollback`: `champion` back to the `previous-champion` version, which the current champion
+    becomes (a second rollback undoes the first). Returns (new champion, old champion)."""
+    check_reachable()
+    client = _mlflow().MlflowClient()
+    with registry_lock(model_name):
+        previous = alias_holder(client, model_name, PREVIOUS_CHAMPION)
+        if previous is None:
+            raise LookupError(f"{model_name} has no version with alias {PREVIOUS_CHAMPION!r} to roll back to "
+                              f"at {tracking_uri()}")
+        old = crown(client, model_name, str(previous.version))
+        client.set_model_version_tag(model_name, str(previous.version), PROMOTION_TAG,
+                                     f"champion again by rollback from version {old}")
+    return str(previous.version), str(old)
 
 
 def write_json_artifact(data: dict[str, Any], name: str) -> None:
