@@ -91,7 +91,7 @@ def postgres(workdir: Path) -> Iterator[str]:
         connection.autocommit = True
         connection.cursor().execute("CREATE DATABASE mlflow")
         connection.close()
-        yield f"postgresql://mlflow@127.0.0.1:{port}/mlflow"
+        yield f"postgresql+psycopg2://mlflow@127.0.0.1:{port}/mlflow"
     finally:
         subprocess.run(prefix + [pg_ctl, "-D", str(data / "db"), "-m", "fast", "-w", "stop"], capture_output=True)
         if (data / "server.log").exists():

@@ -31,7 +31,7 @@ def test_the_registry_lives_in_postgresql(registry, registry_server):
 
     client = tracking._mlflow().MlflowClient()
     bare_version(client, "where-am-i")
-    connection = psycopg2.connect(registry_server[1])
+    connection = psycopg2.connect(registry_server[1].replace("+psycopg2", ""))
     try:
         cursor = connection.cursor()
         cursor.execute("SELECT name FROM registered_models WHERE name = 'where-am-i'")
