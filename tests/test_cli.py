@@ -67,6 +67,10 @@ def test_cli_stages_log_the_run_the_pipeline_stage_would(tmp_path, monkeypatch, 
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.chdir(tmp_path)
+    # MLflow remembers the active experiment per process (and in MLFLOW_EXPERIMENT_ID): forget this store's after
+    monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", "")
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID")
     assert main(["make-data", "--set", f"out_dir={tmp_path / 'data'}", "--set", "curated_size=10", "--set",
                  "pool_size=20", "--set", "eval_size=10", "--experiment", "cli-tracked"]) == 0
     captured = capsys.readouterr()

@@ -43,13 +43,14 @@ def test_the_registry_lives_in_postgresql(registry, registry_server):
 
 
 def bare_version(client, name: str) -> str:
-    """A registry version without a logged model (the promotion logic reads only aliases and tags)."""
+    """A registry version of an empty run (the promotion logic reads only aliases and tags)."""
     import mlflow
     try:
         client.create_registered_model(name)
     except mlflow.exceptions.MlflowException:
         pass
-    return str(client.create_model_version(name, source="file:///nowhere/model").version)
+    run = client.create_run("0")
+    return str(client.create_model_version(name, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id).version)
 
 
 def test_champion_rule_metric_direction_and_margin(registry, capsys):

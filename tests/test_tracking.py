@@ -9,7 +9,10 @@ from flexi_jest.model import DualEncoder
 
 @pytest.fixture
 def mlflow_store(tmp_path, monkeypatch):
+    import mlflow
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    # MLflow remembers the active experiment per process: a fresh store starts without one (and forgets its own)
+    monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
     monkeypatch.chdir(tmp_path)  # artifacts (./mlruns) stay in the test's folder
     return tmp_path
 

@@ -285,40 +285,79 @@ def alias_holder(client, model_name: str, alias: str):
 
 
 @contextmanager
-def registry_lock(model_name: str, timeout: float = 120.0, stale_after: float = 600.0) -> Iterator[None]:
+def at_most_once() -> Iterator[None]:
+    """MLflow's HTTP client retries every request, POST and DELETE included, after a timeout or a 5xx; a lock's
+    create or delete must not be repeated behind our back (a repeated delete could remove the next holder's
+    lock). Inside this block requests are sent once, and the lock checks what happened itself."""
+    previous = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("MLFLOW_HTTP_REQUEST_MAX_RETRIES", None)
+        else:
+            os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = previous
+
+
+def lock_holder(client, name: str) -> tuple[str, float] | None:
+    """(owner, since) of the lock registered model `name`, or None if nobody holds it."""
+    import mlflow
+    try:
+        tags = client.get_registered_model(name).tags
+    except mlflow.exceptions.MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+    return tags.get("flexi_jest.lock_owner", ""), float(tags.get("flexi_jest.lock_since", "inf"))
+
+
+@contextmanager
+def registry_lock(model_name: str, timeout: float = 600.0, stale_after: float = 900.0) -> Iterator[None]:
     """Mutual exclusion between promotions of one model, held by creating the registered model
     `<model_name>.promotion-lock` (the registry's unique name: one creator wins, in the database's transaction)
-    and released by deleting it. A lock older than stale_after seconds (a crashed holder) is broken."""
+    with this holder's token, and released by deleting it. Lock requests are sent at most once (at_most_once)
+    and their outcome read back from the lock's owner tag. A lock older than stale_after seconds (a crashed
+    holder) is broken."""
     import time
+    import uuid
 
     import mlflow
 
     client = mlflow.MlflowClient()
-    name = f"{model_name}.promotion-lock"
+    name, owner = f"{model_name}.promotion-lock", uuid.uuid4().hex
     deadline = time.time() + timeout
     while True:
         try:
-            client.create_registered_model(name, tags={"flexi_jest.lock_since": str(time.time())},
-                                           description=f"held while a version of {model_name} is promoted")
+            with at_most_once():
+                client.create_registered_model(name, tags={"flexi_jest.lock_owner": owner,
+                                                           "flexi_jest.lock_since": str(time.time())},
+                                               description=f"held while a version of {model_name} is promoted")
             break
-        except mlflow.exceptions.MlflowException as exc:
-            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
-                raise
-            try:
-                since = float(client.get_registered_model(name).tags.get("flexi_jest.lock_since", "0"))
-            except mlflow.exceptions.MlflowException:
-                continue  # released meanwhile
-            if time.time() - since > stale_after:
-                client.delete_registered_model(name)
+        except Exception:  # taken, or the answer was lost: the owner tag says which
+            holder = lock_holder(client, name)
+            if holder is not None and holder[0] == owner:
+                break
+            if holder is not None and time.time() - holder[1] > stale_after:
+                with at_most_once():
+                    client.delete_registered_model(name)
                 continue
             if time.time() > deadline:
-                raise TimeoutError(f"{name} has been held for {time.time() - since:.0f} s: another promotion is "
-                                   f"running (or crashed; the lock is broken after {stale_after:.0f} s)") from None
+                raise TimeoutError(f"{name} is held by another promotion (since {holder[1] if holder else '?'}); "
+                                   f"a crashed holder's lock is broken after {stale_after:.0f} s") from None
             time.sleep(0.2)
     try:
         yield
     finally:
-        client.delete_registered_model(name)
+        for _ in range(20):
+            holder = lock_holder(client, name)
+            if holder is None or holder[0] != owner:
+                break
+            try:
+                with at_most_once():
+                    client.delete_registered_model(name)
+            except Exception:  # checked again above
+                time.sleep(0.5)
 
 
 def crown(client, model_name: str, version: str, alias: str = CHAMPION) -> str | None:
