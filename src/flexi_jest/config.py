@@ -439,7 +439,7 @@ class ChampionRule(StrictModel):
                         "'' = the evaluation's champion metric (EvaluateConfig.champion_metric, the pipeline's "
                         "champion_metric), else its headline (top-1 of its first set, else image->text R@1)")
     direction: Literal["max", "min"] = Field("max", description="max: higher is better; min: lower is better")
-    min_margin: float = Field(0.0, ge=0.0, description="the challenger must beat the champion by more than this")
+    min_margin: Float = Field(0.0, ge=0.0, description="the challenger must beat the champion by more than this")
 
 
 # ---- profiles ---------------------------------------------------------------------------------------------------
