@@ -237,4 +237,43 @@ def test_offline_filter_keeps_fewer_noisy_samples_than_the_pool_holds(shapes_dat
     kept_noisy = sum(noise[key] != "clean" for key in offline.kept_keys) / offline.kept
     print(f"offline filter 30 %: noisy share kept {kept_noisy:.3f}, pool {pool_noisy:.3f}")
     assert pool_noisy > 0.4 and kept_noisy < pool_noisy - 0.15, (kept_noisy, pool_noisy)
-from flexi_jest.run_identity import check_out_dir, write_run_config
+
+
+def test_out_dir_of_another_config_is_refused_naming_the_fields(shapes_data, reference_cache, tmp_path, capsys):
+    """The issue's cases: a rerun with another filter_ratio silently returned the old model; a changed model shape
+    failed with a raw state_dict RuntimeError. Now both refuse naming the fields; the same config returns the
+    finished result without recomputing and says so; overwrite starts afresh; the data is left as it was."""
+    from flexi_jest.run_identity import StaleOutputError
+
+    out = tmp_path / "learner"
+    first = train_learner(learner_config(shapes_data, reference_cache, out, steps=2))
+    model_file = out / "model.pt"
+    written = model_file.stat().st_mtime_ns
+    with pytest.raises(StaleOutputError, match=r"filter_ratio: 0\.8 -> 0\.5") as refused:
+        train_learner(learner_config(shapes_data, reference_cache, out, steps=2, filter_ratio=0.5))
+    assert "--overwrite" in str(refused.value)
+    wider = TEST_MODEL.model_copy(update={"vision_width": 96})
+    with pytest.raises(StaleOutputError, match=r"model\.vision_width: 48 -> 96"):
+        train_learner(learner_config(shapes_data, reference_cache, out, steps=2, model=wider))
+    assert model_file.stat().st_mtime_ns == written, "a refused run leaves the earlier one as it was"
+    capsys.readouterr()
+    again = train_learner(learner_config(shapes_data, reference_cache, out, steps=2, device="cpu", progress=True))
+    assert again == first and model_file.stat().st_mtime_ns == written  # runtime-only fields changed: same run
+    assert "already holds a finished run of this config" in capsys.readouterr().out
+    fresh = train_learner(learner_config(shapes_data, reference_cache, out, steps=2, filter_ratio=0.5, overwrite=True))
+    assert fresh.checkpoint_sha256 != first.checkpoint_sha256 and model_file.stat().st_mtime_ns != written
+    assert json.loads((out / "run_config.json").read_text())["config"]["filter_ratio"] == 0.5
+
+
+def test_a_checkpoint_of_another_config_is_not_resumed(shapes_data, reference_cache, tmp_path):
+    """An interrupted run's checkpoint (no result yet) resumes only under the same config."""
+    from flexi_jest.run_identity import StaleOutputError
+
+    out = tmp_path / "learner"
+    train_learner(learner_config(shapes_data, reference_cache, out, steps=3))
+    (out / "result.json").unlink()
+    (out / "model.pt").unlink()  # as if stopped after the step-3 checkpoint
+    with pytest.raises(StaleOutputError, match=r"optim\.lr"):
+        train_learner(learner_config(shapes_data, reference_cache, out, steps=3, optim={"lr": 1e-4}))
+    resumed = train_learner(learner_config(shapes_data, reference_cache, out, steps=3))
+    assert resumed.steps == 3 and (out / "model.pt").exists()
