@@ -42,20 +42,28 @@ def open_tracking(kfp_run_id: str, run_name: str, experiment: str, dataset: str,
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def prepare_data(config_json: str, profile: str, dataset: str, storage_root: str, experiment: str,
-                 curated: Output[Dataset], pool: Output[Dataset], eval_split: Output[Dataset]) -> str:
-    """Write the curated / pool / eval webdataset shards (or register existing ones: config `out_dir`)."""
+                 curated: Output[Dataset], pool: Output[Dataset], eval_split: Output[Dataset],
+                 source: str = "generate", curated_uri: str = "", pool_uri: str = "", eval_uri: str = "") -> str:
+    """source 'generate': write the curated / pool / eval webdataset shards; 'register': check the user's own
+    (curated_uri, pool_uri, eval_uri: dataset specs) and record them under storage_root, reading them only."""
     import json
 
     from flexi_jest.stages import make_data_stage, output_location, stage_output
 
     values = json.loads(config_json)
-    values.setdefault("dataset", dataset)
+    values.setdefault("source", source)
+    if values["source"] == "register":
+        given = {"curated": curated_uri, "pool": pool_uri, "eval": eval_uri}
+        values.update({name: spec for name, spec in given.items() if spec})
+    else:
+        values.setdefault("dataset", dataset)
     values.setdefault("out_dir", output_location(storage_root, curated.uri, curated.path, "data"))
     result, run_id = make_data_stage(values, profile, "", experiment)
     for artifact, split in ((curated, "curated"), (pool, "pool"), (eval_split, "eval")):
         info = result.splits[split]
-        artifact.metadata.update({"uri": info.path, "num_samples": info.num_samples, "num_shards": info.num_shards,
-                                  "dataset": result.dataset})
+        artifact.metadata.update({"uri": info.path, "num_shards": info.num_shards, "dataset": result.dataset})
+        if info.num_samples is not None:  # a registered pool's count may be unknown
+            artifact.metadata["num_samples"] = info.num_samples
         with open(artifact.path, "w") as f:
             json.dump(info.model_dump(), f)
     paths = {name: result.splits[split].path for name, split in (("curated", "curated"), ("pool", "pool"),

@@ -143,6 +143,10 @@ def close_run_tracking(experiment) -> dsl.PipelineTask:
 
 def flexi_jest_pp_definition(
     dataset: str = "shapes",
+    data_source: str = "generate",
+    curated_uri: str = "",
+    pool_uri: str = "",
+    eval_uri: str = "",
     profile: str = "tiny",
     method: str = LEARNER["method"],
     score: str = LEARNER["score"],
@@ -179,14 +183,17 @@ def flexi_jest_pp_definition(
     storage_root "" keeps data beside the KFP artifacts; run_name labels the MLflow parent run (runs are found
     by the KFP run ID, and a name never enters a cached stage). eval_sets: more eval sets besides the eval
     split, each 'name=uri' (an ImageFolder, a CLIP_benchmark webdataset root, tars), reported under its name;
-    champion_metric: the metric promotion compares, e.g. 'imagenet-val.top1' ("": the eval split's top1)."""
+    champion_metric: the metric promotion compares, e.g. 'imagenet-val.top1' ("": the eval split's top1).
+    data_source "generate" makes `dataset`'s data; "register" trains on the team's own data: curated_uri, pool_uri
+    and eval_uri are dataset specs (a directory, `pool/{00000..00099}.tar`, s3://..., '::'-joined, ...)."""
     with dsl.ExitHandler(close_run_tracking(experiment)):
         tracking = open_run_tracking(run_name=run_name, experiment=experiment, dataset=dataset, profile=profile,
                                      method=method, score=score, filter_ratio=filter_ratio, n_chunks=n_chunks,
                                      steps=steps, storage_root=storage_root)
         parent_run_id = tracking.outputs["Output"]
         data = prepare_data(config_json=data_config, profile=profile, dataset=dataset, storage_root=storage_root,
-                            experiment=experiment).after(tracking)
+                            experiment=experiment, source=data_source, curated_uri=curated_uri, pool_uri=pool_uri,
+                            eval_uri=eval_uri).after(tracking)
         reference = on_gpu_pool(reference_finetune(
             config_json=reference_config, profile=profile, storage_root=storage_root, experiment=experiment,
             curated=data.outputs["curated"], batch_size=batch_size, init_checkpoint=init_checkpoint),

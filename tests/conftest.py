@@ -70,3 +70,11 @@ def s3(s3_server, monkeypatch):
     bucket = f"b{free_port()}"
     client.make_bucket(bucket)
     return f"s3://{bucket}"
+
+
+@pytest.fixture(scope="session")
+def img2dataset_dir(tmp_path_factory):
+    """A pool written by img2dataset itself from URLs served on loopback (img2dataset_fixture.py): 3 shards, 58
+    images of varied aspect ratio and 2 broken URLs."""
+    from img2dataset_fixture import img2dataset_pool
+    return img2dataset_pool(tmp_path_factory.mktemp("img2dataset"))

@@ -55,10 +55,34 @@ def ddp_step(inputs: dict, world) -> dict:
     return {"share": share.detach(), "grads": {n: p.grad for n, p in model.named_parameters()}}
 
 
+def stream_share(inputs: dict, world) -> dict:
+    """This rank reads and decodes only its rows of each super-batch, then receives its rows of the selection."""
+    from flexi_jest.data import loader as loader_module
+    from flexi_jest.distributed import exchange_rows
+    decoded = []  # every sample key this process decodes (workers=0: decoding runs here)
+
+    def counting_decode(raw, *args):
+        decoded.append(raw["__key__"])
+        return decode_sample(raw, *args)
+
+    decode_sample, loader_module.decode_sample = loader_module.decode_sample, counting_decode
+    loader = loader_module.StreamLoader(inputs["pool"], inputs["batch"], streams=4, mode="epoch", seed=5, image_size=8,
+                                        rank=world.rank, world=world.size, workers=inputs["workers"])
+    keys, received, held = [], [], []
+    for chosen in inputs["chosen"]:
+        mine = loader.next_batch()
+        images = torch.stack([s["image"] for s in mine])  # uint8 [B / world, 3, 8, 8]: all this rank holds
+        held.append((images.shape, images.dtype))
+        keys.append([s["key"] for s in mine])
+        received.append(exchange_rows(images, chosen, world))
+    loader.close()
+    return {"keys": keys, "received": received, "held": held, "decoded": decoded}
+
+
 if __name__ == "__main__":
     case, input_path, output_dir = sys.argv[1:4]
     world, _ = init_world("cpu")
     inputs = torch.load(input_path, weights_only=False)
-    outputs = {"selection": selection, "loss": loss, "ddp_step": ddp_step}[case](inputs, world)
+    outputs = {"selection": selection, "loss": loss, "ddp_step": ddp_step, "stream_share": stream_share}[case](inputs, world)
     torch.save({"world_size": world.size, **outputs}, f"{output_dir}/rank{world.rank}.pt")
     shutdown()

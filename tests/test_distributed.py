@@ -116,6 +116,37 @@ def test_ddp_gradients_of_a_mixed_patch_step_equal_one_process(tmp_path):
             assert torch.allclose(out["grads"][name], parameter.grad, atol=1e-5, rtol=1e-4), name
 
 
+def test_two_processes_decode_each_sample_once_and_hold_only_their_share(tmp_path):
+    """Each rank decodes its rows of the super-batch (uint8, never the whole batch); the selected sub-batch's rows
+    reach the rank that trains on them; together the ranks see exactly one process's super-batch."""
+    from PIL import Image
+    from flexi_jest.data.loader import StreamLoader
+    from flexi_jest.data.sample import Sample
+    from flexi_jest.data.shards import write_split
+    pool = str(tmp_path / "pool")
+    write_split(iter([Sample(f"s-{i:03d}", Image.new("RGB", (8, 8), (i, 2 * i % 256, 3)), f"caption {i}")
+                      for i in range(96)]), pool, samples_per_shard=12)
+    batch, steps = 16, 3  # 48 of the 96 samples: within the first epoch, so no sample repeats
+    g = torch.Generator().manual_seed(0)
+    chosen = [torch.randperm(batch, generator=g)[:4] for _ in range(steps)]  # the same selection on every rank
+    outputs = run_case("stream_share", {"pool": pool, "batch": batch, "workers": 0, "chosen": chosen}, tmp_path)
+    with StreamLoader(pool, batch, streams=4, mode="epoch", seed=5, image_size=8) as one:
+        whole = [one.next_batch() for _ in range(steps)]
+    for step in range(steps):
+        rank_keys = [o["keys"][step] for o in outputs]
+        assert rank_keys[0] + rank_keys[1] == [s["key"] for s in whole[step]]  # one process's super-batch
+        assert not set(rank_keys[0]) & set(rank_keys[1])  # decoded once, on one rank
+        images = torch.stack([s["image"] for s in whole[step]])
+        for rank, out in enumerate(outputs):
+            assert out["held"][step] == (torch.Size([batch // 2, 3, 8, 8]), torch.uint8)
+            assert torch.equal(out["received"][step], images[chosen[step]][rank * 2:(rank + 1) * 2])
+    # what each rank decoded: its own rows (and the read-ahead of its own streams), never the other rank's
+    decoded = [o["decoded"] for o in outputs]
+    assert not set(decoded[0]) & set(decoded[1]) and all(len(set(d)) == len(d) for d in decoded)
+    for rank, out in enumerate(outputs):
+        assert set(k for keys in out["keys"] for k in keys) <= set(decoded[rank])
+
+
 def write_config(path: Path, cfg) -> Path:
     path.write_text(cfg.model_dump_json())
     return path

@@ -9,7 +9,6 @@ from conftest import TEST_MODEL
 from flexi_jest import storage
 from flexi_jest.config import TrainLearnerConfig
 from flexi_jest.pytorchjob import JobFailed, config_map_name, job_name, job_state, run_pytorchjob
-from test_storage import s3, s3_server  # noqa: F401  (fixtures: moto's S3 server on loopback)
 
 SETTINGS = dict(gpus_per_node=8, image="registry.example.com/flexi-jest-cuda:0.1.0",
                 node_selector={"flexi-jest/node-pool": "gpu"}, toleration_key="nvidia.com/gpu",

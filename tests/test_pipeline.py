@@ -89,7 +89,7 @@ def mlflow_server(tmp_path_factory):
     import urllib.request
 
     from moto.server import ThreadedMotoServer
-    from test_storage import free_port
+    from conftest import free_port
 
     workdir = tmp_path_factory.mktemp("mlflow-server")
     s3_port, port = free_port(), free_port()

@@ -4,40 +4,13 @@ moto does not check credentials, so the wrong-credentials path is tested as a un
 error mapping (explain_s3_error), not against the server.
 """
 
-import socket
-
 import pytest
 
+from conftest import free_port
 from flexi_jest import storage
 from flexi_jest.data.sample import Sample
-from flexi_jest.data.shards import ReadStats, SampleStream, iter_split, write_split
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def s3_server():
-    from moto.server import ThreadedMotoServer
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
-
-
-@pytest.fixture
-def s3(s3_server, monkeypatch):
-    monkeypatch.setenv("FLEXI_JEST_S3_ENDPOINT", s3_server)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    client = storage.s3_client()
-    bucket = f"b{free_port()}"
-    client.make_bucket(bucket)
-    return f"s3://{bucket}"
+from flexi_jest.data.loader import StreamLoader
+from flexi_jest.data.shards import ReadStats, iter_split, write_split
 
 
 def test_local_round_trip_and_listing(tmp_path):
@@ -155,8 +128,8 @@ def test_shards_on_s3_read_exactly_like_local_shards(s3, tmp_path):
     remote = [(s["key"], s["caption"], s["image"].sum().item()) for s in iter_split(f"{s3}/pool")]
     local = [(s["key"], s["caption"], s["image"].sum().item()) for s in iter_split(str(tmp_path / "pool"))]
     assert remote == local and len(remote) == 25
-    stream = SampleStream(f"{s3}/pool", None, seed=1, shuffle_buffer=5)
-    assert len({s["key"] for s in stream.take(25)}) == 25
+    with StreamLoader(f"{s3}/pool", 25, streams=1, mode="epoch", seed=1) as stream:
+        assert len({s["key"] for s in stream.next_batch()}) == 25
     # a corrupted object on S3 is reported like a local one
     storage.write_bytes(f"{s3}/pool/shard-000001.tar", b"garbage")
     stats = ReadStats()
@@ -182,4 +155,4 @@ def test_stages_read_and_write_s3_uris(s3):
     assert storage.exists(f"{s3}/reference/model.pt") and storage.exists(f"{s3}/reference/checkpoints/latest.json")
     cache = cache_reference(CacheReferenceConfig(reference=reference.checkpoint, pool=f"{s3}/data/pool"))
     assert cache.cache_dir.startswith(f"{s3}/data/pool/refcache-") and cache.num_samples == 60
-    assert ReferenceCache(cache.cache_dir, f"{s3}/data/pool", reference.checkpoint_sha256).load_shard("shard-000001.tar")[1].shape[0] == 30
+    assert ReferenceCache(cache.cache_dir, f"{s3}/data/pool", reference.checkpoint_sha256).load_shard(f"{s3}/data/pool/shard-000001.tar")[1].shape[0] == 30

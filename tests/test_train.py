@@ -16,7 +16,7 @@ def learner_config(shapes_data, cache, out_dir, **overrides) -> TrainLearnerConf
     values = dict(pool=shapes_data.splits["pool"].path, reference_cache=cache.cache_dir,
                   reference_sha256=cache.reference_sha256, out_dir=str(out_dir), model=TEST_MODEL,
                   super_batch_size=40, filter_ratio=0.8, n_chunks=4, steps=6, checkpoint_every=3,
-                  progress=False, log_every=1, shuffle_buffer=50)
+                  progress=False, log_every=1)
     values.update(overrides)
     return TrainLearnerConfig(**values)
 
@@ -33,7 +33,7 @@ def test_reference_training_reduces_its_loss(reference):
 def test_cache_covers_the_pool_and_matches_a_fresh_forward(reference, reference_cache, shapes_data):
     assert reference_cache.num_samples == shapes_data.splits["pool"].num_samples
     cache = ReferenceCache(reference_cache.cache_dir, shapes_data.splits["pool"].path, reference.checkpoint_sha256)
-    index, image_emb, text_emb = cache.load_shard("shard-000000.tar")
+    index, image_emb, text_emb = cache.load_shard(shapes_data.splits["pool"].path + "/shard-000000.tar")
     assert image_emb.dtype.name == "float16" and image_emb.shape == (300, TEST_MODEL.embed_dim)
     model, _ = load_model(reference.checkpoint)
     model.eval()
@@ -78,19 +78,19 @@ class Interrupt(Exception):
 def test_interrupted_run_resumes_to_identical_weights(shapes_data, reference_cache, tmp_path, monkeypatch):
     straight = train_learner(learner_config(shapes_data, reference_cache, tmp_path / "straight"))
 
-    from flexi_jest.data import shards
-    original_take, calls = shards.SampleStream.take, {"n": 0}
+    from flexi_jest.data.loader import StreamLoader
+    original_next, calls = StreamLoader.next_batch, {"n": 0}
 
-    def take_then_die(self, n):
+    def next_then_die(self):
         calls["n"] += 1
         if calls["n"] == 5:  # during step 5, after the checkpoint at step 3
             raise Interrupt()
-        return original_take(self, n)
+        return original_next(self)
 
-    monkeypatch.setattr(shards.SampleStream, "take", take_then_die)
+    monkeypatch.setattr(StreamLoader, "next_batch", next_then_die)
     with pytest.raises(Interrupt):
         train_learner(learner_config(shapes_data, reference_cache, tmp_path / "resumed"))
-    monkeypatch.setattr(shards.SampleStream, "take", original_take)
+    monkeypatch.setattr(StreamLoader, "next_batch", original_next)
     resumed = train_learner(learner_config(shapes_data, reference_cache, tmp_path / "resumed"))
 
     a, _ = load_model(straight.checkpoint)
@@ -128,7 +128,7 @@ def test_missing_cache_entry_names_the_sample(shapes_data, reference, tmp_path):
     buffer = io.BytesIO()
     np.savez(buffer, **kept)
     (tmp_path / "c" / "shard-000001.npz").write_bytes(buffer.getvalue())
-    manifest["shards"]["shard-000001.tar"]["sha256"] = storage.sha256_bytes(buffer.getvalue())
+    manifest["shards"][f"{pool}/shard-000001.tar"]["sha256"] = storage.sha256_bytes(buffer.getvalue())
     manifest_path.write_text(json.dumps(manifest))
     with pytest.raises(CacheError, match="is not in the reference cache"):
         train_learner(learner_config(shapes_data, cache, tmp_path / "l", pool=str(pool), steps=30))

@@ -127,8 +127,23 @@ class OptimConfig(ConfigModel):
 
 
 class MakeDataConfig(ConfigModel):
+    """source 'generate': write a generated dataset's splits; 'register': check the user's own curated / pool / eval
+    datasets (dataset specs, data/specs.py) and record them, writing only under out_dir (data/register.py)."""
+
+    source: Literal["generate", "register"] = "generate"
     dataset: Literal["shapes", "emoji", "digits"] = "shapes"
-    out_dir: str = Field("runs/data", description="the dataset's root; splits go to out_dir/{curated,pool,eval}")
+    out_dir: str = Field("runs/data", description=(
+        "generate: the dataset's root, splits in out_dir/{curated,pool,eval}; register: where the registration "
+        "manifest goes (never the user's data)"))
+    curated: str | None = Field(None, description="register: the curated dataset's spec, e.g. s3://team/curated/{0000..0099}.tar")
+    pool: str | None = Field(None, description="register: the pool's spec, e.g. s3://team/laion/ (img2dataset shards)")
+    eval: str | None = Field(None, description="register: the eval set's spec")
+    num_samples: dict[Literal["curated", "pool", "eval"], Int] = Field(default_factory=dict, description=(
+        "register: explicit sample counts by split, overriding the manifest / img2dataset *_stats.json counts"))
+    check_shards: Int = Field(4, ge=1, description="register: shards opened and read through per split")
+    check_images: Int = Field(32, ge=1, description="register: images decoded per split")
+    count_max_shards: Int = Field(64, ge=0, description=(
+        "register: a split with unknown counts and at most this many shards is counted by reading it"))
     seed: Int = 0
     image_size: Int = Field(32, gt=0)
     curated_size: Int = Field(2000, ge=1)
@@ -138,10 +153,22 @@ class MakeDataConfig(ConfigModel):
     samples_per_shard: Int = Field(1000, ge=1)
     image_format: Literal["png", "jpg"] = "png"
 
+    @model_validator(mode="after")
+    def _check_source(self) -> "MakeDataConfig":
+        specs = {"curated": self.curated, "pool": self.pool, "eval": self.eval}
+        if self.source == "register":
+            missing = [name for name, spec in specs.items() if not spec]
+            if missing:
+                raise ValueError(f"source 'register' needs a dataset spec for {', '.join(missing)}")
+        elif any(specs.values()):
+            given = ", ".join(name for name, spec in specs.items() if spec)
+            raise ValueError(f"{given}: dataset specs are read with source 'register' (source is 'generate')")
+        return self
+
 
 class SplitInfo(StrictModel):
-    path: str
-    num_samples: int
+    path: str = Field(description="what later stages read: a directory or any dataset spec")
+    num_samples: int | None = Field(description="None: unknown (a pool too large to count)")
     num_shards: int
 
 
@@ -151,6 +178,8 @@ class MakeDataResult(StrictModel):
     splits: dict[str, SplitInfo]
     noise_counts: dict[str, int]
     seconds: float
+    checks: dict[str, dict[str, Any]] = Field(default_factory=dict, description=(
+        "register: per split, what was checked (shards read, images decoded, image sizes, skipped samples)"))
 
 
 # ---- shared training settings ---------------------------------------------------------------------------
@@ -172,7 +201,13 @@ class TrainingConfig(ConfigModel):
     processes: Int = Field(0, ge=0, description=(
         "data-parallel processes (DDP): 0 = one per visible GPU (one process without GPUs); N > 1 starts N under "
         "torchrun (gloo on CPUs); ignored inside torchrun, which sets the world itself"))
-    shuffle_buffer: Int = Field(2000, ge=1)
+    data_streams: Int = Field(8, ge=1, description=(
+        "independent sample streams the data is read as (data/loader.py); fixed for a run: the number of processes "
+        "must divide it, and a checkpoint resumes only with the same value"))
+    data_workers: Int = Field(0, ge=0, description="decoding processes per training process; 0: decode in its reading thread")
+    train_crop: Literal["center", "random_resized"] = Field("center", description=(
+        "training images: 'center' (resize the shorter side, centre crop; the generated data passes unchanged) or "
+        "'random_resized' (open_clip's RandomResizedCrop, scale 0.9-1.0, seeded per sample)"))
     checkpoint_every: Int = Field(100, ge=1)
     resume: bool = Field(True, description="continue from out_dir's latest checkpoint if there is one (of this config)")
     overwrite: bool = Field(False, description=(
@@ -233,7 +268,9 @@ class TrainResult(StrictModel):
 
 class TrainReferenceConfig(TrainingConfig):
     out_dir: str = "runs/reference"
-    data: str = Field("runs/data/curated", description="the curated split (directory or URI of its shards)")
+    data: str = Field("runs/data/curated", description="the curated data: a dataset spec (data/specs.py)")
+    data_mode: Literal["epoch", "resampled"] = Field("epoch", description="'epoch': every shard once per epoch; "
+                                                     "'resampled': shards drawn with replacement")
     batch_size: Int = Field(128, ge=2)
     init_checkpoint: str | None = Field(None, description="start from this model file instead of from scratch")
     steps: Int = Field(300, ge=1)
@@ -244,8 +281,10 @@ class TrainReferenceConfig(TrainingConfig):
 
 class CacheReferenceConfig(ConfigModel):
     reference: str = Field("runs/reference/model.pt", description="the frozen reference's model file")
-    pool: str = Field("runs/data/pool", description="the pool split whose samples are embedded")
-    out_dir: str | None = Field(None, description="cache directory; default: next to the shards, pool/refcache-<sha12>")
+    pool: str = Field("runs/data/pool", description="the pool whose samples are embedded: a dataset spec (data/specs.py)")
+    out_dir: str | None = Field(None, description=(
+        "cache directory; default: pool/refcache-<sha12> for generated data, else refcache-<sha12> beside the "
+        "reference's model file (never inside a user's dataset)"))
     patch_size: Int | None = Field(None, ge=1, description="patch size of the reference's image forward; default its base")
     batch_size: Int = Field(256, ge=1)
     device: Device = "auto"
@@ -267,7 +306,9 @@ class CacheReferenceResult(StrictModel):
 
 class TrainLearnerConfig(TrainingConfig):
     out_dir: str = "runs/learner"
-    pool: str = Field("runs/data/pool", description="the pool split (directory or URI of its shards)")
+    pool: str = Field("runs/data/pool", description="the pool: a dataset spec (data/specs.py)")
+    data_mode: Literal["epoch", "resampled"] = Field("resampled", description="'resampled': shards drawn with "
+                                                     "replacement, no epochs (a pool); 'epoch': every shard once per epoch")
     reference_cache: str | None = Field(None, description="cache directory from cache-reference; needed unless uniform")
     reference_sha256: str | None = Field(None, description="if set, the cache must have been made by this reference")
     method: Literal["uniform", "independent", "joint", "offline-filter"] = Field("joint", description=(

@@ -20,7 +20,7 @@ def resolve_device(name: str) -> torch.device:
 def to_model_input(images: Tensor, device: torch.device) -> Tensor:
     """uint8 images [B, 3, H, W] -> float [B, 3, H, W] in [-1, 1] on device. To a GPU the uint8 batch
     (4x smaller than floats) is copied from pinned memory, asynchronously, and converted there."""
-    if device.type == "cuda":
+    if device.type == "cuda" and images.device.type == "cpu":
         images = images.pin_memory()
     return images.to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
 

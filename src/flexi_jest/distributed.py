@@ -86,6 +86,43 @@ def gather_rows_with_grad(x: Tensor, world: World) -> Tensor:
     return torch.cat(all_gather(x.contiguous()))
 
 
+def exchange_rows(local: Tensor, wanted: Tensor, world: World) -> Tensor:
+    """Rows of a batch sharded over ranks, delivered to the ranks that want them, without any rank holding the batch.
+
+    local: this rank's rows [n, ...] of a global batch [world * n, ...] (rank r holds rows shard(world * n, r));
+    wanted: global row indices [world * m], the same on every rank; rank r receives rows wanted[shard(world * m, r)].
+    Returns [m, ...] = global[wanted[shard(world * m, rank)]], in that order (one all-to-all of the rows).
+    """
+    if not world.distributed:
+        return local[wanted.to(local.device)]
+    n = local.shape[0]
+    wanted = wanted.cpu()
+    per_rank = wanted.numel() // world.size
+    owner = wanted // n  # [world * m]
+    destination = torch.arange(wanted.numel()) // per_rank
+    send = (owner == world.rank).nonzero().squeeze(1)  # positions in wanted that this rank owns, by destination
+    send_rows = wanted[send] - world.rank * n
+    send_sizes = [int((destination[send] == d).sum()) for d in range(world.size)]
+    mine = shard(wanted.numel(), world)
+    my_owners = owner[mine]
+    order = torch.argsort(my_owners, stable=True)  # what arrives, by source rank, in wanted order within each
+    receive_sizes = [int((my_owners == s).sum()) for s in range(world.size)]
+    received = torch.empty((per_rank, *local.shape[1:]), dtype=local.dtype, device=local.device)
+    dist.all_to_all_single(received, local[send_rows.to(local.device)].contiguous(), receive_sizes, send_sizes)
+    result = torch.empty_like(received)
+    result[order.to(local.device)] = received
+    return result
+
+
+def gather_objects(value: Any, world: World) -> list[Any]:
+    """Every rank's value (any picklable object), in rank order, on every rank."""
+    if not world.distributed:
+        return [value]
+    values: list[Any] = [None] * world.size
+    dist.all_gather_object(values, value)
+    return values
+
+
 def sum_over_ranks(value: Tensor, world: World) -> Tensor:
     """The sum of a tensor over ranks (no autograd), e.g. each rank's share of the loss."""
     if not world.distributed:

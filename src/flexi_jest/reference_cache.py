@@ -1,9 +1,12 @@
 """Reference-score caching: what the frozen reference computes on the pool, stored once, keyed by sample.
 
-Layout, next to the pool's shards:
+Layout (a directory of its own: beside the pool for data this project generated, else beside the reference's
+model file, in the run's storage; never inside a user's dataset):
 
-    pool/refcache-<sha12>/shard-000000.npz   keys [N] (str), image_emb [N, d] fp16, text_emb [N, d] fp16
-    pool/refcache-<sha12>/manifest.json      reference sha256, logit scale/bias, per-shard counts and sha256
+    refcache-<sha12>/shard-000000.npz   keys [N] (str), image_emb [N, d] fp16, text_emb [N, d] fp16
+    refcache-<sha12>/manifest.json      reference sha256, logit scale/bias, per-shard (by shard URL) counts and sha256
+
+Rows are looked up by sample key (webdataset's __key__; img2dataset's shards use their `key` for it).
 
 With cached embeddings the reference's [B, B] pair-loss matrix of any super-batch is one matmul
 (losses.sigmoid_pair_losses), so learner training runs no reference forward pass, and the offline filter's
@@ -25,8 +28,9 @@ from flexi_jest.config import CacheReferenceConfig, CacheReferenceResult
 from flexi_jest.device import resolve_device, to_model_input
 from flexi_jest.flops import offline_filter_flops, pair_forward_flops
 from flexi_jest.model import Tokenizer
+from flexi_jest.data.shards import ReadStats, decode_sample, iter_tar, read_manifest
+from flexi_jest.data.specs import resolve
 from flexi_jest.selection import offline_keep_mask, pair_cosines
-from flexi_jest.data.shards import ReadStats, decode_sample, iter_shard, read_manifest, shard_entries, shard_names
 
 CACHE_MANIFEST = "manifest.json"
 
@@ -35,13 +39,32 @@ class CacheError(RuntimeError):
     """The reference cache is missing, stale, corrupt or does not cover a sample."""
 
 
-def default_cache_dir(pool_dir: str, reference_sha256: str) -> str:
-    return storage.join(pool_dir, f"refcache-{reference_sha256[:12]}")
+def is_generated(pool: str) -> bool:
+    """Whether pool is one directory of shards this project wrote (make-data's manifest), not a user's dataset."""
+    if "::" in pool or "{" in pool or pool.startswith(("pipe:", "http://", "https://")):
+        return False
+    try:
+        manifest = read_manifest(pool)
+    except (ValueError, storage.StorageError):
+        return False
+    return bool(manifest) and str(manifest.get("format", "")).startswith("flexi-jest-shards")
 
 
-def _pool_fingerprint(pool_dir: str) -> dict[str, str]:
-    manifest = read_manifest(pool_dir)
-    return {s["name"]: s["sha256"] for s in manifest["shards"]} if manifest else {}
+def default_cache_dir(pool: str, reference_sha256: str, reference_uri: str | None = None) -> str:
+    """pool/refcache-<sha12> for generated data; for any other dataset refcache-<sha12> beside the reference's
+    model file (the run's storage), so that a user's read-only data is never written to."""
+    name = f"refcache-{reference_sha256[:12]}"
+    if is_generated(pool):
+        return storage.join(pool, name)
+    if reference_uri:
+        return storage.join(reference_uri.rsplit("/", 1)[0] if "/" in reference_uri else ".", name)
+    raise CacheError(f"pool {pool!r} is not data this project generated: give cache-reference an out_dir "
+                     "(the cache is never written into a user's dataset)")
+
+
+def _pool_fingerprint(pool: str) -> dict[str, str]:
+    """Each shard's sha256 by URL, where the pool's manifest gives one."""
+    return {s.url: s.sha256 for s in resolve(pool, check=False, counts=False).shards if s.sha256}
 
 
 @torch.no_grad()
@@ -63,18 +86,17 @@ def write_cache(
     Returns the manifest. Samples the reader skips (corrupt, empty caption) are counted, not cached.
     """
     model.eval()
-    entries = shard_entries(pool_dir)
     stats = ReadStats()
     shards: dict[str, dict[str, Any]] = {}
     image_size = model.cfg.image_size
-    for name in shard_names(pool_dir):
+    for index, shard in enumerate(resolve(pool_dir).shards):
         keys: list[str] = []
         image_embs: list[np.ndarray] = []
         text_embs: list[np.ndarray] = []
         skipped_keys: list[str] = []
 
         def decoded() -> Iterator[dict[str, Any]]:
-            for raw in iter_shard(pool_dir, name, stats, entries.get(name)):
+            for raw in iter_tar(shard, stats):
                 sample = decode_sample(raw, image_size, stats)
                 if sample is None:
                     skipped_keys.append(raw["__key__"])
@@ -97,9 +119,9 @@ def write_cache(
             text_emb=np.concatenate(text_embs) if text_embs else np.zeros((0, dim), np.float16),
         )
         data = buffer.getvalue()
-        sidecar = name.removesuffix(".tar") + ".npz"
+        sidecar = f"shard-{index:06d}.npz"
         storage.write_bytes(storage.join(cache_dir, sidecar), data)
-        shards[name] = {
+        shards[shard.url] = {
             "file": sidecar, "num_samples": len(keys), "sha256": storage.sha256_bytes(data), "skipped_keys": skipped_keys,
         }
     manifest = {
@@ -157,7 +179,8 @@ class ReferenceCache:
         self.logit_bias = torch.tensor(self.manifest["logit_bias"])
 
     def load_shard(self, shard_name: str) -> tuple[dict[str, int], np.ndarray, np.ndarray]:
-        """(key -> row, image_emb [N, d] fp16, text_emb [N, d] fp16) of one shard's sidecar, checksum verified."""
+        """(key -> row, image_emb [N, d] fp16, text_emb [N, d] fp16) of one shard's sidecar (by the shard's URL, as
+        the pool's spec resolves it), checksum verified."""
         entry = self.manifest["shards"].get(shard_name)
         if entry is None:
             raise CacheError(f"reference cache {self.cache_dir} has no entry for shard {shard_name}")
@@ -237,7 +260,7 @@ def cache_reference(cfg: CacheReferenceConfig) -> CacheReferenceResult:
     started = time.perf_counter()
     device = resolve_device(cfg.device)
     model, sha = load_model(cfg.reference, device)
-    cache_dir = cfg.out_dir or default_cache_dir(cfg.pool, sha)
+    cache_dir = cfg.out_dir or default_cache_dir(cfg.pool, sha, cfg.reference)
     manifest = write_cache(
         model, Tokenizer(model.cfg.context_length), cfg.pool, cache_dir, sha, cfg.patch_size, cfg.batch_size,
         device, lambda images: to_model_input(images, device), cfg.reference,

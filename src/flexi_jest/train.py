@@ -30,10 +30,12 @@ from flexi_jest.checkpoint import (
     load_latest_checkpoint, load_model, model_state, save_checkpoint, save_model,
 )
 from flexi_jest.config import FlopsBreakdown, OptimConfig, TrainingConfig, TrainLearnerConfig, TrainReferenceConfig, TrainResult
-from flexi_jest.data.shards import SampleStream
+from flexi_jest.data.loader import StreamLoader, merge_states
+from flexi_jest.data.transforms import ImageTransform
 from flexi_jest.device import autocast, to_model_input
 from flexi_jest.distributed import (
-    World, barrier, broadcast_object, check_divisible, gather_rows, gather_rows_with_grad, init_world, shard, sum_over_ranks,
+    World, barrier, broadcast_object, check_divisible, exchange_rows, gather_objects, gather_rows, gather_rows_with_grad,
+    init_world, shard, sum_over_ranks,
 )
 from flexi_jest.evaluate import evaluate_model
 from flexi_jest.losses import sigmoid_loss
@@ -103,7 +105,17 @@ class StepOutput:
     stats: dict[str, float] = field(default_factory=dict)  # selection statistics
 
 
-StepFn = Callable[[torch.nn.Module, list[dict[str, Any]], torch.Generator], StepOutput]  # (net, batch, generator)
+StepFn = Callable[[torch.nn.Module, list[dict[str, Any]], torch.Generator], StepOutput]  # (net, rank's rows, generator)
+
+
+def build_loader(cfg: TrainingConfig, spec: str, mode: str, batch_size: int, world: World, attach=None) -> StreamLoader:
+    """The training stream of a stage (data/loader.py): this rank's rows of every batch of batch_size, decoded
+    (uint8, the model's image size, cfg.train_crop) in cfg.data_workers processes."""
+    size = cfg.model.image_size
+    transform = ImageTransform(size, "random_resized", seed=cfg.seed) if cfg.train_crop == "random_resized" else None
+    return StreamLoader(spec, batch_size, streams=cfg.data_streams, mode=mode, seed=cfg.seed, image_size=size,
+                        transform=transform, workers=cfg.data_workers, attach=attach, rank=world.rank, world=world.size,
+                        max_consecutive_bad=cfg.max_consecutive_bad_samples)
 
 
 class Prefetcher:
@@ -114,8 +126,8 @@ class Prefetcher:
     in the reader is re-raised in the training thread.
     """
 
-    def __init__(self, stream: SampleStream, batch_size: int):
-        self.stream, self.batch_size = stream, batch_size
+    def __init__(self, stream: StreamLoader):
+        self.stream = stream
         self.queue: queue.Queue = queue.Queue(maxsize=1)
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -124,7 +136,7 @@ class Prefetcher:
     def _run(self) -> None:
         try:
             while not self.stopped.is_set():
-                batch = self.stream.take(self.batch_size)
+                batch = self.stream.next_batch()
                 self._put((batch, self.stream.state_dict(), None))
         except BaseException as exc:  # handed to the training thread
             self._put((None, None, exc))
@@ -152,16 +164,15 @@ class Prefetcher:
 def run_training(
     cfg: TrainingConfig,
     model: DualEncoder,
-    stream: SampleStream,
-    batch_size: int,
+    stream: StreamLoader,
     step_fn: StepFn,
     base_flops: FlopsBreakdown,
     device: torch.device,
     description: str,
     world: World = World(),
 ) -> TrainResult:
-    """The loop both trainers share: resume, draw batch_size samples per step, step, log, checkpoint, write the result.
-    Distributed: the model is wrapped in DDP for the step; rank 0 alone evaluates and writes files."""
+    """The loop both trainers share: resume, draw a batch per step (this rank's rows of it), step, log, checkpoint,
+    write the result. Distributed: the model is wrapped in DDP for the step; rank 0 alone evaluates and writes files."""
     started = time.perf_counter()
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.steps)
@@ -205,12 +216,13 @@ def run_training(
     data_state = stream.state_dict()
 
     def checkpoint_now() -> None:
+        data = merge_states(gather_objects(data_state, world))  # each rank advanced its own streams
         if not world.is_main:
             return
         save_checkpoint(cfg.out_dir, step, {
             "model": model_state(model), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "rng": {"generator": generator.get_state(), "torch": torch.get_rng_state(), "python": random.getstate()},
-            "data": data_state, "flops": ledger.model_dump(), "history": history, "step": step,
+            "data": data, "flops": ledger.model_dump(), "history": history, "step": step,
             "config": cfg.model_dump(),
         })
         storage.write_bytes(metrics_path, "".join(json.dumps(h) + "\n" for h in history).encode())
@@ -219,7 +231,7 @@ def run_training(
     bar = tqdm(total=cfg.steps, initial=step, desc=description, disable=not (cfg.progress and world.is_main),
                dynamic_ncols=True, mininterval=2.0)
     loss_value = float("nan")
-    prefetcher = Prefetcher(stream, batch_size)
+    prefetcher = Prefetcher(stream)
     try:
         while step < cfg.steps:
             out, loss_value, seconds, data_state = _one_step(net, prefetcher, step_fn, generator, optimizer, scheduler,
@@ -245,6 +257,7 @@ def run_training(
                 checkpoint_now()
     finally:
         prefetcher.close()
+        stream.close()
         bar.close()
     model_uri = storage.join(cfg.out_dir, "model.pt")
     sha = broadcast_object(save_model(model, model_uri) if world.is_main else None, world)  # rank 0 writes it
@@ -315,27 +328,25 @@ def train_reference(cfg: TrainReferenceConfig) -> TrainResult:
     """Plain SigLIP training of the reference on the curated split."""
     world, device, tokenizer = _prepare(cfg)
     check_divisible("batch_size", cfg.batch_size, world)
-    rows = shard(cfg.batch_size, world)
     if cfg.init_checkpoint:
         model, _ = load_model(cfg.init_checkpoint, device)
         if model.cfg != cfg.model:
             raise ValueError(f"init_checkpoint {cfg.init_checkpoint} has model {model.cfg}, config asks for {cfg.model}")
     else:
         model = DualEncoder(cfg.model).to(device)
-    stream = SampleStream(cfg.data, cfg.model.image_size, cfg.seed, cfg.shuffle_buffer,
-                          max_consecutive_bad=cfg.max_consecutive_bad_samples)
+    stream = build_loader(cfg, cfg.data, cfg.data_mode, cfg.batch_size, world)
     step_flops = flops.training_step_flops(cfg.model, cfg.batch_size, cfg.train_patch_sizes)
 
-    def step_fn(net: torch.nn.Module, batch: list[dict[str, Any]], generator: torch.Generator) -> StepOutput:
-        mine = batch[rows]
+    def step_fn(net: torch.nn.Module, mine: list[dict[str, Any]], generator: torch.Generator) -> StepOutput:
+        """mine: this rank's rows shard(batch_size, world) of the batch, decoded on this rank only."""
         images = to_model_input(torch.stack([s["image"] for s in mine]), device)
         tokens = tokenizer([s["caption"] for s in mine]).to(device)
         with autocast(device):
             loss = multi_patch_loss(model, images, tokens, cfg.train_patch_sizes, cfg.loss_chunk_size,
-                                    world, len(batch), net)
-        return StepOutput(loss, len(batch), {"reference_training": step_flops})
+                                    world, cfg.batch_size, net)
+        return StepOutput(loss, cfg.batch_size, {"reference_training": step_flops})
 
-    return run_training(cfg, model, stream, cfg.batch_size, step_fn, FlopsBreakdown(), device, "reference", world)
+    return run_training(cfg, model, stream, step_fn, FlopsBreakdown(), device, "reference", world)
 
 
 # ---- the learner ------------------------------------------------------------------------------------------------
@@ -350,15 +361,14 @@ def train_learner(cfg: TrainLearnerConfig) -> TrainResult:
     cache = (ReferenceCache(cfg.reference_cache, cfg.pool, cfg.reference_sha256) if needs_reference or offline
              else None)
     offline_filter = OfflineFilter(cache, cfg.offline_keep_ratio) if offline else None
-    stream = SampleStream(cfg.pool, cfg.model.image_size, cfg.seed, cfg.shuffle_buffer,
-                          offline_filter if offline else cache.attach if cache else None,
-                          max_consecutive_bad=cfg.max_consecutive_bad_samples)
     sub_batch = cfg.sub_batch_size
     uniform_draw = cfg.method in ("uniform", "offline-filter")
     draw = sub_batch if uniform_draw else cfg.super_batch_size
     check_divisible("super_batch_size", draw, world)
     check_divisible("the sub-batch (super_batch_size * (1 - filter_ratio))", sub_batch, world)
-    scoring_rows, training_rows = shard(draw, world), shard(sub_batch, world)
+    stream = build_loader(cfg, cfg.pool, cfg.data_mode, draw, world,
+                          offline_filter if offline else cache.attach if cache else None)
+    scoring_rows = shard(draw, world)
     local_scope = world.distributed and cfg.selection_scope == "local"
     scoring_patch = cfg.scoring_patch_size or cfg.model.patch_size
     train_flops = flops.training_step_flops(cfg.model, sub_batch, cfg.train_patch_sizes)
@@ -366,6 +376,8 @@ def train_learner(cfg: TrainLearnerConfig) -> TrainResult:
     score_flops = 0 if uniform_draw else flops.scoring_step_flops(
         cfg.model, draw, scoring_patch, sub_batch, cfg.method, uses_learner,
         cache.manifest["embed_dim"] if cache else None)
+    # collectives run on the device with NCCL, on the host with gloo
+    comm_device = device if world.distributed and device.type == "cuda" else torch.device("cpu")
 
     def select(learner, reference, n_select: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """(chosen indices [n_select], own scores [B']) over the embeddings given."""
@@ -376,52 +388,61 @@ def train_learner(cfg: TrainLearnerConfig) -> TrainResult:
 
     dropped_seen = [0]
 
-    def step_fn(net: torch.nn.Module, batch: list[dict[str, Any]], generator: torch.Generator) -> StepOutput:
-        images = to_model_input(torch.stack([s["image"] for s in batch]), device)
-        tokens = tokenizer([s["caption"] for s in batch]).to(device)
+    def step_fn(net: torch.nn.Module, mine: list[dict[str, Any]], generator: torch.Generator) -> StepOutput:
+        """mine: this rank's rows scoring_rows of the super-batch, decoded on this rank only (uint8 on the host).
+        The rank scores its rows; the selected sub-batch's rows travel (uint8) to the ranks that train on them,
+        so no rank holds the whole super-batch on its device."""
+        images_u8 = torch.stack([s["image"] for s in mine])  # [B / world, 3, H, W] uint8
+        tokens = tokenizer([s["caption"] for s in mine])  # [B / world, L]
         stats: dict[str, float] = {}
-        if uniform_draw:
-            chosen = torch.arange(draw, device=device)
+        noisy = gather_rows(torch.tensor([s["meta"].get("noise", "clean") != "clean" for s in mine],
+                                         dtype=torch.uint8, device=comm_device), world).bool().cpu()  # [B]
+        if uniform_draw:  # the drawn batch is the sub-batch: every rank trains on its own rows
+            chosen = torch.arange(draw)
             if offline:  # the stream's drops since the last step (the reader runs one batch ahead)
                 dropped, dropped_seen[0] = offline_filter.dropped - dropped_seen[0], offline_filter.dropped
                 stats.update(offline_threshold=offline_filter.threshold, offline_dropped=float(dropped),
                              offline_kept_fraction=offline_filter.kept / offline_filter.pool_size)
         else:
             learner = reference = None
-            if uses_learner:  # this rank scores its shard of the super-batch
+            if uses_learner:  # this rank scores its rows of the super-batch
                 with torch.no_grad(), autocast(device):
-                    image_emb = model.encode_image(images[scoring_rows], scoring_patch).float()
-                    text_emb = model.encode_text(tokens[scoring_rows]).float()
+                    image_emb = model.encode_image(to_model_input(images_u8, device), scoring_patch).float()
+                    text_emb = model.encode_text(tokens.to(device)).float()
                 if not local_scope:  # global selection: every rank sees the whole super-batch's embeddings
                     image_emb, text_emb = gather_rows(image_emb, world), gather_rows(text_emb, world)
                 learner = (image_emb, text_emb, model.logit_scale.detach(), model.logit_bias.detach())
             if needs_reference:
-                missing = [s["key"] for s in batch if "ref_image_emb" not in s]
+                missing = [s["key"] for s in mine if "ref_image_emb" not in s]
                 if missing:
                     raise CacheError(f"samples {missing[:5]} have no reference-cache entry; re-run cache-reference")
-                ref_rows = scoring_rows if local_scope else slice(None)
-                reference = (torch.stack([s["ref_image_emb"] for s in batch[ref_rows]]).to(device).float(),
-                             torch.stack([s["ref_text_emb"] for s in batch[ref_rows]]).to(device).float(),
+                ref_image = torch.stack([s["ref_image_emb"] for s in mine]).to(comm_device)
+                ref_text = torch.stack([s["ref_text_emb"] for s in mine]).to(comm_device)
+                if not local_scope:
+                    ref_image, ref_text = gather_rows(ref_image, world), gather_rows(ref_text, world)
+                reference = (ref_image.to(device).float(), ref_text.to(device).float(),
                              cache.logit_scale.to(device), cache.logit_bias.to(device))
             t0 = time.perf_counter()
             if local_scope:  # each rank picks its share within its own shard, from its own draws
                 seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
                 local_generator = torch.Generator(device=device).manual_seed(seed + world.rank)
-                mine, own = select(learner, reference, sub_batch // world.size, local_generator)
-                chosen = gather_rows(mine + scoring_rows.start, world)
-                stats["score_selected_mean"] = own[mine].mean().item()
+                picked, own = select(learner, reference, sub_batch // world.size, local_generator)
+                chosen = gather_rows(picked.to(comm_device) + scoring_rows.start, world).cpu()
+                stats["score_selected_mean"] = own[picked].mean().item()
             else:  # the same selection on every rank: the same embeddings and the same generator state
                 chosen, own = select(learner, reference, sub_batch, generator)
                 stats["score_selected_mean"] = own[chosen].mean().item()
+                chosen = chosen.cpu()
             stats["selection_seconds"] = time.perf_counter() - t0
             stats["score_superbatch_mean"] = own.mean().item()
-        noisy = torch.tensor([s["meta"].get("noise", "clean") != "clean" for s in batch])
-        stats["noisy_fraction_selected"] = noisy[chosen.cpu()].float().mean().item()
+        stats["noisy_fraction_selected"] = noisy[chosen].float().mean().item()
         stats["noisy_fraction_drawn"] = noisy.float().mean().item()
-        mine = chosen[training_rows]  # this rank's share of the selected sub-batch
+        # this rank's share of the selected sub-batch, from the ranks that decoded it (uint8 until here)
+        train_images = exchange_rows(images_u8.to(comm_device), chosen, world)  # [b / world, 3, H, W]
+        train_tokens = exchange_rows(tokens.to(comm_device), chosen, world)  # [b / world, L]
         with autocast(device):
-            loss = multi_patch_loss(model, images[mine], tokens[mine], cfg.train_patch_sizes, cfg.loss_chunk_size,
-                                    world, sub_batch, net)
+            loss = multi_patch_loss(model, to_model_input(train_images, device), train_tokens.to(device),
+                                    cfg.train_patch_sizes, cfg.loss_chunk_size, world, sub_batch, net)
         return StepOutput(loss, sub_batch, {"learner_scoring": score_flops, "learner_training": train_flops}, stats)
 
     base = FlopsBreakdown(reference_training=cfg.reference_training_flops, reference_caching=cfg.reference_caching_flops
@@ -429,4 +450,4 @@ def train_learner(cfg: TrainLearnerConfig) -> TrainResult:
     if not (needs_reference or offline):
         base = FlopsBreakdown()
     name = f"learner[{cfg.method}{'' if uniform_draw else '/' + cfg.score}]"
-    return run_training(cfg, model, stream, draw, step_fn, base, device, name, world)
+    return run_training(cfg, model, stream, step_fn, base, device, name, world)

@@ -6,7 +6,8 @@ import pytest
 from PIL import Image
 
 from flexi_jest.data.sample import Sample
-from flexi_jest.data.shards import ReadStats, SampleStream, iter_split, read_manifest, shard_names, write_split
+from flexi_jest.data.loader import StreamLoader
+from flexi_jest.data.shards import ReadStats, iter_split, read_manifest, shard_names, write_split
 
 
 def colour_samples(n: int, prefix: str = "s"):
@@ -99,22 +100,22 @@ def test_missing_split_is_a_clear_error(tmp_path):
 
 def test_stream_is_deterministic_shuffled_and_resumable(tmp_path):
     write_split(colour_samples(40), str(tmp_path), samples_per_shard=7)
-    a = SampleStream(str(tmp_path), None, seed=3, shuffle_buffer=8)
-    first = [s["key"] for s in a.take(100)]  # crosses two epoch boundaries
+    a = StreamLoader(str(tmp_path), 20, streams=1, mode="epoch", seed=3)
+    first = [s["key"] for _ in range(5) for s in a.next_batch()]  # crosses two epoch boundaries
     assert sorted(first[:40]) == sorted(f"s-{i:05d}" for i in range(40))  # one epoch = every sample once
     assert first[:40] != sorted(first[:40])  # shuffled
     assert first[:40] != first[40:80]  # a new order each epoch
 
-    b = SampleStream(str(tmp_path), None, seed=3, shuffle_buffer=8)
-    b.take(57)
+    b = StreamLoader(str(tmp_path), 20, streams=1, mode="epoch", seed=3)
+    b.next_batch(), b.next_batch(), b.next_batch()
     state = json.loads(json.dumps(b.state_dict()))
-    c = SampleStream(str(tmp_path), None, seed=3, shuffle_buffer=8)
+    c = StreamLoader(str(tmp_path), 20, streams=1, mode="epoch", seed=3)
     c.load_state_dict(state)
-    assert [s["key"] for s in c.take(43)] == first[57:]
+    assert [s["key"] for _ in range(2) for s in c.next_batch()] == first[60:]
 
 
 def test_stream_of_only_unreadable_data_raises(tmp_path):
     (tmp_path / "bad.tar").write_bytes(b"garbage")
-    stream = SampleStream(str(tmp_path), None)
+    stream = StreamLoader(str(tmp_path), 1, streams=1)
     with pytest.raises(ValueError, match="no usable sample"):
-        stream.take(1)
+        stream.next_batch()

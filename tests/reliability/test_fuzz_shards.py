@@ -88,13 +88,14 @@ def test_fuzz_iter_split_reads_the_undamaged_shard_whole(tmp_path_factory, data,
 @given(data=damaged_shards())
 def test_fuzz_stream_fails_or_yields_never_hangs(tmp_path_factory, data):
     """The training stream over one damaged shard: usable samples, or UnreadableSplitError, within the watchdog."""
-    from flexi_jest.data.shards import SampleStream, UnreadableSplitError
+    from flexi_jest.data.loader import StreamLoader
+    from flexi_jest.data.shards import UnreadableSplitError
     split = tmp_path_factory.mktemp("split")
     (split / "a.tar").write_bytes(data)
-    stream = SampleStream(str(split), 8, shuffle_buffer=2, max_consecutive_bad=50)
+    stream = StreamLoader(str(split), 6, streams=1, image_size=8, max_consecutive_bad=50)
     with no_hang():
         try:
-            samples = stream.take(6)  # more than one pass of a 4-sample shard
+            samples = stream.next_batch()  # more than one pass of a 4-sample shard
         except UnreadableSplitError:
             assert stream.stats.samples == 0 or stream.stats.skipped
             return

@@ -9,7 +9,8 @@ import pytest
 
 from conftest import TEST_MODEL
 from faults import colour_samples
-from flexi_jest.data.shards import IncompleteSplitError, SampleStream, iter_split, shard_names, write_split
+from flexi_jest.data.loader import StreamLoader
+from flexi_jest.data.shards import IncompleteSplitError, iter_split, shard_names, write_split
 
 
 def interrupted_split(path) -> str:
@@ -21,7 +22,7 @@ def interrupted_split(path) -> str:
 @pytest.mark.parametrize("reader", [
     lambda split: shard_names(split),
     lambda split: list(iter_split(split)),
-    lambda split: SampleStream(split, None),
+    lambda split: StreamLoader(split, 1),
 ])
 def test_split_without_its_manifest_is_refused(tmp_path, reader):
     split = interrupted_split(tmp_path / "split")

@@ -10,7 +10,8 @@ pass is kept and counted (duplicate_keys).
 from conftest import TEST_MODEL
 from faults import record, write_raw_split
 from flexi_jest.config import CacheReferenceConfig, TrainReferenceConfig
-from flexi_jest.data.shards import ReadStats, SampleStream, iter_split
+from flexi_jest.data.loader import StreamLoader
+from flexi_jest.data.shards import ReadStats, iter_split
 from flexi_jest.reference_cache import cache_reference
 from flexi_jest.tracking import numeric_metrics
 from flexi_jest.train import train_reference
@@ -39,8 +40,8 @@ def test_non_utf8_caption_bad_meta_and_duplicates_are_counted(tmp_path):
 
 
 def test_stream_counts_duplicates_once_per_epoch(tmp_path):
-    stream = SampleStream(mixed_split(tmp_path), 16, shuffle_buffer=4)
-    stream.take(18)  # two epochs of 9 usable samples
+    stream = StreamLoader(mixed_split(tmp_path), 9, streams=1, mode="epoch", image_size=16)
+    assert len(stream.next_batch() + stream.next_batch()) == 18  # two epochs of 9 usable samples
     assert stream.stats.duplicate_keys == 4 and stream.stats.samples == 18
 
 

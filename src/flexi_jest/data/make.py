@@ -24,6 +24,10 @@ def generator_module(dataset: str):
 
 
 def make_data(cfg: MakeDataConfig) -> MakeDataResult:
+    """The make-data stage: generate the splits, or (source 'register') check and record the user's (register.py)."""
+    if cfg.source == "register":
+        from flexi_jest.data.register import register_data
+        return register_data(cfg)
     started = time.perf_counter()
     module = generator_module(cfg.dataset)
     sizes = {"curated": cfg.curated_size, "pool": cfg.pool_size, "eval": cfg.eval_size}

@@ -1,4 +1,5 @@
-"""Webdataset tar shards: writing splits, reading them robustly, and a resumable shuffled stream.
+"""Webdataset tar shards: writing splits and reading them robustly (the training stream: loader.py; which shards a
+dataset is: specs.py).
 
 A split directory holds `shard-000000.tar`, ... (members `key.png|jpg`, `key.txt`, `key.json`) and
 `manifest.json`, written last, with per-shard sample counts and sha256 checksums. A directory of
@@ -14,15 +15,12 @@ evaluation refuses a split with any of them unless allowed; a stream with no usa
 
 import io
 import json
-import random
 import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
-import numpy as np
-import torch
 from PIL import Image
 from webdataset import TarWriter
 from webdataset.tariterators import group_by_keys, tar_file_iterator
@@ -30,6 +28,8 @@ from webdataset.tariterators import group_by_keys, tar_file_iterator
 from flexi_jest import storage
 from flexi_jest.config import ReadStatsSummary
 from flexi_jest.data.sample import Sample
+from flexi_jest.data.specs import Shard, open_shard, resolve
+from flexi_jest.data.transforms import ImageTransform, decode_image
 
 MANIFEST = "manifest.json"
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
@@ -165,14 +165,20 @@ def shard_names(split_dir: str) -> list[str]:
     write, refused: the manifest is written last, so its absence means the split may be incomplete."""
     manifest = read_manifest(split_dir)
     names = [s["name"] for s in manifest["shards"]] if manifest else storage.list_names(split_dir, ".tar")
-    if not manifest and any(WRITTEN_SHARD.fullmatch(name) for name in names):
+    if not manifest:
+        check_not_interrupted(split_dir, names)
+    if not names:
+        raise ShardError(f"no shards in {split_dir}")
+    return names
+
+
+def check_not_interrupted(split_dir: str, names: list[str]) -> None:
+    """An IncompleteSplitError if a directory without a manifest holds shards named as write_split names them."""
+    if any(WRITTEN_SHARD.fullmatch(name) for name in names):
         raise IncompleteSplitError(
             f"split {split_dir} has shards written by flexi-jest ({names[0]}, ...) but no {MANIFEST}, which is "
             "written last: the write was interrupted and the split may be incomplete. Re-run the stage that "
             f"wrote it (make-data) to rewrite the split; if these are external tars, rename them (not shard-NNNNNN.tar)")
-    if not names:
-        raise ShardError(f"no shards in {split_dir}")
-    return names
 
 
 # reasons that mean samples were lost (see config.ReadStatsSummary); the rest damage a whole shard
@@ -236,14 +242,16 @@ def shard_entries(split_dir: str) -> dict[str, dict[str, Any]]:
     return {s["name"]: s for s in manifest["shards"]} if manifest else {}
 
 
-def iter_shard(split_dir: str, name: str, stats: ReadStats, expected: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
-    """Raw samples (dicts of member bytes, with __key__) of one shard, robust to corruption: never raises on its bytes.
+def iter_tar(shard: Shard, stats: ReadStats) -> Iterator[dict[str, Any]]:
+    """Raw samples (dicts of member bytes, with __key__, __url__, __shard__) of one shard, robust to corruption:
+    never raises on its bytes.
 
-    The shard is fetched whole (local file or S3 object) and checked against the manifest's sha256.
-    A truncated or corrupt tar yields what it holds up to the damage; the damage is recorded, and so
-    is a checksum mismatch or a shard yielding fewer samples than the manifest says.
+    The shard is read whole (a file, an S3 object, an http(s) response or a pipe: command's output) and checked
+    against the manifest's sha256 when it has one. A truncated or corrupt tar yields what it holds up to the
+    damage; the damage is recorded, and so is a checksum mismatch or a shard yielding fewer samples than its
+    count (the manifest's, or img2dataset's *_stats.json) says.
     """
-    uri = storage.join(split_dir, name)
+    uri = shard.url
     yielded = 0
 
     def on_member_error(exc: Exception) -> bool:
@@ -252,11 +260,12 @@ def iter_shard(split_dir: str, name: str, stats: ReadStats, expected: dict[str, 
 
     def members() -> Iterator[dict[str, Any]]:
         try:
-            data = storage.read_bytes(uri)
-        except storage.StorageError as exc:
+            with open_shard(uri) as stream:
+                data = stream.read()
+        except (OSError, storage.StorageError) as exc:  # a missing file or object, an http error, a failing pipe:
             stats.record("missing_shard", str(exc))
             return
-        if expected and "sha256" in expected and storage.sha256_bytes(data) != expected["sha256"]:
+        if shard.sha256 and storage.sha256_bytes(data) != shard.sha256:
             stats.record("checksum_mismatch", f"{uri}: contents differ from the manifest's sha256")
         try:
             for member in tar_file_iterator(io.BytesIO(data), handler=on_member_error):
@@ -266,15 +275,25 @@ def iter_shard(split_dir: str, name: str, stats: ReadStats, expected: dict[str, 
             stats.record("corrupt_shard", f"{uri}: {type(exc).__name__}: {exc}")
 
     for raw in group_by_keys(members(), handler=on_member_error):
-        raw["__shard__"] = name
+        raw["__shard__"] = uri
         yielded += 1
         yield raw
-    if expected and yielded < expected["num_samples"]:
-        stats.record("short_shard", f"{uri}: {yielded} of {expected['num_samples']} samples readable")
+    if shard.num_samples is not None and yielded < shard.num_samples:
+        stats.record("short_shard", f"{uri}: {yielded} of {shard.num_samples} samples readable")
 
 
-def decode_sample(raw: dict[str, Any], image_size: int | None, stats: ReadStats) -> dict[str, Any] | None:
+def iter_shard(split_dir: str, name: str, stats: ReadStats, expected: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
+    """iter_tar of the shard `name` of a split directory; expected: its manifest entry (num_samples, sha256)."""
+    expected = expected or {}
+    yield from iter_tar(Shard(storage.join(split_dir, name), expected.get("num_samples"), expected.get("sha256")), stats)
+
+
+def decode_sample(raw: dict[str, Any], image_size: int | None, stats: ReadStats,
+                  transform: ImageTransform | None = None) -> dict[str, Any] | None:
     """Raw member bytes -> {key, image: uint8 [3, H, W], caption, meta, shard}, or None (counted) if unusable.
+
+    transform: the host preprocessing (transforms.py); default a resize of the shorter side to image_size and a
+    centre crop, or the image at its own size when image_size is None.
 
     A caption must be UTF-8 text (a non-UTF-8 one is skipped as non_utf8_caption, not guessed at with
     replacement characters) and not blank; the JSON metadata, when present, must parse to an object."""
@@ -298,12 +317,10 @@ def decode_sample(raw: dict[str, Any], image_size: int | None, stats: ReadStats)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         stats.record("bad_meta", f"{key}: {exc}")
         return None
+    if transform is None and image_size is not None:
+        transform = ImageTransform(image_size)
     try:
-        with Image.open(io.BytesIO(image_bytes)) as image:
-            image = image.convert("RGB")
-            if image_size is not None and image.size != (image_size, image_size):
-                image = image.resize((image_size, image_size), Image.BICUBIC)
-            pixels = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
+        pixels = decode_image(image_bytes, transform, key)
     except Exception as exc:  # PIL raises many types for bad data
         stats.record("bad_image", f"{key}: {exc}")
         return None
@@ -315,113 +332,14 @@ def decode_sample(raw: dict[str, Any], image_size: int | None, stats: ReadStats)
     return decoded
 
 
-def iter_split(split_dir: str, image_size: int | None = None, stats: ReadStats | None = None) -> Iterator[dict[str, Any]]:
-    """Every usable sample of a split once, in shard order (for caching and evaluation); stats counts the rest."""
+def iter_split(spec: str, image_size: int | None = None, stats: ReadStats | None = None,
+               transform: ImageTransform | None = None) -> Iterator[dict[str, Any]]:
+    """Every usable sample of a dataset spec (a split directory, a pattern, ...: specs.py) once, in shard order (for
+    caching and evaluation); stats counts the rest."""
     stats = stats if stats is not None else ReadStats()
-    entries = shard_entries(split_dir)
-    for name in shard_names(split_dir):
-        for raw in iter_shard(split_dir, name, stats, entries.get(name)):
-            stats.note_key(raw["__key__"], name)
-            sample = decode_sample(raw, image_size, stats)
+    for shard in resolve(spec).shards:
+        for raw in iter_tar(shard, stats):
+            stats.note_key(raw["__key__"], shard.url)
+            sample = decode_sample(raw, image_size, stats, transform)
             if sample is not None:
                 yield sample
-
-
-# ---- the training stream --------------------------------------------------------------------------------
-
-
-class SampleStream:
-    """An endless, shuffled, resumable stream of decoded samples over a split.
-
-    Each epoch visits the shards in an order drawn from (seed, epoch) and mixes samples through a
-    shuffle buffer drawn from the same RNG, so the stream is a pure function of (seed, epoch,
-    position). `state_dict()` records (epoch, position); loading it re-reads the epoch's raw members
-    and skips `position` of them without decoding, which reproduces the stream exactly.
-
-    Liveness: a whole epoch without one usable sample, or max_consecutive_bad unusable samples in a
-    row (0: no limit), raises UnreadableSplitError with the read stats, instead of re-reading for ever.
-
-    attach: optional callable(shard_name, raw_samples_of_shard) -> raw_samples, used to join the
-    reference cache onto samples by key as each shard is read.
-    """
-
-    def __init__(self, split_dir: str, image_size: int | None, seed: int = 0, shuffle_buffer: int = 2000, attach=None,
-                 max_consecutive_bad: int = 10_000):
-        self.split_dir = split_dir
-        self.image_size = image_size
-        self.seed = seed
-        self.shuffle_buffer = shuffle_buffer
-        self.attach = attach
-        self.max_consecutive_bad = max_consecutive_bad
-        self.names = shard_names(split_dir)
-        self.entries = shard_entries(split_dir)
-        self.stats = ReadStats()
-        self.epoch = 0
-        self.position = 0  # raw samples emitted in this epoch
-        self._iterator: Iterator[dict[str, Any]] | None = None
-        self._consecutive_bad = 0
-        self._usable_this_epoch = False
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.seed, self.epoch, self.position = state["seed"], state["epoch"], state["position"]
-        self._iterator = None
-
-    def _epoch_raw(self, epoch: int) -> Iterator[dict[str, Any]]:
-        rng = random.Random(self.seed * 1_000_003 + epoch)
-        names = list(self.names)
-        rng.shuffle(names)
-        buffer: list[dict[str, Any]] = []
-        self.stats.new_pass()
-        for name in names:
-            raws: Iterable[dict[str, Any]] = iter_shard(self.split_dir, name, self.stats, self.entries.get(name))
-            if self.attach is not None:
-                raws = self.attach(name, raws)
-            for raw in raws:
-                self.stats.note_key(raw["__key__"], name)
-                buffer.append(raw)
-                if len(buffer) >= self.shuffle_buffer:
-                    yield buffer.pop(rng.randrange(len(buffer)))
-        while buffer:
-            yield buffer.pop(rng.randrange(len(buffer)))
-
-    def _raw(self) -> Iterator[dict[str, Any]]:
-        while True:
-            skip, emitted = self.position, 0
-            whole_epoch = skip == 0  # a resumed epoch skips samples undecoded: it cannot judge the epoch
-            self._usable_this_epoch = False
-            for raw in self._epoch_raw(self.epoch):
-                emitted += 1
-                if skip:
-                    skip -= 1
-                    continue
-                self.position += 1
-                yield raw
-            if emitted == 0 or (whole_epoch and not self._usable_this_epoch):
-                raise UnreadableSplitError(
-                    f"no usable sample in a whole pass over {self.split_dir}: {self.stats.summary()}; "
-                    f"first problems: {self.stats.errors[:5]}")
-            self.epoch, self.position = self.epoch + 1, 0
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        return self
-
-    def __next__(self) -> dict[str, Any]:
-        if self._iterator is None:
-            self._iterator = self._raw()
-        while True:
-            sample = decode_sample(next(self._iterator), self.image_size, self.stats)
-            if sample is not None:
-                self._consecutive_bad = 0
-                self._usable_this_epoch = True
-                return sample
-            self._consecutive_bad += 1
-            if self.max_consecutive_bad and self._consecutive_bad >= self.max_consecutive_bad:
-                raise UnreadableSplitError(
-                    f"{self._consecutive_bad} unusable samples in a row in {self.split_dir} (max_consecutive_bad_samples): "
-                    f"{self.stats.summary()}; first problems: {self.stats.errors[:5]}")
-
-    def take(self, n: int) -> list[dict[str, Any]]:
-        return [next(self) for _ in range(n)]

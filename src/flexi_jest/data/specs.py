@@ -1,0 +1,263 @@
+"""Dataset specs: which tar shards a dataset is, as open_clip's `--train-data` takes them.
+
+A spec is one string; several specs are joined by `::` (webdataset's convention). Each part is:
+
+    runs/data/pool                       a directory or prefix (local, file://, s3://): its *.tar, or its manifest's shards
+    pool/{00000..00099}.tar              a brace pattern (expanded by webdataset / braceexpand); every shard must exist
+    s3://bucket/pool/00007.tar           a single tar
+    https://host/pool/{000..009}.tar     http(s) URLs (each checked with a HEAD request)
+    pipe:curl -s https://host/a.tar      a command writing a tar to stdout (run without a shell)
+
+Sample counts, per shard, come from the flexi-jest manifest beside the shards, or from img2dataset's
+`<shard>_stats.json` (its `successes` field), or stay unknown; an explicit `num_samples` overrides the
+total. A spec that names a missing shard, an unreachable URL or matches nothing raises SpecError: one
+line naming the spec and the problem.
+
+s3:// shards are read through flexi_jest.storage (minio, configured from the environment), like every
+other artifact of the project, so the same spec reads MinIO on a cluster and moto in the tests.
+"""
+
+import json
+import shlex
+import subprocess
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from webdataset.shardlists import expand_urls
+
+from flexi_jest import storage
+
+MANIFEST = "manifest.json"
+HTTP_TIMEOUT_SECONDS = 10
+
+
+class SpecError(ValueError):
+    """A dataset spec that names nothing readable; the message (one line) names the spec and why."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One tar shard of a dataset: where to open it and, if known, how many samples it holds."""
+
+    url: str  # a path, file://, s3://, http(s):// URL or pipe: command
+    num_samples: int | None = None
+    sha256: str | None = None  # from a flexi-jest manifest: checked when the shard is read
+
+    @property
+    def name(self) -> str:
+        """The shard's file name (the last path component; the whole command for pipe:)."""
+        return self.url if self.url.startswith("pipe:") else self.url.rstrip("/").rsplit("/", 1)[-1]
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A resolved spec: its text and its shards in order."""
+
+    spec: str
+    shards: tuple[Shard, ...]
+    explicit_num_samples: int | None = None
+
+    @property
+    def num_samples(self) -> int | None:
+        """Samples in the dataset: the explicit count, else the shards' sum if every shard's count is known."""
+        if self.explicit_num_samples is not None:
+            return self.explicit_num_samples
+        counts = [s.num_samples for s in self.shards]
+        return None if any(c is None for c in counts) else sum(counts)
+
+    @property
+    def urls(self) -> list[str]:
+        return [s.url for s in self.shards]
+
+
+def scheme(url: str) -> str:
+    """'pipe', 'http', 's3' or 'local' (paths and file://)."""
+    if url.startswith("pipe:"):
+        return "pipe"
+    if url.startswith(("http://", "https://")):
+        return "http"
+    return "s3" if storage.is_s3(url) else "local"
+
+
+def _parent(url: str) -> str:
+    return url.rstrip("/").rsplit("/", 1)[0] if "/" in url.rstrip("/") else "."
+
+
+def _read_json(uri: str) -> dict | None:
+    try:
+        return json.loads(storage.read_bytes(uri)) if storage.exists(uri) else None
+    except (storage.StorageError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+
+
+def _manifest_entries(directory: str) -> dict[str, dict] | None:
+    """The flexi-jest manifest's shards of a directory, by name; None without one (a corrupt one: ShardError)."""
+    from flexi_jest.data.shards import read_manifest  # shards.py reads through this module
+    manifest = read_manifest(directory)
+    return {s["name"]: s for s in manifest["shards"]} if manifest else None
+
+
+def _stats_count(url: str) -> int | None:
+    """img2dataset's count beside a shard: `<stem>_stats.json`'s `successes`, or None."""
+    stats = _read_json(url.removesuffix(".tar") + "_stats.json")
+    value = (stats or {}).get("successes")
+    return int(value) if isinstance(value, int) else None
+
+
+def _http_reachable(url: str) -> str | None:
+    """None if a HEAD request for url succeeds, else why not."""
+    try:
+        request = urllib.request.Request(url, method="HEAD")
+        with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT_SECONDS):
+            return None
+    except urllib.error.HTTPError as exc:
+        return f"HTTP {exc.code}"
+    except (urllib.error.URLError, OSError) as exc:
+        return str(getattr(exc, "reason", exc))
+
+
+def _expand(spec: str) -> list[str]:
+    """The spec's URLs: `::`-joined parts, each brace-expanded (webdataset's expand_urls)."""
+    try:
+        return list(expand_urls(spec))
+    except Exception as exc:  # braceexpand raises for unbalanced patterns
+        raise SpecError(f"dataset spec {spec!r}: cannot expand it: {exc}") from None
+
+
+def _is_pattern(part: str) -> bool:
+    return "{" in part and "}" in part
+
+
+def _part_shards(spec: str, part: str, check: bool, counts: bool) -> list[Shard]:
+    """The shards of one `::` part of spec."""
+    kind = scheme(part)
+    if kind == "pipe":
+        return [Shard(part)]
+    if kind == "http":
+        urls = _expand(part)
+        if check:
+            for url in urls:
+                problem = _http_reachable(url)
+                if problem:
+                    raise SpecError(f"dataset spec {spec!r}: cannot reach {url}: {problem}")
+        return [Shard(url) for url in urls]
+    try:
+        if _is_pattern(part) or part.endswith(".tar"):
+            urls = _expand(part)
+            if check:
+                missing = [u for u in urls if not storage.exists(u)]
+                if missing:
+                    more = f" (and {len(missing) - 1} more of {len(urls)})" if len(missing) > 1 else ""
+                    raise SpecError(f"dataset spec {spec!r}: missing shard {missing[0]}{more}")
+        else:  # a directory or prefix
+            entries = _manifest_entries(part)
+            if entries is not None:
+                if not entries:
+                    from flexi_jest.data.shards import ShardError
+                    raise ShardError(f"no shards in {part}: its {MANIFEST} lists none")
+                return [Shard(storage.join(part, name), e.get("num_samples"), e.get("sha256")) for name, e in entries.items()]
+            names = storage.list_names(part, ".tar")
+            if not names:
+                raise SpecError(f"dataset spec {spec!r}: no .tar shards under {part}")
+            from flexi_jest.data.shards import check_not_interrupted
+            check_not_interrupted(part, names)
+            urls = [storage.join(part, name) for name in names]
+    except storage.StorageError as exc:
+        raise SpecError(f"dataset spec {spec!r}: {exc}") from None
+    if not counts:
+        return [Shard(url) for url in urls]
+    return _with_counts(urls)
+
+
+def _with_counts(urls: list[str]) -> list[Shard]:
+    """Shards with their counts: the manifest of their directory, else img2dataset's stats files."""
+    manifests: dict[str, dict[str, dict] | None] = {}
+    for directory in {_parent(u) for u in urls}:
+        try:
+            manifests[directory] = _manifest_entries(directory)
+        except storage.StorageError:  # a directory we may not list or read: counts from stats files only
+            manifests[directory] = None
+    need_stats = [u for u in urls if not (manifests[_parent(u)] or {}).get(u.rsplit("/", 1)[-1])]
+    with ThreadPoolExecutor(8) as pool:  # one small GET per shard: overlap them on S3
+        stats = dict(zip(need_stats, pool.map(_stats_count, need_stats)))
+    shards = []
+    for url in urls:
+        entry = (manifests[_parent(url)] or {}).get(url.rsplit("/", 1)[-1])
+        if entry:
+            shards.append(Shard(url, entry.get("num_samples"), entry.get("sha256")))
+        else:
+            shards.append(Shard(url, stats.get(url)))
+    return shards
+
+
+def resolve(spec: str, num_samples: int | None = None, check: bool = True, counts: bool = True) -> DatasetSpec:
+    """The shards a spec names, in order.
+
+    check: verify that each local / s3 shard exists and each http(s) URL answers (pipe: commands are
+    only checked when read); counts: look up per-shard sample counts (manifest, then `*_stats.json`).
+    Raises SpecError (one line, naming the spec) if the spec is empty, malformed or names nothing readable.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise SpecError(f"dataset spec {spec!r} is empty")
+    if num_samples is not None and num_samples < 1:
+        raise SpecError(f"dataset spec {spec!r}: num_samples must be positive, got {num_samples}")
+    shards: list[Shard] = []
+    for part in spec.split("::"):
+        part = part.strip()
+        if not part:
+            raise SpecError(f"dataset spec {spec!r} has an empty part between '::'")
+        if part.startswith("pipe:"):  # a command may hold braces of its own: keep it whole
+            shards.append(Shard(part))
+            continue
+        shards += _part_shards(spec, part, check, counts)
+    if not shards:
+        raise SpecError(f"dataset spec {spec!r} matches no shards")
+    return DatasetSpec(spec, tuple(shards), num_samples)
+
+
+# ---- opening a shard ------------------------------------------------------------------------------------------
+
+
+class _PipeStream:
+    """The stdout of a pipe: command; closing it waits for the command, and a failure is an OSError naming it."""
+
+    def __init__(self, command: str):
+        self.command = command
+        try:
+            self.process = subprocess.Popen(shlex.split(command), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        except (OSError, ValueError) as exc:
+            raise OSError(f"pipe:{command}: cannot start: {exc}") from None
+
+    def read(self, size: int = -1) -> bytes:
+        return self.process.stdout.read(size)
+
+    def close(self) -> None:
+        self.process.stdout.close()
+        stderr = self.process.stderr.read().decode(errors="replace").strip()
+        self.process.stderr.close()
+        status = self.process.wait()
+        if status != 0:
+            raise OSError(f"pipe:{self.command} exited with status {status}: {stderr.splitlines()[-1] if stderr else ''}")
+
+    def __enter__(self) -> "_PipeStream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open_shard(url: str) -> BinaryIO:
+    """A binary stream of a shard's tar bytes. Raises OSError (storage.StorageError for local / s3) naming the url."""
+    kind = scheme(url)
+    if kind == "pipe":
+        return _PipeStream(url[len("pipe:"):])  # type: ignore[return-value]
+    if kind == "http":
+        try:
+            return urllib.request.urlopen(url, timeout=HTTP_TIMEOUT_SECONDS)
+        except (urllib.error.URLError, OSError) as exc:
+            raise OSError(f"cannot open {url}: {getattr(exc, 'reason', exc)}") from None
+    return storage.open_read(url)
+

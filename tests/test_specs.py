@@ -1,0 +1,122 @@
+"""Dataset specs as open_clip's --train-data takes them: directories, brace patterns, '::', single tars,
+file://, s3:// (moto), http(s):// (http.server on loopback) and pipe: commands; bad specs fail in one line."""
+
+import functools
+import http.server
+import io
+import json
+import tarfile
+import threading
+
+import pytest
+from webdataset import TarWriter
+
+from conftest import free_port
+from flexi_jest import storage
+from flexi_jest.data.specs import SpecError, open_shard, resolve
+
+
+def write_tar(uri: str, keys: list[str], stats: bool = True) -> None:
+    """An img2dataset-style shard (key.jpg/.txt/.json), with `<stem>_stats.json` beside it when stats."""
+    buffer = io.BytesIO()
+    with TarWriter(buffer) as writer:
+        for key in keys:
+            writer.write({"__key__": key, "jpg": b"not decoded here", "txt": f"caption {key}".encode(),
+                          "json": json.dumps({"key": key}).encode()})
+    storage.write_bytes(uri, buffer.getvalue())
+    if stats:
+        storage.write_bytes(uri.removesuffix(".tar") + "_stats.json", json.dumps({"successes": len(keys)}).encode())
+
+
+def write_pool(root: str, shards: int = 3, per_shard: int = 4, stats: bool = True) -> str:
+    storage.makedirs(root)
+    for s in range(shards):
+        write_tar(storage.join(root, f"{s:05d}.tar"), [f"{s:05d}{i:04d}" for i in range(per_shard)], stats)
+    return root
+
+
+def tar_keys(url: str) -> list[str]:
+    with open_shard(url) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+        return sorted({member.name.split(".")[0] for member in tar})
+
+
+def test_directory_brace_pattern_single_tar_and_joined_specs(tmp_path):
+    pool = write_pool(str(tmp_path / "pool"))
+    whole = resolve(pool)
+    assert [s.name for s in whole.shards] == ["00000.tar", "00001.tar", "00002.tar"]
+    assert whole.num_samples == 12  # img2dataset's *_stats.json `successes`
+    pattern = resolve(f"{pool}/{{00000..00001}}.tar")
+    assert pattern.urls == [f"{pool}/00000.tar", f"{pool}/00001.tar"] and pattern.num_samples == 8
+    single = resolve(f"file://{pool}/00002.tar")
+    assert single.urls == [f"file://{pool}/00002.tar"] and single.num_samples == 4
+    joined = resolve(f"{pool}/00002.tar::{pool}/{{00000..00001}}.tar")
+    assert [s.name for s in joined.shards] == ["00002.tar", "00000.tar", "00001.tar"]
+    assert tar_keys(joined.urls[0]) == ["000020000", "000020001", "000020002", "000020003"]
+
+
+def test_counts_from_the_manifest_unknown_or_explicit(shapes_data, tmp_path):
+    pool = shapes_data.splits["pool"]
+    spec = resolve(pool.path)
+    assert spec.num_samples == pool.num_samples and all(s.sha256 for s in spec.shards)
+    bare = write_pool(str(tmp_path / "bare"), stats=False)
+    assert resolve(bare).num_samples is None  # an unknown count is allowed (a pool)
+    assert resolve(bare, num_samples=11).num_samples == 11
+
+
+def test_s3_prefix_and_pattern(s3):
+    pool = write_pool(f"{s3}/laion/pool", shards=2)
+    spec = resolve(pool)
+    assert spec.urls == [f"{pool}/00000.tar", f"{pool}/00001.tar"] and spec.num_samples == 8
+    assert resolve(f"{pool}/{{00000..00001}}.tar").num_samples == 8
+    assert tar_keys(spec.urls[1]) == ["000010000", "000010001", "000010002", "000010003"]
+    with pytest.raises(SpecError, match=r"missing shard s3://.*/00002.tar"):
+        resolve(f"{pool}/{{00000..00002}}.tar")
+
+
+@pytest.fixture
+def http_pool(tmp_path):
+    """The pool served by http.server on loopback."""
+    pool = write_pool(str(tmp_path / "served"))
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=pool)
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_http_urls_and_pipe_commands(http_pool, tmp_path):
+    spec = resolve(f"{http_pool}/{{00000..00002}}.tar")
+    assert len(spec.shards) == 3 and spec.num_samples is None
+    assert tar_keys(spec.urls[1]) == ["000010000", "000010001", "000010002", "000010003"]
+    pool = write_pool(str(tmp_path / "local"))
+    piped = resolve(f"pipe:cat {pool}/00000.tar::pipe:cat {pool}/00001.tar")
+    assert len(piped.shards) == 2
+    assert tar_keys(piped.urls[1]) == ["000010000", "000010001", "000010002", "000010003"]
+
+
+@pytest.mark.parametrize("case", ["missing shard", "unreachable url", "matches nothing", "no directory",
+                                  "empty part", "bad pattern"])
+def test_bad_specs_fail_in_one_line_naming_the_spec(case, tmp_path):
+    pool = write_pool(str(tmp_path / "pool"))
+    (tmp_path / "empty").mkdir()
+    spec, reason = {
+        "missing shard": (f"{pool}/{{00000..00005}}.tar", "missing shard"),
+        "unreachable url": (f"http://127.0.0.1:{free_port()}/{{00000..00001}}.tar", "cannot reach"),
+        "matches nothing": (str(tmp_path / "empty"), "no .tar shards"),
+        "no directory": (str(tmp_path / "nowhere"), "not a directory"),
+        "empty part": (f"{pool}::", "empty part"),
+        "bad pattern": (f"{pool}/{{00000..00001.tar", "Unbalanced braces"),
+    }[case]
+    with pytest.raises(SpecError) as error:
+        resolve(spec)
+    message = str(error.value)
+    assert "\n" not in message and repr(spec) in message and reason in message
+    assert isinstance(error.value, ValueError)
+
+
+def test_a_failing_pipe_command_is_reported_when_read(tmp_path):
+    spec = resolve(f"pipe:cat {tmp_path}/absent.tar")  # commands are checked when run
+    with pytest.raises(OSError, match="absent.tar"):
+        tar_keys(spec.urls[0])
