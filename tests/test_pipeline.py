@@ -481,3 +481,27 @@ def test_submit_sends_the_compiled_pipeline_to_the_given_host(monkeypatch, capsy
     assert calls["service_account"] == "flexi-jest-pipeline-runner" and calls["pipeline"] == "flexi-jest-pp"
     with pytest.raises(SystemExit, match="unknown pipeline parameter"):
         module.main(["submit", "--host", "h", "--param", "no_such=1"])
+
+
+@pytest.mark.slow  # a second whole pipeline (minutes on 2 cores), on a pool img2dataset wrote (about a minute)
+def test_whole_pipeline_on_registered_img2dataset_data(mlflow_server, img2dataset_dir, s3, tmp_path, monkeypatch):
+    """source 'register': the pool on S3 (moto) as img2dataset wrote it, curated and eval as brace pattern and single
+    tar; every stage reads the specs, nothing is written into the data, the learner is promoted."""
+    from flexi_jest import storage
+    from pipelines.flexi_jest_pp import run_local
+    url, _ = mlflow_server
+    for path in img2dataset_dir.iterdir():
+        storage.upload_file(path, f"{s3}/laion/{path.name}")
+    before = sorted(storage.list_names(f"{s3}/laion"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+    summary = run_local(str(tmp_path), {
+        **SMALL, "data_config": "{}", "run_name": "pp-registered", "data_source": "register",
+        "curated_uri": f"{s3}/laion/{{00000..00001}}.tar", "pool_uri": f"{s3}/laion",
+        "eval_uri": str(img2dataset_dir / "00002.tar"), "steps": 2})
+    assert sorted(row["method"] for row in summary["rows"]) == ["joint", "uniform"]
+    assert all(row["i2t_r1"] is not None for row in summary["rows"])  # an image-caption set: retrieval
+    assert summary["decision"] in ("champion", "challenger") and summary["learner_version"]
+    assert sorted(storage.list_names(f"{s3}/laion")) == before  # nothing written into the team's data
+    registrations = list(tmp_path.rglob("registration.json"))
+    assert len(registrations) == 1
+    assert json.loads(registrations[0].read_text())["splits"]["pool"]["num_samples"] == 58
