@@ -124,7 +124,10 @@ def main() -> None:
         jpeg_shards(places["local"], args.images, args.images // 8)
         server = None
         if not args.no_s3:
+            import logging
+
             from moto.server import ThreadedMotoServer
+            logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
             port = free_port()
             server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
             server.start()
