@@ -21,7 +21,8 @@ from flexi_jest import storage
 from flexi_jest.checkpoint import load_model
 from flexi_jest.cli import main as cli_main
 from flexi_jest.config import EvalSet, EvaluateConfig, EvaluateResult, SplitMetrics
-from flexi_jest.data.eval_sets import EvalSetError, assign_names, center_crop_transform, fill_template, open_eval_set
+from flexi_jest.data.eval_sets import EvalSetError, assign_names, fill_template, open_eval_set
+from flexi_jest.data.transforms import ImageTransform
 from flexi_jest.data.shards import iter_split, write_split
 from flexi_jest.data.sample import Sample
 from flexi_jest.device import to_model_input
@@ -243,6 +244,10 @@ def test_plain_tars_with_labels_need_class_names(reference, eval_samples, tmp_pa
     (root / "classnames.txt").write_text("\n".join(manifest["classes"]))
     scored = evaluate_model(model, [str(root)])["labelled"]
     assert scored.top1 is not None and scored.classification_skipped is None
+    (root / "00000_stats.json").write_text(json.dumps({"successes": 40}))  # img2dataset's count beside its shard
+    pattern = evaluate_model(model, [f"{root}/{{00000..00000}}.tar"])["labelled"]  # a brace pattern, named by its folder
+    assert pattern.layout == "webdataset" and pattern.expected_samples == 40 and pattern.shortfall == 0
+    assert pattern.top1 == scored.top1
     (root / "classnames.txt").write_text("\n".join(manifest["classes"][:3]))
     with pytest.raises(EvalSetError, match="label .* is not one of its 3 classes"):
         evaluate_model(model, [str(root)])
@@ -307,7 +312,7 @@ class ClipBenchmarkModel(torch.nn.Module):
 
 def model_transform(image_size: int):
     """The preprocessing ours uses (resize + centre crop, then the model's input scaling), for CLIP_benchmark."""
-    crop = center_crop_transform(image_size)
+    crop = ImageTransform(image_size)
     return lambda image: to_model_input(crop(image.convert("RGB"))[None], torch.device("cpu"))[0]
 
 

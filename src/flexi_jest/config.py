@@ -450,9 +450,10 @@ class SplitMetrics(StrictModel):
     retrieval_skipped: str | None = Field(None, description="why there is no retrieval (no captions)")
     read_stats: ReadStatsSummary = Field(default_factory=ReadStatsSummary)
     expected_samples: int | None = Field(None, description=(
-        "samples the split's manifest promises (capped at max_samples); None without a manifest"))
+        "samples the set holds by its own account (a manifest's or img2dataset's *_stats.json counts, an "
+        "ImageFolder's images; capped at max_samples); None when unknown"))
     shortfall: int = Field(0, description=(
-        "samples not scored: expected_samples - num_samples with a manifest, else the samples skipped one by one"))
+        "samples not scored: expected_samples - num_samples when known, else the samples skipped one by one"))
 
     @model_validator(mode="after")
     def _say_why(self) -> "SplitMetrics":

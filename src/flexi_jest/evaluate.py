@@ -30,10 +30,11 @@ from flexi_jest import storage
 from flexi_jest.checkpoint import load_model
 from flexi_jest.config import EvalSet, EvaluateConfig, EvaluateResult, SplitMetrics
 from flexi_jest.data.eval_sets import (
-    CLASSNAMES_FILE, EvalSample, EvalSetError, OpenedEvalSet, assign_names, center_crop_transform, fill_template,
+    CLASSNAMES_FILE, EvalSample, EvalSetError, OpenedEvalSet, assign_names, fill_template,
     open_eval_set,
 )
 from flexi_jest.data.shards import PartialReadError, ReadStats
+from flexi_jest.data.transforms import ImageTransform
 from flexi_jest.model import DualEncoder, Tokenizer
 from flexi_jest.device import autocast, resolve_device, to_model_input
 
@@ -67,7 +68,7 @@ def embed_eval_set(
         labels.extend(s.label for s in batch)
         batch.clear()
 
-    transform = center_crop_transform(model.cfg.image_size)
+    transform = ImageTransform(model.cfg.image_size)  # open_clip's: shorter side resized, centre crop
     for count, sample in enumerate(eval_set.samples(transform, stats), start=1):
         batch.append(sample)
         if len(batch) == batch_size:
@@ -223,10 +224,9 @@ def evaluate_model(
         embedded = embed_eval_set(model, tokenizer, eval_set, patch_size, batch_size, device, max_samples, allow_partial)
         stats: ReadStats = embedded["stats"]
         scored = embedded["image_emb"].shape[0]
-        expected = None
-        if eval_set.manifest:
-            expected = sum(s["num_samples"] for s in eval_set.manifest["shards"])
-            expected = min(expected, max_samples) if max_samples is not None else expected
+        expected = eval_set.expected_samples  # the manifest's, img2dataset's stats, an ImageFolder's images
+        if expected is not None and max_samples is not None:
+            expected = min(expected, max_samples)
         shortfall = max(0, expected - scored) if expected is not None else stats.lost_samples()
         results[name] = score_eval_set(model, tokenizer, eval_set, embedded, device, read_stats=stats.to_summary(),
                                        expected_samples=expected, shortfall=shortfall)

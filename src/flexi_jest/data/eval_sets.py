@@ -28,15 +28,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-import numpy as np
-import torch
 from PIL import Image
 from torch import Tensor
-from webdataset.shardlists import expand_urls
 
 from flexi_jest import storage
 from flexi_jest.config import EVAL_SET_NAME, EvalSet
-from flexi_jest.data.shards import IMAGE_EXTENSIONS, ReadStats, iter_shard, read_manifest, shard_entries, shard_names
+from flexi_jest.data.shards import IMAGE_EXTENSIONS, ReadStats, iter_tar, read_manifest
+from flexi_jest.data.specs import Shard, SpecError, resolve, scheme
 
 CLASSNAMES_FILE = "classnames.txt"
 TEMPLATES_FILE = "zeroshot_classification_templates.txt"
@@ -124,13 +122,26 @@ class OpenedEvalSet:
     classnames_source: str  # where the class names came from, for the report
     dataset: str | None = None  # the manifest's dataset name (flexi-jest splits)
     multi_caption: bool = False  # a .txt holds one caption a line (CLIP_benchmark retrieval sets)
-    shard_urls: list[str] = field(default_factory=list)
+    shards: list[Shard] = field(default_factory=list)  # tar layouts, with their sample counts where known
     image_paths: list[tuple[str, int]] = field(default_factory=list)  # ImageFolder: (relative path, class index)
     manifest: dict | None = None
 
     @property
     def uri(self) -> str:
         return self.spec.uri
+
+    @property
+    def shard_urls(self) -> list[str]:
+        return [shard.url for shard in self.shards]
+
+    @property
+    def expected_samples(self) -> int | None:
+        """Samples the set holds by its own account: the shards' counts (manifest, img2dataset stats) when
+        every one is known, an ImageFolder's images; None when unknown."""
+        if self.layout == "imagefolder":
+            return len(self.image_paths)
+        counts = [shard.num_samples for shard in self.shards]
+        return sum(counts) if counts and None not in counts else None
 
     def samples(self, transform: Transform, stats: ReadStats) -> Iterator[EvalSample]:
         """Every readable sample once, in order; what cannot be read is counted in stats."""
@@ -140,11 +151,9 @@ class OpenedEvalSet:
             yield from self._tar_samples(transform, stats)
 
     def _tar_samples(self, transform: Transform, stats: ReadStats) -> Iterator[EvalSample]:
-        entries = shard_entries(self.uri) if self.layout == "flexi-jest" else {}
-        for url in self.shard_urls:
-            directory, name = url.rsplit("/", 1) if "/" in url else (".", url)
-            for raw in iter_shard(directory, name, stats, entries.get(name)):
-                stats.note_key(raw["__key__"], name)
+        for shard in self.shards:
+            for raw in iter_tar(shard, stats):  # checks the manifest's sha256 and counts, counts damage
+                stats.note_key(raw["__key__"], shard.url)
                 sample = self._decode_tar_sample(raw, transform, stats)
                 if sample is not None:
                     yield sample
@@ -223,21 +232,6 @@ def _decode_image(data: bytes, transform: Transform, key: str, stats: ReadStats)
         return None
 
 
-def center_crop_transform(size: int) -> Transform:
-    """open_clip's evaluation preprocessing, on the host: resize the shorter side to size (bicubic), centre crop
-    to size x size; a square image of the model's size passes through unchanged. -> uint8 [3, size, size]."""
-    def transform(image: Image.Image) -> Tensor:
-        if image.size != (size, size):
-            width, height = image.size
-            scale = size / min(width, height)
-            resized = (max(size, round(width * scale)), max(size, round(height * scale)))
-            image = image.resize(resized, Image.BICUBIC)
-            left, top = (resized[0] - size) // 2, (resized[1] - size) // 2
-            image = image.crop((left, top, left + size, top + size))
-        return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
-    return transform
-
-
 # ---- finding a set's layout ------------------------------------------------------------------------------------------
 
 
@@ -261,31 +255,29 @@ def _side_files(spec: EvalSet, *folders: str) -> tuple[list[str] | None, str, li
     return classnames, source, templates
 
 
-def _tar_urls(spec: EvalSet) -> list[str]:
-    """A .tar, a brace pattern of tars or several joined by '::': every shard must exist."""
+def _shards(spec: EvalSet, uri: str) -> list[Shard]:
+    """The shards of a dataset spec (specs.resolve: a directory, a .tar, a brace pattern, '::', http(s), pipe:),
+    with their counts; a spec naming nothing readable is an EvalSetError naming the set."""
     try:
-        urls = list(expand_urls(spec.uri))
-    except Exception as exc:  # braceexpand raises for unbalanced patterns
-        raise EvalSetError(f"eval set {spec.uri!r}: cannot expand it: {exc}") from None
-    missing = [u for u in urls if not storage.exists(u)]
-    if missing:
-        raise EvalSetError(f"eval set {spec.uri!r}: missing shard {missing[0]}"
-                           + (f" (and {len(missing) - 1} more of {len(urls)})" if len(missing) > 1 else ""))
-    return urls
+        return list(resolve(uri).shards)
+    except SpecError as exc:
+        raise EvalSetError(f"eval set {spec.uri!r}: {exc}") from None
 
 
 def open_eval_set(spec: EvalSet) -> OpenedEvalSet:
     """Find the set's layout and read its class names and templates. Raises EvalSetError naming the set."""
     uri = spec.uri.rstrip("/") or spec.uri
     try:
-        if "{" in uri or "::" in uri or uri.endswith(".tar"):
+        if "{" in uri or "::" in uri or uri.endswith(".tar") or scheme(uri) in ("http", "pipe"):
             if spec.layout not in ("auto", "webdataset", "clip_benchmark"):
                 raise EvalSetError(f"eval set {spec.uri!r}: a .tar or pattern of tars cannot be read as {spec.layout}")
-            urls = _tar_urls(spec)
-            folder = _parent(urls[0])
-            classnames, source, templates = _side_files(spec, folder, _parent(folder))
+            shards = _shards(spec, uri)
+            folder = _parent(shards[0].url)
+            beside = scheme(folder) in ("local", "s3")  # class names and templates beside the tars, where listable
+            classnames, source, templates = _side_files(spec, *((folder, _parent(folder)) if beside else ()))
+            retrieval = beside and (_is_retrieval_set(folder) or _is_retrieval_set(_parent(folder)))
             return OpenedEvalSet(spec, "webdataset", classnames, templates or DEFAULT_TEMPLATES, source,
-                                 shard_urls=urls, multi_caption=_is_retrieval_set(folder) or _is_retrieval_set(_parent(folder)))
+                                 shards=shards, multi_caption=retrieval)
         files = storage.list_tree(uri)
     except storage.StorageError as exc:
         raise EvalSetError(f"eval set {spec.uri!r}: {exc}") from None
@@ -297,11 +289,10 @@ def open_eval_set(spec: EvalSet) -> OpenedEvalSet:
         return _open_flexi_jest(spec, uri)
     if layout == "clip_benchmark":
         return _open_clip_benchmark(spec, uri, files)
-    if layout == "webdataset":  # shard_names refuses a make-data split whose write was interrupted
-        names = sorted(shard_names(uri), key=_natural_key)
+    if layout == "webdataset":  # resolve refuses a make-data split whose write was interrupted
+        shards = sorted(_shards(spec, uri), key=lambda shard: _natural_key(shard.name))
         classnames, source, templates = _side_files(spec, uri, _parent(uri))
-        return OpenedEvalSet(spec, "webdataset", classnames, templates or DEFAULT_TEMPLATES, source,
-                             shard_urls=[storage.join(uri, n) for n in names])
+        return OpenedEvalSet(spec, "webdataset", classnames, templates or DEFAULT_TEMPLATES, source, shards=shards)
     return _open_imagefolder(spec, uri, files)
 
 
@@ -321,7 +312,7 @@ def _detect_layout(spec: EvalSet, files: list[str], top: set[str]) -> str:
 
 def _open_flexi_jest(spec: EvalSet, uri: str) -> OpenedEvalSet:
     manifest = read_manifest(uri) or {}
-    urls = [storage.join(uri, name) for name in shard_names(uri)]
+    shards = _shards(spec, uri)  # with the manifest's counts and sha256
     classnames, source = manifest.get("classes"), "manifest"
     templates = manifest.get("templates") or ["{}"]
     if spec.classnames:
@@ -329,7 +320,7 @@ def _open_flexi_jest(spec: EvalSet, uri: str) -> OpenedEvalSet:
     if spec.templates:
         templates = read_list_file(spec.templates, "templates")
     return OpenedEvalSet(spec, "flexi-jest", classnames, templates, source if classnames else "none",
-                         dataset=manifest.get("dataset"), shard_urls=urls, manifest=manifest)
+                         dataset=manifest.get("dataset"), shards=shards, manifest=manifest)
 
 
 def _is_retrieval_set(folder: str) -> bool:
@@ -354,7 +345,7 @@ def _open_clip_benchmark(spec: EvalSet, uri: str, files: list[str]) -> OpenedEva
         raise EvalSetError(f"eval set {spec.uri!r}: no .tar shards in {split_dir}")
     classnames, source, templates = _side_files(spec, uri)
     return OpenedEvalSet(spec, "clip_benchmark", classnames, templates or DEFAULT_TEMPLATES, source,
-                         shard_urls=[storage.join(split_dir, n) for n in names], multi_caption=_is_retrieval_set(uri))
+                         shards=[Shard(storage.join(split_dir, n)) for n in names], multi_caption=_is_retrieval_set(uri))
 
 
 def _open_imagefolder(spec: EvalSet, uri: str, files: list[str]) -> OpenedEvalSet:
