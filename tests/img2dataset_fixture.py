@@ -9,6 +9,7 @@ their size).
 import csv
 import functools
 import http.server
+import os
 import threading
 from pathlib import Path
 
@@ -47,6 +48,7 @@ def write_images(directory: Path, n: int, seed: int = 0) -> list[tuple[str, str]
 def img2dataset_pool(root: Path, n: int = 58, per_shard: int = 20, broken: int = 2) -> Path:
     """Run img2dataset on n served images and `broken` URLs that 404 (img2dataset records them as failures, as in
     any real pool). Returns the output folder: (n + broken) / per_shard shards with their parquet and stats files."""
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations (imported by img2dataset) asks PyPI otherwise
     from img2dataset import download
 
     served = root / "served"

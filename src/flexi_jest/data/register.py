@@ -60,7 +60,9 @@ def check_split(name: str, spec_text: str, cfg: MakeDataConfig) -> tuple[Dataset
         raise SpecError(f"dataset spec {spec_text!r} ({name}): none of the sampled images decodes: {stats.summary()}")
     num_samples = spec.num_samples if spec.num_samples is not None else (sum(read.values()) if counted else None)
     check = {"spec": spec_text, "num_shards": len(spec.shards), "num_samples": num_samples,
-             "counted_by_reading": counted, "shards_read": read, "images_decoded": decoded,
+             "counted_by_reading": counted, "shards_read": len(read), "images_decoded": decoded,
+             # a list, not a dict by URL: MLflow logs the result's numbers by their keys, and a URL is no metric name
+             "samples_in_shards_read": [{"url": url, "samples": n} for url, n in read.items()],
              "image_sizes": sorted(list(size) for size in sizes)[:20], "skipped": dict(stats.skipped),
              "errors": stats.errors[:5]}
     return spec, check
