@@ -60,3 +60,20 @@ def test_figure_draws_a_line_per_method_and_a_band_over_seeds(tmp_path):
     fig.savefig(tmp_path / "plot.png")
     efficiency.ratio_figure(summary).savefig(tmp_path / "ratio.png")
     assert (tmp_path / "plot.png").stat().st_size > 0 and (tmp_path / "ratio.png").stat().st_size > 0
+
+
+def test_gain_over_last_reads_the_curve_between_evaluations():
+    curve = [(0.0, 0.0), (50.0, 0.5), (100.0, 0.6)]
+    assert efficiency.gain_over_last(curve, 0.2) == pytest.approx(0.6 - (0.5 + 0.3 * 0.1))  # from x = 80
+    assert efficiency.gain_over_last([(0, 0.1), (10, 0.1)], 0.5) == 0.0
+    with pytest.raises(ValueError, match="two evaluations"):
+        efficiency.gain_over_last([(1, 0.2)])
+
+
+def test_summary_reports_steps_to_target_with_step_curves():
+    flops_curves = {"uniform": [[(10, 0.1), (20, 0.2), (40, 0.4)]], "jest": [[(10, 0.3), (20, 0.5)]]}
+    step_curves = {"uniform": [[(100, 0.1), (200, 0.2), (400, 0.4)]], "jest": [[(10, 0.3), (20, 0.5)]]}
+    summary = efficiency.summarize(flops_curves, "top1", step_curves=step_curves)
+    assert summary["methods"]["uniform"]["steps_to_target"] == 400
+    assert summary["methods"]["jest"]["steps_to_target"] == pytest.approx(15)  # 0.4 halfway from 10 to 20
+    assert summary["methods"]["jest"]["steps_ratio_vs_uniform"] == pytest.approx(400 / 15)

@@ -7,6 +7,7 @@ seeds = several curves) the summary holds:
     final_metric            metric at the end of the seed-mean curve (with the spread over seeds)
     flops_to_target         total FLOPs at which the seed-mean curve first reaches the target (None: never)
     flops_ratio_vs_uniform  uniform's FLOPs to reach its own final metric / this method's (> 1: cheaper)
+    steps_to_target         with step curves: training steps (iterations) to first reach it, and the ratio
 
 The benchmark (bench/learning_efficiency.py) and the pipeline's method comparison both use these
 functions and `figure`, so a pipeline run's report shows the same plot as the benchmark.
@@ -21,13 +22,14 @@ from flexi_jest import storage
 Curve = list[tuple[float, float]]
 
 
-def curve(metrics_path: str, metric: str) -> Curve:
-    """[(total_flops, metric)] at each evaluation of a run, from its metrics.jsonl (local path or s3://)."""
+def curve(metrics_path: str, metric: str, x: str = "total_flops") -> Curve:
+    """[(x, metric)] at each evaluation of a run, from its metrics.jsonl (local path or s3://); x is "total_flops"
+    (the default) or "step" (iterations)."""
     points = []
     for line in storage.read_bytes(metrics_path).decode().splitlines():
         record = json.loads(line)
         if metric in record.get("eval", {}):
-            points.append((float(record["total_flops"]), float(record["eval"][metric])))
+            points.append((float(record[x]), float(record["eval"][metric])))
     return points
 
 
@@ -44,6 +46,20 @@ def flops_to_reach(points: Curve, target: float) -> float | None:
     return None
 
 
+def gain_over_last(points: Curve, fraction: float = 0.2) -> float:
+    """How much the metric rose over the last `fraction` of the curve's x range (final value minus the value at
+    x_end - fraction * (x_end - x_start), linear between evaluations): the plateau rule's quantity."""
+    if len(points) < 2:
+        raise ValueError("a plateau needs a curve of at least two evaluations")
+    start, end = points[0][0], points[-1][0]
+    at = end - fraction * (end - start)
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x0 <= at <= x1:
+            value = y0 if x1 == x0 else y0 + (at - x0) / (x1 - x0) * (y1 - y0)
+            return points[-1][1] - value
+    return points[-1][1] - points[0][1]
+
+
 def mean_curve(curves: list[Curve]) -> Curve:
     """Seed-mean curve. A method's seeds run the same steps and evaluate at the same FLOPs, so the
     points line up; where they do not (a different length), the common prefix is averaged."""
@@ -52,16 +68,21 @@ def mean_curve(curves: list[Curve]) -> Curve:
 
 
 def summarize(curves: dict[str, list[Curve]], metric: str, reference_share: dict[str, float] | None = None,
-              baseline: str = "uniform") -> dict[str, Any]:
+              baseline: str = "uniform", step_curves: dict[str, list[Curve]] | None = None) -> dict[str, Any]:
     """Per method (name -> one curve per seed): final metric and its spread, FLOPs to first reach the baseline's
     final metric, and the baseline's FLOPs to reach it divided by the method's (> 1: the method is cheaper).
     reference_share: per method, the reference's FLOPs inside its total; the ratio is also given with them
-    left out (a reference amortised over many learners). Without the baseline among the methods, the target
-    and ratios are None."""
+    left out (a reference amortised over many learners). step_curves: the same evaluations against training
+    steps (curve(..., x="step")); with them, the steps (iterations) to the target and the baseline's steps to
+    it divided by the method's (the paper's "fewer iterations"). Without the baseline among the methods, the
+    target and ratios are None."""
     reference_share = reference_share or {}
+    step_means = {name: mean_curve(cs) for name, cs in (step_curves or {}).items() if cs and all(cs)}
     means = {name: mean_curve(cs) for name, cs in curves.items() if cs and all(cs)}
     target = means[baseline][-1][1] if baseline in means else None
     baseline_cost = flops_to_reach(means[baseline], target) if target is not None else None
+    baseline_steps = (flops_to_reach(step_means[baseline], target) if target is not None and baseline in step_means
+                      else None)
     methods = {}
     for name, mean in means.items():
         finals = [c[-1][1] for c in curves[name]]
@@ -81,6 +102,13 @@ def summarize(curves: dict[str, list[Curve]], metric: str, reference_share: dict
             if cost and baseline_cost and cost > share else None,
             "mean_curve": mean,
         }
+        if name in step_means:
+            steps = flops_to_reach(step_means[name], target) if target is not None else None
+            methods[name].update(
+                steps_to_target=steps,
+                steps_to_target_per_seed=[flops_to_reach(c, target) if target is not None else None
+                                          for c in step_curves[name]],
+                steps_ratio_vs_uniform=(baseline_steps / steps) if steps and baseline_steps else None)
     return {"metric": metric, "baseline": baseline, "target": target, "uniform_flops_to_target": baseline_cost,
             "methods": methods}
 
