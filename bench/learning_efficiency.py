@@ -2,15 +2,38 @@
 
 Same architecture, same pool, same seeds; every method gets the same total FLOP budget (scoring +
 training + the reference's share, JEST.md), so uniform trains for more steps than JEST. Each run is
-evaluated at regular points; curves are zero-shot top-1 against total FLOPs. For each method:
+evaluated at regular points; curves are zero-shot top-1 against total FLOPs and against steps. For each method:
 
     final_metric            accuracy at the budget (mean over seeds, with the spread)
     flops_to_target         total FLOPs to first reach uniform's final accuracy (None: never)
-    flops_ratio_vs_uniform  uniform's FLOPs to reach its own final accuracy / this method's (> 1: cheaper)
+    flops_ratio_vs_uniform  uniform's FLOPs to reach its own final accuracy / this method's (> 1: cheaper);
+                            *_learner_only: the same with the reference's share left out (amortised)
+    steps_to_target         training steps (iterations) to reach it, and steps_ratio_vs_uniform
+    vs_offline_filter       the same ratios against the offline filter (CLIP-score filtering) when it ran
+    repetition              how many times the method draws each pool sample on average (offline filter:
+                            each kept sample)
 
-    python bench/learning_efficiency.py --quick                     # ~10 min on 2 CPU cores
+Two regimes:
+  default   the budget is joint learnability at --jest-steps plus the reference's share (the runs of
+            docs/results.md: a small pool drawn many times, the reference a large share of the budget)
+  paper     (--regime paper) the budget is uniform at --uniform-steps; the reference trains on --curated
+            for at most 10 % of that budget (--reference-steps: by default the most that fits) and its caching
+            pass over the pool is charged on top, at --cache-patch (default 16, the Flexi scoring patch: a
+            FlexiViT reference scores like the learner); the pool (--pool 0: automatic) is large enough that
+            no method draws a pool sample more than --max-repetition times; uniform's plateau is judged by
+            the rule "under --plateau-points top-1 gained over the last 20 % of its budget"
+
+    python bench/learning_efficiency.py --quick                     # ~8 min on 2 CPU cores
     python bench/learning_efficiency.py --dataset emoji --seeds 3   # the full set of methods, hours
     python bench/learning_efficiency.py --ablations                  # + filter ratio, chunks, scores, noise
+    python bench/learning_efficiency.py --regime paper --sweep --out runs/bench/paper-sweep    # uniform-only sweep
+    python bench/learning_efficiency.py --regime paper --hparams runs/bench/paper-sweep/sweep.json \
+        --out runs/bench/paper                                        # the regime (hours; docs/results.md)
+
+The sweep (--sweep) trains uniform alone on the regime's budget and pool for each value of learning rate,
+warmup, weight decay and batch size in turn (a coordinate sweep: each knob's best, by top-1 on a held-out
+validation split generated with another seed, is kept for the next knob); it never reads the eval split.
+--hparams then sets every method's optimiser and batch size from its result.
 
 Prints the JSON summary and writes it, with the plots, under --out.
 """
@@ -26,49 +49,85 @@ from typing import Any
 
 from flexi_jest import efficiency, flops
 from flexi_jest.config import (
-    CacheReferenceConfig, MakeDataConfig, ModelConfig, TrainLearnerConfig, TrainReferenceConfig, TrainResult,
+    MODEL_PRESETS, CacheReferenceConfig, CacheReferenceResult, MakeDataConfig, ModelConfig, OptimConfig,
+    TrainLearnerConfig, TrainReferenceConfig, TrainResult,
 )
 from flexi_jest.data.make import make_data
 from flexi_jest.data.noise import NoiseConfig
-from flexi_jest.reference_cache import cache_reference
+from flexi_jest.flops import learner_step_flops  # noqa: F401  (re-exported: tests/test_bench.py)
+from flexi_jest.reference_cache import ReferenceCache, cache_reference
 from flexi_jest.train import train_learner, train_reference
 
-# name -> learner config fields (tiny model: patch 8 is the paper's 16, patch 16 its 32)
+# name -> learner config fields (tiny model: patch 8 is the paper's 16, patch 16 its 32). A method with its own
+# filter_ratio keeps the learner's sub-batch and scales its super-batch (the paper's filter-ratio sweep).
 METHODS: dict[str, dict[str, Any]] = {
     "uniform": {"method": "uniform"},
+    "offline-filter": {"method": "offline-filter", "offline_keep_ratio": 0.3},  # DataComp's CLIP-score top 30 %
+    "offline-filter-k20": {"method": "offline-filter", "offline_keep_ratio": 0.2},  # filter 80 %'s keep rate
     "independent-learnability": {"method": "independent", "score": "learnability"},
     "independent-hard_learner": {"method": "independent", "score": "hard_learner"},
     "independent-easy_reference": {"method": "independent", "score": "easy_reference"},
     "joint-learnability": {"method": "joint", "score": "learnability"},
+    "joint-learnability-f50": {"method": "joint", "score": "learnability", "filter_ratio": 0.5},
+    "joint-learnability-f90": {"method": "joint", "score": "learnability", "filter_ratio": 0.9},
     "joint-hard_learner": {"method": "joint", "score": "hard_learner"},
     "joint-easy_reference": {"method": "joint", "score": "easy_reference"},
     "flexi-jest": {"method": "joint", "score": "learnability", "scoring_patch_size": 16, "train_patch_sizes": [8, 16]},
 }
-QUICK_METHODS = ["uniform", "joint-learnability", "flexi-jest"]
+DEFAULT_METHODS = [m for m in METHODS if m not in ("offline-filter-k20", "joint-learnability-f50",
+                                                   "joint-learnability-f90")]
+QUICK_METHODS = ["uniform", "joint-learnability", "flexi-jest", "offline-filter"]
+PAPER_METHODS = ["uniform", "joint-learnability-f50", "joint-learnability", "joint-learnability-f90", "flexi-jest",
+                 "offline-filter", "offline-filter-k20", "independent-easy_reference"]
+BASE_FILTER = 0.8  # the filter ratio of --super-batch; sub-batch = super-batch x (1 - 0.8)
+REFERENCE_BATCH = 128
+PAPER_REFERENCE_SHARE = 0.10  # the reference's training: at most this share of uniform's budget
 
 
-def learner_step_flops(cfg: TrainLearnerConfig, reference_dim: int) -> int:
-    """FLOPs of one learner step (scoring + training), as the training loop counts them."""
-    train = flops.training_step_flops(cfg.model, cfg.sub_batch_size, cfg.train_patch_sizes)
-    if cfg.method == "uniform":
-        return train
-    uses_reference = cfg.score != "hard_learner"
-    scoring = flops.scoring_step_flops(cfg.model, cfg.super_batch_size, cfg.scoring_patch_size or cfg.model.patch_size,
-                                       cfg.sub_batch_size, cfg.method, cfg.score != "easy_reference",
-                                       reference_dim if uses_reference else None)
-    return train + scoring
+def method_fields(name: str, super_batch: int) -> dict[str, Any]:
+    """The learner config fields of a method: a method with its own filter ratio keeps the sub-batch of
+    super_batch at BASE_FILTER and draws a super-batch of sub / (1 - its ratio)."""
+    fields = dict(METHODS[name])
+    if "filter_ratio" in fields:
+        sub = round(super_batch * (1 - BASE_FILTER))
+        fields["super_batch_size"] = round(sub / (1 - fields["filter_ratio"]))
+    return fields
+
+
+def draws_per_step(cfg: TrainLearnerConfig) -> int:
+    """Pool samples one learner step draws: the sub-batch for uniform and the offline filter, else the super-batch."""
+    return cfg.sub_batch_size if cfg.method in ("uniform", "offline-filter") else cfg.super_batch_size
+
+
+def repetition(cfg: TrainLearnerConfig, steps: int, pool_size: int) -> float:
+    """How many times a run draws each pool sample on average (the offline filter: each kept sample)."""
+    available = pool_size * (cfg.offline_keep_ratio if cfg.method == "offline-filter" else 1.0)
+    return steps * draws_per_step(cfg) / available
 
 
 def summarize(runs: dict[str, list[dict[str, Any]]], metric: str) -> dict[str, Any]:
-    """efficiency.summarize over each method's seeds, plus what the benchmark also reports per method:
-    steps, mean total FLOPs, final retrieval R@1 and the noisy share of what it trained on."""
-    summary = efficiency.summarize({name: [r["curve"] for r in rs] for name, rs in runs.items()}, metric,
-                                   {name: rs[0].get("reference_share_flops", 0.0) for name, rs in runs.items()})
+    """efficiency.summarize over each method's seeds (FLOPs and, where recorded, steps to uniform's final metric),
+    plus what the benchmark also reports per method: steps, mean total FLOPs, final retrieval R@1, the noisy
+    share of what it trained on, its pool repetition, and its ratios against the offline filter when it ran."""
+    curves = {name: [r["curve"] for r in rs] for name, rs in runs.items()}
+    step_curves = {name: [r["steps_curve"] for r in rs] for name, rs in runs.items() if all("steps_curve" in r for r in rs)}
+    shares = {name: rs[0].get("reference_share_flops", 0.0) for name, rs in runs.items()}
+    summary = efficiency.summarize(curves, metric, shares, step_curves=step_curves)
     for name, rs in runs.items():
         summary["methods"][name].update(
             steps=rs[0]["steps"], total_flops=statistics.mean(r["total_flops"] for r in rs),
             final_retrieval_r1=statistics.mean(r.get("final_r1", math.nan) for r in rs),
             noisy_fraction_selected=statistics.mean(r["selection"].get("noisy_fraction_selected", math.nan) for r in rs))
+        if "repetition" in rs[0]:
+            summary["methods"][name]["repetition"] = rs[0]["repetition"]
+    if "offline-filter" in runs:
+        offline = efficiency.summarize(curves, metric, shares, baseline="offline-filter", step_curves=step_curves)
+        summary["offline_filter_target"] = offline["target"]
+        for name, info in offline["methods"].items():
+            summary["methods"][name]["vs_offline_filter"] = {  # the offline filter's final metric as the target
+                "flops_to_target": info["flops_to_target"], "flops_ratio": info["flops_ratio_vs_uniform"],
+                "flops_ratio_learner_only": info["flops_ratio_vs_uniform_learner_only"],
+                "steps_to_target": info.get("steps_to_target"), "steps_ratio": info.get("steps_ratio_vs_uniform")}
     return summary
 
 
@@ -91,91 +150,283 @@ def finished_run(out_dir: Path, steps: int) -> TrainResult | None:
     return result if result.steps == steps else None
 
 
+def model_config(args: argparse.Namespace) -> ModelConfig:
+    return MODEL_PRESETS[args.model]
+
+
+def make_splits(args: argparse.Namespace, out: Path, noise_rate: float, pool_size: int) -> Path:
+    """The dataset (curated, pool, eval) at this noise rate and pool size, generated once under out/data."""
+    model = model_config(args)
+    preset = "" if args.model == "tiny" else f"-{args.model}"
+    data_dir = out / "data" / (f"{args.dataset}{preset}-c{args.curated}-p{pool_size}-e{args.eval_size}"
+                               f"-noise{int(noise_rate * 100)}")
+    if not (data_dir / "eval" / "manifest.json").exists():
+        make_data(MakeDataConfig(dataset=args.dataset, out_dir=str(data_dir), seed=0, curated_size=args.curated,
+                                 pool_size=pool_size, eval_size=args.eval_size, image_size=model.image_size,
+                                 samples_per_shard=args.samples_per_shard, noise=NoiseConfig.at_rate(noise_rate)))
+    return data_dir
+
+
+def validation_split(args: argparse.Namespace, out: Path) -> str:
+    """A held-out validation split for the sweep: the generator's eval split drawn with another seed (never the
+    eval split the results report)."""
+    model = model_config(args)
+    data_dir = out / "data" / f"{args.dataset}-{args.model}-validation-e{args.eval_size}-seed{args.validation_seed}"
+    if not (data_dir / "eval" / "manifest.json").exists():
+        make_data(MakeDataConfig(dataset=args.dataset, out_dir=str(data_dir), seed=args.validation_seed,
+                                 curated_size=1, pool_size=1, eval_size=args.eval_size, image_size=model.image_size))
+    return str(data_dir / "eval")
+
+
+def reference_and_cache(args: argparse.Namespace, data_dir: Path, reference_steps: int
+                        ) -> tuple[TrainResult, CacheReferenceResult]:
+    """The reference (trained once per dataset and step count, shared by every experiment on it) and its cache of
+    the pool at --cache-patch (reused when the same reference made it)."""
+    model = model_config(args)
+    reference_dir = data_dir / f"reference-s{reference_steps}"
+    if (reference_dir / "result.json").exists():
+        reference = TrainResult.model_validate_json((reference_dir / "result.json").read_text())
+    else:
+        reference = train_reference(TrainReferenceConfig(
+            data=str(data_dir / "curated"), out_dir=str(reference_dir), model=model, steps=reference_steps,
+            batch_size=REFERENCE_BATCH, progress=False))  # the default optimiser: the sweep tunes learners only
+    patch = args.cache_patch or model.patch_size
+    cache_dir = reference_dir / f"cache-p{patch}"
+    if (cache_dir / "manifest.json").exists() and \
+            ReferenceCache(str(cache_dir)).manifest["reference_sha256"] == reference.checkpoint_sha256:
+        manifest = ReferenceCache(str(cache_dir)).manifest
+        cache = CacheReferenceResult(cache_dir=str(cache_dir), reference_sha256=manifest["reference_sha256"],
+                                     num_samples=manifest["num_samples"], num_shards=len(manifest["shards"]),
+                                     skipped=manifest["skipped"], seconds=0.0, flops=manifest["flops"])
+    else:
+        cache = cache_reference(CacheReferenceConfig(reference=reference.checkpoint, pool=str(data_dir / "pool"),
+                                                     out_dir=str(cache_dir), patch_size=patch))
+    return reference, cache
+
+
+def probe_config(args: argparse.Namespace, name: str, base: dict[str, Any]) -> TrainLearnerConfig:
+    """A method's config without its steps (for its step FLOPs and draws)."""
+    return TrainLearnerConfig(**{**base, **method_fields(name, args.super_batch), "out_dir": "unused", "steps": 1})
+
+
+def paper_plan(args: argparse.Namespace, methods: list[str], overrides: dict[str, Any]) -> dict[str, Any]:
+    """The paper regime's budget, reference steps and pool size, from --uniform-steps: the budget is uniform's;
+    the reference's training is at most 10 % of it; the pool is large enough that no method draws a sample more
+    than --max-repetition times (each method's draws counted as if it were charged no reference share: an
+    upper bound)."""
+    model = model_config(args)
+    base = dict(pool="unused", reference_cache="unused", model=model, super_batch_size=args.super_batch,
+                filter_ratio=BASE_FILTER, n_chunks=args.chunks, **overrides)
+    budget = args.uniform_steps * flops.learner_step_flops(  # at the batch the regime was asked for (the sweep's
+        probe_config(args, "uniform", {**base, "super_batch_size": args.budget_super_batch}),  # batches keep it)
+        model.embed_dim)
+    reference_step = flops.training_step_flops(model, REFERENCE_BATCH, [model.patch_size])
+    most = int(PAPER_REFERENCE_SHARE * budget // reference_step)
+    reference_steps = args.reference_steps or most
+    if reference_steps > most:
+        raise SystemExit(f"--reference-steps {reference_steps}: the paper regime's reference trains for at most "
+                         f"{PAPER_REFERENCE_SHARE:.0%} of uniform's budget, i.e. {most} steps at batch {REFERENCE_BATCH}")
+    if reference_steps < 1:
+        raise SystemExit(f"--uniform-steps {args.uniform_steps}: 10 % of that budget is less than one reference step")
+    pool = args.pool
+    if not pool:  # sized for every method of the regime's run, so that the sweep's uniform runs share its pool
+        needed = 0.0
+        for name in dict.fromkeys([*methods, *args.pool_methods]):
+            cfg = probe_config(args, name, base)
+            steps = budget / flops.learner_step_flops(cfg, model.embed_dim)
+            keep = cfg.offline_keep_ratio if cfg.method == "offline-filter" else 1.0
+            needed = max(needed, steps * draws_per_step(cfg) / (keep * args.max_repetition))
+        pool = int(math.ceil(needed / args.samples_per_shard) * args.samples_per_shard)
+    return {"budget": budget, "reference_steps": reference_steps, "pool": pool}
+
+
 def run_experiment(args: argparse.Namespace, out: Path, methods: list[str], noise_rate: float,
                    overrides: dict[str, Any], tag: str,
                    reuse: dict[str, list[dict[str, Any]]] | None = None) -> dict[str, Any]:
     """Data at this noise rate -> reference -> cache -> every method x seed at one FLOP budget.
     `reuse`: runs of another experiment that are identical here (same data and budget), not rerun."""
-    data_dir = out / "data" / (f"{args.dataset}-c{args.curated}-p{args.pool}-e{args.eval_size}"
-                               f"-noise{int(noise_rate * 100)}")
-    if not (data_dir / "eval" / "manifest.json").exists():
-        make_data(MakeDataConfig(dataset=args.dataset, out_dir=str(data_dir), seed=0, curated_size=args.curated,
-                                 pool_size=args.pool, eval_size=args.eval_size, noise=NoiseConfig.at_rate(noise_rate)))
-    model = ModelConfig()
-    reference_dir = data_dir / f"reference-s{args.reference_steps}"
-    if (reference_dir / "result.json").exists():  # one reference per pool, shared by every experiment on it
-        reference = TrainResult.model_validate_json((reference_dir / "result.json").read_text())
-    else:
-        reference = train_reference(TrainReferenceConfig(data=str(data_dir / "curated"), out_dir=str(reference_dir),
-                                                         model=model, steps=args.reference_steps, batch_size=128,
-                                                         progress=False))
-    cache = cache_reference(CacheReferenceConfig(reference=reference.checkpoint, pool=str(data_dir / "pool")))
+    model = model_config(args)
+    plan = paper_plan(args, methods, overrides) if args.regime == "paper" else None
+    pool_size = plan["pool"] if plan else args.pool
+    reference_steps = plan["reference_steps"] if plan else args.reference_steps
+    data_dir = make_splits(args, out, noise_rate, pool_size)
+    reference, cache = reference_and_cache(args, data_dir, reference_steps)
     reference_share = reference.flops.reference_training + cache.flops
+    eval_data = [validation_split(args, out)] if args.sweep else [str(data_dir / "eval")]
     base = dict(pool=str(data_dir / "pool"), reference_cache=cache.cache_dir, reference_sha256=cache.reference_sha256,
                 reference_training_flops=reference.flops.reference_training, reference_caching_flops=cache.flops,
-                model=model, super_batch_size=args.super_batch, filter_ratio=0.8, n_chunks=args.chunks, progress=False,
-                eval_data=[str(data_dir / "eval")], eval_max_samples=args.eval_size, log_every=10, checkpoint_every=10**6)
+                model=model, super_batch_size=args.super_batch, filter_ratio=BASE_FILTER, n_chunks=args.chunks, progress=False,
+                eval_data=eval_data, eval_max_samples=args.eval_size, log_every=10, checkpoint_every=10**6,
+                optim=args.optim)
     base.update(overrides)
-    # the budget: the joint-learnability run at --jest-steps, reference share included
-    anchor = TrainLearnerConfig(**{**base, **METHODS["joint-learnability"], "out_dir": "unused", "steps": 1})
-    budget = reference_share + args.jest_steps * learner_step_flops(anchor, model.embed_dim)
+    if plan:  # the budget: uniform at --uniform-steps
+        budget = plan["budget"]
+    else:  # the budget: the joint-learnability run at --jest-steps, reference share included
+        budget = reference_share + args.jest_steps * flops.learner_step_flops(
+            probe_config(args, "joint-learnability", base), model.embed_dim)
     runs: dict[str, list[dict[str, Any]]] = dict(reuse or {})
     for name in [m for m in methods if m not in runs]:
         for seed in range(args.seeds):
-            fields = {**base, **METHODS[name], "seed": seed, "out_dir": str(out / tag / name / f"seed{seed}"),
-                      "steps": 1}
+            fields = {**base, **method_fields(name, args.super_batch), "seed": seed,
+                      "out_dir": str(out / tag / name / f"seed{seed}"), "steps": 1}
             probe = TrainLearnerConfig(**fields)
-            uses_reference = probe.method != "uniform" and probe.score != "hard_learner"
-            own_budget = budget - (reference_share if uses_reference else 0.0)
-            steps = max(1, round(own_budget / learner_step_flops(probe, model.embed_dim)))
+            share = reference_share + (flops.offline_filter_flops(cache.num_samples, model.embed_dim)
+                                       if probe.method == "offline-filter" else 0.0)
+            steps = flops.steps_for_budget(budget, probe, share, model.embed_dim)
             fields.update(steps=steps, eval_every=max(1, steps // args.eval_points), overwrite=True)
             started = time.perf_counter()
             result = finished_run(Path(fields["out_dir"]), steps) or train_learner(TrainLearnerConfig(**fields))
+            metric = f"{args.dataset}.top1"
             r1 = efficiency.curve(result.metrics_path, f"{args.dataset}.image_to_text_r1")
             runs.setdefault(name, []).append({
                 "seed": seed, "steps": steps, "total_flops": result.total_flops, "seconds": time.perf_counter() - started,
-                "curve": efficiency.curve(result.metrics_path, f"{args.dataset}.top1"), "selection": result.selection,
-                "final_r1": r1[-1][1] if r1 else math.nan,
-                "reference_share_flops": reference_share if uses_reference else 0.0})
+                "curve": efficiency.curve(result.metrics_path, metric),
+                "steps_curve": efficiency.curve(result.metrics_path, metric, "step"), "selection": result.selection,
+                "final_r1": r1[-1][1] if r1 else math.nan, "repetition": repetition(probe, steps, cache.num_samples),
+                "reference_share_flops": share if flops.uses_reference(probe) else 0.0})
             print(f"[{tag}] {name} seed {seed}: {steps} steps, {result.total_flops / 1e9:.0f} GFLOP, "
                   f"top1 {runs[name][-1]['curve'][-1][1]:.3f}, {time.perf_counter() - started:.0f} s", file=sys.stderr)
     runs = {name: runs[name] for name in methods if name in runs}
     summary = summarize(runs, f"{args.dataset}.top1")
-    summary.update(budget_flops=budget, reference_share_flops=reference_share, noise_rate=noise_rate,
-                   overrides=dict(overrides))
+    summary.update(
+        budget_flops=budget, reference_share_flops=reference_share, noise_rate=noise_rate, overrides=dict(overrides),
+        regime=args.regime, model=args.model, pool_size=cache.num_samples, reference_steps=reference_steps,
+        reference_training_flops=reference.flops.reference_training, reference_caching_flops=cache.flops,
+        reference_training_share=reference.flops.reference_training / budget,
+        reference_caching_share=cache.flops / budget, reference_share_of_budget=reference_share / budget,
+        cache_patch=args.cache_patch or model.patch_size,
+        pool_repetition_max=max(m.get("repetition", 0.0) for m in summary["methods"].values()))
+    if "uniform" in runs and len(summary["methods"]["uniform"]["mean_curve"]) >= 2:
+        gain = efficiency.gain_over_last(summary["methods"]["uniform"]["mean_curve"], 0.2)
+        summary["uniform_plateau"] = {
+            "rule": f"uniform's seed-mean top-1 rose by less than {args.plateau_points} over the last 20 % of its budget",
+            "gain_over_last_20_percent": gain, "plateaued": gain < args.plateau_points}
     (out / tag).mkdir(parents=True, exist_ok=True)
     summary["plots"] = plot(runs, summary, out / tag, f"{args.dataset}, pool noise {noise_rate:.0%} ({tag})")
     (out / tag / "runs.json").write_text(json.dumps(runs, indent=1))
     return summary
 
 
-def main() -> None:
+SWEEP_KNOBS = ("lr", "warmup_steps", "weight_decay", "batch")
+
+
+def sweep(args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    """Uniform alone on the regime's budget, one knob at a time (in SWEEP_KNOBS order), each knob's best value by
+    top-1 on the held-out validation split kept for the next. Returns the table and the chosen values."""
+    grid = {"lr": args.sweep_lr, "warmup_steps": args.sweep_warmup, "weight_decay": args.sweep_weight_decay,
+            "batch": args.sweep_batch}
+    best = {"lr": args.optim.lr, "warmup_steps": args.optim.warmup_steps, "weight_decay": args.optim.weight_decay,
+            "batch": round(args.super_batch * (1 - BASE_FILTER))}
+    rows: list[dict[str, Any]] = []
+    default_super = args.super_batch
+    for knob in SWEEP_KNOBS:
+        scored = []
+        for value in grid[knob]:
+            setting = {**best, knob: value}
+            args.optim = OptimConfig(lr=setting["lr"], warmup_steps=setting["warmup_steps"],
+                                     weight_decay=setting["weight_decay"])
+            args.super_batch = round(setting["batch"] / (1 - BASE_FILTER))
+            tag = "sweep/" + "-".join(f"{k}{setting[k]:g}" for k in SWEEP_KNOBS)
+            experiment = run_experiment(args, out, ["uniform"], args.noise, {}, tag)
+            uniform = experiment["methods"]["uniform"]
+            rows.append({"knob": knob, **setting, "steps": uniform["steps"], "validation_top1": uniform["final_metric"],
+                         "validation_top1_std": uniform["final_metric_std"]})
+            scored.append((uniform["final_metric"], value))
+            print(f"[sweep] {knob}={value:g}: validation top-1 {uniform['final_metric']:.3f}", file=sys.stderr)
+            args.super_batch = default_super
+        best[knob] = max(scored, key=lambda item: item[0])[1]
+    return {"rows": rows, "best": best, "metric": f"{args.dataset}.top1 on the validation split (seed "
+            f"{args.validation_seed}), never the eval split", "budget": "uniform's at --uniform-steps at the default batch"}
+
+
+def sweep_table(result: dict[str, Any]) -> str:
+    lines = ["| knob | lr | warmup | weight decay | batch | steps | validation top-1 |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['knob']} | {r['lr']:g} | {r['warmup_steps']} | {r['weight_decay']:g} | {r['batch']} | "
+                     f"{r['steps']} | {r['validation_top1']:.3f} ± {r['validation_top1_std']:.3f} |")
+    best = result["best"]
+    lines.append(f"\nchosen: lr {best['lr']:g}, warmup {best['warmup_steps']}, weight decay {best['weight_decay']:g}, "
+                 f"batch {best['batch']}")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with the regime's defaults, --quick and --hparams applied."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="3 methods, 2 seeds, small pool: ~10 min on 2 cores")
+    parser.add_argument("--quick", action="store_true", help="4 methods, 2 seeds, small pool: ~8 min on 2 cores")
+    parser.add_argument("--regime", default="default", choices=["default", "paper"],
+                        help="paper: uniform's budget, the reference at most 10 %% of it, an unrepeated pool")
     parser.add_argument("--dataset", default="shapes", choices=["shapes", "emoji"])
-    parser.add_argument("--methods", default=None, help=f"comma-separated from {sorted(METHODS)} (default: all)")
+    parser.add_argument("--model", default="tiny", choices=["tiny", "small"], help="the learner's and reference's preset")
+    parser.add_argument("--methods", default=None, help=f"comma-separated from {sorted(METHODS)} (default: all but the "
+                        "filter-ratio variants; paper regime: its eight)")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--noise", type=float, default=0.6, help="pool noise rate")
-    parser.add_argument("--jest-steps", type=int, default=300, help="the budget: joint-learnability at this many steps")
-    parser.add_argument("--super-batch", type=int, default=640)
+    parser.add_argument("--jest-steps", type=int, default=300, help="default regime's budget: joint learnability's steps")
+    parser.add_argument("--uniform-steps", type=int, default=6000, help="paper regime's budget: uniform's steps")
+    parser.add_argument("--super-batch", type=int, default=640, help="super-batch at filter 80 %% (sub-batch: a fifth)")
     parser.add_argument("--chunks", type=int, default=16, help="n_chunks of joint selection (at most the sub-batch)")
-    parser.add_argument("--reference-steps", type=int, default=300)
-    parser.add_argument("--curated", type=int, default=2000)
-    parser.add_argument("--pool", type=int, default=20000)
+    parser.add_argument("--reference-steps", type=int, default=None,
+                        help="default 300; paper regime: default the most within 10 %% of uniform's budget")
+    parser.add_argument("--cache-patch", type=int, default=None,
+                        help="patch size of the reference's caching pass (default: its base; paper regime: 16)")
+    parser.add_argument("--curated", type=int, default=None, help="curated samples (default 2000; paper regime 20000)")
+    parser.add_argument("--pool", type=int, default=None, help="pool samples (default 20000; paper regime: 0 = enough "
+                        "for --max-repetition)")
+    parser.add_argument("--max-repetition", type=float, default=2.0, help="paper regime: pool draws per sample, at most")
+    parser.add_argument("--samples-per-shard", type=int, default=1000)
     parser.add_argument("--eval-size", type=int, default=500)
     parser.add_argument("--eval-points", type=int, default=10)
+    parser.add_argument("--plateau-points", type=float, default=0.01, help="the plateau rule's top-1 gain")
     parser.add_argument("--ablations", action="store_true", help="filter ratio, chunks, scores and noise ablations")
+    parser.add_argument("--sweep", action="store_true", help="uniform-only hyperparameter sweep on a validation split")
+    parser.add_argument("--sweep-lr", type=float, nargs="+", default=[5e-4, 1e-3, 2e-3, 4e-3])
+    parser.add_argument("--sweep-warmup", type=int, nargs="+", default=[20, 200])
+    parser.add_argument("--sweep-weight-decay", type=float, nargs="+", default=[1e-4, 1e-2, 1e-1])
+    parser.add_argument("--sweep-batch", type=int, nargs="+", default=[64, 128, 256])
+    parser.add_argument("--validation-seed", type=int, default=1)
+    parser.add_argument("--hparams", default=None, help="a --sweep's sweep.json: every method uses its chosen values")
     parser.add_argument("--out", default="runs/bench/learning_efficiency")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    paper = args.regime == "paper"
+    args.reference_steps = args.reference_steps if args.reference_steps is not None else (None if paper else 300)
+    args.curated = args.curated if args.curated is not None else (20000 if paper else 2000)
+    args.pool = args.pool if args.pool is not None else (0 if paper else 20000)
+    args.cache_patch = args.cache_patch if args.cache_patch is not None else (16 if paper else None)
     if args.quick:
         args.seeds, args.jest_steps, args.super_batch = 2, 60, 320
         args.reference_steps, args.curated, args.pool, args.eval_size, args.eval_points = 150, 1000, 6000, 300, 6
-    methods = args.methods.split(",") if args.methods else (QUICK_METHODS if args.quick else list(METHODS))
+    args.optim = OptimConfig()
+    if args.hparams:
+        chosen = json.loads(Path(args.hparams).read_text())["best"]
+        args.optim = OptimConfig(lr=chosen["lr"], warmup_steps=chosen["warmup_steps"], weight_decay=chosen["weight_decay"])
+        args.super_batch = round(chosen["batch"] / (1 - BASE_FILTER))
+    methods = args.methods.split(",") if args.methods else (
+        QUICK_METHODS if args.quick else PAPER_METHODS if paper else DEFAULT_METHODS)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise SystemExit(f"--methods: unknown {unknown}; expected some of {sorted(METHODS)}")
+    args.methods_list, args.pool_methods, args.budget_super_batch = methods, methods, args.super_batch
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    methods = args.methods_list
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     report: dict[str, Any] = {"benchmark": "learning_efficiency", "dataset": args.dataset, "quick": args.quick,
-                              "seeds": args.seeds, "args": vars(args)}
+                              "seeds": args.seeds, "args": {k: v for k, v in vars(args).items() if k != "optim"},
+                              "optim": args.optim.model_dump()}
+    if args.sweep:
+        report["sweep"] = sweep(args, out)
+        (out / "sweep.json").write_text(json.dumps(report["sweep"], indent=1))
+        (out / "sweep.md").write_text(sweep_table(report["sweep"]) + "\n")
+        report["seconds"] = time.perf_counter() - started
+        (out / "summary.json").write_text(json.dumps(report, indent=1))
+        print(json.dumps(report, indent=1))
+        return
     report["main"] = run_experiment(args, out, methods, args.noise, {}, "main")
     if args.ablations:
         main_runs = json.loads((out / "main" / "runs.json").read_text())

@@ -35,6 +35,36 @@ def table(experiment: dict) -> str:
     return "\n".join(lines)
 
 
+def times(value: float | None) -> str:
+    return "never" if value is None else f"{value:.2f}×"
+
+
+def evidence_table(experiment: dict) -> str:
+    """The regime's questions per method: steps (iterations) and total FLOPs to uniform's final top-1, the
+    ratios charged and amortised, the same against the offline filter, and the pool's repetition."""
+    shares = (f"reference training {experiment['reference_training_share']:.1%} and caching pass "
+              f"{experiment['reference_caching_share']:.1%} of the budget (cache at patch {experiment['cache_patch']}); "
+              f"pool {experiment['pool_size']:,}, drawn at most {experiment['pool_repetition_max']:.2f}× per sample")
+    lines = [shares]
+    plateau = experiment.get("uniform_plateau")
+    if plateau:
+        lines.append(f"uniform's plateau rule ({plateau['rule']}): gain {plateau['gain_over_last_20_percent']:+.3f}, "
+                     f"{'plateaued' if plateau['plateaued'] else 'NOT plateaued'}")
+    lines += ["", "| method | steps | repetition | steps to target | iterations ratio vs uniform | FLOPs ratio vs uniform "
+              "(charged) | amortised | vs offline-filter: iterations | FLOPs (charged) | amortised |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, m in experiment["methods"].items():
+        offline = m.get("vs_offline_filter", {})
+        steps_to = m.get("steps_to_target")
+        lines.append(
+            f"| {name} | {m['steps']} | {m.get('repetition', float('nan')):.2f} | "
+            f"{'never' if steps_to is None else f'{steps_to:,.0f}'} | {times(m.get('steps_ratio_vs_uniform'))} | "
+            f"{times(m['flops_ratio_vs_uniform'])} | {times(m.get('flops_ratio_vs_uniform_learner_only'))} | "
+            f"{times(offline.get('steps_ratio'))} | {times(offline.get('flops_ratio'))} | "
+            f"{times(offline.get('flops_ratio_learner_only'))} |")
+    return "\n".join(lines)
+
+
 def ratio(m: dict | None, key: str) -> str:
     if m is None:
         return "–"
@@ -64,7 +94,13 @@ def ablation_table(report: dict) -> str:
 
 def main() -> None:
     report = json.load(open(sys.argv[1]))
+    if "sweep" in report:
+        print(json.dumps(report["sweep"]["best"]))
+        return
     print(table(report["main"]))
+    if "pool_repetition_max" in report["main"]:
+        print()
+        print(evidence_table(report["main"]))
     if report.get("ablations"):
         print("\n### Ablations at a glance\n")
         print(ablation_table(report))

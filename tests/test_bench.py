@@ -9,6 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from learning_efficiency import learner_step_flops, summarize  # noqa: E402
+import learning_efficiency  # noqa: E402
 
 from flexi_jest.config import TrainLearnerConfig  # noqa: E402
 
@@ -33,7 +34,8 @@ def test_bench_summary_adds_its_own_figures():
 def test_step_flops_match_what_training_counts(shapes_data, reference_cache, tmp_path):
     from conftest import TEST_MODEL
     from flexi_jest.train import train_learner
-    for fields in ({"method": "uniform"}, {"method": "joint"}, {"method": "independent", "score": "hard_learner"},
+    for fields in ({"method": "uniform"}, {"method": "offline-filter"}, {"method": "joint"},
+                   {"method": "independent", "score": "hard_learner"},
                    {"method": "joint", "score": "easy_reference", "scoring_patch_size": 16, "train_patch_sizes": [8, 16]}):
         cfg = TrainLearnerConfig(pool=shapes_data.splits["pool"].path, reference_cache=reference_cache.cache_dir,
                                  out_dir=str(tmp_path / str(len(str(fields)))), model=TEST_MODEL, super_batch_size=40, n_chunks=4,
@@ -84,3 +86,28 @@ def test_learning_efficiency_bench_end_to_end_at_toy_size(tmp_path):
     rerun = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0 and json.loads(rerun.stdout)["main"]["methods"] == main["methods"]
     assert {path: path.stat().st_mtime_ns for path in finished} == finished, "a rerun trains nothing again"
+
+
+def test_paper_regime_plan_keeps_the_reference_small_and_the_pool_unrepeated():
+    """--regime paper: the reference's training within 10 % of uniform's budget, and a pool large enough that
+    no method draws a sample (the offline filter: a kept sample) more than --max-repetition times."""
+    from flexi_jest import flops
+    args = learning_efficiency.parse_args(["--regime", "paper", "--uniform-steps", "500", "--super-batch", "80",
+                                           "--samples-per-shard", "100"])
+    assert args.methods_list == learning_efficiency.PAPER_METHODS and args.cache_patch == 16
+    plan = learning_efficiency.paper_plan(args, args.methods_list, {})
+    model = learning_efficiency.model_config(args)
+    reference_step = flops.training_step_flops(model, learning_efficiency.REFERENCE_BATCH, [model.patch_size])
+    assert plan["reference_steps"] * reference_step <= 0.1 * plan["budget"] < (plan["reference_steps"] + 1) * reference_step
+    base = dict(pool="unused", reference_cache="unused", model=model, super_batch_size=80, filter_ratio=0.8)
+    worst = 0.0
+    for name in args.methods_list:
+        cfg = learning_efficiency.probe_config(args, name, base)
+        steps = flops.steps_for_budget(plan["budget"], cfg, 0.0, model.embed_dim)  # no share: the most draws
+        worst = max(worst, learning_efficiency.repetition(cfg, steps, plan["pool"]))
+    assert 1.8 < worst <= 2.0 and plan["pool"] % 100 == 0
+    assert learning_efficiency.method_fields("joint-learnability-f90", 80)["super_batch_size"] == 160  # sub-batch 16
+    with pytest.raises(SystemExit, match="at most 10%"):
+        learning_efficiency.paper_plan(learning_efficiency.parse_args(
+            ["--regime", "paper", "--uniform-steps", "500", "--super-batch", "80", "--reference-steps", "10000"]),
+            ["uniform"], {})
