@@ -215,11 +215,14 @@ def paper_plan(args: argparse.Namespace, methods: list[str], overrides: dict[str
     than --max-repetition times (each method's draws counted as if it were charged no reference share: an
     upper bound)."""
     model = model_config(args)
-    base = dict(pool="unused", reference_cache="unused", model=model, super_batch_size=args.super_batch,
+    batch = args.budget_super_batch  # the batch the regime was asked for: the sweep's batches keep its budget and pool
+    base = dict(pool="unused", reference_cache="unused", model=model, super_batch_size=batch,
                 filter_ratio=BASE_FILTER, n_chunks=args.chunks, **overrides)
-    budget = args.uniform_steps * flops.learner_step_flops(  # at the batch the regime was asked for (the sweep's
-        probe_config(args, "uniform", {**base, "super_batch_size": args.budget_super_batch}),  # batches keep it)
-        model.embed_dim)
+
+    def planned(name: str) -> TrainLearnerConfig:
+        return TrainLearnerConfig(**{**base, **method_fields(name, batch), "out_dir": "unused", "steps": 1})
+
+    budget = args.uniform_steps * flops.learner_step_flops(planned("uniform"), model.embed_dim)
     reference_step = flops.training_step_flops(model, REFERENCE_BATCH, [model.patch_size])
     most = int(PAPER_REFERENCE_SHARE * budget // reference_step)
     reference_steps = args.reference_steps or most
@@ -232,7 +235,7 @@ def paper_plan(args: argparse.Namespace, methods: list[str], overrides: dict[str
     if not pool:  # sized for every method of the regime's run, so that the sweep's uniform runs share its pool
         needed = 0.0
         for name in dict.fromkeys([*methods, *args.pool_methods]):
-            cfg = probe_config(args, name, base)
+            cfg = planned(name)
             steps = budget / flops.learner_step_flops(cfg, model.embed_dim)
             keep = cfg.offline_keep_ratio if cfg.method == "offline-filter" else 1.0
             needed = max(needed, steps * draws_per_step(cfg) / (keep * args.max_repetition))
