@@ -64,7 +64,7 @@ def test_figure_draws_a_line_per_method_and_a_band_over_seeds(tmp_path):
 
 def test_gain_over_last_reads_the_curve_between_evaluations():
     curve = [(0.0, 0.0), (50.0, 0.5), (100.0, 0.6)]
-    assert efficiency.gain_over_last(curve, 0.2) == pytest.approx(0.6 - (0.5 + 0.3 * 0.1))  # from x = 80
+    assert efficiency.gain_over_last(curve, 0.2) == pytest.approx(0.6 - (0.5 + 30 / 50 * 0.1))  # from x = 80
     assert efficiency.gain_over_last([(0, 0.1), (10, 0.1)], 0.5) == 0.0
     with pytest.raises(ValueError, match="two evaluations"):
         efficiency.gain_over_last([(1, 0.2)])
