@@ -99,7 +99,7 @@ def test_cross_rank_loss_and_gradients_equal_one_process(tmp_path, chunk):
 
 
 def test_ddp_gradients_of_a_mixed_patch_step_equal_one_process(tmp_path):
-    from flexi_jest.model import DualEncoder, Tokenizer
+    from flexi_jest.models import DualEncoder, Tokenizer
     torch.manual_seed(0)
     model = DualEncoder(TEST_MODEL)
     images = torch.randn(8, 3, 32, 32)
@@ -155,7 +155,7 @@ def write_config(path: Path, cfg) -> Path:
 def assert_same_model(a_path: str, b_path: str, atol: float = 1e-4) -> None:
     """The two models compute the same embeddings. (Weights are not compared one by one: AdamW turns the
     rounding-level gradient of a parameter with no effect, such as an attention key bias, into lr-sized steps.)"""
-    from flexi_jest.model import Tokenizer
+    from flexi_jest.models import Tokenizer
     a, _ = load_model(a_path)
     b, _ = load_model(b_path)
     g = torch.Generator().manual_seed(3)

@@ -27,7 +27,7 @@ from flexi_jest.data.shards import iter_split, write_split
 from flexi_jest.data.sample import Sample
 from flexi_jest.device import to_model_input
 from flexi_jest.evaluate import evaluate, evaluate_model
-from flexi_jest.model import Tokenizer
+from flexi_jest.models import Tokenizer
 
 
 # ---- fixtures: one labelled, captioned set in every layout ---------------------------------------------------

@@ -3,15 +3,16 @@ import torch
 import torch.nn.functional as F
 
 from flexi_jest.config import MODEL_PRESETS, ModelConfig
-from flexi_jest.flexivit import FlexiViT
-from flexi_jest.model import DualEncoder, Tokenizer
+from flexi_jest.models import DualEncoder, Tokenizer
+from flexi_jest.models.flexivit import embed_patches
+
+SMALL = ModelConfig(image_size=32, patch_size=8, vision_width=48, vision_depth=2, vision_heads=3,
+                    text_width=32, text_depth=1, text_heads=2, context_length=12, embed_dim=16)
 
 
-def tower(**overrides) -> FlexiViT:
+def tower() -> DualEncoder:
     torch.manual_seed(0)
-    kwargs = dict(image_size=32, base_patch_size=8, width=48, depth=2, heads=3, output_dim=16)
-    kwargs.update(overrides)
-    return FlexiViT(**kwargs).eval()
+    return DualEncoder(SMALL).eval()
 
 
 def resize_patches(patches: torch.Tensor, size: int) -> torch.Tensor:
@@ -25,7 +26,7 @@ def test_resized_patch_with_resampled_kernel_gives_the_same_token(new_size):
     model = tower()
     patches = torch.randn(20, 3, 8, 8, generator=torch.Generator().manual_seed(new_size))
     with torch.no_grad():
-        original = F.conv2d(patches, model.patch_weight)  # [20, width, 1, 1]
+        original = F.conv2d(patches, model.visual.conv1.weight)  # [20, width, 1, 1]
         resized = F.conv2d(resize_patches(patches, new_size), model.patch_kernel(new_size))
     assert torch.allclose(original, resized, atol=1e-3, rtol=1e-3)
 
@@ -49,21 +50,30 @@ def test_resampling_matrix_is_cached_per_size():
 def test_one_set_of_weights_any_patch_size(patch):
     model = tower()
     images = torch.randn(2, 3, 32, 32)
-    tokens = model.embed_patches(images, patch)
-    assert tokens.shape == (2, (32 // patch) ** 2, 48)
-    assert model(images, patch).shape == (2, 16)
+    tokens = embed_patches(model.visual, model.kernel_resampler, images, patch)
+    assert tokens.shape == (2, 1 + (32 // patch) ** 2, 48)  # the class token, then the patches
+    assert model.image_features(images, patch).shape == (2, 16)
+
+
+def test_base_patch_is_exactly_open_clips_forward():
+    """At the base patch size the flexible tower is open_clip's own VisionTransformer.forward, bit for bit."""
+    model = tower()
+    images = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model.image_features(images), model.clip.visual(images))
+        assert torch.equal(model.image_features(images, 8), model.clip.visual(images))
 
 
 def test_gradients_reach_the_base_kernel_from_any_patch_size():
     model = tower().train()
-    model(torch.randn(2, 3, 32, 32), 16).sum().backward()
-    assert model.patch_weight.grad is not None and model.patch_weight.grad.abs().sum() > 0
-    assert model.pos_embed.grad.abs().sum() > 0
+    model.image_features(torch.randn(2, 3, 32, 32), 16).sum().backward()
+    assert model.visual.conv1.weight.grad is not None and model.visual.conv1.weight.grad.abs().sum() > 0
+    assert model.visual.positional_embedding.grad.abs().sum() > 0
 
 
 def test_patch_size_must_divide_the_image():
     with pytest.raises(ValueError, match="must divide"):
-        tower()(torch.randn(1, 3, 32, 32), 6)
+        tower().image_features(torch.randn(1, 3, 32, 32), 6)
 
 
 def test_dual_encoder_outputs_unit_embeddings():
@@ -99,8 +109,9 @@ def test_fixed_init_matches_stored_numbers():
     torch.testing.assert_close(out[:, :4], STORED_IMAGE_EMBEDDING, atol=1e-4, rtol=1e-4)
 
 
-# From torch 2.14.1 / timm 1.0.31 on the CPU, seed 1234 (recorded when the test was written).
+# From torch 2.14.1 / timm 1.0.31 / open_clip 3.3.0 on the CPU, seed 1234 (recorded when the open_clip
+# tower replaced the hand-built FlexiViT).
 STORED_IMAGE_EMBEDDING = torch.tensor([
-    [0.150289, 0.054187, 0.172176, -0.025459],
-    [-0.126502, 0.111105, -0.088908, -0.191279],
+    [-0.162677, -0.231874, 0.002453, 0.028408],
+    [0.088415, 0.186783, 0.019198, -0.120864],
 ])

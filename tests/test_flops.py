@@ -5,7 +5,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from flexi_jest import flops
 from flexi_jest.config import MODEL_PRESETS, ModelConfig
-from flexi_jest.model import DualEncoder
+from flexi_jest.models import DualEncoder
 
 SMALL = ModelConfig(image_size=32, patch_size=8, vision_width=48, vision_depth=2, vision_heads=3,
                     text_width=32, text_depth=2, text_heads=2, context_length=12, embed_dim=24)
@@ -13,8 +13,10 @@ SMALL = ModelConfig(image_size=32, patch_size=8, vision_width=48, vision_depth=2
 
 def counted_forward_flops(fn, exclude: str | None = None) -> int:
     """FLOPs counted by torch's FlopCounterMode (multiply-add = 2), with SDPA on its math path so the
-    attention products are visible to the counter; `exclude` drops a submodule's counts."""
-    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+    attention products are visible to the counter; `exclude` drops a submodule's counts. Autograd stays on,
+    as in training: without it nn.MultiheadAttention may take its fused inference path, which the counter
+    does not see (the FLOPs are the same)."""
+    with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         fn()
     total = counter.get_total_flops()
     if exclude:
@@ -29,15 +31,27 @@ def test_image_flops_match_flop_counter(cfg, patch):
     batch = 3
     images = torch.randn(batch, 3, cfg.image_size, cfg.image_size)
     # the kernel resampling is per call, not per image: excluded from per-image FLOPs
-    counted = counted_forward_flops(lambda: model.visual(images, patch), exclude="FlexiViT.kernel_resampler")
+    counted = counted_forward_flops(lambda: model.image_features(images, patch), exclude="PatchEmbedResamplerFixedOrigSize")
     assert counted == batch * flops.image_forward_flops(cfg, patch)
+
+
+def test_a_named_open_clip_models_flops_match_flop_counter():
+    """The accounting follows the architecture chosen by name (open_clip's ViT-S-16: class-token pooling)."""
+    cfg = ModelConfig(name="ViT-S-16")
+    model = DualEncoder(cfg).eval()
+    images = torch.randn(1, 3, cfg.image_size, cfg.image_size)
+    for patch in (16, 32):
+        counted = counted_forward_flops(lambda: model.image_features(images, patch), exclude="PatchEmbedResamplerFixedOrigSize")
+        assert counted == flops.image_forward_flops(cfg, patch)
+    tokens = torch.randint(0, 1000, (1, cfg.context_length))
+    assert counted_forward_flops(lambda: model.encode_text(tokens)) == flops.text_forward_flops(cfg)
 
 
 @pytest.mark.parametrize("cfg", [SMALL, MODEL_PRESETS["tiny"]], ids=["small", "tiny"])
 def test_text_flops_match_flop_counter(cfg):
     model = DualEncoder(cfg).eval()
     tokens = torch.randint(0, 1000, (2, cfg.context_length))
-    assert counted_forward_flops(lambda: model.text(tokens)) == 2 * flops.text_forward_flops(cfg)
+    assert counted_forward_flops(lambda: model.encode_text(tokens)) == 2 * flops.text_forward_flops(cfg)
 
 
 def test_patch_32_costs_about_28_percent_of_patch_16_for_vit_b():

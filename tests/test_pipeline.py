@@ -426,7 +426,7 @@ def test_a_bad_config_fails_the_component_with_the_field_named(tmp_path, monkeyp
 def test_registered_champion_loads_back_from_the_server(pipeline_run):
     import mlflow
 
-    from flexi_jest.model import DualEncoder
+    from flexi_jest.models import DualEncoder
     _, summary = pipeline_run
     mlflow.set_tracking_uri(summary["tracking_uri"])
     model = mlflow.pytorch.load_model("models:/flexi-jest-learner@champion")

@@ -4,7 +4,7 @@ import pytest
 
 from conftest import TEST_MODEL
 from flexi_jest import tracking
-from flexi_jest.model import DualEncoder
+from flexi_jest.models import DualEncoder
 
 
 @pytest.fixture
@@ -51,8 +51,65 @@ def test_promotion_moves_champion_only_to_a_better_model(mlflow_store):
     assert str(client.get_model_version_by_alias("promo-test", "previous-champion").version) == str(first)
     assert client.get_model_version("promo-test", first).tags["previous-champion"] == f"until version {better}"
     assert str(client.get_model_version_by_alias("promo-test", "challenger").version) == str(worse)
-    loaded = mlflow.pytorch.load_model("models:/promo-test@champion")
-    assert isinstance(loaded, DualEncoder)
+    assert mlflow.pyfunc.load_model("models:/promo-test@champion").metadata.get_input_schema().input_names() == ["image", "text"]
+
+
+# Run in a fresh interpreter that imports no flexi_jest: the registered model needs open_clip, not this project.
+FRESH_PROCESS = """
+import json, sys
+import mlflow
+model = mlflow.pyfunc.load_model("models:/fresh-test@champion")
+both = model.predict({"image": [sys.argv[1], None], "text": ["a red square", "two blue dots"]})
+texts = model.predict({"text": ["a red square"]})
+print(json.dumps({"flexi_jest_imported": any(m.startswith("flexi_jest") for m in sys.modules),
+                  "image": [v is not None and len(v) for v in both["image_embedding"]],
+                  "text": [len(v) for v in both["text_embedding"]], "same_text": texts["text_embedding"][0]}))
+print(json.dumps(both["text_embedding"][0]))
+"""
+
+
+def test_the_registered_model_embeds_in_a_fresh_process_without_flexi_jest(mlflow_store):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import mlflow
+    import torch
+
+    tracking._mlflow()
+    torch.manual_seed(0)
+    model = DualEncoder(TEST_MODEL).eval()
+    with mlflow.start_run():
+        tracking.log_model(model, {"reference_sha256": "ab" * 32, "selection": {"method": "joint"}},
+                           {"pool": str(mlflow_store / "pool")})
+        run_id = mlflow.active_run().info.run_id
+    version = mlflow.register_model(f"runs:/{run_id}/model", "fresh-test").version
+    tags = tracking.tag_version("fresh-test", str(version), run_id, {"shapes.top1": 0.5})
+    assert tags["lineage.reference_sha256"] == "ab" * 32 and tags["eval.shapes.top1"] == "0.5"
+    assert json.loads(tags["lineage.selection"]) == {"method": "joint"}
+    assert tags["lineage.pool_uri"] == str(mlflow_store / "pool")
+    run = mlflow.MlflowClient().get_run(run_id)
+    assert [d.dataset.name for d in run.inputs.dataset_inputs] == ["pool"]
+    tracking.promote("fresh-test", str(version), "shapes.top1", 0.5)
+    info = mlflow.models.get_model_info(f"models:/fresh-test/{version}")
+    assert info.signature.inputs.input_names() == ["image", "text"]
+    assert info.saved_input_example_info is not None
+
+    image = tracking.example_image_base64(TEST_MODEL.image_size)
+    env = {**os.environ, "PYTHONPATH": ""}
+    done = subprocess.run([sys.executable, "-c", FRESH_PROCESS, image], capture_output=True, text=True, env=env,
+                          cwd=mlflow_store, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.strip().splitlines()
+    summary, text_embedding = json.loads(lines[-2]), json.loads(lines[-1])
+    assert not summary["flexi_jest_imported"]
+    assert summary["image"] == [TEST_MODEL.embed_dim, False] and summary["text"] == [TEST_MODEL.embed_dim] * 2
+    from flexi_jest.models import Tokenizer
+    with torch.no_grad():
+        ours = model.encode_text(Tokenizer(TEST_MODEL.context_length)(["a red square"]))[0]
+    assert torch.allclose(torch.tensor(text_embedding), ours, atol=1e-6)
+    assert summary["same_text"] == text_embedding
 
 
 def test_promote_refuses_in_one_line_when_the_server_is_unreachable(monkeypatch, capsys):

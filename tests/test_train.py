@@ -38,7 +38,7 @@ def test_cache_covers_the_pool_and_matches_a_fresh_forward(reference, reference_
     model, _ = load_model(reference.checkpoint)
     model.eval()
     sample = next(iter_split(shapes_data.splits["pool"].path, TEST_MODEL.image_size))
-    from flexi_jest.model import Tokenizer
+    from flexi_jest.models import Tokenizer
     with torch.no_grad():
         fresh = model.encode_text(Tokenizer(TEST_MODEL.context_length)([sample["caption"]]))[0]
     cached = torch.from_numpy(text_emb[index[sample["key"]]]).float()

@@ -1,6 +1,8 @@
 """Model files and training checkpoints, written atomically through flexi_jest.storage.
 
-model file  (model.pt):           {"model_config": {...}, "state_dict": {...}}; its sha256 identifies the model
+model file  (model.pt):           {"model_config": {...}, "state_dict": {...}}; its sha256 identifies the model.
+                                  The state_dict has open_clip's keys (DualEncoder.clip), so open_clip's
+                                  load_checkpoint reads a model file as it is.
 checkpoint  (checkpoints/step-N.pt): model, optimiser, scheduler, step, RNG states, data position, FLOP ledger
 `checkpoints/latest.json` names the newest complete checkpoint; it is written after the checkpoint itself.
 """
@@ -13,7 +15,7 @@ import torch
 
 from flexi_jest import storage
 from flexi_jest.config import ModelConfig
-from flexi_jest.model import DualEncoder
+from flexi_jest.models import DualEncoder
 
 LATEST = "latest.json"
 
@@ -46,7 +48,7 @@ def load_model(uri: str, device: torch.device | str = "cpu") -> tuple[DualEncode
     if "model" in payload and "state_dict" not in payload:  # a training checkpoint
         payload = payload["model"]
     model = DualEncoder(ModelConfig.model_validate(payload["model_config"]))
-    model.load_state_dict(payload["state_dict"])
+    model.clip.load_state_dict(payload["state_dict"])
     return model.to(device), storage.sha256_bytes(data)
 
 
@@ -73,5 +75,6 @@ def load_latest_checkpoint(out_dir: str) -> dict[str, Any] | None:
 
 
 def model_state(model: DualEncoder) -> dict[str, Any]:
-    """What a model file holds: the model config and CPU weights."""
-    return {"model_config": model.cfg.model_dump(), "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+    """What a model file holds: the model config and CPU weights (open_clip's keys)."""
+    return {"model_config": model.cfg.model_dump(mode="json"),
+            "state_dict": {k: v.detach().cpu() for k, v in model.clip.state_dict().items()}}

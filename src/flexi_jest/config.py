@@ -73,6 +73,14 @@ class ReadStatsSummary(StrictModel):
 
 
 class ModelConfig(ConfigModel):
+    """The dual encoder's architecture. Every model is an open_clip CLIP model (flexi_jest.models): either
+    the open_clip model `name` (one of open_clip.list_models() with open_clip's own ViT image tower, e.g.
+    ViT-B-32, ViT-B-16, ViT-S-16), whose sizes below are then read from its open_clip config, or, without a
+    name, the project's SigLIP-style config built from the sizes below (average-pooled image tower, logit
+    scale t' = log 10 and bias -10 at init). A string is a preset (`tiny`, `small`, `vit_b16`) or an open_clip
+    name: `--set model=small`, `--set model=ViT-B-32`."""
+
+    name: str | None = Field(None, description="open_clip model name; None: the project's config from the sizes below")
     image_size: Int = Field(32, gt=0, description="input images are resized to image_size x image_size")
     patch_size: Int = Field(8, gt=0, description="base patch size of the FlexiViT kernel (the training patch)")
     vision_width: Int = Field(96, gt=0)
@@ -84,6 +92,30 @@ class ModelConfig(ConfigModel):
     context_length: Int = Field(16, gt=2, description="text tokens per caption, start/end included")
     vocab_size: Int = Field(49408, gt=0, description="open_clip's BPE vocabulary")
     embed_dim: Int = Field(64, gt=0, description="shared embedding size")
+    mean: tuple[Float, Float, Float] = Field((0.5, 0.5, 0.5), description="per-channel pixel mean (pixels in [0, 1])")
+    std: tuple[Float, Float, Float] = Field((0.5, 0.5, 0.5), description="per-channel pixel std: x' = (x - mean) / std")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _by_name(cls, data: Any) -> Any:
+        """A preset or open_clip name (a string, or a dict with `name`) becomes its full config; other
+        fields given beside an open_clip name must agree with its open_clip config."""
+        if isinstance(data, str):
+            data = {"name": data}
+        if not isinstance(data, dict) or data.get("name") is None:
+            return data
+        name = data["name"]
+        if name.startswith(PRESET_OPEN_CLIP_PREFIX) and name[len(PRESET_OPEN_CLIP_PREFIX):] in MODEL_PRESETS:
+            name = name[len(PRESET_OPEN_CLIP_PREFIX):]  # a preset under its open_clip name
+        if name in MODEL_PRESETS:
+            return {**MODEL_PRESETS[name].model_dump(), **{k: v for k, v in data.items() if k != "name"}}
+        from flexi_jest.models.configs import fields_from_open_clip  # open_clip (torch) only for named models
+
+        fields = fields_from_open_clip(name)
+        for key, value in data.items():
+            if key in fields and _differs(value, fields[key]):
+                raise ValueError(f"{key}={value!r} conflicts with open_clip's {name} config ({key}={fields[key]!r})")
+        return {**data, **fields}
 
     @model_validator(mode="after")
     def _check_shapes(self) -> "ModelConfig":
@@ -96,7 +128,15 @@ class ModelConfig(ConfigModel):
         return self
 
 
-MODEL_PRESETS: dict[str, ModelConfig] = {
+def _differs(given: Any, expected: Any) -> bool:
+    if isinstance(given, (list, tuple)) and isinstance(expected, (list, tuple)):
+        return len(given) != len(expected) or any(_differs(a, b) for a, b in zip(given, expected))
+    return given != expected
+
+
+MODEL_PRESETS: dict[str, ModelConfig] = {}
+PRESET_OPEN_CLIP_PREFIX = "flexi-jest-"  # the presets' names in open_clip's registry (flexi_jest.models.configs)
+MODEL_PRESETS.update({
     # CPU tests and the README demo: 32 px, patch 8 (16 tokens) / 16 (4 tokens) as the 16/32 analogue.
     "tiny": ModelConfig(),
     # A laptop-scale model: 64 px, patch 8/16.
@@ -109,7 +149,7 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
         image_size=224, patch_size=16, vision_width=768, vision_depth=12, vision_heads=12,
         text_width=768, text_depth=12, text_heads=12, context_length=64, embed_dim=768,
     ),
-}
+})
 
 
 Beta = Annotated[float, BeforeValidator(_not_a_boolean), Field(ge=0.0, lt=1.0)]
@@ -197,6 +237,16 @@ class TrainingConfig(ConfigModel):
     train_patch_sizes: list[Int] = Field(default_factory=lambda: [8], min_length=1, description=(
         "patch sizes the (sub-)batch trains at, split evenly; Flexi-JEST: [16, 32] (tiny: [8, 16])"))
     loss_chunk_size: Int | None = Field(None, ge=1, description="row chunk of the sigmoid loss; None = whole batch")
+    micro_batch_size: Int | None = Field(None, ge=1, description=(
+        "gradient accumulation for (sub-)batches that do not fit: the towers run this many pairs at a time, "
+        "first without grad for all the embeddings, then again with the loss's gradient per micro-batch; "
+        "one sigmoid loss over the whole batch (the gradients equal the single-batch ones). None = whole batch"))
+    precision: Literal["fp32", "amp", "bf16"] = Field("amp", description=(
+        "open_clip's names: 'fp32'; 'amp' bf16 autocast on CUDA (none on the CPU); 'bf16' bf16 autocast everywhere"))
+    init_checkpoint: str | None = Field(None, description=(
+        "start from this open_clip checkpoint instead of from scratch: a file (local or s3://) that "
+        "open_clip.create_model(name, pretrained=file) reads (flexi-jest model files too), or a pretrained "
+        "tag of model.name already in the local cache"))
     compile: bool = Field(False, description="torch.compile the towers for the training forward (GPU speed path)")
     processes: Int = Field(0, ge=0, description=(
         "data-parallel processes (DDP): 0 = one per visible GPU (one process without GPUs); N > 1 starts N under "
@@ -250,6 +300,7 @@ class TrainResult(StrictModel):
     out_dir: str
     checkpoint: str = Field(description="the final model file (weights + model config)")
     checkpoint_sha256: str
+    open_clip_dir: str = Field("", description="the model as an open_clip checkpoint (export.py): config JSON + weights")
     steps: int
     final_loss: float
     seconds: float
@@ -272,7 +323,6 @@ class TrainReferenceConfig(TrainingConfig):
     data_mode: Literal["epoch", "resampled"] = Field("epoch", description="'epoch': every shard once per epoch; "
                                                      "'resampled': shards drawn with replacement")
     batch_size: Int = Field(128, ge=2)
-    init_checkpoint: str | None = Field(None, description="start from this model file instead of from scratch")
     steps: Int = Field(300, ge=1)
 
 

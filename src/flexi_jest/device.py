@@ -1,5 +1,7 @@
 """Where tensors run: device choice, model input conversion, mixed precision."""
 
+from typing import Literal, Sequence
+
 import torch
 from torch import Tensor
 
@@ -17,14 +19,29 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def to_model_input(images: Tensor, device: torch.device) -> Tensor:
-    """uint8 images [B, 3, H, W] -> float [B, 3, H, W] in [-1, 1] on device. To a GPU the uint8 batch
-    (4x smaller than floats) is copied from pinned memory, asynchronously, and converted there."""
+HALF_RANGE = (0.5, 0.5, 0.5)  # mean = std = 0.5: pixels to [-1, 1] (SigLIP, the project's configs)
+
+
+def to_model_input(images: Tensor, device: torch.device, mean: Sequence[float] = HALF_RANGE,
+                   std: Sequence[float] = HALF_RANGE) -> Tensor:
+    """uint8 images [B, 3, H, W] -> float [B, 3, H, W] normalised, (x / 255 - mean) / std per channel (the
+    model config's mean and std), on device. To a GPU the uint8 batch (4x smaller than floats) is copied
+    from pinned memory, asynchronously, and converted there."""
     if device.type == "cuda" and images.device.type == "cpu":
         images = images.pin_memory()
-    return images.to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
+    images = images.to(device, non_blocking=True).float()
+    if tuple(mean) == HALF_RANGE and tuple(std) == HALF_RANGE:
+        return images.div_(127.5).sub_(1.0)
+    mean_t = torch.tensor(mean, device=device).view(1, -1, 1, 1)
+    std_t = torch.tensor(std, device=device).view(1, -1, 1, 1)
+    return images.div_(255.0).sub_(mean_t).div_(std_t)
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA; a no-op context on the CPU."""
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+Precision = Literal["fp32", "amp", "bf16"]
+
+
+def autocast(device: torch.device, precision: Precision = "amp"):
+    """The forward's mixed precision (open_clip's names): 'fp32' none; 'amp' bf16 autocast on CUDA and
+    none on the CPU (where it is slower than fp32); 'bf16' bf16 autocast on every device. Weights stay fp32."""
+    enabled = precision == "bf16" or (precision == "amp" and device.type == "cuda")
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)

@@ -35,7 +35,7 @@ from flexi_jest.data.eval_sets import (
 )
 from flexi_jest.data.shards import PartialReadError, ReadStats
 from flexi_jest.data.transforms import ImageTransform
-from flexi_jest.model import DualEncoder, Tokenizer
+from flexi_jest.models import DualEncoder, Tokenizer
 from flexi_jest.device import autocast, resolve_device, to_model_input
 
 
@@ -54,7 +54,7 @@ def embed_eval_set(
     batch: list[EvalSample] = []
 
     def flush() -> None:
-        images = to_model_input(torch.stack([s.image for s in batch]), device)
+        images = to_model_input(torch.stack([s.image for s in batch]), device, model.cfg.mean, model.cfg.std)
         with autocast(device):
             image_embs.append(model.encode_image(images, patch_size).float().cpu())
         texts = [(len(labels) + i, caption) for i, s in enumerate(batch) for caption in s.captions]

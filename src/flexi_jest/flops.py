@@ -18,12 +18,14 @@ def transformer_flops(tokens: int, width: int, depth: int, mlp_ratio: float = 4.
 
 
 def image_forward_flops(cfg: ModelConfig, patch_size: int | None = None) -> int:
-    """Forward FLOPs of the FlexiViT image tower for one image at `patch_size` (default: the base)."""
+    """Forward FLOPs of the image tower (open_clip's VisionTransformer, flexi_jest.models) for one image at
+    `patch_size` (default: the base): the patch embedding, the transformer over the patches and the class
+    token, the output projection."""
     patch = patch_size or cfg.patch_size
-    tokens = (cfg.image_size // patch) ** 2
-    patch_embed = 2 * tokens * (3 * patch * patch) * cfg.vision_width
+    patches = (cfg.image_size // patch) ** 2
+    patch_embed = 2 * patches * (3 * patch * patch) * cfg.vision_width
     head = 2 * cfg.vision_width * cfg.embed_dim
-    return patch_embed + transformer_flops(tokens, cfg.vision_width, cfg.vision_depth) + head
+    return patch_embed + transformer_flops(patches + 1, cfg.vision_width, cfg.vision_depth) + head
 
 
 def text_forward_flops(cfg: ModelConfig) -> int:

@@ -27,7 +27,7 @@ from flexi_jest.checkpoint import load_model
 from flexi_jest.config import CacheReferenceConfig, CacheReferenceResult
 from flexi_jest.device import resolve_device, to_model_input
 from flexi_jest.flops import offline_filter_flops, pair_forward_flops
-from flexi_jest.model import Tokenizer
+from flexi_jest.models import Tokenizer
 from flexi_jest.data.shards import ReadStats, decode_sample, iter_tar, read_manifest
 from flexi_jest.data.specs import resolve
 from flexi_jest.selection import offline_keep_mask, pair_cosines
@@ -263,7 +263,7 @@ def cache_reference(cfg: CacheReferenceConfig) -> CacheReferenceResult:
     cache_dir = cfg.out_dir or default_cache_dir(cfg.pool, sha, cfg.reference)
     manifest = write_cache(
         model, Tokenizer(model.cfg.context_length), cfg.pool, cache_dir, sha, cfg.patch_size, cfg.batch_size,
-        device, lambda images: to_model_input(images, device), cfg.reference,
+        device, lambda images: to_model_input(images, device, model.cfg.mean, model.cfg.std), cfg.reference,
     )
     return CacheReferenceResult(
         cache_dir=cache_dir, reference_sha256=sha, num_samples=manifest["num_samples"],

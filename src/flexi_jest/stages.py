@@ -192,11 +192,25 @@ def make_data_stage(values: dict[str, Any], profile: str, pipeline_run: str = ""
     return result, run_id
 
 
+def training_lineage(cfg, result: TrainResult) -> tuple[dict[str, Any], dict[str, str]]:
+    """(lineage, datasets) of a trained model: what it was trained on and how, for the registry."""
+    lineage: dict[str, Any] = {"model_sha256": result.checkpoint_sha256, "model": cfg.model.name or cfg.model.model_dump(),
+                               "init_checkpoint": cfg.init_checkpoint, "flops": result.flops.model_dump(),
+                               "total_flops": result.total_flops, "steps": result.steps}
+    if hasattr(cfg, "pool"):  # the learner
+        lineage["reference_sha256"] = cfg.reference_sha256
+        lineage["selection"] = {k: getattr(cfg, k) for k in (
+            "method", "score", "filter_ratio", "n_chunks", "super_batch_size", "scoring_patch_size",
+            "train_patch_sizes", "selection_scope", "independent_mode")}
+        return lineage, {"pool": cfg.pool}
+    return lineage, {"curated": cfg.data}
+
+
 def _log_model(cfg, result: TrainResult) -> None:
     from flexi_jest import tracking
     from flexi_jest.checkpoint import load_model
     model, _ = load_model(result.checkpoint)
-    tracking.log_model(model)
+    tracking.log_model(model, *training_lineage(cfg, result))
 
 
 def train_reference_stage(values: dict[str, Any], profile: str, pipeline_run: str = "", experiment: str = "flexi-jest") -> tuple[TrainResult, str]:
@@ -389,11 +403,13 @@ def promote_stage(learner_run_id: str, evaluation: dict[str, Any], pipeline_run:
     mlflow = tracking._mlflow()
     metrics = evaluation_metrics(EvaluateResult.model_validate(evaluation))
     learner_version = tracking.register_once(tracking.LEARNER_MODEL, learner_run_id)
+    tracking.tag_version(tracking.LEARNER_MODEL, str(learner_version), learner_run_id, metrics)
     decision = tracking.promote(tracking.LEARNER_MODEL, str(learner_version), metrics, champion_rule)
     value = decision.value
     reference_version = None
     if reference_run_id:
         reference_version = tracking.register_once(tracking.REFERENCE_MODEL, reference_run_id)
+        tracking.tag_version(tracking.REFERENCE_MODEL, str(reference_version), reference_run_id, {})
     mlflow.set_experiment(experiment)
     tags = {"flexi_jest.stage": "promote", **tracking.parent_tags(pipeline_run)}
     with mlflow.start_run(run_name="promote", tags=tags):

@@ -224,18 +224,83 @@ def log_figure(figure, name: str) -> None:
     _mlflow().log_figure(figure, name)
 
 
-def log_model(model) -> None:
-    """Log a DualEncoder as the active run's MLflow PyTorch model `model` (runs:/<id>/model registers it)."""
-    _mlflow()
-    import mlflow.pytorch
-
-    mlflow.pytorch.log_model(model.cpu(), name="model", serialization_format="pickle",
-                             pip_requirements=[f"flexi-jest=={_version()}"])
+LINEAGE_PREFIX = "lineage."  # run tags (train stages) copied onto registered model versions (promote)
 
 
-def _version() -> str:
-    from flexi_jest import __version__
-    return __version__
+def example_image_base64(size: int) -> str:
+    """A grey size x size PNG, base64: the registered model's input example."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), (128, 128, 128)).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def model_signature():
+    """The pyfunc's signature: `image` (base64 image files) and/or `text` in; their embeddings out."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, DataType, Schema
+    from mlflow.types.schema import Array
+
+    return ModelSignature(
+        inputs=Schema([ColSpec(DataType.string, "image", required=False), ColSpec(DataType.string, "text", required=False)]),
+        outputs=Schema([ColSpec(Array(DataType.double), "image_embedding", required=False),
+                        ColSpec(Array(DataType.double), "text_embedding", required=False)]),
+    )
+
+
+def log_model(model, lineage: dict[str, Any] | None = None, datasets: dict[str, str] | None = None) -> None:
+    """Log a DualEncoder on the active run as the MLflow model `model` (runs:/<id>/model registers it): a pyfunc
+    (flexi_jest/models/pyfunc_model.py, which needs open_clip but not flexi_jest) over the model's open_clip
+    export (the artifact `open_clip`: config JSON + weights-only state_dict), with a signature and an input
+    example. lineage: recorded as run tags `lineage.<key>` (promote copies them onto the registered
+    version); datasets: {name: URI} logged as the run's dataset inputs (mlflow.log_input)."""
+    import importlib.metadata
+
+    mlflow = _mlflow()
+    import pandas as pd
+    import torch
+
+    from flexi_jest.export import export_open_clip
+    from flexi_jest.models import pyfunc_model
+
+    log_lineage(lineage or {}, datasets or {})
+    example = pd.DataFrame({"image": [example_image_base64(model.cfg.image_size)], "text": ["a photo of a thing"]})
+    requirements = [f"open_clip_torch=={importlib.metadata.version('open_clip_torch')}",
+                    f"torch=={torch.__version__.split('+')[0]}", "pillow", "pandas"]
+    with tempfile.TemporaryDirectory() as tmp:
+        export_open_clip(model.cpu(), tmp)
+        mlflow.pyfunc.log_model(name="model", python_model=pyfunc_model.__file__,
+                                artifacts={pyfunc_model.ARTIFACT: tmp}, signature=model_signature(),
+                                input_example=example, pip_requirements=requirements)
+
+
+def log_lineage(lineage: dict[str, Any], datasets: dict[str, str]) -> None:
+    """Tags `lineage.<key>` (dicts as JSON) and dataset inputs (name -> URI, context training) on the active run."""
+    mlflow = _mlflow()
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    tags = {f"{LINEAGE_PREFIX}{k}": (json.dumps(v) if isinstance(v, (dict, list)) else str(v))[:5000]
+            for k, v in lineage.items() if v is not None}
+    tags.update({f"{LINEAGE_PREFIX}{name}_uri": uri for name, uri in datasets.items()})
+    mlflow.set_tags(tags)
+    for name, uri in datasets.items():
+        mlflow.log_input(MetaDataset(resolve_dataset_source(uri), name=name), context="training")
+
+
+def tag_version(model_name: str, version: str, run_id: str, metrics: dict[str, float]) -> dict[str, str]:
+    """Lineage on a registered version: the run's `lineage.*` tags and the eval metrics by name (eval.<name>)."""
+    client = _mlflow().MlflowClient()
+    run_tags = client.get_run(run_id).data.tags
+    tags = {k: v for k, v in run_tags.items() if k.startswith(LINEAGE_PREFIX)}
+    tags.update({f"eval.{name}": str(value) for name, value in metrics.items()})
+    for key, value in tags.items():
+        client.set_model_version_tag(model_name, version, key, value)
+    return tags
 
 
 def register_once(model_name: str, run_id: str) -> str:

@@ -12,6 +12,7 @@ Runs checkpoint every `checkpoint_every` steps and resume exactly: same weights 
 Under torchrun (several processes) the same loops run data-parallel with DDP: see distributed.py.
 """
 
+import contextlib
 import json
 import math
 import queue
@@ -27,7 +28,7 @@ from tqdm import tqdm
 
 from flexi_jest import flops, storage
 from flexi_jest.checkpoint import (
-    load_latest_checkpoint, load_model, model_state, save_checkpoint, save_model,
+    load_latest_checkpoint, model_state, save_checkpoint, save_model,
 )
 from flexi_jest.config import FlopsBreakdown, OptimConfig, TrainingConfig, TrainLearnerConfig, TrainReferenceConfig, TrainResult
 from flexi_jest.data.loader import StreamLoader, merge_states
@@ -38,8 +39,10 @@ from flexi_jest.distributed import (
     init_world, shard, sum_over_ranks,
 )
 from flexi_jest.evaluate import evaluate_model
+from flexi_jest.export import export_open_clip
 from flexi_jest.losses import sigmoid_loss
-from flexi_jest.model import DualEncoder, Tokenizer
+from flexi_jest.models import DualEncoder, Tokenizer
+from flexi_jest.models.pretrained import load_pretrained
 from flexi_jest.reference_cache import CacheError, OfflineFilter, ReferenceCache
 from flexi_jest.run_identity import check_out_dir, write_run_config
 from flexi_jest.selection import independent_select, joint_select_from_embeddings, own_scores
@@ -97,12 +100,49 @@ def multi_patch_loss(
                         row_offset=rows.start, normalizer=batch)
 
 
+def accumulated_loss_backward(
+    model: DualEncoder, images: Tensor, tokens: Tensor, patch_sizes: list[int], micro_batch: int,
+    loss_chunk_size: int | None = None, autocast_context: Callable[[], Any] = contextlib.nullcontext,
+    net: torch.nn.Module | None = None,
+) -> Tensor:
+    """The sigmoid loss of a batch of b pairs (images split evenly over patch_sizes, as multi_patch_loss),
+    with its gradients accumulated into the model's parameters micro_batch pairs at a time; returns the
+    loss (detached). images [b, 3, H, W], tokens [b, L].
+
+    The SigLIP loss couples every image with every text, so it cannot be split by micro-batch: the
+    embeddings of all micro-batches are computed first without grad, the loss over the whole batch gives
+    the gradient of each embedding (and of the logit scale and bias), then each micro-batch's forward is
+    recomputed with grad and back-propagates its embeddings' gradient (as open_clip's accum_freq does).
+    The towers are deterministic (no dropout), so the gradients equal the single-batch ones."""
+    batch = images.shape[0]
+    forward = model if net is None else net
+    slices = [slice(start, min(start + micro_batch, batch)) for start in range(0, batch, micro_batch)]
+
+    def embed(rows: slice) -> tuple[Tensor, Tensor]:
+        with autocast_context():
+            return forward(images[rows], tokens[rows], patch_sizes, patch_groups(batch, patch_sizes, rows))
+
+    with torch.no_grad():
+        parts = [embed(rows) for rows in slices]
+    image_emb = torch.cat([p[0] for p in parts]).float().requires_grad_()
+    text_emb = torch.cat([p[1] for p in parts]).float().requires_grad_()
+    loss = sigmoid_loss(image_emb, text_emb, model.logit_scale, model.logit_bias, loss_chunk_size)
+    loss.backward()  # d loss / d embeddings; the scale's and bias's gradients, once
+    for rows in slices:
+        image_part, text_part = embed(rows)
+        torch.autograd.backward([image_part, text_part],
+                                [image_emb.grad[rows].to(image_part.dtype), text_emb.grad[rows].to(text_part.dtype)])
+    return loss.detach()
+
+
 @dataclass
 class StepOutput:
     loss: Tensor  # scalar with graph: this rank's share of the step's loss (the loss itself on one process)
+    # (detached when the step function already back-propagated it: backward_done)
     trained: int  # pairs trained on this step
     flops: dict[str, float]  # FlopsBreakdown parts spent this step
     stats: dict[str, float] = field(default_factory=dict)  # selection statistics
+    backward_done: bool = False  # gradients already accumulated (micro-batches): no backward of loss
 
 
 StepFn = Callable[[torch.nn.Module, list[dict[str, Any]], torch.Generator], StepOutput]  # (net, rank's rows, generator)
@@ -194,7 +234,7 @@ def run_training(
         write_run_config(cfg)
     checkpoint = latest if state == "resume" and cfg.resume else None
     if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"]["state_dict"])
+        model.clip.load_state_dict(checkpoint["model"]["state_dict"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         generator.set_state(checkpoint["rng"]["generator"])
@@ -261,11 +301,15 @@ def run_training(
         bar.close()
     model_uri = storage.join(cfg.out_dir, "model.pt")
     sha = broadcast_object(save_model(model, model_uri) if world.is_main else None, world)  # rank 0 writes it
+    open_clip_dir = storage.join(cfg.out_dir, "open_clip")
+    if world.is_main:
+        export_open_clip(model, open_clip_dir)
     steps_run = max(1, step - start_step)
     result = TrainResult(
         out_dir=cfg.out_dir,
         checkpoint=model_uri,
         checkpoint_sha256=sha,
+        open_clip_dir=open_clip_dir,
         steps=step,
         final_loss=history[-1]["loss"] if history else loss_value,
         seconds=time.perf_counter() - started,
@@ -299,9 +343,10 @@ def _one_step(net, prefetcher, step_fn, generator, optimizer, scheduler, cfg, wo
     share of the sum, so the share is scaled by the world size to give the full loss's gradient."""
     t0 = time.perf_counter()
     batch, data_state = prefetcher.next()
-    out = step_fn(net, batch, generator)
     optimizer.zero_grad(set_to_none=True)
-    (out.loss * world.size if world.distributed else out.loss).backward()
+    out = step_fn(net, batch, generator)
+    if not out.backward_done:
+        (out.loss * world.size if world.distributed else out.loss).backward()
     if cfg.optim.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.optim.grad_clip)
     optimizer.step()
@@ -318,7 +363,29 @@ def _prepare(cfg: TrainingConfig) -> tuple[World, torch.device, Tokenizer]:
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     world, device = init_world(cfg.device)
+    if cfg.micro_batch_size and world.distributed:
+        raise ValueError("micro_batch_size (gradient accumulation) runs on one process; with several, "
+                         "each rank's share of the sub-batch is smaller already: unset it or use processes=1")
     return world, device, Tokenizer(cfg.model.context_length)
+
+
+def build_model(cfg: TrainingConfig, device: torch.device) -> DualEncoder:
+    """cfg.model, from cfg.init_checkpoint (an open_clip checkpoint) or from scratch (seeded by _prepare)."""
+    model = DualEncoder(cfg.model)
+    if cfg.init_checkpoint:
+        load_pretrained(model, cfg.init_checkpoint)
+    return model.to(device)
+
+
+def train_loss(model: DualEncoder, net: torch.nn.Module, cfg: TrainingConfig, images: Tensor, tokens: Tensor,
+               world: World, batch: int, device: torch.device) -> tuple[Tensor, bool]:
+    """(loss, backward_done) of a training (sub-)batch: the rank's share (multi_patch_loss), or with
+    cfg.micro_batch_size the whole loss, its gradients already accumulated micro-batch by micro-batch."""
+    if cfg.micro_batch_size and cfg.micro_batch_size < images.shape[0]:
+        return accumulated_loss_backward(model, images, tokens, cfg.train_patch_sizes, cfg.micro_batch_size,
+                                         cfg.loss_chunk_size, lambda: autocast(device, cfg.precision), net), True
+    with autocast(device, cfg.precision):
+        return multi_patch_loss(model, images, tokens, cfg.train_patch_sizes, cfg.loss_chunk_size, world, batch, net), False
 
 
 # ---- the reference --------------------------------------------------------------------------------------------
@@ -328,23 +395,16 @@ def train_reference(cfg: TrainReferenceConfig) -> TrainResult:
     """Plain SigLIP training of the reference on the curated split."""
     world, device, tokenizer = _prepare(cfg)
     check_divisible("batch_size", cfg.batch_size, world)
-    if cfg.init_checkpoint:
-        model, _ = load_model(cfg.init_checkpoint, device)
-        if model.cfg != cfg.model:
-            raise ValueError(f"init_checkpoint {cfg.init_checkpoint} has model {model.cfg}, config asks for {cfg.model}")
-    else:
-        model = DualEncoder(cfg.model).to(device)
+    model = build_model(cfg, device)
     stream = build_loader(cfg, cfg.data, cfg.data_mode, cfg.batch_size, world)
     step_flops = flops.training_step_flops(cfg.model, cfg.batch_size, cfg.train_patch_sizes)
 
     def step_fn(net: torch.nn.Module, mine: list[dict[str, Any]], generator: torch.Generator) -> StepOutput:
         """mine: this rank's rows shard(batch_size, world) of the batch, decoded on this rank only."""
-        images = to_model_input(torch.stack([s["image"] for s in mine]), device)
+        images = to_model_input(torch.stack([s["image"] for s in mine]), device, cfg.model.mean, cfg.model.std)
         tokens = tokenizer([s["caption"] for s in mine]).to(device)
-        with autocast(device):
-            loss = multi_patch_loss(model, images, tokens, cfg.train_patch_sizes, cfg.loss_chunk_size,
-                                    world, cfg.batch_size, net)
-        return StepOutput(loss, cfg.batch_size, {"reference_training": step_flops})
+        loss, done = train_loss(model, net, cfg, images, tokens, world, cfg.batch_size, device)
+        return StepOutput(loss, cfg.batch_size, {"reference_training": step_flops}, backward_done=done)
 
     return run_training(cfg, model, stream, step_fn, FlopsBreakdown(), device, "reference", world)
 
@@ -355,7 +415,7 @@ def train_reference(cfg: TrainReferenceConfig) -> TrainResult:
 def train_learner(cfg: TrainLearnerConfig) -> TrainResult:
     """JEST / Flexi-JEST learner training on the pool (see the module docstring; distributed.py for several ranks)."""
     world, device, tokenizer = _prepare(cfg)
-    model = DualEncoder(cfg.model).to(device)
+    model = build_model(cfg, device)
     offline = cfg.method == "offline-filter"  # uniform over the pool's top offline_keep_ratio by reference cosine
     needs_reference = cfg.method not in ("uniform", "offline-filter") and cfg.score != "hard_learner"
     cache = (ReferenceCache(cfg.reference_cache, cfg.pool, cfg.reference_sha256) if needs_reference or offline
@@ -406,8 +466,9 @@ def train_learner(cfg: TrainLearnerConfig) -> TrainResult:
         else:
             learner = reference = None
             if uses_learner:  # this rank scores its rows of the super-batch
-                with torch.no_grad(), autocast(device):
-                    image_emb = model.encode_image(to_model_input(images_u8, device), scoring_patch).float()
+                with torch.no_grad(), autocast(device, cfg.precision):
+                    pixels = to_model_input(images_u8, device, cfg.model.mean, cfg.model.std)
+                    image_emb = model.encode_image(pixels, scoring_patch).float()
                     text_emb = model.encode_text(tokens.to(device)).float()
                 if not local_scope:  # global selection: every rank sees the whole super-batch's embeddings
                     image_emb, text_emb = gather_rows(image_emb, world), gather_rows(text_emb, world)
@@ -440,10 +501,10 @@ def train_learner(cfg: TrainLearnerConfig) -> TrainResult:
         # this rank's share of the selected sub-batch, from the ranks that decoded it (uint8 until here)
         train_images = exchange_rows(images_u8.to(comm_device), chosen, world)  # [b / world, 3, H, W]
         train_tokens = exchange_rows(tokens.to(comm_device), chosen, world)  # [b / world, L]
-        with autocast(device):
-            loss = multi_patch_loss(model, to_model_input(train_images, device), train_tokens.to(device),
-                                    cfg.train_patch_sizes, cfg.loss_chunk_size, world, sub_batch, net)
-        return StepOutput(loss, sub_batch, {"learner_scoring": score_flops, "learner_training": train_flops}, stats)
+        loss, done = train_loss(model, net, cfg, to_model_input(train_images, device, cfg.model.mean, cfg.model.std),
+                                train_tokens.to(device), world, sub_batch, device)
+        return StepOutput(loss, sub_batch, {"learner_scoring": score_flops, "learner_training": train_flops}, stats,
+                          backward_done=done)
 
     base = FlopsBreakdown(reference_training=cfg.reference_training_flops, reference_caching=cfg.reference_caching_flops
                           + (offline_filter.flops if offline else 0.0))  # the cosines, once, with the caching pass

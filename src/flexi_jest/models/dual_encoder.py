@@ -1,14 +1,26 @@
-"""The SigLIP dual encoder: a FlexiViT image tower, open_clip's text tower, a learnable scale and bias."""
+"""The dual encoder: an open_clip CLIP model whose image tower takes the patch size per call (flexivit.py).
+
+`DualEncoder.clip` is a plain open_clip model (CLIP, or CustomTextCLIP for the project's configs); its
+state_dict has open_clip's keys, so model files load into open_clip and open_clip checkpoints load here.
+"""
 
 import torch
 import torch.nn.functional as F
+from open_clip.model import CLIP, CustomTextCLIP
 from open_clip.tokenizer import SimpleTokenizer
-from open_clip.transformer import TextTransformer
 from torch import Tensor, nn
 
 from flexi_jest.config import ModelConfig
-from flexi_jest.flexivit import FlexiViT
-from flexi_jest.losses import LOGIT_BIAS_INIT, LOGIT_SCALE_INIT
+from flexi_jest.models import flexivit
+from flexi_jest.models.configs import open_clip_config
+
+
+def build_open_clip(cfg: ModelConfig) -> CLIP | CustomTextCLIP:
+    """The open_clip model of cfg, as open_clip.create_model builds it from the same config (fp32, random init)."""
+    model_cfg = open_clip_config(cfg)
+    model_class = CustomTextCLIP if model_cfg.pop("custom_text", False) else CLIP
+    model_cfg.pop("preprocess_cfg", None)
+    return model_class(**model_cfg)
 
 
 class DualEncoder(nn.Module):
@@ -17,32 +29,37 @@ class DualEncoder(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.visual = FlexiViT(
-            image_size=cfg.image_size,
-            base_patch_size=cfg.patch_size,
-            width=cfg.vision_width,
-            depth=cfg.vision_depth,
-            heads=cfg.vision_heads,
-            output_dim=cfg.embed_dim,
-        )
-        self.text = TextTransformer(
-            context_length=cfg.context_length,
-            vocab_size=cfg.vocab_size,
-            width=cfg.text_width,
-            heads=cfg.text_heads,
-            layers=cfg.text_depth,
-            output_dim=cfg.embed_dim,
-        )
-        self.logit_scale = nn.Parameter(torch.tensor(LOGIT_SCALE_INIT))  # t' (temperature t = exp(t'))
-        self.logit_bias = nn.Parameter(torch.tensor(LOGIT_BIAS_INIT))
+        self.clip = build_open_clip(cfg)
+        self.kernel_resampler = flexivit.kernel_resampler(self.clip.visual)
+
+    @property
+    def visual(self) -> nn.Module:
+        return self.clip.visual
+
+    @property
+    def logit_scale(self) -> nn.Parameter:
+        """t' (temperature t = exp(t'))."""
+        return self.clip.logit_scale
+
+    @property
+    def logit_bias(self) -> nn.Parameter:
+        return self.clip.logit_bias
+
+    def patch_kernel(self, patch_size: int) -> Tensor:
+        """The image tower's patch kernel [width, 3, p, p] at patch size p (PI-resized from the base)."""
+        return flexivit.patch_kernel(self.clip.visual, self.kernel_resampler, patch_size)
+
+    def image_features(self, images: Tensor, patch_size: int | None = None) -> Tensor:
+        """images [B, 3, H, W] (normalised pixels) -> [B, embed_dim], not normalised."""
+        return flexivit.image_features(self.clip.visual, self.kernel_resampler, images, patch_size)
 
     def encode_image(self, images: Tensor, patch_size: int | None = None) -> Tensor:
         """images [B, 3, H, W] (normalised pixels) -> [B, embed_dim], unit norm."""
-        return F.normalize(self.visual(images, patch_size), dim=-1)
+        return F.normalize(self.image_features(images, patch_size), dim=-1)
 
     def encode_text(self, tokens: Tensor) -> Tensor:
         """tokens [B, context_length] -> [B, embed_dim], unit norm."""
-        return F.normalize(self.text(tokens), dim=-1)
+        return self.clip.encode_text(tokens, normalize=True)
 
     def forward(
         self, images: Tensor, tokens: Tensor, patch_size: int | list[int] | None = None, group_sizes: list[int] | None = None
