@@ -124,6 +124,19 @@ def mlflow_server(tmp_path_factory):
     s3.stop()
 
 
+def open_clip_reference_checkpoint(path: Path) -> Path:
+    """The pipeline's reference starts from an open_clip checkpoint: a model open_clip builds itself (the tiny
+    preset's architecture, registered with open_clip as flexi-jest-tiny), its state_dict saved as
+    open_clip.create_model(name, pretrained=path) reads it."""
+    import open_clip
+    import torch
+
+    import flexi_jest.models  # noqa: F401  (registers the presets with open_clip)
+    torch.manual_seed(11)
+    torch.save(open_clip.create_model("flexi-jest-tiny").state_dict(), path)
+    return path
+
+
 @pytest.fixture(scope="module")
 def pipeline_run(tmp_path_factory, mlflow_server):
     """The whole pipeline once, tracked on the real MLflow server (artifacts and models go to its S3 store)."""
@@ -132,10 +145,13 @@ def pipeline_run(tmp_path_factory, mlflow_server):
     from pipelines.flexi_jest_pp import run_local
     url, _ = mlflow_server
     workdir = tmp_path_factory.mktemp("pipeline")
+    init = open_clip_reference_checkpoint(workdir / "open_clip_init.pt")
+    reference_config = json.dumps({**json.loads(SMALL["reference_config"]), "model": "flexi-jest-tiny",
+                                   "init_checkpoint": str(init)})
     previous = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = url
     try:
-        summary = run_local(str(workdir), dict(SMALL, run_name="pp-under-test"))
+        summary = run_local(str(workdir), dict(SMALL, run_name="pp-under-test", reference_config=reference_config))
     finally:
         if previous is None:
             os.environ.pop("MLFLOW_TRACKING_URI", None)
@@ -423,14 +439,56 @@ def test_a_bad_config_fails_the_component_with_the_field_named(tmp_path, monkeyp
     assert "invalid config for make-data" in output and "pool_size" in output and "lots" in output
 
 
-def test_registered_champion_loads_back_from_the_server(pipeline_run):
-    import mlflow
+# A fresh interpreter with no flexi_jest import in its code: the registered champion needs open_clip only.
+EMBED_WITH_THE_CHAMPION = """
+import json, sys
+import mlflow
+model = mlflow.pyfunc.load_model("models:/flexi-jest-learner@champion")
+out = model.predict({"text": ["a red circle", "a blue square"]})
+print(json.dumps({"flexi_jest": any(m.startswith("flexi_jest") for m in sys.modules),
+                  "text": [len(v) for v in out["text_embedding"]]}))
+"""
 
-    from flexi_jest.models import DualEncoder
-    _, summary = pipeline_run
+
+def test_the_champion_from_the_registry_embeds_in_a_fresh_process(pipeline_run, mlflow_server):
+    """Done-when of issue 11: the reference fine-tuned from an open_clip checkpoint, the pipeline run on it, the
+    learner exported as an open_clip checkpoint that open_clip loads, and the registry's pyfunc embedding in a
+    subprocess; the registered versions carry a signature and their lineage."""
+    import os
+    import subprocess
+    import sys
+
+    import mlflow
+    import open_clip
+    import torch
+
+    workdir, summary = pipeline_run
+    _, env = mlflow_server
     mlflow.set_tracking_uri(summary["tracking_uri"])
-    model = mlflow.pytorch.load_model("models:/flexi-jest-learner@champion")
-    assert isinstance(model, DualEncoder)
+    client = mlflow.MlflowClient()
+    champion = client.get_model_version_by_alias("flexi-jest-learner", "champion")
+    reference_version = client.get_latest_versions("flexi-jest-reference")[0]
+    assert {"lineage.pool_uri", "lineage.reference_sha256", "lineage.selection", "lineage.flops"} <= set(champion.tags)
+    assert any(key.startswith("eval.") and key.endswith(".top1") for key in champion.tags)
+    assert reference_version.tags["lineage.init_checkpoint"] == str(workdir / "open_clip_init.pt")
+    assert "lineage.curated_uri" in reference_version.tags
+    assert mlflow.models.get_model_info("models:/flexi-jest-learner@champion").signature is not None
+
+    result_json = Path(mlflow.artifacts.download_artifacts(run_id=champion.run_id, artifact_path="result.json",
+                                                           dst_path=str(workdir / "champion")))
+    learner_dir = Path(json.loads(result_json.read_text())["open_clip_dir"])
+    theirs = open_clip.create_model(f"local-dir:{learner_dir}").eval()
+    from flexi_jest.checkpoint import load_model
+    ours, _ = load_model(str(learner_dir.parent / "model.pt"))
+    tokens = open_clip.get_tokenizer(f"local-dir:{learner_dir}")(["a red circle"])
+    with torch.no_grad():
+        assert torch.equal(theirs.encode_text(tokens, normalize=True), ours.eval().encode_text(tokens))
+
+    done = subprocess.run([sys.executable, "-c", EMBED_WITH_THE_CHAMPION], capture_output=True, text=True, timeout=300,
+                          env={**env, "MLFLOW_TRACKING_URI": summary["tracking_uri"], "PYTHONPATH": ""}, cwd=workdir)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result == {"flexi_jest": False, "text": [ours.cfg.embed_dim] * 2}
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
