@@ -33,7 +33,7 @@ def test_split_without_its_manifest_is_refused(tmp_path, reader):
 def test_evaluation_and_training_refuse_an_interrupted_split(tmp_path):
     from flexi_jest.config import TrainReferenceConfig
     from flexi_jest.evaluate import evaluate_model
-    from flexi_jest.model import DualEncoder
+    from flexi_jest.models import DualEncoder
     from flexi_jest.train import train_reference
     split = interrupted_split(tmp_path / "split")
     with pytest.raises(IncompleteSplitError):

@@ -14,7 +14,7 @@ from flexi_jest.checkpoint import save_model
 from flexi_jest.config import EvaluateConfig
 from flexi_jest.data.shards import PartialReadError, write_split
 from flexi_jest.evaluate import evaluate
-from flexi_jest.model import DualEncoder
+from flexi_jest.models import DualEncoder
 from flexi_jest.tracking import numeric_metrics
 
 

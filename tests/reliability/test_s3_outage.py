@@ -100,7 +100,7 @@ def test_s3_stopped_mid_cache_write_then_restarted(endpoint, monkeypatch, tmp_pa
     from conftest import TEST_MODEL
     from flexi_jest.checkpoint import save_model
     from flexi_jest.config import CacheReferenceConfig
-    from flexi_jest.model import DualEncoder
+    from flexi_jest.models import DualEncoder
     from flexi_jest.reference_cache import CacheError, ReferenceCache, cache_reference
     torch.manual_seed(0)
     reference = str(tmp_path / "reference.pt")
