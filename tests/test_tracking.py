@@ -91,7 +91,7 @@ def test_the_registered_model_embeds_in_a_fresh_process_without_flexi_jest(mlflo
     assert tags["lineage.pool_uri"] == str(mlflow_store / "pool")
     run = mlflow.MlflowClient().get_run(run_id)
     assert [d.dataset.name for d in run.inputs.dataset_inputs] == ["pool"]
-    tracking.promote("fresh-test", str(version), "shapes.top1", 0.5)
+    tracking.promote("fresh-test", str(version), {"shapes.top1": 0.5})
     info = mlflow.models.get_model_info(f"models:/fresh-test/{version}")
     assert info.signature.inputs.input_names() == ["image", "text"]
     assert info.saved_input_example_info is not None
