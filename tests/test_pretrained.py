@@ -9,12 +9,14 @@ from open_clip.loss import SigLipLoss
 
 from conftest import TEST_MODEL
 from flexi_jest.config import MODEL_PRESETS, ModelConfig, TrainLearnerConfig, TrainReferenceConfig
-from flexi_jest.data.shards import SampleStream
 from flexi_jest.device import autocast, to_model_input
+from flexi_jest.distributed import World
 from flexi_jest.export import CONFIG_FILE, WEIGHTS_FILE, export_open_clip
 from flexi_jest.models import DualEncoder, Tokenizer
 from flexi_jest.models.pretrained import CheckpointMismatch, cached_pretrained_file, load_pretrained
-from flexi_jest.train import accumulated_loss_backward, multi_patch_loss, train_learner, train_reference
+from flexi_jest.train import (
+    accumulated_loss_backward, build_loader, multi_patch_loss, train_learner, train_reference,
+)
 
 # A CLIP-class open_clip config (text tower inline, class-token pooling, quick_gelu), tiny, registered with
 # open_clip as any model config is, so the named-model path is tested without building a 100M-parameter ViT.
@@ -39,9 +41,10 @@ def open_clip_checkpoint(name: str, path, seed: int = 7) -> torch.nn.Module:
     return model
 
 
-def first_batch_loss(theirs, cfg, data: str, batch_size: int, seed: int = 0) -> float:
+def first_batch_loss(theirs, cfg, data: str, batch_size: int) -> float:
     """open_clip's SigLIP loss of open_clip's model on the first batch a stage draws (same stream, same seed)."""
-    batch = SampleStream(data, cfg.model.image_size, seed, cfg.shuffle_buffer).take(batch_size)
+    with build_loader(cfg, data, cfg.data_mode, batch_size, World()) as loader:
+        batch = loader.next_batch()
     images = to_model_input(torch.stack([s["image"] for s in batch]), torch.device("cpu"), cfg.model.mean, cfg.model.std)
     tokens = Tokenizer(cfg.model.context_length)([s["caption"] for s in batch])
     with torch.no_grad():
@@ -53,7 +56,7 @@ def test_both_stages_fine_tune_an_open_clip_checkpoint_exactly(shapes_data, tmp_
     """The first step's loss is open_clip's own loss of the checkpoint's model on the same batch (exact import)."""
     theirs = open_clip_checkpoint("flexi-jest-tiny", tmp_path / "init.pt")
     common = dict(model="flexi-jest-tiny", init_checkpoint=str(tmp_path / "init.pt"), steps=2, progress=False,
-                  log_every=1, device="cpu", shuffle_buffer=50)
+                  log_every=1, device="cpu")
     reference_cfg = TrainReferenceConfig(data=shapes_data.splits["curated"].path, out_dir=str(tmp_path / "ref"),
                                          batch_size=16, **common)
     reference = train_reference(reference_cfg)
