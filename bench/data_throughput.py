@@ -31,7 +31,7 @@ from webdataset import TarWriter
 from flexi_jest import storage
 from flexi_jest.config import MODEL_PRESETS, PROFILES, ModelConfig, OptimConfig
 from flexi_jest.data.loader import StreamLoader
-from flexi_jest.model import DualEncoder
+from flexi_jest.models import DualEncoder
 from flexi_jest.train import build_optimizer, multi_patch_loss
 
 
