@@ -90,6 +90,8 @@ def reference_finetune(config_json: str, profile: str, storage_root: str, experi
         f.write(result.model_dump_json())
     metrics.log_metric("final_loss", result.final_loss)
     metrics.log_metric("reference_training_flops", result.flops.reference_training)
+    with open(metrics.path, "w") as f:  # the artifact's file: KFP's local cache takes an output without one as lost
+        json.dump(metrics.metadata, f)
     return stage_output("train-reference", run_id, result, {"reference": result.checkpoint,
                                                             "reference_sha256": result.checkpoint_sha256})
 
@@ -144,6 +146,8 @@ def train_learner(config_json: str, profile: str, method: str, score: str, filte
     metrics.log_metric("total_flops", result.total_flops)
     for key, value in result.selection.items():
         metrics.log_metric(key, value)
+    with open(metrics.path, "w") as f:  # the artifact's file: KFP's local cache takes an output without one as lost
+        json.dump(metrics.metadata, f)
     return stage_output(f"train-learner.{method}", run_id, result, {f"learner.{method}": result.checkpoint})
 
 
@@ -171,6 +175,8 @@ def zero_shot_eval(config_json: str, profile: str, method: str, experiment: str,
                 metrics.log_metric(f"{split}.{key}", value)
     if result.champion_value is not None:
         metrics.log_metric("champion_metric", result.champion_value)
+    with open(metrics.path, "w") as f:  # the artifact's file: KFP's local cache takes an output without one as lost
+        json.dump(metrics.metadata, f)
     reference_share = training["flops"]["reference_training"] + training["flops"]["reference_caching"]
     return stage_output(f"evaluate.{method}", run_id, result, method=method, total_flops=training["total_flops"],
                         metrics_path=training["metrics_path"], reference_share=reference_share)
