@@ -11,6 +11,9 @@ import pytest
 
 from flexi_jest import tracking
 
+# PostgreSQL, an mlflow server on it and two promoter processes: about four minutes on the loaded 2-core machine
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def registry_server(tmp_path_factory):
