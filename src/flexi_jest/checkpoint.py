@@ -5,12 +5,18 @@ model file  (model.pt):           {"model_config": {...}, "state_dict": {...}}; 
                                   load_checkpoint reads a model file as it is.
 checkpoint  (checkpoints/step-N.pt): model, optimiser, scheduler, step, RNG states, data position, FLOP ledger
 `checkpoints/latest.json` names the newest complete checkpoint; it is written after the checkpoint itself.
+
+Checkpoints and model files are data, never code: they hold only tensors and plain Python values (dicts,
+lists, tuples, numbers, strings) and are read with `torch.load(weights_only=True)`, so a planted pickle
+cannot run. The name in latest.json must be a file inside checkpoints/ (storage.confined).
 """
 
 import io
 import json
+import random
 from typing import Any
 
+import numpy as np
 import torch
 
 from flexi_jest import storage
@@ -64,14 +70,60 @@ def save_checkpoint(out_dir: str, step: int, state: dict[str, Any], keep: int = 
 
 
 def load_latest_checkpoint(out_dir: str) -> dict[str, Any] | None:
-    """The newest complete checkpoint under out_dir, or None if there is none."""
+    """The newest complete checkpoint under out_dir, or None if there is none.
+
+    latest.json must name a file inside checkpoints/; the checkpoint is read weights-only (tensors and plain
+    values): anything else is a ValueError naming the file, and nothing in it is executed."""
     directory = storage.join(out_dir, "checkpoints")
     pointer = storage.join(directory, LATEST)
     if not storage.exists(pointer):
         return None
-    latest = json.loads(storage.read_bytes(pointer))
-    data = storage.read_bytes(storage.join(directory, latest["file"]))
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+    try:
+        latest = json.loads(storage.read_bytes(pointer))
+        name = latest["file"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+        raise ValueError(f"{pointer} is not a checkpoint pointer ({{\"step\": N, \"file\": name}}): {exc!r}") from exc
+    uri = storage.confined(directory, name, pointer)
+    data = storage.read_bytes(uri)
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, ... for what it refuses
+        raise ValueError(f"{uri} is not a weights-only flexi-jest checkpoint (tensors and plain values); refusing to "
+                         f"load it: {exc}") from exc
+
+
+def remove_orphaned_temp_files(out_dir: str) -> list[str]:
+    """Remove what an interrupted atomic write left in a run's directory and its checkpoints/ (kill -9 during a
+    checkpoint); called at the start of a run, before anything is written. Returns the removed names."""
+    return [*storage.remove_temp_files(out_dir), *storage.remove_temp_files(storage.join(out_dir, "checkpoints"))]
+
+
+def rng_states(generator: torch.Generator) -> dict[str, Any]:
+    """Every random state a training step may draw from, as tensors and plain values (weights-only loadable):
+    the step's generator, torch's CPU (and CUDA) generators, Python's `random` and NumPy's global state."""
+    kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    return {
+        "generator": generator.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": random.getstate(),  # (version, tuple of 625 ints, gauss_next): plain values
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+    }
+
+
+def restore_rng_states(states: dict[str, Any], generator: torch.Generator) -> None:
+    """Set what rng_states recorded (a checkpoint from before NumPy/CUDA states were kept restores the rest)."""
+    generator.set_state(states["generator"])
+    torch.set_rng_state(states["torch"])
+    if states.get("cuda") and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    version, internal, gauss_next = states["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    if "numpy" in states:
+        numpy_state = states["numpy"]
+        np.random.set_state((numpy_state["kind"], numpy_state["keys"].numpy().astype(np.uint32),
+                             numpy_state["position"], numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
 
 
 def model_state(model: DualEncoder) -> dict[str, Any]:

@@ -19,6 +19,7 @@ exponential backoff; an unreachable endpoint or rejected credentials is a Storag
 import hashlib
 import io
 import os
+import re
 import tempfile
 import time
 from functools import lru_cache
@@ -37,6 +38,10 @@ MISSING_ERRORS = {"NoSuchKey", "NoSuchBucket", "NoSuchObject", "ResourceNotFound
 
 class StorageError(RuntimeError):
     """A storage location could not be read or written; the message names it and why."""
+
+
+class UnsafeNameError(ValueError):
+    """A name read from a manifest or pointer file would leave the directory (or S3 prefix) it belongs to."""
 
 
 def is_s3(uri: str) -> bool:
@@ -130,6 +135,47 @@ def _with_retries(uri: str, action: Callable[[], T], retries: int = RETRIES) -> 
 def join(base: str, *parts: str) -> str:
     """Join path parts onto a path or URI with '/'."""
     return "/".join([str(base).rstrip("/"), *[p.strip("/") for p in parts]])
+
+
+def confined(base: str, name: str, source: str) -> str:
+    """base/name, for a name read from data (a manifest, a pointer file) that must stay inside base.
+
+    Only a plain relative name is accepted: no scheme (s3://, file:), no absolute path, no `..`, `.` or
+    empty component, no backslash or NUL. source names the file the name came from, for the error."""
+    problem = None
+    if not isinstance(name, str) or not name:
+        problem = "is not a non-empty string"
+    elif "\\" in name or "\0" in name:
+        problem = "holds a backslash or NUL"
+    elif re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", name):
+        problem = "has a scheme or drive"
+    elif name.startswith("/"):
+        problem = "is absolute"
+    elif any(part in ("", ".", "..") for part in name.split("/")):
+        problem = "has an empty, '.' or '..' component"
+    if problem is not None:
+        raise UnsafeNameError(f"{source} names {name!r}, which {problem}: names in it must stay inside {base}")
+    return join(base, name)
+
+
+TEMP_FILE = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")  # write_bytes' temporary files (tempfile.mkstemp names)
+
+
+def remove_temp_files(directory: str) -> list[str]:
+    """Delete the temporary files an interrupted write_bytes left in a local directory (kill -9 mid-write);
+    returns their names. Call it only where no other process is writing (the start of a run). S3 writes
+    leave nothing (an object appears only when complete): a no-op there."""
+    if is_s3(directory):
+        return []
+    path = _local_path(directory)
+    if not path.is_dir():
+        return []
+    removed = []
+    for child in sorted(path.iterdir()):
+        if child.is_file() and TEMP_FILE.match(child.name):
+            child.unlink(missing_ok=True)
+            removed.append(child.name)
+    return removed
 
 
 def exists(uri: str) -> bool:

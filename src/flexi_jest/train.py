@@ -28,7 +28,8 @@ from tqdm import tqdm
 
 from flexi_jest import flops, storage
 from flexi_jest.checkpoint import (
-    load_latest_checkpoint, model_state, save_checkpoint, save_model,
+    load_latest_checkpoint, model_state, remove_orphaned_temp_files, restore_rng_states, rng_states, save_checkpoint,
+    save_model,
 )
 from flexi_jest.config import FlopsBreakdown, OptimConfig, TrainingConfig, TrainLearnerConfig, TrainReferenceConfig, TrainResult
 from flexi_jest.data.loader import StreamLoader, merge_states
@@ -221,6 +222,10 @@ def run_training(
     ledger, step = base_flops, 0
     metrics_path = storage.join(cfg.out_dir, "metrics.jsonl")
     history: list[dict[str, Any]] = []
+    if world.is_main:  # what a kill during an earlier run's checkpoint write left behind
+        removed = remove_orphaned_temp_files(cfg.out_dir)
+        if removed:
+            print(f"[{description}] removed {len(removed)} temporary files of an interrupted write: {removed}")
     # out_dir must hold nothing, or this very config's work (run_identity): never another config's
     latest = None if cfg.overwrite else load_latest_checkpoint(cfg.out_dir)
     state = check_out_dir(cfg, latest.get("config") if latest else None, remove=world.is_main)
@@ -237,9 +242,7 @@ def run_training(
         model.clip.load_state_dict(checkpoint["model"]["state_dict"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
-        generator.set_state(checkpoint["rng"]["generator"])
-        torch.set_rng_state(checkpoint["rng"]["torch"])
-        random.setstate(checkpoint["rng"]["python"])
+        restore_rng_states(checkpoint["rng"], generator)
         stream.load_state_dict(checkpoint["data"])
         ledger = FlopsBreakdown.model_validate(checkpoint["flops"])
         history = checkpoint["history"]
@@ -261,7 +264,7 @@ def run_training(
             return
         save_checkpoint(cfg.out_dir, step, {
             "model": model_state(model), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "rng": {"generator": generator.get_state(), "torch": torch.get_rng_state(), "python": random.getstate()},
+            "rng": rng_states(generator),
             "data": data, "flops": ledger.model_dump(), "history": history, "step": step,
             "config": cfg.model_dump(),
         })
