@@ -119,6 +119,18 @@ class UnreadableSplitError(ShardError):
     """Reading a split yields no usable sample (every image bad, every caption blank, ...)."""
 
 
+class UnsafeShardNameError(ShardError, storage.UnsafeNameError):
+    """A manifest names a shard outside its split (../, an absolute path, another scheme): never read."""
+
+
+def shard_uri(split_dir: str, name: str) -> str:
+    """split_dir/name for a shard name from the split's manifest, which must stay inside the split."""
+    try:
+        return storage.confined(split_dir, name, storage.join(split_dir, MANIFEST))
+    except storage.UnsafeNameError as exc:
+        raise UnsafeShardNameError(str(exc)) from exc
+
+
 class PartialReadError(ShardError):
     """Some samples or shards of a split that must be read whole (evaluation) could not be read."""
 
@@ -167,6 +179,8 @@ def shard_names(split_dir: str) -> list[str]:
     names = [s["name"] for s in manifest["shards"]] if manifest else storage.list_names(split_dir, ".tar")
     if not manifest:
         check_not_interrupted(split_dir, names)
+    for name in names:  # a manifest's names stay inside the split (no ../, absolute path or scheme)
+        shard_uri(split_dir, name)
     if not names:
         raise ShardError(f"no shards in {split_dir}")
     return names
@@ -285,7 +299,7 @@ def iter_tar(shard: Shard, stats: ReadStats) -> Iterator[dict[str, Any]]:
 def iter_shard(split_dir: str, name: str, stats: ReadStats, expected: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
     """iter_tar of the shard `name` of a split directory; expected: its manifest entry (num_samples, sha256)."""
     expected = expected or {}
-    yield from iter_tar(Shard(storage.join(split_dir, name), expected.get("num_samples"), expected.get("sha256")), stats)
+    yield from iter_tar(Shard(shard_uri(split_dir, name), expected.get("num_samples"), expected.get("sha256")), stats)
 
 
 def decode_sample(raw: dict[str, Any], image_size: int | None, stats: ReadStats,

@@ -158,7 +158,8 @@ def _part_shards(spec: str, part: str, check: bool, counts: bool) -> list[Shard]
                 if not entries:
                     from flexi_jest.data.shards import ShardError
                     raise ShardError(f"no shards in {part}: its {MANIFEST} lists none")
-                return [Shard(storage.join(part, name), e.get("num_samples"), e.get("sha256")) for name, e in entries.items()]
+                from flexi_jest.data.shards import shard_uri  # a manifest's names stay inside its directory
+                return [Shard(shard_uri(part, name), e.get("num_samples"), e.get("sha256")) for name, e in entries.items()]
             names = storage.list_names(part, ".tar")
             if not names:
                 raise SpecError(f"dataset spec {spec!r}: no .tar shards under {part}")
