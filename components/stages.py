@@ -117,24 +117,27 @@ def cache_reference_scores(config_json: str, profile: str, experiment: str,
 @dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
 def train_learner(config_json: str, profile: str, method: str, score: str, filter_ratio: float, n_chunks: int,
                   steps: int, storage_root: str, experiment: str,
-                  pool: Input[Dataset], cache: Input[Dataset], eval_split: Input[Dataset], model: Output[Model],
-                  metrics: Output[Metrics], nodes: int = 1, multinode_json: str = "{}", learning_rate: float = 0.0,
+                  pool: Input[Dataset], cache: Input[Dataset], eval_split: Input[Dataset], reference: Input[Model],
+                  model: Output[Model], metrics: Output[Metrics], nodes: int = 1, multinode_json: str = "{}", learning_rate: float = 0.0,
                   super_batch_size: int = 0, model_name: str = "") -> str:
     """JEST / Flexi-JEST (or a baseline) learner; checkpoints beside its output, so a retried task resumes.
     The typed knobs override config_json (steps, learning_rate, super_batch_size, model_name: 0 / "" keep it).
+    The cache must come from `reference` (the reference stage's output): a cache of another reference fails.
     nodes > 1: trained by a PyTorchJob this task launches and waits for (multinode_json: its image, GPUs per
     node, scheduling and services; see flexi_jest.pytorchjob.run_pytorchjob)."""
     import json
 
-    from flexi_jest.reference_cache import reference_share
-    from flexi_jest.stages import output_location, stage_output, train_learner_stage, with_eval_points, with_knobs
+    from flexi_jest.stages import (
+        learner_reference, output_location, stage_output, train_learner_stage, with_eval_points, with_knobs,
+    )
 
     values = with_knobs(json.loads(config_json), steps=steps, learning_rate=learning_rate,
                         super_batch_size=super_batch_size, model_name=model_name)
     values.update(method=method, score=score, filter_ratio=filter_ratio, n_chunks=n_chunks,
                   pool=pool.metadata["uri"], reference_cache=cache.metadata["uri"],
                   out_dir=output_location(storage_root, model.uri, model.path, f"learner-{method}"),
-                  **reference_share(cache.metadata["uri"]))  # sha256 and FLOPs of the reference behind the cache
+                  # the reference's sha256 from its own artifact (checked against the cache) and its FLOPs
+                  **learner_reference(cache.metadata["uri"], dict(reference.metadata)))
     # a few evaluations during training: the accuracy-vs-FLOPs curve compare_methods draws
     values = with_eval_points("train-learner", values, profile, eval_split.metadata["uri"])
     multinode = {**json.loads(multinode_json), "nodes": nodes} if nodes > 1 else None

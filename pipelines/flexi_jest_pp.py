@@ -82,6 +82,10 @@ def cluster_url(name: str, default: str) -> str:
 # services of k8s/base. The S3 keys come from a Kubernetes Secret in the pods' namespace, never from here.
 S3_SECRET = os.environ.get("FLEXI_JEST_S3_SECRET", "flexi-jest-s3")
 S3_SECRET_KEYS = {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"}
+# MLflow's basic-auth credentials (k8s/base: the server's admin account), from a Secret as well
+MLFLOW_SECRET = os.environ.get("FLEXI_JEST_MLFLOW_SECRET", "flexi-jest-mlflow")
+MLFLOW_SECRET_KEYS = {"MLFLOW_TRACKING_USERNAME": "MLFLOW_TRACKING_USERNAME",
+                      "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD"}
 S3_ENDPOINT = cluster_url("FLEXI_JEST_S3_ENDPOINT", "http://minio.flexi-jest.svc.cluster.local:9000")
 CLUSTER_ENV = {
     "FLEXI_JEST_S3_ENDPOINT": S3_ENDPOINT,
@@ -91,8 +95,8 @@ CLUSTER_ENV = {
 
 
 def with_cluster_services(definition):
-    """The definition, then, for a cluster (ACCELERATORS), the S3 Secret as env vars and the endpoints on every
-    container task it made; local execution cannot resolve Kubernetes settings and uses this machine's env."""
+    """The definition, then, for a cluster (ACCELERATORS), the S3 and MLflow Secrets as env vars and the endpoints
+    on every container task it made; local execution cannot resolve Kubernetes settings and uses this machine's env."""
     @functools.wraps(definition)
     def definition_on_cluster(*args, **kwargs):
         definition(*args, **kwargs)
@@ -102,6 +106,7 @@ def with_cluster_services(definition):
             if task.component_spec.implementation.container is None:  # importers run no container
                 continue
             kubernetes.use_secret_as_env(task, secret_name=S3_SECRET, secret_key_to_env=S3_SECRET_KEYS)
+            kubernetes.use_secret_as_env(task, secret_name=MLFLOW_SECRET, secret_key_to_env=MLFLOW_SECRET_KEYS)
             for name, value in CLUSTER_ENV.items():
                 task.set_env_variable(name, value)
     return definition_on_cluster
@@ -109,15 +114,15 @@ def with_cluster_services(definition):
 
 def train_evaluate_promote(*, learner_config, eval_config, profile, method, score, filter_ratio, n_chunks, steps,
                            learning_rate, super_batch_size, model_name, storage_root, experiment, accelerator_type,
-                           accelerator_count, pool, cache, eval_split, reference_json, parent_run_id, promotion_config,
-                           eval_sets, champion_metric) -> dsl.PipelineTask:
+                           accelerator_count, pool, cache, eval_split, reference, reference_json, parent_run_id,
+                           promotion_config, eval_sets, champion_metric) -> dsl.PipelineTask:
     """Stages 4-6, shared by the full pipeline and the single-stage rerun: the learner, its zero-shot
     evaluation, their tracking and the learner's promotion through the MLflow registry; returns the evaluation."""
     multinode = ACCELERATORS and LEARNER_NODES > 1
     task = train_learner(config_json=learner_config, profile=profile, method=method, score=score,
                          filter_ratio=filter_ratio, n_chunks=n_chunks, steps=steps, learning_rate=learning_rate,
                          super_batch_size=super_batch_size, model_name=model_name, storage_root=storage_root,
-                         experiment=experiment, pool=pool, cache=cache, eval_split=eval_split,
+                         experiment=experiment, pool=pool, cache=cache, eval_split=eval_split, reference=reference,
                          nodes=LEARNER_NODES if multinode else 1, multinode_json=multinode_settings() if multinode else "{}")
     # several nodes: this task only launches and watches the PyTorchJob, so it needs no GPU itself
     learner = (task if multinode else on_gpu_pool(task, accelerator_type, accelerator_count)).set_retry(2)
@@ -209,15 +214,15 @@ def flexi_jest_pp_definition(
             super_batch_size=super_batch_size, model_name=model_name, storage_root=storage_root,
             experiment=experiment, accelerator_type=accelerator_type, accelerator_count=accelerator_count,
             pool=data.outputs["pool"], cache=cache.outputs["cache"], eval_split=data.outputs["eval_split"],
-            reference_json=reference.outputs["Output"], parent_run_id=parent_run_id, promotion_config=promotion_config,
-            eval_sets=eval_sets, champion_metric=champion_metric)
+            reference=reference.outputs["model"], reference_json=reference.outputs["Output"], parent_run_id=parent_run_id,
+            promotion_config=promotion_config, eval_sets=eval_sets, champion_metric=champion_metric)
         with dsl.ParallelFor(baseline_methods) as baseline:
             baseline_learner = on_gpu_pool(train_learner(
                 config_json=baseline_config, profile=profile, method=baseline, score=score, filter_ratio=filter_ratio,
                 n_chunks=n_chunks, steps=steps, learning_rate=learning_rate, super_batch_size=super_batch_size,
                 model_name=model_name, storage_root=storage_root, experiment=experiment,
-                pool=data.outputs["pool"], cache=cache.outputs["cache"], eval_split=data.outputs["eval_split"]),
-                accelerator_type, accelerator_count).set_retry(2)
+                pool=data.outputs["pool"], cache=cache.outputs["cache"], eval_split=data.outputs["eval_split"],
+                reference=reference.outputs["model"]), accelerator_type, accelerator_count).set_retry(2)
             baseline_evaluation = zero_shot_eval(
                 config_json=eval_config, profile=profile, method=baseline, experiment=experiment,
                 model=baseline_learner.outputs["model"], eval_split=data.outputs["eval_split"], eval_sets=eval_sets,
@@ -267,7 +272,8 @@ def from_run_definition(
             super_batch_size=super_batch_size, model_name=model_name, storage_root=storage_root,
             experiment=experiment, accelerator_type=accelerator_type, accelerator_count=accelerator_count,
             pool=earlier.outputs["pool"], cache=earlier.outputs["cache"], eval_split=earlier.outputs["eval_split"],
-            reference_json=earlier.outputs["Output"], parent_run_id=parent_run_id, promotion_config=promotion_config,
+            reference=earlier.outputs["reference"], reference_json=earlier.outputs["Output"],
+            parent_run_id=parent_run_id, promotion_config=promotion_config,
             eval_sets=eval_sets, champion_metric=champion_metric)
         compare_methods(main=evaluation.outputs["Output"], baselines=[],
                         parent_run_id=parent_run_id).set_caching_options(False)

@@ -33,7 +33,7 @@ def test_reference_training_reduces_its_loss(reference):
 def test_cache_covers_the_pool_and_matches_a_fresh_forward(reference, reference_cache, shapes_data):
     assert reference_cache.num_samples == shapes_data.splits["pool"].num_samples
     cache = ReferenceCache(reference_cache.cache_dir, shapes_data.splits["pool"].path, reference.checkpoint_sha256)
-    index, image_emb, text_emb = cache.load_shard(shapes_data.splits["pool"].path + "/shard-000000.tar")
+    index, image_emb, text_emb, _ = cache.load_shard(shapes_data.splits["pool"].path + "/shard-000000.tar")
     assert image_emb.dtype.name == "float16" and image_emb.shape == (300, TEST_MODEL.embed_dim)
     model, _ = load_model(reference.checkpoint)
     model.eval()
@@ -117,18 +117,21 @@ def test_missing_cache_entry_names_the_sample(shapes_data, reference, tmp_path):
     pool = tmp_path / "pool"
     shutil.copytree(shapes_data.splits["pool"].path, pool, ignore=shutil.ignore_patterns("refcache-*"))
     cache = cache_reference(CacheReferenceConfig(reference=reference.checkpoint, pool=str(pool), out_dir=str(tmp_path / "c")))
-    # drop one key from a sidecar, keeping the manifest's checksum consistent, as a partial cache would be
+    # drop one key from a sidecar, keeping the manifest's checksums consistent, as a partial cache would be
     import io
     import numpy as np
     from flexi_jest import storage
+    from flexi_jest.reference_cache import MANIFEST_DIGEST, manifest_digest
     manifest_path = tmp_path / "c" / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
     with np.load(tmp_path / "c" / "shard-000001.npz") as arrays:
-        kept = {k: arrays[k][1:] for k in ("keys", "image_emb", "text_emb")}
+        kept = {k: arrays[k][1:] for k in ("keys", "image_emb", "text_emb", "content_sha256")}
     buffer = io.BytesIO()
     np.savez(buffer, **kept)
     (tmp_path / "c" / "shard-000001.npz").write_bytes(buffer.getvalue())
-    manifest["shards"][f"{pool}/shard-000001.tar"]["sha256"] = storage.sha256_bytes(buffer.getvalue())
+    manifest["shards"][f"{pool}/shard-000001.tar"].update(sha256=storage.sha256_bytes(buffer.getvalue()),
+                                                         num_samples=len(kept["keys"]))
+    manifest[MANIFEST_DIGEST] = manifest_digest(manifest)
     manifest_path.write_text(json.dumps(manifest))
     with pytest.raises(CacheError, match="is not in the reference cache"):
         train_learner(learner_config(shapes_data, cache, tmp_path / "l", pool=str(pool), steps=30))
@@ -183,7 +186,7 @@ def test_offline_filter_keeps_the_top_fraction_of_the_pool_by_reference_cosine(s
     assert offline.kept == round(0.3 * offline.pool_size)
     cosines = {}
     for shard in cache.manifest["shards"]:
-        index, image_emb, text_emb = cache.load_shard(shard)
+        index, image_emb, text_emb, _ = cache.load_shard(shard)
         row_cosines = pair_cosines(torch.from_numpy(image_emb), torch.from_numpy(text_emb))
         cosines.update({key: float(row_cosines[row]) for key, row in index.items()})
     kept = [cosines[key] for key in offline.kept_keys]

@@ -3,16 +3,24 @@
 Layout (a directory of its own: beside the pool for data this project generated, else beside the reference's
 model file, in the run's storage; never inside a user's dataset):
 
-    refcache-<sha12>/shard-000000.npz   keys [N] (str), image_emb [N, d] fp16, text_emb [N, d] fp16
-    refcache-<sha12>/manifest.json      reference sha256, logit scale/bias, per-shard (by shard URL) counts and sha256
+    refcache-<sha12>/shard-000000.npz   keys [N] (str), image_emb [N, d] fp16, text_emb [N, d] fp16,
+                                        content_sha256 [N, 32] uint8 (each sample's caption and image bytes)
+    refcache-<sha12>/manifest.json      reference sha256, logit scale/bias, per-shard (by shard URL) counts and
+                                        sha256, and manifest_sha256: the digest of every other field
 
 Rows are looked up by sample key (webdataset's __key__; img2dataset's shards use their `key` for it).
 
 With cached embeddings the reference's [B, B] pair-loss matrix of any super-batch is one matmul
 (losses.sigmoid_pair_losses), so learner training runs no reference forward pass, and the offline filter's
 per-sample image-text cosine over the whole pool is one pass over the sidecars (OfflineFilter).
+
+A cache cannot be silently wrong: an edited manifest fails its digest, a sidecar its sha256, finite values
+and shapes are checked on load, keys are unique across the pool, and every sample joined at training time
+must have the caption and image bytes it had when it was cached (content_sha256), with or without a
+pool manifest. Every failure is a CacheError naming the cache (and the shard, key or file).
 """
 
+import hashlib
 import io
 import json
 import time
@@ -28,15 +36,33 @@ from flexi_jest.config import CacheReferenceConfig, CacheReferenceResult
 from flexi_jest.device import resolve_device, to_model_input
 from flexi_jest.flops import offline_filter_flops, pair_forward_flops
 from flexi_jest.models import Tokenizer
-from flexi_jest.data.shards import ReadStats, decode_sample, iter_tar, read_manifest
+from flexi_jest.data.shards import IMAGE_EXTENSIONS, ReadStats, decode_sample, iter_tar, read_manifest
 from flexi_jest.data.specs import resolve
 from flexi_jest.selection import offline_keep_mask, pair_cosines
 
 CACHE_MANIFEST = "manifest.json"
+CACHE_FORMAT = "flexi-jest-refcache/2"
+MANIFEST_DIGEST = "manifest_sha256"
 
 
 class CacheError(RuntimeError):
     """The reference cache is missing, stale, corrupt or does not cover a sample."""
+
+
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """sha256 of a cache manifest's fields (all but the digest itself), as canonical JSON."""
+    fields = {key: value for key, value in manifest.items() if key != MANIFEST_DIGEST}
+    return storage.sha256_bytes(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode())
+
+
+def sample_fingerprint(raw: dict[str, Any]) -> bytes:
+    """sha256 (32 bytes) of a raw sample's caption and image bytes: what its cached embeddings were computed from."""
+    digest = hashlib.sha256()
+    image = next((raw[ext] for ext in IMAGE_EXTENSIONS if ext in raw), b"")
+    for part in (raw.get("txt", b""), image):
+        digest.update(len(part).to_bytes(8, "little"))
+        digest.update(part)
+    return digest.digest()
 
 
 def is_generated(pool: str) -> bool:
@@ -89,43 +115,62 @@ def write_cache(
     stats = ReadStats()
     shards: dict[str, dict[str, Any]] = {}
     image_size = model.cfg.image_size
+    dim = model.cfg.embed_dim
+    owner: dict[str, str] = {}  # key -> the shard it was read from: keys must be unique across the pool
     for index, shard in enumerate(resolve(pool_dir).shards):
         keys: list[str] = []
         image_embs: list[np.ndarray] = []
         text_embs: list[np.ndarray] = []
+        fingerprints: list[bytes] = []
         skipped_keys: list[str] = []
 
         def decoded() -> Iterator[dict[str, Any]]:
             for raw in iter_tar(shard, stats):
+                key = raw["__key__"]
+                if key in owner:
+                    raise CacheError(f"key {key!r} is in shard {owner[key]} and in shard {shard.url} of {pool_dir}: a "
+                                     f"reference cache is keyed by sample, so the cache {cache_dir} is not written")
+                owner[key] = shard.url
                 sample = decode_sample(raw, image_size, stats)
                 if sample is None:
-                    skipped_keys.append(raw["__key__"])
+                    skipped_keys.append(key)
                 else:
+                    sample["fingerprint"] = sample_fingerprint(raw)
                     yield sample
 
         for batch in _batches(decoded(), batch_size):
             images = to_model_input(torch.stack([s["image"] for s in batch]))
             tokens = tokenizer([s["caption"] for s in batch]).to(device)
             image_emb, text_emb = model(images, tokens, patch_size)
+            image_half = image_emb.float().cpu().numpy().astype(np.float16)
+            text_half = text_emb.float().cpu().numpy().astype(np.float16)
+            finite = np.isfinite(image_half).all(axis=1) & np.isfinite(text_half).all(axis=1)
+            if not finite.all():
+                bad = [s["key"] for s, ok in zip(batch, finite) if not ok]
+                raise CacheError(f"the reference gives non-finite (NaN/inf) fp16 embeddings for {len(bad)} samples of "
+                                 f"shard {shard.url} ({bad[:5]}): the cache {cache_dir} is not written")
             keys += [s["key"] for s in batch]
-            image_embs.append(image_emb.float().cpu().numpy().astype(np.float16))
-            text_embs.append(text_emb.float().cpu().numpy().astype(np.float16))
-        dim = model.cfg.embed_dim
+            fingerprints += [s["fingerprint"] for s in batch]
+            image_embs.append(image_half)
+            text_embs.append(text_half)
         buffer = io.BytesIO()
+        content = np.frombuffer(b"".join(fingerprints), np.uint8).reshape(len(fingerprints), 32)
         np.savez(
             buffer,
             keys=np.array(keys, dtype=str),
             image_emb=np.concatenate(image_embs) if image_embs else np.zeros((0, dim), np.float16),
             text_emb=np.concatenate(text_embs) if text_embs else np.zeros((0, dim), np.float16),
+            content_sha256=content,
         )
         data = buffer.getvalue()
         sidecar = f"shard-{index:06d}.npz"
         storage.write_bytes(storage.join(cache_dir, sidecar), data)
         shards[shard.url] = {
             "file": sidecar, "num_samples": len(keys), "sha256": storage.sha256_bytes(data), "skipped_keys": skipped_keys,
+            "content_sha256": storage.sha256_bytes(content.tobytes()),  # the shard's fingerprint, pool manifest or not
         }
     manifest = {
-        "format": "flexi-jest-refcache/1",
+        "format": CACHE_FORMAT,
         "reference_sha256": reference_sha256,
         "logit_scale": float(model.logit_scale),
         "logit_bias": float(model.logit_bias),
@@ -141,6 +186,7 @@ def write_cache(
         "read_stats": stats.to_summary().model_dump(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    manifest[MANIFEST_DIGEST] = manifest_digest(manifest)
     storage.write_bytes(storage.join(cache_dir, CACHE_MANIFEST), json.dumps(manifest, indent=1).encode())
     return manifest
 
@@ -164,12 +210,12 @@ class ReferenceCache:
         if not storage.exists(uri):
             raise CacheError(f"no reference cache at {cache_dir} (missing {CACHE_MANIFEST}); run cache-reference first")
         self.cache_dir = cache_dir
-        self.manifest = json.loads(storage.read_bytes(uri))
+        self.manifest = self._read_manifest(uri)
         sha = self.manifest["reference_sha256"]
         if expected_reference_sha256 and sha != expected_reference_sha256:
             raise CacheError(
-                f"reference cache {cache_dir} was made by reference {sha[:12]}, not the expected "
-                f"{expected_reference_sha256[:12]}: re-run cache-reference with the current reference"
+                f"reference cache {cache_dir} was made by reference {sha}, not the expected "
+                f"{expected_reference_sha256}: re-run cache-reference with the current reference"
             )
         if pool_dir is not None:
             current = _pool_fingerprint(pool_dir)
@@ -177,28 +223,79 @@ class ReferenceCache:
                 raise CacheError(f"reference cache {cache_dir} was made for different shards than {pool_dir}: re-run cache-reference")
         self.logit_scale = torch.tensor(self.manifest["logit_scale"])
         self.logit_bias = torch.tensor(self.manifest["logit_bias"])
+        self._key_shard: dict[str, str] = {}  # key -> shard, over the sidecars loaded so far
 
-    def load_shard(self, shard_name: str) -> tuple[dict[str, int], np.ndarray, np.ndarray]:
-        """(key -> row, image_emb [N, d] fp16, text_emb [N, d] fp16) of one shard's sidecar (by the shard's URL, as
-        the pool's spec resolves it), checksum verified."""
+    def _read_manifest(self, uri: str) -> dict[str, Any]:
+        """The manifest, checked: readable JSON, this format, its digest, finite scale/bias, names inside the cache."""
+        try:
+            manifest = json.loads(storage.read_bytes(uri))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CacheError(f"reference cache {self.cache_dir}: {uri} is not valid JSON (truncated or corrupt: "
+                             f"{exc}); re-run cache-reference") from exc
+        if not isinstance(manifest, dict) or manifest.get("format") != CACHE_FORMAT:
+            found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+            raise CacheError(f"reference cache {self.cache_dir}: {uri} has format {found!r}, not {CACHE_FORMAT!r} "
+                             "(an older or foreign cache); re-run cache-reference")
+        if manifest.get(MANIFEST_DIGEST) != manifest_digest(manifest):
+            raise CacheError(f"reference cache {self.cache_dir}: {uri} fails its digest ({MANIFEST_DIGEST}): a field "
+                             "(logit_scale, logit_bias, reference_sha256, shards, ...) was changed after caching; "
+                             "re-run cache-reference")
+        for field in ("logit_scale", "logit_bias"):
+            value = manifest.get(field)
+            if not isinstance(value, (int, float)) or not np.isfinite(value):
+                raise CacheError(f"reference cache {self.cache_dir}: {uri} has {field} = {value!r}, not a finite number")
+        for entry in manifest["shards"].values():
+            try:
+                storage.confined(self.cache_dir, entry["file"], uri)
+            except storage.UnsafeNameError as exc:
+                raise CacheError(f"reference cache {self.cache_dir}: {exc}") from exc
+        return manifest
+
+    def load_shard(self, shard_name: str) -> tuple[dict[str, int], np.ndarray, np.ndarray, np.ndarray]:
+        """(key -> row, image_emb [N, d] fp16, text_emb [N, d] fp16, content_sha256 [N, 32] uint8) of one shard's
+        sidecar (by the shard's URL, as the pool's spec resolves it); checksum, shapes, finiteness and key
+        uniqueness verified."""
         entry = self.manifest["shards"].get(shard_name)
         if entry is None:
             raise CacheError(f"reference cache {self.cache_dir} has no entry for shard {shard_name}")
-        uri = storage.join(self.cache_dir, entry["file"])
+        uri = storage.confined(self.cache_dir, entry["file"], storage.join(self.cache_dir, CACHE_MANIFEST))
         data = storage.read_bytes(uri)
         if storage.sha256_bytes(data) != entry["sha256"]:
             raise CacheError(f"reference cache file {uri} fails its checksum: it is corrupt, re-run cache-reference")
-        with np.load(io.BytesIO(data)) as arrays:
-            keys = arrays["keys"]
-            index = {str(k): i for i, k in enumerate(keys)}
-            return index, arrays["image_emb"], arrays["text_emb"]
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
+                keys, image_emb, text_emb, content = (arrays[name] for name in
+                                                      ("keys", "image_emb", "text_emb", "content_sha256"))
+        except Exception as exc:  # a bad zip, a missing array, a pickled array: numpy raises several types
+            raise CacheError(f"reference cache {self.cache_dir}: {uri} is not a readable sidecar (keys, image_emb, "
+                             f"text_emb, content_sha256): {exc!r}") from exc
+        n, dim = entry["num_samples"], self.manifest["embed_dim"]
+        expected = {"keys": (n,), "image_emb": (n, dim), "text_emb": (n, dim), "content_sha256": (n, 32)}
+        for name, array in (("keys", keys), ("image_emb", image_emb), ("text_emb", text_emb), ("content_sha256", content)):
+            if array.shape != expected[name]:
+                raise CacheError(f"reference cache {self.cache_dir}: {uri} has {name} of shape {array.shape}, the "
+                                 f"manifest says {expected[name]} (num_samples {n}, embed_dim {dim})")
+        if not (np.isfinite(image_emb).all() and np.isfinite(text_emb).all()):
+            bad = [str(k) for k, ok in zip(keys, np.isfinite(image_emb).all(1) & np.isfinite(text_emb).all(1)) if not ok]
+            raise CacheError(f"reference cache {self.cache_dir}: shard {shard_name} ({uri}) holds non-finite (NaN/inf) "
+                             f"embeddings for {len(bad)} samples ({bad[:5]}); re-run cache-reference")
+        index: dict[str, int] = {}
+        for row, key in enumerate(map(str, keys)):
+            other = shard_name if key in index else self._key_shard.get(key, shard_name)
+            if other != shard_name or key in index:
+                raise CacheError(f"reference cache {self.cache_dir}: key {key!r} is in shard {other} and in shard "
+                                 f"{shard_name}; keys must be unique, re-run cache-reference on a pool with unique keys")
+            index[key] = row
+            self._key_shard[key] = shard_name
+        return index, image_emb, text_emb, content
 
     def attach(self, shard_name: str, raws: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        """Add ref_image_emb / ref_text_emb (fp16 [d]) to each raw sample of shard_name; a missing key is a CacheError.
+        """Add ref_image_emb / ref_text_emb (fp16 [d]) to each raw sample of shard_name; a missing key, or a sample
+        whose caption or image bytes changed since caching, is a CacheError.
 
         Samples the cache pass skipped as unreadable pass through without embeddings (the reader skips them again).
         """
-        index, image_emb, text_emb = self.load_shard(shard_name)
+        index, image_emb, text_emb, content = self.load_shard(shard_name)
         unreadable = set(self.manifest["shards"][shard_name].get("skipped_keys", []))
         for raw in raws:
             row = index.get(raw["__key__"])
@@ -210,6 +307,11 @@ class ReferenceCache:
                     f"sample {raw['__key__']} of shard {shard_name} is not in the reference cache {self.cache_dir}: "
                     "the pool changed after caching; re-run cache-reference"
                 )
+            if sample_fingerprint(raw) != content[row].tobytes():
+                raise CacheError(
+                    f"sample {raw['__key__']} of shard {shard_name} has another caption or image than when the "
+                    f"reference cache {self.cache_dir} was made: the pool changed after caching; re-run cache-reference"
+                )
             raw["ref_image_emb"] = torch.from_numpy(image_emb[row])
             raw["ref_text_emb"] = torch.from_numpy(text_emb[row])
             yield raw
@@ -220,7 +322,7 @@ class ReferenceCache:
         keys: list[str] = []
         cosines: list[Tensor] = []
         for shard_name in self.manifest["shards"]:
-            index, image_emb, text_emb = self.load_shard(shard_name)
+            index, image_emb, text_emb, _ = self.load_shard(shard_name)
             keys += sorted(index, key=index.get)
             cosines.append(pair_cosines(torch.from_numpy(image_emb), torch.from_numpy(text_emb)))
         if not keys:
@@ -272,15 +374,19 @@ def cache_reference(cfg: CacheReferenceConfig) -> CacheReferenceResult:
     )
 
 
-def reference_share(cache_dir: str) -> dict[str, Any]:
-    """What a learner run needs to know of the reference behind a cache: its sha256 and its FLOPs (training,
-    from the result.json beside its model file when there is one, and the caching pass), counted once."""
-    manifest = ReferenceCache(cache_dir).manifest
+def reference_share(cache_dir: str, reference_sha256: str) -> dict[str, Any]:
+    """What a learner run needs to know of the reference behind a cache: the sha256 of the reference it was
+    given (a pipeline: the reference stage's output, never the cache's own record), checked against the cache
+    (a CacheError naming both when they differ), and the reference's FLOPs (training, from the result.json
+    beside its model file when there is one, and the caching pass), counted once."""
+    if not reference_sha256:
+        raise ValueError(f"reference_share({cache_dir!r}): the reference's sha256 is required, to check the cache against")
+    manifest = ReferenceCache(cache_dir, expected_reference_sha256=reference_sha256).manifest
     training_flops = 0.0
     reference = manifest.get("reference")
     if reference:
         result_uri = storage.join(reference.rsplit("/", 1)[0], "result.json")
         if storage.exists(result_uri):
             training_flops = float(json.loads(storage.read_bytes(result_uri))["flops"]["reference_training"])
-    return {"reference_sha256": manifest["reference_sha256"], "reference_training_flops": training_flops,
+    return {"reference_sha256": reference_sha256, "reference_training_flops": training_flops,
             "reference_caching_flops": float(manifest.get("flops", 0.0))}

@@ -100,6 +100,19 @@ def with_knobs(values: dict[str, Any], **knobs: Any) -> dict[str, Any]:
     return values
 
 
+def learner_reference(cache_uri: str, reference: dict[str, Any]) -> dict[str, Any]:
+    """A pipeline learner's reference fields (reference_sha256, reference_training_flops, reference_caching_flops).
+
+    reference: the metadata of the reference stage's output (its model artifact): the sha256 its training
+    recorded, else (an imported model file) the sha256 of the file at its uri. The cache must have been made by
+    that reference: a cache of another reference fails here with a CacheError naming both sha256s (the cache's
+    own record of its reference is never trusted as the expectation)."""
+    from flexi_jest.reference_cache import reference_share
+
+    sha = reference.get("sha256") or storage.sha256_file(reference["uri"])
+    return reference_share(cache_uri, sha)
+
+
 EVAL_POINTS = 5  # evaluations during a pipeline learner's training: its accuracy-vs-FLOPs curve
 
 
