@@ -33,12 +33,15 @@ OVERLAYS = ["local", "gke"]
 TEST_CREDENTIALS = {
     "minio.env": {"AWS_ACCESS_KEY_ID": "test-access-key", "AWS_SECRET_ACCESS_KEY": "test-secret-key-0123"},
     "postgres.env": {"POSTGRES_PASSWORD": "test-postgres-password"},
+    "mlflow.env": {"MLFLOW_TRACKING_USERNAME": "test-mlflow-admin", "MLFLOW_TRACKING_PASSWORD": "test-mlflow-password-0123"},
 }
 S3_SECRET = "flexi-jest-s3"
+MLFLOW_SECRET = "flexi-jest-mlflow"
 GPU_LABEL = ("flexi-jest/node-pool", "gpu")  # pipelines/flexi_jest_pp.py's default FLEXI_JEST_GPU_NODE_SELECTOR
 GPU_TOLERATION = "nvidia.com/gpu"
 GPU_STAGES = ("reference-finetune", "cache-reference-scores", "train-learner")
-CLUSTER_ENV_NAMES = ("FLEXI_JEST_S3_ENDPOINT", "MLFLOW_S3_ENDPOINT_URL", "MLFLOW_TRACKING_URI", "FLEXI_JEST_S3_SECRET")
+CLUSTER_ENV_NAMES = ("FLEXI_JEST_S3_ENDPOINT", "MLFLOW_S3_ENDPOINT_URL", "MLFLOW_TRACKING_URI", "FLEXI_JEST_S3_SECRET",
+                     "FLEXI_JEST_MLFLOW_SECRET")
 TEMPLATE_INPUTS = dict(  # what k8s/pytorchjob/ holds, as pytorchjob_manifest arguments (config_json: its config.json)
     name="flexi-jest-learner", image="ghcr.io/flexi-jest/flexi-jest-cuda:0.1.0", nodes=2, gpus_per_node=8,
     node_selector={GPU_LABEL[0]: GPU_LABEL[1]}, toleration_key=GPU_TOLERATION, namespace="flexi-jest",
@@ -133,6 +136,7 @@ def test_overlay_validates_against_the_kubernetes_schemas(overlay):
     kinds = sorted(f"{d['kind']}/{d['metadata']['name']}" for d in documents)
     assert kinds == sorted([
         "Namespace/flexi-jest", "ConfigMap/flexi-jest-settings", "Secret/flexi-jest-s3", "Secret/flexi-jest-postgres",
+        "Secret/flexi-jest-mlflow",
         "Service/minio", "StatefulSet/minio", "Job/minio-buckets", "Service/postgres", "StatefulSet/postgres",
         "Service/mlflow", "Deployment/mlflow", "ServiceAccount/flexi-jest-pipeline-runner",
         "Role/flexi-jest-pipeline-runner", "RoleBinding/flexi-jest-pipeline-runner"])
@@ -154,7 +158,8 @@ def test_schema_validation_rejects_a_broken_manifest(overlay):
 
 def test_secrets_come_from_the_git_ignored_env_files(overlay):
     _, documents = overlay
-    for secret_name, file_name in (("flexi-jest-s3", "minio.env"), ("flexi-jest-postgres", "postgres.env")):
+    for secret_name, file_name in (("flexi-jest-s3", "minio.env"), ("flexi-jest-postgres", "postgres.env"),
+                                   (MLFLOW_SECRET, "mlflow.env")):
         secret = find(documents, "Secret", secret_name)  # an unhashed name: the pipeline refers to it by name
         decoded = {key: base64.b64decode(value).decode() for key, value in secret["data"].items()}
         assert decoded == TEST_CREDENTIALS[file_name]
@@ -203,7 +208,8 @@ def test_mlflow_server_uses_postgres_and_minio(overlay):
     _, documents = overlay
     (mlflow,) = find(documents, "Deployment", "mlflow")["spec"]["template"]["spec"]["containers"]
     env = env_of(mlflow)
-    assert mlflow["command"] == ["mlflow", "server"]
+    assert mlflow["command"][:2] == ["/bin/sh", "-c"]
+    assert 'exec mlflow server --app-name basic-auth "$@"' in mlflow["command"][2]  # the args follow as "$@"
     assert mlflow["image"].startswith("ghcr.io/flexi-jest/flexi-jest:"), "the project's CPU image (psycopg2, boto3)"
 
     postgres = find(documents, "StatefulSet", "postgres")["spec"]["template"]["spec"]["containers"][0]
@@ -230,6 +236,101 @@ def test_mlflow_server_uses_postgres_and_minio(overlay):
     buckets = env_of(find(documents, "Job", "minio-buckets")["spec"]["template"]["spec"]["containers"][0])["BUCKETS"]
     assert destination.scheme == "s3" and destination.netloc in buckets["value"].split()
     assert set(buckets["value"].split()) == {"flexi-jest", "mlflow"}
+
+
+def test_mlflow_server_requires_basic_auth_with_the_secrets_credentials(overlay):
+    """The server runs MLflow's basic-auth app; its admin account is the Secret's, which the pipeline's pods use."""
+    _, documents = overlay
+    (mlflow,) = find(documents, "Deployment", "mlflow")["spec"]["template"]["spec"]["containers"]
+    assert secret_ref(mlflow, "MLFLOW_AUTH_ADMIN_USERNAME") == (MLFLOW_SECRET, "MLFLOW_TRACKING_USERNAME")
+    assert secret_ref(mlflow, "MLFLOW_AUTH_ADMIN_PASSWORD") == (MLFLOW_SECRET, "MLFLOW_TRACKING_PASSWORD")
+    assert "--app-name basic-auth" in mlflow["command"][2] and "--app-name" not in mlflow["args"]
+    for probe in ("readinessProbe", "livenessProbe"):  # the auth app leaves /health open for the kubelet
+        assert mlflow[probe]["httpGet"]["path"] == "/health"
+
+
+def run_script(script: str, arguments: list[str], env: dict[str, str], tmp_path: Path) -> subprocess.CompletedProcess:
+    """A container's shell script, run by sh here, with stand-ins for `mlflow` and `mc` on PATH that record
+    their arguments (and, for mlflow, the auth config it would read)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name in ("mlflow", "mc"):
+        stub = bin_dir / name
+        stub.write_text(f'#!/bin/sh\necho "{name} $*" >> "{tmp_path}/calls"\n'
+                        '[ -n "${MLFLOW_AUTH_CONFIG_PATH:-}" ] && cp "$MLFLOW_AUTH_CONFIG_PATH" '
+                        f'"{tmp_path}/auth.ini"\nexit 0\n')
+        stub.chmod(0o755)
+    environment = {"PATH": f"{bin_dir}:/usr/bin:/bin", "TMPDIR": str(tmp_path), **env}
+    return subprocess.run(["sh", "-c", script, "container", *arguments], env=environment, capture_output=True,
+                          text=True, timeout=60)
+
+
+def mlflow_script_env(documents: list[dict], credentials: dict[str, str]) -> tuple[str, list[str], dict[str, str]]:
+    (mlflow,) = find(documents, "Deployment", "mlflow")["spec"]["template"]["spec"]["containers"]
+    env = {"MLFLOW_AUTH_ADMIN_USERNAME": credentials["MLFLOW_TRACKING_USERNAME"],
+           "MLFLOW_AUTH_ADMIN_PASSWORD": credentials["MLFLOW_TRACKING_PASSWORD"],
+           "POSTGRES_PASSWORD": credentials["POSTGRES_PASSWORD"],
+           "MLFLOW_BACKEND_STORE_URI": f"postgresql://mlflow:{credentials['POSTGRES_PASSWORD']}@postgres:5432/mlflow",
+           "AWS_ACCESS_KEY_ID": credentials["AWS_ACCESS_KEY_ID"], "AWS_SECRET_ACCESS_KEY": credentials["AWS_SECRET_ACCESS_KEY"]}
+    return mlflow["command"][2], mlflow["command"][3:] + mlflow["args"], env
+
+
+def placeholders() -> dict[str, str]:
+    values = {}
+    for example in (K8S / "base").glob("*.env.example"):
+        values.update(line.split("=", 1) for line in example.read_text().splitlines() if "=" in line and not line.startswith("#"))
+    return values
+
+
+REAL = {key: value for file in TEST_CREDENTIALS.values() for key, value in file.items()}
+
+
+def test_mlflow_start_script_runs_the_auth_app_with_real_credentials(overlay, tmp_path):
+    """With real values the script writes the auth config (users in the tracking database) and starts the server."""
+    from mlflow.server.auth.config import read_auth_config
+
+    _, documents = overlay
+    script, arguments, env = mlflow_script_env(documents, {**REAL, "POSTGRES_PASSWORD": "pass%word-0123"})
+    done = run_script(script, arguments, env, tmp_path)
+    assert done.returncode == 0, done.stderr
+    call = (tmp_path / "calls").read_text().split()
+    assert call[:4] == ["mlflow", "server", "--app-name", "basic-auth"] and "--artifacts-destination" in call
+    os.environ["MLFLOW_AUTH_CONFIG_PATH"] = str(tmp_path / "auth.ini")
+    try:
+        config = read_auth_config()  # MLflow's own reader of the file the script wrote
+    finally:
+        del os.environ["MLFLOW_AUTH_CONFIG_PATH"]
+    assert config.database_uri == env["MLFLOW_BACKEND_STORE_URI"]  # a '%' survives configparser
+    assert config.authorization_function == "mlflow.server.auth:authenticate_request_basic_auth"
+    assert (tmp_path / "auth.ini").stat().st_mode & 0o077 == 0, "the config (database password) is private"
+
+
+@pytest.mark.parametrize("name", ["MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "POSTGRES_PASSWORD",
+                                  "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"])
+def test_mlflow_start_script_refuses_a_change_me_placeholder(overlay, tmp_path, name):
+    _, documents = overlay
+    placeholder = placeholders()[name]
+    assert placeholder.startswith("change-me")
+    script, arguments, env = mlflow_script_env(documents, {**REAL, name: placeholder})
+    done = run_script(script, arguments, env, tmp_path)
+    assert done.returncode != 0 and "change-me placeholder" in done.stderr and "refusing to start MLflow" in done.stderr
+    assert not (tmp_path / "calls").exists(), "mlflow was not started"
+
+
+@pytest.mark.parametrize("name", ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"])
+def test_bucket_job_refuses_a_change_me_placeholder(overlay, tmp_path, name):
+    _, documents = overlay
+    (mc,) = find(documents, "Job", "minio-buckets")["spec"]["template"]["spec"]["containers"]
+    script = mc["args"][0]
+    env = {item["name"]: item["value"] for item in mc["env"] if "value" in item}
+    real = {"AWS_ACCESS_KEY_ID": REAL["AWS_ACCESS_KEY_ID"], "AWS_SECRET_ACCESS_KEY": REAL["AWS_SECRET_ACCESS_KEY"]}
+    (tmp_path / "real").mkdir()
+    done = run_script(script, [], {**env, **real}, tmp_path / "real")
+    assert done.returncode == 0, done.stderr
+    assert "mc mb --ignore-existing store/mlflow" in (tmp_path / "real" / "calls").read_text()
+    done = run_script(script, [], {**env, **real, name: placeholders()[name]}, tmp_path)
+    assert done.returncode != 0 and f"{name} is empty or still a change-me placeholder" in done.stderr
+    assert not (tmp_path / "calls").exists(), "no bucket was created with placeholder credentials"
 
 
 def test_rbac_lets_the_pipeline_runner_manage_pytorchjobs(overlay):
@@ -280,7 +381,7 @@ def test_settings_are_the_pipelines_defaults(overlay, cluster_pipeline_module):
     settings = find(documents, "ConfigMap", "flexi-jest-settings")["data"]
     module = cluster_pipeline_module
     assert settings == {
-        **module.CLUSTER_ENV, "FLEXI_JEST_S3_SECRET": module.S3_SECRET,
+        **module.CLUSTER_ENV, "FLEXI_JEST_S3_SECRET": module.S3_SECRET, "FLEXI_JEST_MLFLOW_SECRET": module.MLFLOW_SECRET,
         "FLEXI_JEST_GPU_NODE_SELECTOR": module.GPU_NODE_SELECTOR, "FLEXI_JEST_GPU_TOLERATION": module.GPU_TOLERATION_KEY}
     # and they name the services this overlay deploys
     for key, service, port in (("FLEXI_JEST_S3_ENDPOINT", "minio", 9000), ("MLFLOW_TRACKING_URI", "mlflow", 5000)):
@@ -518,7 +619,11 @@ def test_cluster_pipeline_mounts_the_s3_secret_and_schedules_gpu_stages(stage, c
     expected_secret = [{"secretName": "flexi-jest-s3", "optional": False,
                         "secretNameParameter": {"runtimeValue": {"constant": "flexi-jest-s3"}},
                         "keyToEnv": [{"secretKey": "AWS_ACCESS_KEY_ID", "envVar": "AWS_ACCESS_KEY_ID"},
-                                     {"secretKey": "AWS_SECRET_ACCESS_KEY", "envVar": "AWS_SECRET_ACCESS_KEY"}]}]
+                                     {"secretKey": "AWS_SECRET_ACCESS_KEY", "envVar": "AWS_SECRET_ACCESS_KEY"}]},
+                       {"secretName": MLFLOW_SECRET, "optional": False,
+                        "secretNameParameter": {"runtimeValue": {"constant": MLFLOW_SECRET}},
+                        "keyToEnv": [{"secretKey": "MLFLOW_TRACKING_USERNAME", "envVar": "MLFLOW_TRACKING_USERNAME"},
+                                     {"secretKey": "MLFLOW_TRACKING_PASSWORD", "envVar": "MLFLOW_TRACKING_PASSWORD"}]}]
     gpu_executors = [name for name in containers if re.fullmatch(rf"exec-({'|'.join(GPU_STAGES)})(-\d+)?", name)]
     assert "exec-train-learner" in gpu_executors
     for name, container in containers.items():
@@ -529,6 +634,7 @@ def test_cluster_pipeline_mounts_the_s3_secret_and_schedules_gpu_stages(stage, c
                        "MLFLOW_S3_ENDPOINT_URL": "http://minio.flexi-jest.svc.cluster.local:9000",
                        "MLFLOW_TRACKING_URI": "http://mlflow.flexi-jest.svc.cluster.local:5000"}, name
         assert "AWS_SECRET_ACCESS_KEY" not in json.dumps(container.get("env", [])), "keys only through the Secret"
+        assert "MLFLOW_TRACKING_PASSWORD" not in json.dumps(container.get("env", [])), "only through the Secret"
         if name in gpu_executors:
             assert kubernetes["nodeSelector"] == {"labels": {GPU_LABEL[0]: GPU_LABEL[1]}}, name
             assert kubernetes["tolerations"] == [{"key": GPU_TOLERATION, "operator": "Exists", "effect": "NoSchedule"}]
