@@ -34,6 +34,7 @@ TEST_CREDENTIALS = {
     "minio.env": {"AWS_ACCESS_KEY_ID": "test-access-key", "AWS_SECRET_ACCESS_KEY": "test-secret-key-0123"},
     "postgres.env": {"POSTGRES_PASSWORD": "test-postgres-password"},
     "mlflow.env": {"MLFLOW_TRACKING_USERNAME": "test-mlflow-admin", "MLFLOW_TRACKING_PASSWORD": "test-mlflow-password-0123"},
+    "mlflow-server.env": {"MLFLOW_FLASK_SERVER_SECRET_KEY": "test-flask-secret-key"},
 }
 S3_SECRET = "flexi-jest-s3"
 MLFLOW_SECRET = "flexi-jest-mlflow"
@@ -136,7 +137,7 @@ def test_overlay_validates_against_the_kubernetes_schemas(overlay):
     kinds = sorted(f"{d['kind']}/{d['metadata']['name']}" for d in documents)
     assert kinds == sorted([
         "Namespace/flexi-jest", "ConfigMap/flexi-jest-settings", "Secret/flexi-jest-s3", "Secret/flexi-jest-postgres",
-        "Secret/flexi-jest-mlflow",
+        "Secret/flexi-jest-mlflow", "Secret/flexi-jest-mlflow-server",
         "Service/minio", "StatefulSet/minio", "Job/minio-buckets", "Service/postgres", "StatefulSet/postgres",
         "Service/mlflow", "Deployment/mlflow", "ServiceAccount/flexi-jest-pipeline-runner",
         "Role/flexi-jest-pipeline-runner", "RoleBinding/flexi-jest-pipeline-runner"])
@@ -159,7 +160,7 @@ def test_schema_validation_rejects_a_broken_manifest(overlay):
 def test_secrets_come_from_the_git_ignored_env_files(overlay):
     _, documents = overlay
     for secret_name, file_name in (("flexi-jest-s3", "minio.env"), ("flexi-jest-postgres", "postgres.env"),
-                                   (MLFLOW_SECRET, "mlflow.env")):
+                                   (MLFLOW_SECRET, "mlflow.env"), ("flexi-jest-mlflow-server", "mlflow-server.env")):
         secret = find(documents, "Secret", secret_name)  # an unhashed name: the pipeline refers to it by name
         decoded = {key: base64.b64decode(value).decode() for key, value in secret["data"].items()}
         assert decoded == TEST_CREDENTIALS[file_name]
@@ -244,6 +245,8 @@ def test_mlflow_server_requires_basic_auth_with_the_secrets_credentials(overlay)
     (mlflow,) = find(documents, "Deployment", "mlflow")["spec"]["template"]["spec"]["containers"]
     assert secret_ref(mlflow, "MLFLOW_AUTH_ADMIN_USERNAME") == (MLFLOW_SECRET, "MLFLOW_TRACKING_USERNAME")
     assert secret_ref(mlflow, "MLFLOW_AUTH_ADMIN_PASSWORD") == (MLFLOW_SECRET, "MLFLOW_TRACKING_PASSWORD")
+    assert secret_ref(mlflow, "MLFLOW_FLASK_SERVER_SECRET_KEY") == ("flexi-jest-mlflow-server",
+                                                                   "MLFLOW_FLASK_SERVER_SECRET_KEY")
     assert "--app-name basic-auth" in mlflow["command"][2] and "--app-name" not in mlflow["args"]
     for probe in ("readinessProbe", "livenessProbe"):  # the auth app leaves /health open for the kubelet
         assert mlflow[probe]["httpGet"]["path"] == "/health"
@@ -269,6 +272,7 @@ def mlflow_script_env(documents: list[dict], credentials: dict[str, str]) -> tup
     (mlflow,) = find(documents, "Deployment", "mlflow")["spec"]["template"]["spec"]["containers"]
     env = {"MLFLOW_AUTH_ADMIN_USERNAME": credentials["MLFLOW_TRACKING_USERNAME"],
            "MLFLOW_AUTH_ADMIN_PASSWORD": credentials["MLFLOW_TRACKING_PASSWORD"],
+           "MLFLOW_FLASK_SERVER_SECRET_KEY": credentials["MLFLOW_FLASK_SERVER_SECRET_KEY"],
            "POSTGRES_PASSWORD": credentials["POSTGRES_PASSWORD"],
            "MLFLOW_BACKEND_STORE_URI": f"postgresql://mlflow:{credentials['POSTGRES_PASSWORD']}@postgres:5432/mlflow",
            "AWS_ACCESS_KEY_ID": credentials["AWS_ACCESS_KEY_ID"], "AWS_SECRET_ACCESS_KEY": credentials["AWS_SECRET_ACCESS_KEY"]}
@@ -305,8 +309,8 @@ def test_mlflow_start_script_runs_the_auth_app_with_real_credentials(overlay, tm
     assert (tmp_path / "auth.ini").stat().st_mode & 0o077 == 0, "the config (database password) is private"
 
 
-@pytest.mark.parametrize("name", ["MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "POSTGRES_PASSWORD",
-                                  "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"])
+@pytest.mark.parametrize("name", ["MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY",
+                                  "POSTGRES_PASSWORD", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"])
 def test_mlflow_start_script_refuses_a_change_me_placeholder(overlay, tmp_path, name):
     _, documents = overlay
     placeholder = placeholders()[name]
@@ -662,3 +666,71 @@ def test_cluster_settings_are_read_at_compile_time(cluster_pipeline_module, tmp_
     # a local store exported in the shell is no use to a pod: the in-cluster server stays
     module = reload_pipeline({"MLFLOW_TRACKING_URI": "sqlite:////home/me/mlflow.db"})
     assert module.CLUSTER_ENV["MLFLOW_TRACKING_URI"] == "http://mlflow.flexi-jest.svc.cluster.local:5000"
+
+
+@pytest.mark.slow  # reason: starts a real `mlflow server` (basic-auth app) and waits for it, 20-60 s
+def test_mlflow_start_script_serves_only_authenticated_requests(tmp_path, monkeypatch):
+    """The Deployment's start script (read from k8s/base/mlflow.yaml, no kubectl needed) run with sh against
+    this environment's mlflow, with a SQLite store in place of PostgreSQL: /health is open, the API needs the
+    Secret's user, and MLflow's client logs in with MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD."""
+    import base64
+    import time
+    import urllib.error
+    import urllib.request
+
+    import mlflow
+    from test_storage import free_port
+
+    deployment = next(d for d in yaml.safe_load_all((K8S / "base" / "mlflow.yaml").read_text())
+                      if d and d["kind"] == "Deployment")
+    script = deployment["spec"]["template"]["spec"]["containers"][0]["command"][2]
+    port = free_port()
+    user, password = REAL["MLFLOW_TRACKING_USERNAME"], REAL["MLFLOW_TRACKING_PASSWORD"]
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "TMPDIR": str(tmp_path), "HOME": str(tmp_path),
+           "MLFLOW_AUTH_ADMIN_USERNAME": user, "MLFLOW_AUTH_ADMIN_PASSWORD": password,
+           "MLFLOW_FLASK_SERVER_SECRET_KEY": REAL["MLFLOW_FLASK_SERVER_SECRET_KEY"],
+           "POSTGRES_PASSWORD": "unused-here", "AWS_ACCESS_KEY_ID": "unused-here", "AWS_SECRET_ACCESS_KEY": "unused-here",
+           "MLFLOW_BACKEND_STORE_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    log = open(tmp_path / "server.log", "w")
+    server = subprocess.Popen(["sh", "-c", script, "mlflow-server", "--host", "127.0.0.1", "--port", str(port),
+                               "--workers", "1"], env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+
+    def get(path: str, credentials: tuple[str, str] | None = None) -> int:
+        request = urllib.request.Request(url + path)
+        if credentials:
+            token = base64.b64encode(":".join(credentials).encode()).decode()
+            request.add_header("Authorization", f"Basic {token}")
+        try:
+            return urllib.request.urlopen(request, timeout=60).status
+        except urllib.error.HTTPError as error:
+            return error.code
+
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                if get("/health") == 200:
+                    break
+            except OSError:
+                pass
+            assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+            assert time.time() < deadline, "mlflow server did not answer /health within 120 s"
+            time.sleep(1)
+        search = "/api/2.0/mlflow/experiments/search?max_results=1"
+        assert get(search) == 401
+        assert get(search, (user, "wrong-password-0123")) == 401
+        assert get(search, (user, password)) == 200
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", user)
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
+        client = mlflow.MlflowClient(tracking_uri=url)
+        experiment = client.create_experiment("auth-check")
+        assert client.get_experiment(experiment).name == "auth-check"
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait(timeout=30)
+        log.close()
