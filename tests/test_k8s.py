@@ -690,10 +690,12 @@ def test_mlflow_start_script_serves_only_authenticated_requests(tmp_path, monkey
            "MLFLOW_AUTH_ADMIN_USERNAME": user, "MLFLOW_AUTH_ADMIN_PASSWORD": password,
            "MLFLOW_FLASK_SERVER_SECRET_KEY": REAL["MLFLOW_FLASK_SERVER_SECRET_KEY"],
            "POSTGRES_PASSWORD": "unused-here", "AWS_ACCESS_KEY_ID": "unused-here", "AWS_SECRET_ACCESS_KEY": "unused-here",
-           "MLFLOW_BACKEND_STORE_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "MLFLOW_DISABLE_TELEMETRY": "true"}
+           "MLFLOW_BACKEND_STORE_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "MLFLOW_DISABLE_TELEMETRY": "true",
+           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no huey workers (tests/conftest.py)
     log = open(tmp_path / "server.log", "w")
     server = subprocess.Popen(["sh", "-c", script, "mlflow-server", "--host", "127.0.0.1", "--port", str(port),
-                               "--workers", "1"], env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+                               "--workers", "1"], env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
+                              start_new_session=True)  # its own process group: uvicorn and workers stop with it
     url = f"http://127.0.0.1:{port}"
 
     def get(path: str, credentials: tuple[str, str] | None = None) -> int:
@@ -727,10 +729,15 @@ def test_mlflow_start_script_serves_only_authenticated_requests(tmp_path, monkey
         experiment = client.create_experiment("auth-check")
         assert client.get_experiment(experiment).name == "auth-check"
     finally:
-        server.terminate()
+        import signal
+        os.killpg(server.pid, signal.SIGTERM)
         try:
             server.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait(timeout=30)
+            pass
+        try:  # whatever of the group is left (uvicorn's workers)
+            os.killpg(server.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        server.wait(timeout=30)
         log.close()
