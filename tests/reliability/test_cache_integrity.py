@@ -6,6 +6,7 @@ import io
 import json
 import shutil
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -129,8 +130,11 @@ def rewrite_tar(path, change) -> None:
 
 @pytest.fixture
 def pool_without_manifest(shapes_data, tmp_path):
+    """The pool's shards as external tars (part-00000N.tar, no manifest): nothing but the cache records them."""
     pool = tmp_path / "pool"
-    shutil.copytree(shapes_data.splits["pool"].path, pool, ignore=shutil.ignore_patterns("refcache-*", "manifest.json"))
+    pool.mkdir()
+    for shard in sorted(Path(shapes_data.splits["pool"].path).glob("shard-*.tar")):
+        shutil.copy(shard, pool / shard.name.replace("shard-", "part-"))
     return pool
 
 
@@ -145,7 +149,7 @@ def test_a_caption_or_image_changed_after_caching_fails_naming_the_shard(referen
     cache = cache_reference(CacheReferenceConfig(reference=reference.checkpoint, pool=str(pool),
                                                  out_dir=str(tmp_path / "cache")))
     reader = ReferenceCache(cache.cache_dir, str(pool), reference.checkpoint_sha256)
-    assert attach_all(reader, pool, "shard-000001.tar") == 300  # unchanged: every sample joins
+    assert attach_all(reader, pool, "part-000001.tar") == 300  # unchanged: every sample joins
     changed = {"n": 0}
 
     def change(name: str, data: bytes) -> bytes:
@@ -154,28 +158,28 @@ def test_a_caption_or_image_changed_after_caching_fails_naming_the_shard(referen
             return b"a caption written after caching" if member == "txt" else data[:-8] + b"\0" * 8
         return data
 
-    rewrite_tar(pool / "shard-000001.tar", change)
+    rewrite_tar(pool / "part-000001.tar", change)
     with pytest.raises(CacheError, match="another caption or image") as error:
-        attach_all(ReferenceCache(cache.cache_dir, str(pool), reference.checkpoint_sha256), pool, "shard-000001.tar")
-    assert "shard-000001.tar" in str(error.value) and cache.cache_dir in str(error.value)
-    assert attach_all(reader, pool, "shard-000000.tar") == 300  # the other shards still join
+        attach_all(ReferenceCache(cache.cache_dir, str(pool), reference.checkpoint_sha256), pool, "part-000001.tar")
+    assert "part-000001.tar" in str(error.value) and cache.cache_dir in str(error.value)
+    assert attach_all(reader, pool, "part-000000.tar") == 300  # the other shards still join
 
 
 def test_duplicate_keys_across_shards_are_refused_when_caching(reference, pool_without_manifest, tmp_path):
     pool = pool_without_manifest
-    with tarfile.open(pool / "shard-000000.tar") as tar:
+    with tarfile.open(pool / "part-000000.tar") as tar:
         first_key = tar.getmembers()[0].name.split(".")[0]
-    with tarfile.open(pool / "shard-000002.tar") as tar:
+    with tarfile.open(pool / "part-000002.tar") as tar:
         members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers() if m.isfile()]
-    victim = members[0][0].split(".")[0]  # its first sample takes the key of shard-000000's first
-    with tarfile.open(pool / "shard-000002.tar", "w") as tar:
+    victim = members[0][0].split(".")[0]  # its first sample takes the key of part-000000's first
+    with tarfile.open(pool / "part-000002.tar", "w") as tar:
         for name, data in members:
             if name.split(".")[0] == victim:
                 name = first_key + name[len(victim):]
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
-    with pytest.raises(CacheError, match=f"key '{first_key}' is in shard shard-000000.tar and in shard shard-000002.tar"):
+    with pytest.raises(CacheError, match=f"key '{first_key}' is in shard part-000000.tar and in shard part-000002.tar"):
         cache_reference(CacheReferenceConfig(reference=reference.checkpoint, pool=str(pool),
                                              out_dir=str(tmp_path / "cache")))
     assert not (tmp_path / "cache" / "manifest.json").exists()
