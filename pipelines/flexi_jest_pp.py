@@ -387,7 +387,8 @@ def summarize(tracking_uri: str, parent_run_id: str, workdir: Path) -> dict[str,
 # --runner docker: the services and S3 keys a component container gets from this environment, as a pod gets
 # them from the cluster's env and its Secret (with_cluster_services); nothing else of this machine goes in.
 CONTAINER_ENV = ("MLFLOW_TRACKING_URI", "FLEXI_JEST_S3_ENDPOINT", "MLFLOW_S3_ENDPOINT_URL", "FLEXI_JEST_S3_REGION",
-                 "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+                 "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
+                 "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")  # an MLflow server with basic auth (k8s/)
 CONTAINER_USER = "10001:10001"  # the images' USER, as a pod's securityContext runAsUser/runAsGroup would set
 # KFP's Docker task handler calls docker.from_env() with docker-py's 60 s read timeout, which also bounds the
 # silence between two lines of a container's streamed log: a component quiet for a minute (a training step on a
