@@ -12,7 +12,8 @@ from PIL import Image
 from flexi_jest import storage
 from flexi_jest.config import CacheReferenceConfig
 from flexi_jest.data.sample import Sample
-from flexi_jest.data.shards import SampleStream, UnsafeShardNameError, iter_split, shard_names, write_split
+from flexi_jest.data.shards import UnsafeShardNameError, iter_split, shard_names, write_split
+from flexi_jest.data.specs import resolve
 from flexi_jest.reference_cache import MANIFEST_DIGEST, CacheError, ReferenceCache, cache_reference, manifest_digest
 
 ESCAPES = ["../../secret/outside.tar", "../outside.tar", "/tmp/secret/outside.tar", "s3://other-bucket/outside.tar",
@@ -42,7 +43,7 @@ def test_split_manifest_naming_a_file_outside_the_split_is_refused(split_with_se
     manifest["shards"][1]["name"] = name
     (split / "manifest.json").write_text(json.dumps(manifest))
     for read in (lambda: shard_names(str(split)), lambda: list(iter_split(str(split))),
-                 lambda: SampleStream(str(split), None).take(6)):
+                 lambda: resolve(str(split)).shards):  # the dataset spec the training stream reads
         with pytest.raises(UnsafeShardNameError) as error:  # a ShardError and a storage.UnsafeNameError
             read()
         assert "manifest.json" in str(error.value) and repr(name) in str(error.value)
@@ -64,10 +65,11 @@ def test_cache_manifest_naming_a_file_outside_the_cache_is_refused(shapes_data, 
     shutil.copy(tmp_path / "cache" / "shard-000000.npz", outside / "outside.npz")
     manifest_path = tmp_path / "cache" / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
-    manifest["shards"]["shard-000000.tar"]["file"] = name
+    shard = storage.join(shapes_data.splits["pool"].path, "shard-000000.tar")  # the cache keys shards by URL
+    manifest["shards"][shard]["file"] = name
     manifest[MANIFEST_DIGEST] = manifest_digest(manifest)
     manifest_path.write_text(json.dumps(manifest))
     with pytest.raises(CacheError) as error:
-        ReferenceCache(cache.cache_dir).load_shard("shard-000000.tar")
+        ReferenceCache(cache.cache_dir).load_shard(shard)
     assert str(manifest_path) in str(error.value) and repr(name) in str(error.value)
     assert np.load(io.BytesIO((outside / "outside.npz").read_bytes()))["keys"].shape[0] == 300  # it was there
