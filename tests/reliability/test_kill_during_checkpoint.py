@@ -47,8 +47,7 @@ def write_config(shapes_data, out_dir: Path, steps: int = STEPS) -> Path:
     config = out_dir.parent / f"{out_dir.name}.json"
     config.write_text(json.dumps({
         "data": shapes_data.splits["curated"].path, "out_dir": str(out_dir), "model": TEST_MODEL.model_dump(),
-        "steps": steps, "batch_size": 16, "checkpoint_every": 1, "log_every": 1, "progress": False, "device": "cpu",
-        "shuffle_buffer": 50}))
+        "steps": steps, "batch_size": 16, "checkpoint_every": 1, "log_every": 1, "progress": False, "device": "cpu"}))
     return config
 
 
