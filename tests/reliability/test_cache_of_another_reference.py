@@ -9,7 +9,7 @@ import pytest
 from conftest import TEST_MODEL
 from flexi_jest import storage
 from flexi_jest.checkpoint import save_model
-from flexi_jest.model import DualEncoder
+from flexi_jest.models import DualEncoder
 from flexi_jest.reference_cache import CacheError
 from flexi_jest.stages import learner_reference
 
