@@ -202,6 +202,45 @@ def _batches(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
         yield batch
 
 
+def _check_structure(cache_dir: str, uri: str, manifest: dict[str, Any]) -> None:
+    """A CacheError naming the cache and the field unless the manifest has the fields and types readers use
+    (a consistent digest proves who wrote a manifest, not that its writer wrote it right)."""
+    def bad(where: str, problem: str) -> CacheError:
+        return CacheError(f"reference cache {cache_dir}: {uri}: {where} {problem}; re-run cache-reference")
+
+    def count(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    if not isinstance(manifest.get("reference_sha256"), str):
+        raise bad("reference_sha256", "must be a string")
+    if not count(manifest.get("embed_dim")) or manifest["embed_dim"] == 0:
+        raise bad("embed_dim", f"must be a positive integer, got {manifest.get('embed_dim')!r}")
+    if not count(manifest.get("num_samples")):
+        raise bad("num_samples", f"must be an integer >= 0, got {manifest.get('num_samples')!r}")
+    flops = manifest.get("flops", 0.0)
+    if isinstance(flops, bool) or not isinstance(flops, (int, float)):
+        raise bad("flops", f"must be a number, got {flops!r}")
+    if not isinstance(manifest.get("reference"), (str, type(None))):
+        raise bad("reference", "must be a string or null")
+    pool_shards = manifest.get("pool_shards")
+    if not isinstance(pool_shards, dict) or not all(isinstance(v, str) for v in pool_shards.values()):
+        raise bad("pool_shards", "must map shard names to sha256 strings")
+    shards = manifest.get("shards")
+    if not isinstance(shards, dict):
+        raise bad("shards", "must map shard names to {file, num_samples, sha256, skipped_keys, content_sha256}")
+    for name, entry in shards.items():
+        if not isinstance(entry, dict):
+            raise bad(f"shards[{name!r}]", "must be an object")
+        for field in ("file", "sha256", "content_sha256"):
+            if not isinstance(entry.get(field), str):
+                raise bad(f"shards[{name!r}].{field}", "must be a string")
+        if not count(entry.get("num_samples")):
+            raise bad(f"shards[{name!r}].num_samples", f"must be an integer >= 0, got {entry.get('num_samples')!r}")
+        skipped = entry.get("skipped_keys", [])
+        if not isinstance(skipped, list) or not all(isinstance(key, str) for key in skipped):
+            raise bad(f"shards[{name!r}].skipped_keys", "must be a list of keys")
+
+
 class ReferenceCache:
     """Read side of the cache: validates the manifest, then joins embeddings onto raw samples by key."""
 
@@ -240,6 +279,7 @@ class ReferenceCache:
             raise CacheError(f"reference cache {self.cache_dir}: {uri} fails its digest ({MANIFEST_DIGEST}): a field "
                              "(logit_scale, logit_bias, reference_sha256, shards, ...) was changed after caching; "
                              "re-run cache-reference")
+        _check_structure(self.cache_dir, uri, manifest)
         for field in ("logit_scale", "logit_bias"):
             value = manifest.get(field)
             if not isinstance(value, (int, float)) or not np.isfinite(value):
