@@ -151,7 +151,9 @@ def pipeline_run(tmp_path_factory, mlflow_server):
     previous = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = url
     try:
-        summary = run_local(str(workdir), dict(SMALL, run_name="pp-under-test", reference_config=reference_config))
+        params = dict(SMALL, run_name="pp-under-test", reference_config=reference_config)
+        summary = run_local(str(workdir), params)
+        summary["params"] = params  # what a rerun changes one knob of
     finally:
         if previous is None:
             os.environ.pop("MLFLOW_TRACKING_URI", None)
@@ -348,7 +350,7 @@ def test_rerun_with_one_learner_knob_changed_takes_upstream_stages_from_the_cach
     data_manifest = next((workdir / "kfp").rglob("prepare-data/data/pool/manifest.json"))
     before = reference_file.stat().st_mtime_ns, data_manifest.stat().st_mtime_ns
     with with_tracking_uri(first["tracking_uri"]):
-        second = run_local(str(workdir), dict(SMALL, filter_ratio=0.5, run_name="pp-under-test"))
+        second = run_local(str(workdir), dict(first["params"], filter_ratio=0.5))
     with capsys.disabled():
         print(f"\npipeline wall time: first run {first['seconds']:.1f} s, rerun with filter_ratio changed "
               f"{second['seconds']:.1f} s (cached: {second['cached_stages']})")
