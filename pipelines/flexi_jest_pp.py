@@ -14,6 +14,7 @@ and budget so that every run shows JEST against a baseline.
 
 import argparse
 import functools
+import hashlib
 import json
 import os
 import sys
@@ -434,11 +435,21 @@ def local_parent_run_id(pipeline_root: Path, pipeline_name: str, since: float) -
     return json.loads(found[-1][1].read_text())["mlflow_run_id"]
 
 
+def code_digest(repo: Path = Path(__file__).resolve().parents[1]) -> str:
+    """sha256 (12 hex) of the code a local run executes: every .py file of the library and the components.
+    KFP's cache key holds a component's own source and image tag, not the library it calls, so run-local keeps
+    one cache per code digest: a stage is never taken from the cache of other code."""
+    digest = hashlib.sha256()
+    for path in sorted([*(repo / "src" / "flexi_jest").rglob("*.py"), *(repo / "components").rglob("*.py")]):
+        digest.update(str(path.relative_to(repo)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:12]
+
+
 def run_local(workdir: str, params: dict[str, Any], from_stage: str = "prepare_data",
               runner: str = "subprocess", cache: bool = True) -> dict[str, Any]:
     """Run the whole pipeline with KFP local execution: subprocesses in this environment, or (runner "docker")
     each component in its container image (docker_runner). cache: KFP's local cache under workdir/kfp-cache,
-    so that a rerun with one knob changed recomputes only what depends on it."""
+    so that a rerun with one knob changed recomputes only what depends on it (one cache per code_digest)."""
     from kfp import local
 
     root = Path(workdir).resolve()
@@ -454,7 +465,7 @@ def run_local(workdir: str, params: dict[str, Any], from_stage: str = "prepare_d
         task_runner = local.SubprocessRunner(use_venv=False)
     params = {"run_name": f"flexi-jest-pp-{time.strftime('%Y%m%d-%H%M%S')}", **params}
     local.init(runner=task_runner, pipeline_root=str(root / "kfp"), enable_caching=cache,
-               cache_root=str(root / "kfp-cache"))
+               cache_root=str(root / "kfp-cache" / code_digest()))
     pipeline = PIPELINES[from_stage][1]
     started_at = time.time() - 1
     started = time.perf_counter()

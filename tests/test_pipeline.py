@@ -565,3 +565,22 @@ def test_whole_pipeline_on_registered_img2dataset_data(mlflow_server, img2datase
     registrations = list(tmp_path.rglob("registration.json"))
     assert len(registrations) == 1
     assert json.loads(registrations[0].read_text())["splits"]["pool"]["num_samples"] == 58
+
+
+def test_run_local_keeps_one_cache_per_code_digest(tmp_path):
+    """KFP's cache key holds a component's own source, not the library it calls: run-local's cache is per
+    digest of src/flexi_jest and components/, so a library change never reuses a stage computed by older code."""
+    from pipelines.flexi_jest_pp import code_digest
+    for part in ("src/flexi_jest/data", "components"):
+        (tmp_path / part).mkdir(parents=True)
+    (tmp_path / "src/flexi_jest/losses.py").write_text("SCALE = 10\n")
+    (tmp_path / "src/flexi_jest/data/loader.py").write_text("WORKERS = 0\n")
+    (tmp_path / "components/stages.py").write_text("IMAGE = 'x'\n")
+    first = code_digest(tmp_path)
+    assert code_digest(tmp_path) == first
+    (tmp_path / "src/flexi_jest/data/loader.py").write_text("WORKERS = 2\n")
+    assert code_digest(tmp_path) != first
+    (tmp_path / "src/flexi_jest/data/loader.py").write_text("WORKERS = 0\n")
+    assert code_digest(tmp_path) == first
+    (tmp_path / "components/stages.py").write_text("IMAGE = 'y'\n")
+    assert code_digest(tmp_path) != first
