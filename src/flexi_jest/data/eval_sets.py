@@ -33,7 +33,7 @@ from torch import Tensor
 
 from flexi_jest import storage
 from flexi_jest.config import EVAL_SET_NAME, EvalSet
-from flexi_jest.data.shards import IMAGE_EXTENSIONS, ReadStats, iter_tar, read_manifest
+from flexi_jest.data.shards import IMAGE_EXTENSIONS, ReadStats, decode_meta, iter_tar, read_manifest
 from flexi_jest.data.specs import Shard, SpecError, resolve, scheme
 
 CLASSNAMES_FILE = "classnames.txt"
@@ -178,12 +178,8 @@ class OpenedEvalSet:
         if not captions and (self.layout == "flexi-jest" or "txt" in raw):  # a blank caption is not a caption
             stats.record("empty_caption", key)
             return None
-        try:
-            meta = json.loads(raw["json"]) if "json" in raw else {}
-            if not isinstance(meta, dict):
-                raise ValueError(f"expected a JSON object, got {type(meta).__name__}")
-        except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-            stats.record("bad_meta", f"{key}: {exc}")
+        meta = decode_meta(raw, stats)
+        if meta is None:
             return None
         label: int | str | None = None
         if "cls" in raw:

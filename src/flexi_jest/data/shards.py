@@ -302,6 +302,18 @@ def iter_shard(split_dir: str, name: str, stats: ReadStats, expected: dict[str, 
     yield from iter_tar(Shard(shard_uri(split_dir, name), expected.get("num_samples"), expected.get("sha256")), stats)
 
 
+def decode_meta(raw: dict[str, Any], stats: ReadStats) -> dict[str, Any] | None:
+    """A sample's JSON metadata ({} without one), or None, counted as bad_meta, unless it parses to an object."""
+    try:
+        meta = json.loads(raw["json"]) if "json" in raw else {}
+        if not isinstance(meta, dict):
+            raise ValueError(f"expected a JSON object, got {type(meta).__name__}")
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        stats.record("bad_meta", f"{raw['__key__']}: {exc}")
+        return None
+    return meta
+
+
 def decode_sample(raw: dict[str, Any], image_size: int | None, stats: ReadStats,
                   transform: ImageTransform | None = None) -> dict[str, Any] | None:
     """Raw member bytes -> {key, image: uint8 [3, H, W], caption, meta, shard}, or None (counted) if unusable.
@@ -324,12 +336,8 @@ def decode_sample(raw: dict[str, Any], image_size: int | None, stats: ReadStats,
     if not caption:
         stats.record("empty_caption", key)
         return None
-    try:
-        meta = json.loads(raw["json"]) if "json" in raw else {}
-        if not isinstance(meta, dict):
-            raise ValueError(f"expected a JSON object, got {type(meta).__name__}")
-    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        stats.record("bad_meta", f"{key}: {exc}")
+    meta = decode_meta(raw, stats)
+    if meta is None:
         return None
     if transform is None and image_size is not None:
         transform = ImageTransform(image_size)
