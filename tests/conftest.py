@@ -78,3 +78,20 @@ def img2dataset_dir(tmp_path_factory):
     images of varied aspect ratio and 2 broken URLs."""
     from img2dataset_fixture import img2dataset_pool
     return img2dataset_pool(tmp_path_factory.mktemp("img2dataset"))
+
+
+@pytest.fixture(autouse=True)
+def _forget_mlflow_active_experiment(monkeypatch):
+    """MLflow remembers the active experiment per process, in a module global and in MLFLOW_EXPERIMENT_ID (which
+    set_experiment writes into os.environ): every test starts without one and leaves none behind, so a later
+    test's fresh store is never asked for an experiment id that only an earlier test's store had."""
+    import sys
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", "")  # recorded as absent before the test: restored at teardown
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID")
+    fluent = sys.modules.get("mlflow.tracking.fluent")
+    if fluent is not None:
+        monkeypatch.setattr(fluent, "_active_experiment_id", None)
+    yield
+    fluent = sys.modules.get("mlflow.tracking.fluent")
+    if fluent is not None:
+        fluent._active_experiment_id = None
