@@ -85,4 +85,7 @@ if __name__ == "__main__":
     inputs = torch.load(input_path, weights_only=False)
     outputs = {"selection": selection, "loss": loss, "ddp_step": ddp_step, "stream_share": stream_share}[case](inputs, world)
     torch.save({"world_size": world.size, **outputs}, f"{output_dir}/rank{world.rank}.pt")
+    # every rank done with its collectives before any tears the group down (a rank leaving gloo early aborted
+    # its peer at exit now and then: "terminate called without an active exception")
+    torch.distributed.barrier()
     shutdown()
