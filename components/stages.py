@@ -119,25 +119,34 @@ def train_learner(config_json: str, profile: str, method: str, score: str, filte
                   steps: int, storage_root: str, experiment: str,
                   pool: Input[Dataset], cache: Input[Dataset], eval_split: Input[Dataset], reference: Input[Model],
                   model: Output[Model], metrics: Output[Metrics], nodes: int = 1, multinode_json: str = "{}", learning_rate: float = 0.0,
-                  super_batch_size: int = 0, model_name: str = "") -> str:
+                  super_batch_size: int = 0, model_name: str = "", budget: str = "steps", main_config_json: str = "",
+                  main_method: str = "", main_score: str = "") -> str:
     """JEST / Flexi-JEST (or a baseline) learner; checkpoints beside its output, so a retried task resumes.
     The typed knobs override config_json (steps, learning_rate, super_batch_size, model_name: 0 / "" keep it).
     The cache must come from `reference` (the reference stage's output): a cache of another reference fails.
+    budget "flops" (a baseline): its steps spend the total FLOPs of the main learner (main_config_json with
+    main_method, main_score and the same knobs), the reference's share charged to whichever uses it; "steps":
+    the steps the knobs and config give it (the main learner's).
     nodes > 1: trained by a PyTorchJob this task launches and waits for (multinode_json: its image, GPUs per
     node, scheduling and services; see flexi_jest.pytorchjob.run_pytorchjob)."""
     import json
 
     from flexi_jest.stages import (
-        learner_reference, output_location, stage_output, train_learner_stage, with_eval_points, with_knobs,
+        baseline_values, learner_reference, output_location, stage_output, train_learner_stage, with_eval_points,
+        with_knobs,
     )
 
-    values = with_knobs(json.loads(config_json), steps=steps, learning_rate=learning_rate,
-                        super_batch_size=super_batch_size, model_name=model_name)
-    values.update(method=method, score=score, filter_ratio=filter_ratio, n_chunks=n_chunks,
-                  pool=pool.metadata["uri"], reference_cache=cache.metadata["uri"],
-                  out_dir=output_location(storage_root, model.uri, model.path, f"learner-{method}"),
+    knobs = dict(steps=steps, learning_rate=learning_rate, super_batch_size=super_batch_size, model_name=model_name)
+    shared = dict(filter_ratio=filter_ratio, n_chunks=n_chunks, pool=pool.metadata["uri"],
+                  reference_cache=cache.metadata["uri"],
                   # the reference's sha256 from its own artifact (checked against the cache) and its FLOPs
                   **learner_reference(cache.metadata["uri"], dict(reference.metadata)))
+    out_dir = output_location(storage_root, model.uri, model.path, f"learner-{method}")
+    values = {**with_knobs(json.loads(config_json), **knobs), "method": method, "score": score, "out_dir": out_dir,
+              **shared}
+    main_values = {**with_knobs(json.loads(main_config_json or "{}"), **knobs), "method": main_method,
+                   "score": main_score, "out_dir": out_dir, **shared} if budget == "flops" else {}
+    values = baseline_values(values, main_values, profile, budget)
     # a few evaluations during training: the accuracy-vs-FLOPs curve compare_methods draws
     values = with_eval_points("train-learner", values, profile, eval_split.metadata["uri"])
     multinode = {**json.loads(multinode_json), "nodes": nodes} if nodes > 1 else None
@@ -182,7 +191,8 @@ def zero_shot_eval(config_json: str, profile: str, method: str, experiment: str,
         json.dump(metrics.metadata, f)
     reference_share = training["flops"]["reference_training"] + training["flops"]["reference_caching"]
     return stage_output(f"evaluate.{method}", run_id, result, method=method, total_flops=training["total_flops"],
-                        metrics_path=training["metrics_path"], reference_share=reference_share)
+                        metrics_path=training["metrics_path"], reference_share=reference_share,
+                        steps=training["steps"])
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
@@ -200,19 +210,24 @@ def track_stages(parent_run_id: str, first: str = "", second: str = "", third: s
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def compare_methods(main: str, baselines: List[str], parent_run_id: str,
-                    report: Output[HTML], metrics: Output[Metrics]) -> str:
+                    report: Output[HTML], metrics: Output[Metrics], reference: str = "") -> str:
     """The learners this run trained side by side: eval metric against total training FLOPs (the benchmark's
-    plot), FLOPs to reach the uniform baseline's final metric and the ratio; on the MLflow parent run too."""
+    plot), steps and FLOPs to reach the uniform baseline's final metric and the ratios (charged, and with the
+    reference amortised), and the reference's own metric (reference: its evaluation); on the MLflow parent run."""
     import json
 
     from flexi_jest.stages import compare_stage
 
     evaluations = [json.loads(main)] + [json.loads(b) for b in baselines]
-    summary = compare_stage(evaluations, parent_run_id, report_path=report.path)
+    summary = compare_stage(evaluations, parent_run_id, report_path=report.path,
+                            reference=json.loads(reference) if reference else None)
     for name, info in summary["methods"].items():
         metrics.log_metric(f"{name}.final_metric", info["final_metric"])
-        if info["flops_ratio_vs_uniform"] is not None:
-            metrics.log_metric(f"{name}.flops_ratio_vs_uniform", info["flops_ratio_vs_uniform"])
+        for field in ("flops_ratio_vs_uniform", "flops_ratio_vs_uniform_learner_only", "steps_ratio_vs_uniform"):
+            if info.get(field) is not None:
+                metrics.log_metric(f"{name}.{field}", info[field])
+    if "reference" in summary:
+        metrics.log_metric("reference.final_metric", summary["reference"]["final_metric"])
     return json.dumps(summary)
 
 

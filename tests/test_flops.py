@@ -83,3 +83,32 @@ def test_scoring_flops_by_method():
     independent = flops.scoring_step_flops(cfg, 100, 16, 20, "independent", True, reference_dim=8)
     assert independent == forward + 2 * 100 * (cfg.embed_dim + 8)
     assert flops.scoring_step_flops(cfg, 100, 16, 20, "joint", uses_learner=False, reference_dim=8) == 4 * 100 * 20 * 8
+
+
+def test_pipeline_baselines_get_the_main_learners_total_flop_budget(shapes_data, reference_cache):
+    """baseline_budget "flops": a baseline's steps spend the main learner's total (its steps x step FLOPs + the
+    reference's share), less the share where the baseline uses the reference (the offline filter: plus its cosines)."""
+    from conftest import TEST_MODEL
+    from flexi_jest.config import ConfigError, stage_config
+    from flexi_jest.stages import baseline_values
+
+    common = dict(model=TEST_MODEL.model_dump(), pool=shapes_data.splits["pool"].path, super_batch_size=80,
+                  reference_cache=reference_cache.cache_dir, reference_training_flops=4e9,
+                  reference_caching_flops=1e9, out_dir="unused", steps=10)
+    main = {**common, "method": "joint", "score": "learnability"}
+    dim = TEST_MODEL.embed_dim
+    budget = 10 * flops.learner_step_flops(stage_config("train-learner", "tiny", main), dim) + 5e9
+    uniform = baseline_values({**common, "method": "uniform"}, main, "tiny", "flops")
+    uniform_step = flops.learner_step_flops(stage_config("train-learner", "tiny", uniform), dim)
+    assert uniform["steps"] == round(budget / uniform_step) and uniform["steps"] > 10
+    offline = baseline_values({**common, "method": "offline-filter"}, main, "tiny", "flops")
+    share = 5e9 + flops.offline_filter_flops(reference_cache.num_samples, dim)
+    assert offline["steps"] == max(1, round((budget - share) / uniform_step)) < uniform["steps"]
+    # a main learner that does not use the reference (hard_learner) leaves no share in the budget
+    hard = {**main, "score": "hard_learner"}
+    hard_budget = 10 * flops.learner_step_flops(stage_config("train-learner", "tiny", hard), dim)
+    assert baseline_values({**common, "method": "uniform"}, hard, "tiny", "flops")["steps"] == round(
+        hard_budget / uniform_step)
+    assert baseline_values({**common, "method": "uniform"}, main, "tiny", "steps")["steps"] == 10
+    with pytest.raises(ConfigError, match="baseline_budget must be one of"):
+        baseline_values(common, main, "tiny", "flop")

@@ -29,7 +29,7 @@ def test_compile_produces_ir_that_kfp_loads_back(tmp_path):
     spec, platform = documents[0], documents[1]
     inputs = spec["root"]["inputDefinitions"]["parameters"]
     for name in ("dataset", "profile", "method", "filter_ratio", "n_chunks", "steps", "baseline_methods",
-                 "eval_sets", "champion_metric", "accelerator_type", "accelerator_count"):
+                 "baseline_budget", "eval_sets", "champion_metric", "accelerator_type", "accelerator_count"):
         assert name in inputs
     executors = spec["deploymentSpec"]["executors"]
     trainer = executors["exec-train-learner"]["container"]
@@ -166,7 +166,7 @@ def test_whole_pipeline_runs_locally_and_promotes(pipeline_run):
     import mlflow
 
     workdir, summary = pipeline_run
-    assert sorted(row["method"] for row in summary["rows"]) == ["joint", "uniform"]
+    assert sorted(row["method"] for row in summary["rows"]) == ["joint", "offline-filter", "reference", "uniform"]
     assert all(row["i2t_r1"] is not None and row["total_flops"] > 0 for row in summary["rows"])
     assert summary["decision"] == "champion" and summary["learner_version"] == "1"
     mlflow.set_tracking_uri(summary["tracking_uri"])
@@ -175,8 +175,8 @@ def test_whole_pipeline_runs_locally_and_promotes(pipeline_run):
     assert parent.info.status == "FINISHED" and parent.data.params["method"] == "joint"
     stages = [r.data.tags["flexi_jest.stage"] for r in client.search_runs(
         [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")]
-    assert sorted(stages) == sorted(["make-data", "train-reference", "cache-reference", "train-learner",
-                                     "train-learner", "evaluate", "evaluate", "promote"])
+    assert sorted(stages) == sorted(["make-data", "train-reference", "cache-reference", "promote"]
+                                    + ["train-learner"] * 3 + ["evaluate"] * 4)  # 3 learners; they and the reference
     assert str(client.get_model_version_by_alias("flexi-jest-learner", "champion").version) == "1"
     assert client.get_registered_model("flexi-jest-reference") is not None
     assert list((workdir / "kfp").rglob("report")), "the eval report (HTML artifact) is written"
@@ -184,20 +184,27 @@ def test_whole_pipeline_runs_locally_and_promotes(pipeline_run):
 
 def test_pipeline_compares_its_methods_on_accuracy_against_flops(pipeline_run):
     """compare_methods: each learner's curve (evaluations during training + its zero-shot evaluation), FLOPs
-    ratios against uniform, the benchmark's plot on the MLflow parent run and an HTML report."""
+    and steps to uniform's final metric and the ratios, the reference's own metric, the benchmark's plot on the
+    MLflow parent run and an HTML report. The baselines train on the JEST learner's total-FLOP budget."""
     import mlflow
 
     workdir, summary = pipeline_run
     comparison = summary["comparison"]
     assert comparison["metric"] == "shapes.top1" and comparison["baseline"] == "uniform"
     methods = comparison["methods"]
-    assert sorted(methods) == ["joint", "uniform"]
+    assert sorted(methods) == ["joint", "offline-filter", "uniform"]
     rows = {row["method"]: row for row in summary["rows"]}
+    assert len(methods["joint"]["mean_curve"]) == 3, "steps 3: an evaluation at every step, the last the eval stage's"
     for name, info in methods.items():
         curve = info["mean_curve"]
-        assert len(curve) == 3, "steps 3: an evaluation at every step, the last one the zero-shot eval stage's"
         assert [x for x, _ in curve] == sorted(x for x, _ in curve) and curve[-1][0] == rows[name]["total_flops"]
         assert curve[-1][1] == pytest.approx(rows[name]["top1"])
+        # baseline_budget "flops" (the default): each baseline spends the JEST learner's total, to within one step
+        assert rows[name]["total_flops"] == pytest.approx(rows["joint"]["total_flops"], rel=0.1), name
+    assert methods["uniform"]["steps_to_target"] is not None and methods["uniform"]["steps_ratio_vs_uniform"] == 1.0
+    assert methods["uniform"]["steps_to_target"] > 3, "uniform pays no scoring: more steps on the same FLOPs"
+    assert methods["offline-filter"]["reference_share_flops"] > methods["joint"]["reference_share_flops"] > 0
+    assert comparison["reference"]["final_metric"] == pytest.approx(rows["reference"]["top1"])
     assert comparison["target"] == pytest.approx(rows["uniform"]["top1"])
     assert methods["uniform"]["flops_ratio_vs_uniform"] == pytest.approx(1.0)
     joint = methods["joint"]
@@ -215,7 +222,9 @@ def test_pipeline_compares_its_methods_on_accuracy_against_flops(pipeline_run):
     parent = client.get_run(summary["parent_run_id"])
     assert parent.data.metrics["compare.uniform.flops_ratio_vs_uniform"] == pytest.approx(1.0)
     html = next(p for p in (workdir / "kfp").rglob("report") if "compare-methods" in str(p)).read_text()
-    assert "<td>joint</td>" in html and "<td>uniform</td>" in html and "base64," in html
+    assert "<td>joint</td>" in html and "<td>uniform</td>" in html and "<td>offline-filter</td>" in html
+    assert "the reference's own shapes.top1" in html and "base64," in html
+    assert "compare.reference.final_metric" in parent.data.metrics
 
 
 def test_components_run_alone(pipeline_run, tmp_path, monkeypatch):
@@ -558,7 +567,7 @@ def test_whole_pipeline_on_registered_img2dataset_data(mlflow_server, img2datase
         **SMALL, "data_config": "{}", "run_name": "pp-registered", "data_source": "register",
         "curated_uri": f"{s3}/laion/{{00000..00001}}.tar", "pool_uri": f"{s3}/laion",
         "eval_uri": str(img2dataset_dir / "00002.tar"), "steps": 2})
-    assert sorted(row["method"] for row in summary["rows"]) == ["joint", "uniform"]
+    assert sorted(row["method"] for row in summary["rows"]) == ["joint", "offline-filter", "reference", "uniform"]
     assert all(row["i2t_r1"] is not None for row in summary["rows"])  # an image-caption set: retrieval
     assert summary["decision"] in ("champion", "challenger") and summary["learner_version"]
     assert sorted(storage.list_names(f"{s3}/laion")) == before  # nothing written into the team's data

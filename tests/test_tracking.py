@@ -215,20 +215,32 @@ def test_comparison_is_logged_on_the_pipeline_run(mlflow_store):
                              image_to_text_r5=0.5, image_to_text_r10=1.0, text_to_image_r1=0.1, text_to_image_r5=0.5,
                              text_to_image_r10=1.0)
         return {"method": method, "total_flops": history[-1][0], "metrics_path": str(path), "reference_share": share,
-                "result": EvaluateResult(model="m.pt", splits={"shapes": split}).model_dump()}
+                "steps": len(history) - 1, "result": EvaluateResult(model="m.pt", splits={"shapes": split}).model_dump()}
 
     summary = compare_stage([evaluation("joint", 0.6, [(10.0, 0.3), (20.0, 0.55)], share=4.0),
-                             evaluation("uniform", 0.4, [(10.0, 0.2), (20.0, 0.38)])],
-                            parent, report_path=str(mlflow_store / "report.html"))
+                             evaluation("uniform", 0.4, [(5.0, 0.1), (10.0, 0.2), (15.0, 0.3), (20.0, 0.38)])],
+                            parent, report_path=str(mlflow_store / "report.html"),
+                            reference=evaluation("reference", 0.5, [(4.0, 0.5)]))
     # the zero-shot eval replaces training's (capped) last evaluation
     assert summary["methods"]["joint"]["mean_curve"] == [(10.0, 0.3), (20.0, 0.6)]
     assert summary["target"] == 0.4 and summary["uniform_flops_to_target"] == 20.0
     assert summary["methods"]["joint"]["flops_to_target"] == pytest.approx(10.0 + 10.0 * (0.1 / 0.3))
+    # iterations: uniform reaches its final 0.4 at its last step (3), joint a third of the way into its step 1
+    assert summary["methods"]["uniform"]["steps_to_target"] == 3.0
+    assert summary["methods"]["joint"]["steps_to_target"] == pytest.approx(1 / 3)
+    assert summary["methods"]["joint"]["steps_ratio_vs_uniform"] == pytest.approx(9.0)
+    # the reference share left out (amortised): joint's 4 of its FLOPs do not count
+    assert summary["methods"]["joint"]["flops_ratio_vs_uniform_learner_only"] == pytest.approx(
+        20.0 / (summary["methods"]["joint"]["flops_to_target"] - 4.0))
+    assert summary["reference"]["final_metric"] == 0.5 and "reference" not in summary["methods"]
     client = mlflow.MlflowClient()
     assert {a.path for a in client.list_artifacts(parent)} == {"accuracy_vs_flops.png", "method_comparison.json"}
     metrics = client.get_run(parent).data.metrics
     assert metrics["compare.uniform.flops_ratio_vs_uniform"] == 1.0 and metrics["compare.joint.final_metric"] == 0.6
-    assert "<td>joint</td><td>0.600</td>" in (mlflow_store / "report.html").read_text()
+    assert metrics["compare.joint.steps_ratio_vs_uniform"] == pytest.approx(9.0)
+    assert metrics["compare.reference.final_metric"] == 0.5
+    report = (mlflow_store / "report.html").read_text()
+    assert "<td>joint</td><td>0.600</td>" in report and "the reference's own shapes.top1: 0.500" in report
     with pytest.raises(ValueError, match="no evaluations"):
         compare_stage([], parent)
     with pytest.raises(LookupError, match="no MLflow pipeline run with KFP run ID or MLflow run id 'absent'"):

@@ -127,6 +127,46 @@ def with_eval_points(stage: str, values: dict[str, Any], profile: str, eval_data
     return values
 
 
+BASELINE_BUDGETS = ("flops", "steps")
+
+
+def flop_matched_steps(values: dict[str, Any], main_values: dict[str, Any], profile: str) -> int:
+    """Steps for a baseline learner (values) on the main learner's total-FLOP budget (main_values; the benchmark's
+    rule, bench/learning_efficiency.py): budget = the main learner's steps x its step FLOPs + the reference's
+    share (training and caching pass) if the main learner uses the reference; the baseline gets the budget less
+    the share if it uses the reference itself (the offline filter: plus its cosines), divided by its own step
+    FLOPs. Both configs name the same reference cache, whose manifest gives the embedding width and pool size."""
+    from flexi_jest import flops
+    from flexi_jest.config import TrainLearnerConfig
+    from flexi_jest.reference_cache import ReferenceCache
+
+    own: TrainLearnerConfig = validated_stage_config("train-learner", profile, values)
+    main: TrainLearnerConfig = validated_stage_config("train-learner", profile, main_values)
+    if own.reference_cache is None:
+        raise ValueError("flop_matched_steps: the baseline's config names no reference_cache (its reference's "
+                         "FLOPs are part of the budget)")
+    manifest = ReferenceCache(own.reference_cache).manifest
+    dim = int(manifest["embed_dim"])
+    share = main.reference_training_flops + main.reference_caching_flops
+    budget = main.steps * flops.learner_step_flops(main, dim) + (share if flops.uses_reference(main) else 0.0)
+    own_share = own.reference_training_flops + own.reference_caching_flops
+    if own.method == "offline-filter":
+        own_share += flops.offline_filter_flops(int(manifest["num_samples"]), dim)
+    return flops.steps_for_budget(budget, own, own_share, dim)
+
+
+def baseline_values(values: dict[str, Any], main_values: dict[str, Any], profile: str, budget: str) -> dict[str, Any]:
+    """A pipeline baseline learner's config: budget "flops" sets its steps to spend the main learner's total FLOPs
+    (flop_matched_steps); "steps" keeps the steps it has (the main learner's, through the same knobs)."""
+    from flexi_jest.config import ConfigError
+
+    if budget not in BASELINE_BUDGETS:
+        raise ConfigError(f"baseline_budget must be one of {list(BASELINE_BUDGETS)}, got {budget!r}")
+    if budget == "steps":
+        return values
+    return {**values, "steps": flop_matched_steps(values, main_values, profile)}
+
+
 def output_location(storage_root: str, artifact_uri: str, artifact_path: str, name: str) -> str:
     """Where a stage writes its data: beside its KFP output artifact when storage_root is empty (local runs),
     else under storage_root/<run>/<task>/name (e.g. s3://flexi-jest/...), unique per pipeline run and task
@@ -335,14 +375,18 @@ def write_html_report(path: str, method: str, result: EvaluateResult, training: 
 
 
 def compare_stage(evaluations: list[dict[str, Any]], pipeline_run: str = "", experiment: str = "flexi-jest",
-                  report_path: str | None = None, baseline: str = "uniform") -> dict[str, Any]:
+                  report_path: str | None = None, baseline: str = "uniform",
+                  reference: dict[str, Any] | None = None) -> dict[str, Any]:
     """The methods one pipeline run trained, side by side: each learner's eval metric against total training
     FLOPs (the curve its training recorded, ending at its zero-shot evaluation), summarised against the
-    baseline when it ran (efficiency.summarize), drawn as the benchmark draws it (efficiency.figure).
+    baseline when it ran (efficiency.summarize: FLOPs to the baseline's final metric, charged and with the
+    reference's share left out, and training steps to it), drawn as the benchmark draws it (efficiency.figure).
 
-    evaluations: per method {"method", "total_flops", "metrics_path", "reference_share", "result"} (what the
-    evaluate component returns). Logged on the pipeline's MLflow parent run: accuracy_vs_flops.png,
-    method_comparison.json and each method's final metric and FLOPs ratio."""
+    evaluations: per method {"method", "total_flops", "metrics_path", "reference_share", "steps", "result"} (what
+    the evaluate component returns). reference: the reference's own evaluation (same form), reported as
+    summary["reference"]: a learner passing its reference is JEST's data-quality bootstrapping. Logged on the
+    pipeline's MLflow parent run: accuracy_vs_flops.png, method_comparison.json and each method's final metric,
+    FLOPs and steps ratios, and the reference's metric."""
     from flexi_jest import efficiency, tracking
 
     if not evaluations:
@@ -350,43 +394,62 @@ def compare_stage(evaluations: list[dict[str, Any]], pipeline_run: str = "", exp
     metric = headline_metric(EvaluateResult.model_validate(evaluations[0]["result"]))[0]
     split, key = metric.rsplit(".", 1)
     curves: dict[str, list[efficiency.Curve]] = {}
+    step_curves: dict[str, list[efficiency.Curve]] = {}
     shares: dict[str, float] = {}
     for evaluation in evaluations:
         name = evaluation["method"]
         while name in curves:  # two learners of one method (e.g. two configs): keep both
             name += "'"
         total = float(evaluation["total_flops"])
-        final = evaluation["result"]["splits"][split][key]
+        final = float(evaluation["result"]["splits"][split][key])
         path = evaluation.get("metrics_path")
-        points = efficiency.curve(path, metric) if path and storage.exists(path) else []
+        recorded = bool(path) and storage.exists(path)
+        points = efficiency.curve(path, metric) if recorded else []
         # the zero-shot evaluation (whole eval split) is the final point; training's evals used a capped sample
-        curves[name] = [[p for p in points if p[0] < total] + [(total, float(final))]]
+        curves[name] = [[p for p in points if p[0] < total] + [(total, final)]]
         shares[name] = float(evaluation.get("reference_share", 0.0))
-    summary = efficiency.summarize(curves, metric, shares, baseline)
+        if evaluation.get("steps"):
+            steps = float(evaluation["steps"])
+            by_step = efficiency.curve(path, metric, "step") if recorded else []
+            step_curves[name] = [[p for p in by_step if p[0] < steps] + [(steps, final)]]
+    summary = efficiency.summarize(curves, metric, shares, baseline, step_curves)
+    if reference is not None:
+        summary["reference"] = {"final_metric": float(reference["result"]["splits"][split][key]),
+                                "training_flops": float(reference.get("total_flops", 0.0))}
     title = f"{metric} against total training FLOPs" + (f" ({pipeline_run})" if pipeline_run else "")
     figure = efficiency.figure(curves, summary, title)
     if report_path:
         write_comparison_report(report_path, summary, figure)
     if pipeline_run:
+        fields = ("final_metric", "total_flops", "flops_ratio_vs_uniform", "flops_ratio_vs_uniform_learner_only",
+                  "steps_to_target", "steps_ratio_vs_uniform")
         metrics = {f"compare.{name}.{field}": info[field] for name, info in summary["methods"].items()
-                   for field in ("final_metric", "total_flops", "flops_ratio_vs_uniform") if info[field] is not None}
+                   for field in fields if info.get(field) is not None}
+        if "reference" in summary:
+            metrics["compare.reference.final_metric"] = summary["reference"]["final_metric"]
         tracking.log_to_pipeline_run(pipeline_run, {"accuracy_vs_flops.png": figure},
                                      {"method_comparison.json": summary}, metrics)
     return summary
 
 
 def write_comparison_report(path: str, summary: dict[str, Any], figure) -> None:
-    """HTML: the methods' table (final metric, FLOPs, FLOPs to the baseline's final metric, ratio) and the plot."""
+    """HTML: the methods' table (final metric, FLOPs, steps and FLOPs to the baseline's final metric, ratios
+    charged and with the reference amortised), the reference's own metric, and the plot."""
     fmt = lambda v, spec: format(v, spec) if v is not None else "never" if spec == ".3e" else "-"  # noqa: E731
     rows = "".join(
-        f"<tr><td>{name}</td><td>{info['final_metric']:.3f}</td><td>{info['total_flops']:.3e}</td>"
-        f"<td>{fmt(info['flops_to_target'], '.3e')}</td><td>{fmt(info['flops_ratio_vs_uniform'], '.2f')}</td></tr>"
+        f"<tr><td>{escape(name)}</td><td>{info['final_metric']:.3f}</td><td>{info['total_flops']:.3e}</td>"
+        f"<td>{fmt(info.get('steps_to_target'), '.0f')}</td><td>{fmt(info['flops_to_target'], '.3e')}</td>"
+        f"<td>{fmt(info['flops_ratio_vs_uniform'], '.2f')}</td>"
+        f"<td>{fmt(info.get('flops_ratio_vs_uniform_learner_only'), '.2f')}</td></tr>"
         for name, info in summary["methods"].items())
     target = f"{summary['target']:.3f}" if summary["target"] is not None else "(no baseline ran)"
+    reference = (f"<p>the reference's own {escape(summary['metric'])}: {summary['reference']['final_metric']:.3f}</p>"
+                 if "reference" in summary else "")
     Path(path).write_text(
-        f"<html><body><h2>flexi-jest: methods compared</h2><p>{summary['metric']}; target = the "
-        f"{summary['baseline']} baseline's final value, {target}</p><table border=1><tr><th>method</th>"
-        f"<th>final</th><th>total FLOPs</th><th>FLOPs to target</th><th>ratio vs {summary['baseline']}</th></tr>"
+        f"<html><body><h2>flexi-jest: methods compared</h2><p>{escape(summary['metric'])}; target = the "
+        f"{escape(summary['baseline'])} baseline's final value, {target}</p>{reference}<table border=1><tr>"
+        f"<th>method</th><th>final</th><th>total FLOPs</th><th>steps to target</th><th>FLOPs to target</th>"
+        f"<th>ratio vs {escape(summary['baseline'])}</th><th>same, reference amortised</th></tr>"
         f"{rows}</table>{figure_html(figure)}</body></html>")
 
 
