@@ -4,11 +4,14 @@
     FLEXI_JEST_GPU_IMAGE   image of the GPU stages (reference_finetune, train_learner); default FLEXI_JEST_IMAGE
 
 Read when the pipeline is compiled: `FLEXI_JEST_IMAGE=registry.example.com/team/flexi-jest:0.1.0 python
-pipelines/flexi_jest_pp.py compile`.
+pipelines/flexi_jest_pp.py compile`. The default's tag is the package version (flexi_jest.__version__): the
+image is part of a cached stage's key, so a release with new code never reuses a stage an older one computed.
 """
 
 import os
 
-DEFAULT_IMAGE = "ghcr.io/flexi-jest/flexi-jest:0.1.0"
+from flexi_jest import __version__
+
+DEFAULT_IMAGE = f"ghcr.io/flexi-jest/flexi-jest:{__version__}"
 IMAGE = os.environ.get("FLEXI_JEST_IMAGE", DEFAULT_IMAGE)
 GPU_IMAGE = os.environ.get("FLEXI_JEST_GPU_IMAGE", IMAGE)

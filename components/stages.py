@@ -13,7 +13,7 @@ run by the tracking-only tasks (open_tracking, track_stages, compare_methods, pr
 close_tracking), which are never cached and know the parent by the KFP run ID.
 """
 
-from typing import List
+from typing import List, NamedTuple
 
 from kfp import dsl
 from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Model, Output
@@ -98,14 +98,19 @@ def reference_finetune(config_json: str, profile: str, storage_root: str, experi
 
 @dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
 def cache_reference_scores(config_json: str, profile: str, experiment: str,
-                           reference: Input[Model], pool: Input[Dataset], cache: Output[Dataset]) -> str:
-    """One pass of the frozen reference over the pool; the cache is written next to the pool's shards."""
+                           reference: Input[Model], pool: Input[Dataset], cache: Output[Dataset],
+                           storage_root: str = "") -> str:
+    """One pass of the frozen reference over the pool; the cache is written beside this task's output (under
+    storage_root when set), unique per run and task: a rerun never overwrites the cache an earlier run's
+    learners read (the config's out_dir, if it sets one, wins)."""
     import json
 
-    from flexi_jest.stages import cache_reference_stage, stage_output
+    from flexi_jest.stages import cache_reference_stage, output_location, stage_output
 
     values = json.loads(config_json)
     values.update(reference=reference.metadata["uri"], pool=pool.metadata["uri"])
+    if not values.get("out_dir"):
+        values["out_dir"] = output_location(storage_root, cache.uri, cache.path, "refcache")
     result, run_id = cache_reference_stage(values, profile, "", experiment)
     cache.metadata.update({"uri": result.cache_dir, "reference_sha256": result.reference_sha256,
                            "num_samples": result.num_samples, "flops": result.flops})
@@ -259,21 +264,32 @@ def close_tracking(kfp_run_id: str, experiment: str, status: dsl.PipelineTaskFin
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def resolve_run(from_run: str, parent_run_id: str, pool: Output[Dataset], cache: Output[Dataset],
-                eval_split: Output[Dataset], reference: Output[Model]) -> str:
+def resolve_run(from_run: str, parent_run_id: str, stage: str, curated: Output[Dataset], pool: Output[Dataset],
+                cache: Output[Dataset], eval_split: Output[Dataset], reference: Output[Model], learner: Output[Model]
+                ) -> NamedTuple("Resolved", [("reference_json", str), ("learner_json", str)]):
     """Tracking only (never cached): the outputs an earlier pipeline run recorded on its MLflow parent run
-    (its KFP run ID or MLflow parent run id: from_run) as this run's input artifacts: pool, reference cache,
-    eval split and the reference (with its registered version); recorded on this run's parent run too.
-    Returns {"mlflow_run_id": the reference's run, "reference_version": ...} for promote_model."""
+    (its KFP run ID or MLflow parent run id: from_run) as this run's input artifacts, for a rerun from `stage`
+    (flexi_jest.stages.RERUN_INPUTS): curated, pool, reference cache, eval split, the reference (with its
+    registered version) and the run's main learner (its training result as the artifact's file); an output the
+    stage does not need and the run did not record has uri "". Recorded on this run's parent run too.
+    reference_json / learner_json: {"mlflow_run_id": ...} of the reference and learner runs for promote_model."""
     import json
+    from collections import namedtuple
 
-    from flexi_jest.stages import resolve_earlier_run
+    from flexi_jest.stages import learner_result_of, resolve_earlier_run
 
-    resolved = resolve_earlier_run(from_run, parent_run_id)
-    for artifact, name in ((pool, "pool"), (cache, "cache"), (eval_split, "eval_split"), (reference, "reference")):
-        artifact.metadata.update({"uri": resolved[name], "from_run": resolved["parent_run_id"]})
+    resolved = resolve_earlier_run(from_run, parent_run_id, stage)
+    for artifact, name in ((curated, "curated"), (pool, "pool"), (cache, "cache"), (eval_split, "eval_split"),
+                           (reference, "reference"), (learner, "learner")):
+        uri = resolved.get(name, "")
+        artifact.metadata.update({"uri": uri, "from_run": resolved["parent_run_id"]})
+        content = learner_result_of(uri) if name == "learner" and uri else {"uri": uri, "from_run": resolved["parent_run_id"]}
         with open(artifact.path, "w") as f:
-            json.dump({"uri": resolved[name], "from_run": resolved["parent_run_id"]}, f)
-    reference.metadata["sha256"] = resolved["reference_sha256"]
-    return json.dumps({"mlflow_run_id": resolved.get("train-reference.mlflow_run_id"),
-                       "reference_version": resolved.get("reference_version")})
+            json.dump(content, f)
+    reference.metadata["sha256"] = resolved.get("reference_sha256", "")
+    if resolved.get("learner"):
+        learner.metadata["sha256"] = learner_result_of(resolved["learner"])["checkpoint_sha256"]
+    Resolved = namedtuple("Resolved", ["reference_json", "learner_json"])
+    return Resolved(json.dumps({"mlflow_run_id": resolved.get("train-reference.mlflow_run_id"),
+                                "reference_version": resolved.get("reference_version")}),
+                    json.dumps({"mlflow_run_id": resolved.get("learner_run_id", "")}))

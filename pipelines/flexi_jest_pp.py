@@ -208,7 +208,7 @@ def flexi_jest_pp_definition(
             curated=data.outputs["curated"], batch_size=batch_size, init_checkpoint=init_checkpoint),
             accelerator_type, accelerator_count)
         cache = on_gpu_pool(cache_reference_scores(
-            config_json=cache_config, profile=profile, experiment=experiment,
+            config_json=cache_config, profile=profile, experiment=experiment, storage_root=storage_root,
             reference=reference.outputs["model"], pool=data.outputs["pool"]), accelerator_type, accelerator_count)
         track_stages(parent_run_id=parent_run_id, first=data.outputs["Output"], second=reference.outputs["Output"],
                      third=cache.outputs["Output"]).set_caching_options(False)
@@ -247,48 +247,92 @@ def flexi_jest_pp_definition(
                         reference=reference_evaluation.outputs["Output"]).set_caching_options(False)
 
 
-def from_run_definition(
-    from_run: str,
-    profile: str = "tiny",
-    method: str = LEARNER["method"],
-    score: str = LEARNER["score"],
-    filter_ratio: float = LEARNER["filter_ratio"],
-    n_chunks: int = LEARNER["n_chunks"],
-    steps: int = 0,
-    learning_rate: float = 0.0,
-    super_batch_size: int = 0,
-    model_name: str = "",
-    storage_root: str = "",
-    experiment: str = "flexi-jest",
-    run_name: str = "flexi-jest-rerun",
-    learner_config: str = FLEXI_TINY,
-    eval_config: str = "{}",
-    eval_sets: List[str] = [],
-    champion_metric: str = "",
-    promotion_config: str = "{}",
-    accelerator_type: str = "nvidia.com/gpu",
-    accelerator_count: str = "1",
-):
-    """Single-stage rerun: train, evaluate and promote a learner on an earlier run's data, reference cache and
-    registered reference, all resolved from that run's MLflow parent run (from_run: its KFP run ID or MLflow
-    parent run id), skipping stages 1-3. The learner's knobs as in the full pipeline."""
-    with dsl.ExitHandler(close_run_tracking(experiment)):
-        tracking = open_run_tracking(run_name=run_name, experiment=experiment, dataset="(from run)", profile=profile,
-                                     method=method, score=score, filter_ratio=filter_ratio, n_chunks=n_chunks,
-                                     steps=steps, storage_root=storage_root)
-        parent_run_id = tracking.outputs["Output"]
-        earlier = resolve_run(from_run=from_run, parent_run_id=parent_run_id).set_caching_options(False)
-        evaluation = train_evaluate_promote(
-            learner_config=learner_config, eval_config=eval_config, profile=profile, method=method, score=score,
-            filter_ratio=filter_ratio, n_chunks=n_chunks, steps=steps, learning_rate=learning_rate,
-            super_batch_size=super_batch_size, model_name=model_name, storage_root=storage_root,
-            experiment=experiment, accelerator_type=accelerator_type, accelerator_count=accelerator_count,
-            pool=earlier.outputs["pool"], cache=earlier.outputs["cache"], eval_split=earlier.outputs["eval_split"],
-            reference=earlier.outputs["reference"], reference_json=earlier.outputs["Output"],
-            parent_run_id=parent_run_id, promotion_config=promotion_config,
-            eval_sets=eval_sets, champion_metric=champion_metric)
-        compare_methods(main=evaluation.outputs["Output"], baselines=[],
-                        parent_run_id=parent_run_id).set_caching_options(False)
+RERUN_STAGES = {  # --from-stage of a rerun -> what it runs, after resolving the earlier run's outputs
+    "train_reference": "the reference, its cache of the pool, the learner, its evaluation and promotion",
+    "cache_reference": "the reference's cache of the pool, the learner, its evaluation and promotion",
+    "train_learner": "the learner, its evaluation and promotion",
+    "evaluate": "the evaluation of the earlier run's learner (e.g. on more eval_sets) and its promotion",
+}
+
+
+def rerun_definition(stage: str):
+    """The single-stage rerun from `stage` (RERUN_STAGES): the earlier run's outputs upstream of it are resolved
+    from its MLflow parent run (from_run: its KFP run ID or MLflow parent run id, one argument), and the stage
+    and those after it run. Knobs as in the full pipeline; those of stages a rerun skips are ignored."""
+
+    def definition(
+        from_run: str,
+        profile: str = "tiny",
+        method: str = LEARNER["method"],
+        score: str = LEARNER["score"],
+        filter_ratio: float = LEARNER["filter_ratio"],
+        n_chunks: int = LEARNER["n_chunks"],
+        steps: int = 0,
+        learning_rate: float = 0.0,
+        super_batch_size: int = 0,
+        model_name: str = "",
+        batch_size: int = 0,
+        init_checkpoint: str = "",
+        storage_root: str = "",
+        experiment: str = "flexi-jest",
+        run_name: str = f"flexi-jest-rerun-{stage}",
+        reference_config: str = "{}",
+        cache_config: str = "{}",
+        learner_config: str = FLEXI_TINY,
+        eval_config: str = "{}",
+        eval_sets: List[str] = [],
+        champion_metric: str = "",
+        promotion_config: str = "{}",
+        accelerator_type: str = "nvidia.com/gpu",
+        accelerator_count: str = "1",
+    ):
+        with dsl.ExitHandler(close_run_tracking(experiment)):
+            tracking = open_run_tracking(run_name=run_name, experiment=experiment, dataset="(from run)",
+                                         profile=profile, method=method, score=score, filter_ratio=filter_ratio,
+                                         n_chunks=n_chunks, steps=steps, storage_root=storage_root)
+            parent_run_id = tracking.outputs["Output"]
+            earlier = resolve_run(from_run=from_run, parent_run_id=parent_run_id, stage=stage).set_caching_options(False)
+            reference, reference_json = earlier.outputs["reference"], earlier.outputs["reference_json"]
+            cache = earlier.outputs["cache"]
+            if stage == "train_reference":
+                trained = on_gpu_pool(reference_finetune(
+                    config_json=reference_config, profile=profile, storage_root=storage_root, experiment=experiment,
+                    curated=earlier.outputs["curated"], batch_size=batch_size, init_checkpoint=init_checkpoint),
+                    accelerator_type, accelerator_count)
+                reference, reference_json = trained.outputs["model"], trained.outputs["Output"]
+            if stage in ("train_reference", "cache_reference"):
+                cached = on_gpu_pool(cache_reference_scores(
+                    config_json=cache_config, profile=profile, experiment=experiment, storage_root=storage_root,
+                    reference=reference, pool=earlier.outputs["pool"]), accelerator_type, accelerator_count)
+                track_stages(parent_run_id=parent_run_id, first=reference_json if stage == "train_reference" else "",
+                             second=cached.outputs["Output"]).set_caching_options(False)
+                cache = cached.outputs["cache"]
+            if stage == "evaluate":
+                evaluation = zero_shot_eval(config_json=eval_config, profile=profile, method=method,
+                                            experiment=experiment, model=earlier.outputs["learner"],
+                                            eval_split=earlier.outputs["eval_split"], eval_sets=eval_sets,
+                                            champion_metric=champion_metric)
+                track_stages(parent_run_id=parent_run_id, first=evaluation.outputs["Output"]).set_caching_options(False)
+                promote_model(evaluation_json=evaluation.outputs["Output"], learner_json=earlier.outputs["learner_json"],
+                              reference_json=reference_json, parent_run_id=parent_run_id, experiment=experiment,
+                              promotion_config=promotion_config).set_caching_options(False)
+            else:
+                evaluation = train_evaluate_promote(
+                    learner_config=learner_config, eval_config=eval_config, profile=profile, method=method, score=score,
+                    filter_ratio=filter_ratio, n_chunks=n_chunks, steps=steps, learning_rate=learning_rate,
+                    super_batch_size=super_batch_size, model_name=model_name, storage_root=storage_root,
+                    experiment=experiment, accelerator_type=accelerator_type, accelerator_count=accelerator_count,
+                    pool=earlier.outputs["pool"], cache=cache, eval_split=earlier.outputs["eval_split"],
+                    reference=reference, reference_json=reference_json, parent_run_id=parent_run_id,
+                    promotion_config=promotion_config, eval_sets=eval_sets, champion_metric=champion_metric)
+            compare_methods(main=evaluation.outputs["Output"], baselines=[],
+                            parent_run_id=parent_run_id).set_caching_options(False)
+
+    definition.__name__ = f"rerun_from_{stage}"
+    definition.__doc__ = (f"Single-stage rerun from {stage}: {RERUN_STAGES[stage]}, on an earlier run's outputs "
+                          "resolved from its MLflow parent run (from_run: its KFP run ID or MLflow parent run id). "
+                          "The knobs as in the full pipeline (those of stages this rerun skips are ignored).")
+    return definition
 
 
 def make_pipeline(definition, name: str, description: str, accelerators: bool, learner_nodes: int = 1,
@@ -304,11 +348,10 @@ def make_pipeline(definition, name: str, description: str, accelerators: bool, l
 
 
 DEFINITIONS = [  # --from-stage, definition, name, description
-        ("prepare_data", flexi_jest_pp_definition, "flexi-jest-pp",
-         "Flexi-JEST++: joint example selection with a FlexiViT learner"),
-        ("train_learner", from_run_definition, "flexi-jest-pp-rerun-learner",
-         "Flexi-JEST++ learner rerun on an earlier run's data, reference and reference cache: learner, evaluation, "
-         "promotion"),
+    ("prepare_data", flexi_jest_pp_definition, "flexi-jest-pp",
+     "Flexi-JEST++: joint example selection with a FlexiViT learner"),
+    *((stage, rerun_definition(stage), f"flexi-jest-pp-rerun-{stage.replace('_', '-')}",
+       f"Flexi-JEST++ rerun from {stage} on an earlier run's outputs: {what}") for stage, what in RERUN_STAGES.items()),
 ]
 PIPELINES = {  # --from-stage -> (cluster pipeline, local pipeline)
     stage: (make_pipeline(definition, name, description, True), make_pipeline(definition, name, description, False))
@@ -495,7 +538,7 @@ def run_local(workdir: str, params: dict[str, Any], from_stage: str = "prepare_d
 
 def format_summary(summary: dict[str, Any]) -> str:
     lines = [f"pipeline finished in {summary['seconds']:.1f} s; MLflow parent run {summary['parent_run_id']} "
-             f"(rerun the learner on its outputs: --from-run {summary['parent_run_id']})",
+             f"(rerun a stage on its outputs: --from-run {summary['parent_run_id']} [--from-stage STAGE])",
              f"from KFP's cache: {', '.join(summary['cached_stages']) or 'nothing'}",
              f"MLflow store: {summary['tracking_uri']}  (browse: mlflow ui --backend-store-uri {summary['tracking_uri']})",
              f"registered model: flexi-jest-learner version {summary['learner_version']} -> alias '{summary['decision']}'",
@@ -555,19 +598,23 @@ def main(argv: list[str] | None = None) -> int:
                          "on this many nodes (storage_root must be s3://...)")
         sub.add_argument("--gpus-per-node", type=int, default=1)
     for sub in (c, r, s):
-        sub.add_argument("--from-stage", default="prepare_data", choices=sorted(PIPELINES),
-                         help="train_learner: rerun the learner (evaluation, promotion) on an earlier run's outputs, "
-                              "given by --from-run")
+        sub.add_argument("--from-stage", default="prepare_data", choices=list(PIPELINES),
+                         help="prepare_data: the whole pipeline; another stage: rerun from it on an earlier run's "
+                              "outputs, given by --from-run (" + "; ".join(f"{k}: {v}" for k, v in RERUN_STAGES.items())
+                              + ")")
     for sub in (r, s):
-        sub.add_argument("--from-run", default="", metavar="RUN_ID", help="rerun the learner on this earlier "
-                         "pipeline run's outputs (its KFP run ID or MLflow parent run id); implies "
-                         "--from-stage train_learner")
+        sub.add_argument("--from-run", default="", metavar="RUN_ID", help="rerun on this earlier pipeline run's "
+                         "outputs (its KFP run ID or MLflow parent run id), from --from-stage (default: train_learner)")
     args = parser.parse_args(argv)
-    from_stage = "train_learner" if getattr(args, "from_run", "") else args.from_stage
+    from_stage = args.from_stage
+    if getattr(args, "from_run", "") and from_stage == "prepare_data":
+        from_stage = "train_learner"
     pipeline = PIPELINES[from_stage][0]
     params = parse_params(getattr(args, "param", []), pipeline)
     if getattr(args, "from_run", ""):
         params["from_run"] = args.from_run
+    if args.command != "compile" and from_stage != "prepare_data" and not params.get("from_run"):
+        raise SystemExit(f"--from-stage {from_stage} reruns on an earlier run's outputs: give that run with --from-run")
     if args.command == "compile":
         compile_pipeline(args.out, from_stage, args.learner_nodes, args.gpus_per_node)
     elif args.command == "run-local":

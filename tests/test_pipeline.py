@@ -1,6 +1,7 @@
 """The KFP pipeline: compiled IR, each component alone and the whole DAG under KFP local execution."""
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -39,6 +40,13 @@ def test_compile_produces_ir_that_kfp_loads_back(tmp_path):
     assert kubernetes["tolerations"][0]["key"] == "nvidia.com/gpu"
     evaluation = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-zero-shot-eval"]
     assert "nodeSelector" not in evaluation and "tolerations" not in evaluation  # only the S3 secret (test_k8s.py)
+    # the image, part of every cached stage's key, is tagged with the package version unless FLEXI_JEST_IMAGE says
+    from importlib.metadata import version
+
+    from flexi_jest import __version__
+    assert __version__ == version("flexi-jest"), "pyproject.toml and flexi_jest.__version__ name one version"
+    if "FLEXI_JEST_IMAGE" not in os.environ:
+        assert trainer["image"].endswith(f"/flexi-jest:{__version__}")
 
 
 def test_the_knobs_of_a_rerun_are_typed_pipeline_parameters(tmp_path):
@@ -82,7 +90,6 @@ def test_the_image_is_one_setting(monkeypatch, tmp_path):
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
     """A real `mlflow server` on loopback whose artifact store is S3 (moto's S3 server, as MinIO on a cluster)."""
-    import os
     import subprocess
     import sys
     import time
@@ -140,7 +147,6 @@ def open_clip_reference_checkpoint(path: Path) -> Path:
 @pytest.fixture(scope="module")
 def pipeline_run(tmp_path_factory, mlflow_server):
     """The whole pipeline once, tracked on the real MLflow server (artifacts and models go to its S3 store)."""
-    import os
 
     from pipelines.flexi_jest_pp import run_local
     url, _ = mlflow_server
@@ -284,7 +290,6 @@ def write_imagefolder(split_dir: Path, root: Path, count: int) -> Path:
 def with_tracking_uri(uri: str):
     """MLFLOW_TRACKING_URI set for a block (run_local reads it), then as it was."""
     import contextlib
-    import os
 
     @contextlib.contextmanager
     def scope():
@@ -435,6 +440,75 @@ def test_rerun_of_the_learner_takes_one_argument_the_earlier_run(pipeline_run, t
     assert decision["metric"] == "held-out-folder.top1" and decision["value"] == pytest.approx(held_out["top1"])
 
 
+def test_rerun_of_the_evaluation_resolves_the_earlier_runs_learner(pipeline_run, tmp_path):
+    """--from-stage evaluate: the earlier run's main learner, evaluated again (here on one more eval set) and put
+    through promotion, with nothing trained; the one argument is the earlier run's MLflow parent run id."""
+    import mlflow
+
+    from pipelines.flexi_jest_pp import run_local
+
+    workdir, first = pipeline_run
+    data_dir = next((workdir / "kfp").rglob("prepare-data/data"))
+    folder = write_imagefolder(data_dir / "eval", tmp_path / "folder", 40)
+    with with_tracking_uri(first["tracking_uri"]):
+        summary = run_local(str(workdir), {"from_run": first["parent_run_id"], "run_name": "evaluate-rerun",
+                                           "eval_sets": [f"folder={folder}"]}, from_stage="evaluate")
+    mlflow.set_tracking_uri(first["tracking_uri"])
+    client = mlflow.MlflowClient()
+    tags = client.get_run(summary["parent_run_id"]).data.tags
+    earlier = client.get_run(first["parent_run_id"]).data.tags
+    assert tags["flexi_jest.from_run"] == first["parent_run_id"] and tags["flexi_jest.from_stage"] == "evaluate"
+    stages = sorted(r.data.tags["flexi_jest.stage"] for r in client.search_runs(
+        [client.get_experiment_by_name("flexi-jest").experiment_id],
+        f"tags.mlflow.parentRunId = '{summary['parent_run_id']}'"))
+    assert stages == ["evaluate", "promote"], "nothing is trained"
+    evaluation = client.get_run(tags["flexi_jest.stage_run.evaluate.joint"])
+    assert evaluation.data.params["model"] == earlier["flexi_jest.output.learner.joint"]
+    assert "splits.folder.top1" in evaluation.data.metrics
+    # the same learner (one registered version, promoted again), the same total FLOPs as its training
+    assert len(client.search_model_versions("name = 'flexi-jest-learner'")) == len(
+        {v.run_id for v in client.search_model_versions("name = 'flexi-jest-learner'")})
+    first_joint = next(r for r in first["rows"] if r["method"] == "joint")
+    assert summary["rows"][0]["total_flops"] == pytest.approx(first_joint["total_flops"])
+
+
+@pytest.mark.parametrize("stage", ["cache_reference", pytest.param("train_reference", marks=pytest.mark.slow)])
+def test_rerun_from_the_reference_or_its_cache_resolves_the_data(pipeline_run, stage):
+    """--from-stage cache_reference / train_reference: the earlier run's data (and reference) resolved from its
+    KFP run ID; the stage runs again (the reference with another batch size), then its cache, the learner, its
+    evaluation and promotion."""
+    import mlflow
+
+    from pipelines.flexi_jest_pp import run_local
+
+    workdir, first = pipeline_run
+    with with_tracking_uri(first["tracking_uri"]):
+        summary = run_local(str(workdir), {
+            "from_run": first["kfp_run_id"], "run_name": f"{stage}-rerun", "steps": 2, "batch_size": 16,
+            "reference_config": json.dumps({"steps": 2, "progress": False}),
+            "learner_config": json.dumps({"super_batch_size": 80, "progress": False})}, from_stage=stage)
+    mlflow.set_tracking_uri(first["tracking_uri"])
+    client = mlflow.MlflowClient()
+    tags = client.get_run(summary["parent_run_id"]).data.tags
+    earlier = client.get_run(first["parent_run_id"]).data.tags
+    assert tags["flexi_jest.from_stage"] == stage
+    assert tags["flexi_jest.output.pool"] == earlier["flexi_jest.output.pool"]
+    assert tags["flexi_jest.output.cache"] != earlier["flexi_jest.output.cache"], "the cache is made again"
+    children = {r.data.tags["flexi_jest.stage"]: r for r in client.search_runs(
+        [client.get_experiment_by_name("flexi-jest").experiment_id],
+        f"tags.mlflow.parentRunId = '{summary['parent_run_id']}'")}
+    assert {"cache-reference", "train-learner", "evaluate", "promote"} <= set(children)
+    if stage == "train_reference":
+        reference = children["train-reference"]
+        assert reference.data.params["batch_size"] == "16" and reference.data.params["data"] == earlier[
+            "flexi_jest.output.curated"]
+        assert tags["flexi_jest.output.reference"] != earlier["flexi_jest.output.reference"]
+    else:
+        assert "train-reference" not in children or children["train-reference"].data.tags.get("flexi_jest.cached")
+        assert children["cache-reference"].data.params["reference"] == earlier["flexi_jest.output.reference"]
+    assert summary["rows"][0]["method"] == "joint" and summary["decision"] in ("champion", "challenger")
+
+
 def test_a_bad_config_fails_the_component_with_the_field_named(tmp_path, monkeypatch, capfd):
     from kfp import local
 
@@ -465,7 +539,6 @@ def test_the_champion_from_the_registry_embeds_in_a_fresh_process(pipeline_run, 
     """Done-when of issue 11: the reference fine-tuned from an open_clip checkpoint, the pipeline run on it, the
     learner exported as an open_clip checkpoint that open_clip loads, and the registry's pyfunc embedding in a
     subprocess; the registered versions carry a signature and their lineage."""
-    import os
     import subprocess
     import sys
 

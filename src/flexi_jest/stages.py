@@ -215,29 +215,54 @@ def record_stages(parent_run_id: str, *stage_outputs: str) -> dict[str, bool]:
     return cached
 
 
-RERUN_INPUTS = ("pool", "cache", "eval_split", "reference", "reference_sha256")  # what a learner rerun needs
+# what a rerun from each stage resolves from the earlier run's recorded outputs ("learner": its main learner)
+RERUN_INPUTS = {
+    "train_reference": ("curated", "pool", "eval_split"),
+    "cache_reference": ("pool", "eval_split", "reference", "reference_sha256"),
+    "train_learner": ("pool", "cache", "eval_split", "reference", "reference_sha256"),
+    "evaluate": ("eval_split", "reference", "reference_sha256", "learner"),
+}
 
 
-def resolve_earlier_run(from_run: str, parent_run_id: str = "") -> dict[str, str]:
-    """The outputs an earlier pipeline run recorded (tracking.recorded_outputs), checked to hold what a learner
-    rerun needs; recorded on this run's parent run (parent_run_id) too, with the run they came from."""
+def resolve_earlier_run(from_run: str, parent_run_id: str = "", stage: str = "train_learner") -> dict[str, str]:
+    """The outputs an earlier pipeline run recorded (tracking.recorded_outputs), checked to hold what a rerun from
+    `stage` needs (RERUN_INPUTS; "learner": the run's main learner, with its MLflow run as "learner_run_id");
+    recorded on this run's parent run (parent_run_id) too, with the run they came from."""
     from flexi_jest import tracking
 
+    if stage not in RERUN_INPUTS:
+        raise ValueError(f"no rerun from stage {stage!r}; expected one of {sorted(RERUN_INPUTS)}")
     resolved = tracking.recorded_outputs(from_run)
-    missing = [name for name in RERUN_INPUTS if name not in resolved]
+    method = tracking.pipeline_run_or_fail(from_run).data.params.get("method", "")
+    if f"learner.{method}" in resolved:  # the earlier run's main learner (its baselines are recorded beside it)
+        resolved["learner"] = resolved[f"learner.{method}"]
+        resolved["learner_run_id"] = resolved.get(f"train-learner.{method}.mlflow_run_id", "")
+    missing = [name for name in RERUN_INPUTS[stage] if name not in resolved]
     if missing:
         raise LookupError(f"pipeline run {from_run!r} (MLflow run {resolved['parent_run_id']}) recorded no "
-                          f"{', '.join(missing)}: did its data, reference and cache stages finish?")
+                          f"{', '.join(missing)}, which a rerun from {stage} needs: did its stages up to {stage} finish?")
     if parent_run_id:
         client = tracking._mlflow().MlflowClient()
         parent = tracking.pipeline_run_or_fail(parent_run_id).info.run_id
         client.set_tag(parent, "flexi_jest.from_run", resolved["parent_run_id"])
-        for name in RERUN_INPUTS + ("reference_version", "curated"):
-            if name in resolved:
+        client.set_tag(parent, "flexi_jest.from_stage", stage)
+        for name in RERUN_INPUTS[stage] + ("reference_version", "curated"):
+            if name in resolved and name != "learner":
                 client.set_tag(parent, f"{tracking.OUTPUT_TAG}{name}", resolved[name])
-        if "train-reference.mlflow_run_id" in resolved:
+        if "train-reference.mlflow_run_id" in resolved and stage != "train_reference":
             client.set_tag(parent, f"{tracking.STAGE_TAG}train-reference", resolved["train-reference.mlflow_run_id"])
     return resolved
+
+
+def learner_result_of(checkpoint: str) -> dict[str, Any]:
+    """The TrainResult (as a dict) a learner wrote beside its checkpoint (out_dir/model.pt -> out_dir/result.json):
+    what evaluating an earlier run's learner needs (its FLOPs, metrics path, steps)."""
+    out_dir = checkpoint.rsplit("/", 1)[0]
+    path = storage.join(out_dir, "result.json")
+    if not storage.exists(path):
+        raise FileNotFoundError(f"the learner checkpoint {checkpoint} has no result.json beside it ({path}): "
+                                "was its training interrupted?")
+    return TrainResult.model_validate_json(storage.read_bytes(path)).model_dump()
 
 
 def make_data_stage(values: dict[str, Any], profile: str, pipeline_run: str = "", experiment: str = "flexi-jest") -> tuple[MakeDataResult, str]:
