@@ -115,3 +115,91 @@ STORED_IMAGE_EMBEDDING = torch.tensor([
     [-0.162677, -0.231874, 0.002453, 0.028408],
     [0.088415, 0.186783, 0.019198, -0.120864],
 ])
+
+
+# ---- open_clip's TimmModel around a timm VisionTransformer trunk (SigLIP's image tower) ----------------------
+
+TIMM_CLIPS = ["test-tiny-siglip-timm", "test-tiny-timm-registers"]  # timm_towers.py
+
+
+@pytest.fixture(scope="module")
+def timm_clips(tmp_path_factory):
+    from timm_towers import register_timm_clip_configs
+    return register_timm_clip_configs(tmp_path_factory.mktemp("timm_clip_configs"))
+
+
+def timm_pair(name: str) -> tuple[DualEncoder, torch.nn.Module]:
+    """(ours, open_clip's model of the same name), the same weights (open_clip's init, seed 0)."""
+    import open_clip
+    torch.manual_seed(0)
+    theirs = open_clip.create_model(name).eval()
+    ours = DualEncoder(ModelConfig(name=name)).eval()
+    ours.clip.load_state_dict(theirs.state_dict())
+    return ours, theirs
+
+
+@pytest.mark.parametrize("name", TIMM_CLIPS)
+def test_a_timm_tower_at_its_base_patch_is_open_clips_forward(timm_clips, name):
+    ours, theirs = timm_pair(name)
+    images = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        expected = theirs.encode_image(images, normalize=True)
+        for patch in (None, 8):
+            torch.testing.assert_close(ours.encode_image(images, patch), expected)  # fp32 tolerance
+    print(f"{name} base patch, max abs diff of embeddings: {(ours.encode_image(images) - expected).abs().max().item():.3g}")
+
+
+@pytest.mark.parametrize("name", TIMM_CLIPS)
+@pytest.mark.parametrize("patch", [4, 16])
+def test_a_timm_tower_at_another_patch_is_timms_own_model_built_at_that_patch(timm_clips, name, patch):
+    """Independent of flexivit.py: timm builds the trunk at patch p and loads the base weights through its own
+    checkpoint filter (resample_patch_embed: PI-resize; resample_abs_pos_embed); open_clip's head follows."""
+    import timm
+    from timm.models.vision_transformer import checkpoint_filter_fn
+    ours, theirs = timm_pair(name)
+    trunk = theirs.visual.trunk
+    import open_clip
+    timm_name = open_clip.get_model_config(name)["vision_cfg"]["timm_model_name"]
+    resized = timm.create_model(timm_name, patch_size=patch,
+                                num_classes=trunk.num_classes, global_pool=trunk.global_pool).eval()
+    resized.load_state_dict(checkpoint_filter_fn(trunk.state_dict(), resized))
+    images = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        expected = theirs.visual.head(resized(images))
+        flexible = ours.image_features(images, patch)
+    print(f"{name} patch {patch} vs timm's model at that patch: max abs diff {(flexible - expected).abs().max().item():.3g}")
+    torch.testing.assert_close(flexible, expected)  # fp32 tolerance (measured: 0, bit for bit)
+
+
+def test_a_timm_towers_tokens_and_gradients_at_any_patch(timm_clips):
+    from flexi_jest.models.flexivit import embed_patches_timm
+    model = DualEncoder(ModelConfig(name="test-tiny-timm-registers")).train()
+    images = torch.randn(2, 3, 32, 32)
+    for patch in (4, 8, 16, 32):  # a class token and 2 register tokens, then the patches
+        assert embed_patches_timm(model.visual, model.kernel_resampler, images, patch).shape == (2, 3 + (32 // patch) ** 2, 48)
+    model.image_features(images, 16).sum().backward()
+    trunk = model.visual.trunk
+    for parameter in (trunk.patch_embed.proj.weight, trunk.pos_embed, trunk.cls_token, trunk.reg_token):
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0
+    assert model.patch_kernel(16).shape == (48, 3, 16, 16)
+    with pytest.raises(ValueError, match="must divide"):
+        model.image_features(images, 6)
+
+
+def test_siglip_vit_b16_image_tower_runs_flexibly_and_is_open_clips_at_patch_16():
+    """open_clip's ViT-B-16-SigLIP image tower (timm's vit_base_patch16_siglip_224, MAP head), random weights.
+    (The whole model is refused: its text side needs a Hugging Face tokenizer from the hub.)"""
+    import open_clip
+    from open_clip.model import _build_vision_tower
+    from flexi_jest.models import flexivit
+    config = open_clip.get_model_config("ViT-B-16-SigLIP")
+    torch.manual_seed(0)
+    visual = _build_vision_tower(config["embed_dim"], config["vision_cfg"]).eval()
+    resampler = flexivit.kernel_resampler(visual)
+    images = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        expected = visual(images)
+        ours = flexivit.image_features(visual, resampler, images, 16)
+        torch.testing.assert_close(ours, expected)
+        print(f"ViT-B-16-SigLIP image tower, patch 16: max abs diff {(ours - expected).abs().max().item():.3g}")
+        assert flexivit.image_features(visual, resampler, images, 32).shape == (1, 768)

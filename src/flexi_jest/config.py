@@ -74,8 +74,9 @@ class ReadStatsSummary(StrictModel):
 
 class ModelConfig(ConfigModel):
     """The dual encoder's architecture. Every model is an open_clip CLIP model (flexi_jest.models): either
-    the open_clip model `name` (one of open_clip.list_models() with open_clip's own ViT image tower, e.g.
-    ViT-B-32, ViT-B-16, ViT-S-16), whose sizes below are then read from its open_clip config, or, without a
+    the open_clip model `name` (one of open_clip.list_models() whose image tower is open_clip's own ViT, e.g.
+    ViT-B-32, ViT-B-16, ViT-S-16, or a timm VisionTransformer, e.g. SigLIP's MAP-pooled ViT), whose sizes
+    below are then read from its open_clip config (and timm's model), or, without a
     name, the project's SigLIP-style config built from the sizes below (average-pooled image tower, logit
     scale t' = log 10 and bias -10 at init). A string is a preset (`tiny`, `small`, `vit_b16`) or an open_clip
     name: `--set model=small`, `--set model=ViT-B-32`."""
@@ -92,6 +93,13 @@ class ModelConfig(ConfigModel):
     context_length: Int = Field(16, gt=2, description="text tokens per caption, start/end included")
     vocab_size: Int = Field(49408, gt=0, description="open_clip's BPE vocabulary")
     embed_dim: Int = Field(64, gt=0, description="shared embedding size")
+    # The image tower's shape beyond its sizes (FLOP accounting); only a named open_clip model sets these.
+    vision_prefix_tokens: Int = Field(1, ge=0, description="class and register tokens before the patch tokens "
+                                      "(open_clip's ViT: 1, SigLIP's timm ViT: 0)")
+    vision_map_pool: bool = Field(False, description="the image tower pools with a MAP head (one latent query "
+                                  "attending over the patch tokens, then an MLP), as SigLIP's timm ViT")
+    vision_projection: bool = Field(True, description="a linear map width -> embed_dim ends the image tower "
+                                    "(a timm tower with timm_proj 'none' has none: its width is embed_dim)")
     mean: tuple[Float, Float, Float] = Field((0.5, 0.5, 0.5), description="per-channel pixel mean (pixels in [0, 1])")
     std: tuple[Float, Float, Float] = Field((0.5, 0.5, 0.5), description="per-channel pixel std: x' = (x - mean) / std")
 
@@ -125,6 +133,10 @@ class ModelConfig(ConfigModel):
             raise ValueError(f"vision_width {self.vision_width} must be divisible by vision_heads {self.vision_heads}")
         if self.text_width % self.text_heads:
             raise ValueError(f"text_width {self.text_width} must be divisible by text_heads {self.text_heads}")
+        if self.name is None and (self.vision_prefix_tokens, self.vision_map_pool, self.vision_projection) != (1, False, True):
+            raise ValueError("vision_prefix_tokens, vision_map_pool and vision_projection describe a named open_clip "
+                             "model's image tower; the project's own config (no name) has 1 class token, average "
+                             "pooling and a projection")
         return self
 
 

@@ -17,15 +17,26 @@ def transformer_flops(tokens: int, width: int, depth: int, mlp_ratio: float = 4.
     return depth * (projections + attention + mlp)
 
 
+def map_pool_flops(tokens: int, width: int, mlp_ratio: float = 4.0) -> int:
+    """Forward FLOPs of a MAP head (timm's AttentionPoolLatent, one latent query) over `tokens` tokens: the
+    query and key-value projections, the query's attention products, the output projection and the MLP."""
+    hidden = int(width * mlp_ratio)
+    projections = 2 * width * width + 2 * tokens * width * (2 * width) + 2 * width * width  # q, kv, out
+    attention = 2 * 2 * tokens * width  # q @ k^T and attn @ v for the one query
+    return projections + attention + 2 * 2 * width * hidden
+
+
 def image_forward_flops(cfg: ModelConfig, patch_size: int | None = None) -> int:
-    """Forward FLOPs of the image tower (open_clip's VisionTransformer, flexi_jest.models) for one image at
-    `patch_size` (default: the base): the patch embedding, the transformer over the patches and the class
-    token, the output projection."""
+    """Forward FLOPs of the image tower (flexi_jest.models.flexivit) for one image at `patch_size` (default:
+    the base): the patch embedding, the transformer over the patches and the prefix (class, register)
+    tokens, the MAP head over the patches if the tower pools with one, the output projection if it has one."""
     patch = patch_size or cfg.patch_size
     patches = (cfg.image_size // patch) ** 2
     patch_embed = 2 * patches * (3 * patch * patch) * cfg.vision_width
-    head = 2 * cfg.vision_width * cfg.embed_dim
-    return patch_embed + transformer_flops(patches + 1, cfg.vision_width, cfg.vision_depth) + head
+    tokens = patches + cfg.vision_prefix_tokens
+    pool = map_pool_flops(patches, cfg.vision_width) if cfg.vision_map_pool else 0
+    head = 2 * cfg.vision_width * cfg.embed_dim if cfg.vision_projection else 0
+    return patch_embed + transformer_flops(tokens, cfg.vision_width, cfg.vision_depth) + pool + head
 
 
 def text_forward_flops(cfg: ModelConfig) -> int:
