@@ -112,3 +112,45 @@ def test_pipeline_baselines_get_the_main_learners_total_flop_budget(shapes_data,
     assert baseline_values({**common, "method": "uniform"}, main, "tiny", "steps")["steps"] == 10
     with pytest.raises(ConfigError, match="baseline_budget must be one of"):
         baseline_values(common, main, "tiny", "flop")
+
+
+@pytest.fixture(scope="module")
+def timm_clips(tmp_path_factory):
+    from timm_towers import register_timm_clip_configs
+    return register_timm_clip_configs(tmp_path_factory.mktemp("timm_clip_configs"))
+
+
+@pytest.mark.parametrize("name", ["test-tiny-siglip-timm", "test-tiny-timm-registers"])
+def test_a_timm_towers_flops_match_flop_counter(timm_clips, name):
+    """open_clip's TimmModel around a timm ViT (timm_towers.py): SigLIP's shape (no class token, MAP head, no
+    projection) and a class token + 2 register tokens with a linear projection, at the base patch and others."""
+    cfg = ModelConfig(name=name)
+    model = DualEncoder(cfg).eval()
+    images = torch.randn(2, 3, cfg.image_size, cfg.image_size)
+    for patch in (8, 16, 4):
+        with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+            model.image_features(images, patch)
+        counts = {module: sum(by_op.values()) for module, by_op in counter.get_flop_counts().items()}
+        assert counts["Global"] - counts.get("PatchEmbedResamplerFixedOrigSize", 0) == 2 * flops.image_forward_flops(cfg, patch)
+        patches = (cfg.image_size // patch) ** 2
+        assert counts.get("AttentionPoolLatent", 0) == (2 * flops.map_pool_flops(patches, cfg.vision_width)
+                                                        if cfg.vision_map_pool else 0)
+    tokens = torch.randint(0, 1000, (1, cfg.context_length))
+    assert counted_forward_flops(lambda: model.encode_text(tokens)) == flops.text_forward_flops(cfg)
+
+
+def test_siglip_vit_b16_image_tower_flops_match_flop_counter():
+    """open_clip's ViT-B-16-SigLIP image tower at its base patch 16, counted on the meta device (shapes only;
+    timm's kernel resampling does not run there, so other patch sizes are checked on the tiny towers above).
+    The model itself is refused for its Hugging Face tokenizer, so its fields come from the tower alone."""
+    import open_clip
+    from flexi_jest.models.configs import meta_timm_tower, timm_tower_fields
+    from flexi_jest.models.flexivit import image_features, kernel_resampler
+    config = open_clip.get_model_config("ViT-B-16-SigLIP")
+    visual = meta_timm_tower(config["vision_cfg"], config["embed_dim"])
+    fields = timm_tower_fields(config["vision_cfg"], config["embed_dim"])
+    cfg = ModelConfig.model_construct(**{**ModelConfig().model_dump(), **fields, "embed_dim": config["embed_dim"]})
+    images = torch.empty(1, 3, 224, 224, device="meta")
+    assert counted_forward_flops(lambda: image_features(visual, kernel_resampler(visual), images, 16)) == \
+        flops.image_forward_flops(cfg, 16)
+    assert flops.image_forward_flops(cfg, 16) == pytest.approx(35.4e9, rel=1e-3)  # ~17.7 GMACs
