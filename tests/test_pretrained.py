@@ -154,3 +154,50 @@ def test_precision_is_a_config_field():
         assert DualEncoder(MODEL_PRESETS["tiny"]).encode_text(torch.zeros(1, 16, dtype=torch.long)).dtype == torch.bfloat16
     with pytest.raises(ValueError, match="precision"):
         TrainReferenceConfig(precision="fp16")
+
+
+@pytest.fixture(scope="module")
+def timm_clips(tmp_path_factory):
+    from timm_towers import register_timm_clip_configs
+    return register_timm_clip_configs(tmp_path_factory.mktemp("timm_clip_configs"))
+
+
+def test_a_timm_tower_model_imports_trains_and_exports_to_open_clip_exactly(timm_clips, shapes_data, tmp_path):
+    """An open_clip model whose image tower is timm's (SigLIP's shape: no class token, MAP head; timm_towers.py):
+    its checkpoint loads exactly, both stages train from it (the learner at patch 8 and 16), and the trained
+    model's export loads back into open_clip by folder and by name with the same embeddings."""
+    from flexi_jest.checkpoint import load_model
+    name = "test-tiny-siglip-timm"
+    theirs = open_clip_checkpoint(name, tmp_path / "init.pt")
+    ours = DualEncoder(ModelConfig(name=name)).eval()
+    load_pretrained(ours, str(tmp_path / "init.pt"))
+    images, tokens = torch.randn(3, 3, 32, 32), Tokenizer(16)(["a red square", "two blue dots", "a star"])
+    with torch.no_grad():
+        torch.testing.assert_close(ours.encode_image(images), theirs.encode_image(images, normalize=True))
+        assert torch.equal(ours.encode_text(tokens), theirs.encode_text(tokens, normalize=True))
+
+    common = dict(model=name, init_checkpoint=str(tmp_path / "init.pt"), steps=2, progress=False, log_every=1,
+                  device="cpu")
+    reference_cfg = TrainReferenceConfig(data=shapes_data.splits["curated"].path, out_dir=str(tmp_path / "ref"),
+                                         batch_size=16, **common)
+    reference = train_reference(reference_cfg)
+    first = json.loads(open(reference.metrics_path).readline())["loss"]
+    assert first == pytest.approx(first_batch_loss(theirs, reference_cfg, reference_cfg.data, 16), rel=1e-5, abs=1e-5)
+    learner = train_learner(TrainLearnerConfig(
+        pool=shapes_data.splits["pool"].path, out_dir=str(tmp_path / "learner"), method="uniform",
+        super_batch_size=40, filter_ratio=0.8, train_patch_sizes=[8, 16], **common))
+    assert learner.steps == 2 and learner.final_loss == learner.final_loss  # ran, not NaN
+
+    for result in (reference, learner):
+        trained, _ = load_model(result.checkpoint)
+        trained.eval()
+        assert not torch.equal(trained.visual.trunk.attn_pool.latent, theirs.visual.trunk.attn_pool.latent)  # trained
+        by_folder, _, _ = open_clip.create_model_and_transforms(f"local-dir:{result.open_clip_dir}")
+        by_name, _, _ = open_clip.create_model_and_transforms(name, pretrained=f"{result.open_clip_dir}/{WEIGHTS_FILE}")
+        with torch.no_grad():
+            expected_image, expected_text = trained.encode_image(images), trained.encode_text(tokens)
+            for loaded in (by_folder.eval(), by_name.eval()):
+                image = loaded.encode_image(images, normalize=True)
+                print(f"{name} export, max abs diff of image embeddings: {(image - expected_image).abs().max().item():.3g}")
+                torch.testing.assert_close(image, expected_image)
+                assert torch.equal(loaded.encode_text(tokens, normalize=True), expected_text)
