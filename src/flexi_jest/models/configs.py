@@ -167,7 +167,9 @@ def timm_trunk_problems(visual: nn.Module, image_size: Any, embed_dim: int) -> l
                         f"(open_clip does not pass image_size to timm)")
     for block in trunk.blocks:
         if type(block) is not Block or type(block.attn) is not Attention or type(block.mlp) is not Mlp:
-            problems.append(f"a {type(block).__name__} block (timm's Block with Attention and Mlp is needed)")
+            problems.append(f"blocks of {type(block).__module__}.{type(block).__name__} with "
+                            f"{type(block.attn).__name__} and {type(block.mlp).__name__} (timm's vision_transformer "
+                            f"Block with Attention and Mlp is needed)")
             break
         if block.mlp.fc1.out_features != 4 * width:
             problems.append(f"vision mlp_ratio {block.mlp.fc1.out_features / width:g} != 4")
@@ -175,8 +177,10 @@ def timm_trunk_problems(visual: nn.Module, image_size: Any, embed_dim: int) -> l
     pool = trunk.attn_pool
     if pool is not None:
         if type(pool) is not AttentionPoolLatent or pool.latent_len != 1 or pool.pos_embed is not None or \
-                pool.mlp is None or not isinstance(pool.q, nn.Linear) or pool.mlp.fc1.out_features != 4 * width:
+                pool.mlp is None or not isinstance(pool.q, nn.Linear):
             problems.append(f"attention pool {type(pool).__name__} (a MAP head with one latent query is needed)")
+        elif pool.mlp.fc1.out_features != 4 * width:
+            problems.append(f"a MAP head of MLP ratio {pool.mlp.fc1.out_features / width:g} != 4")
         elif trunk.pool_include_prefix and trunk.num_prefix_tokens:
             problems.append("a MAP head that attends over the prefix tokens too (pool_include_prefix)")
     elif trunk.global_pool not in ("token", "avg", "avgmax", "max"):
