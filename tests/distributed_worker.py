@@ -87,5 +87,4 @@ if __name__ == "__main__":
     torch.save({"world_size": world.size, **outputs}, f"{output_dir}/rank{world.rank}.pt")
     # every rank done with its collectives before any tears the group down (a rank leaving gloo early aborted
     # its peer at exit now and then: "terminate called without an active exception")
-    torch.distributed.barrier()
-    shutdown()
+    shutdown(barrier=True)

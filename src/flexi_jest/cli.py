@@ -247,10 +247,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = run_stage(args.command, cfg)
     except (StaleOutputError, EvalSetError) as exc:  # one line naming the problem, no traceback
+        shutdown()  # under torchrun: leave the process group
         print(f"{args.command}: {exc}", file=sys.stderr)
         return 2
-    finally:
-        shutdown()  # under torchrun: leave the process group
+    except BaseException:
+        shutdown()
+        raise
+    shutdown(barrier=True)  # every rank finished: leave together
     if is_main_process():
         print(result.model_dump_json(indent=1))
     return 0

@@ -146,9 +146,13 @@ def barrier(world: World) -> None:
         dist.barrier()
 
 
-def shutdown() -> None:
-    """Leave the process group (end of a torchrun process)."""
+def shutdown(barrier: bool = False) -> None:
+    """Leave the process group (end of a torchrun process). barrier: first wait until every rank is done with its
+    collectives (a clean end; a rank tearing gloo down early can abort a peer still finishing). Never after an
+    error, when another rank may never arrive."""
     if dist.is_available() and dist.is_initialized():
+        if barrier:
+            dist.barrier()
         dist.destroy_process_group()
 
 
