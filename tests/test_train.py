@@ -155,6 +155,11 @@ def test_config_rejects_bad_values_with_the_field_named():
         TrainLearnerConfig(reference_cache="x", unknown_field=1)
     with pytest.raises(ValidationError, match="scoring_patch_size 7"):
         TrainLearnerConfig(reference_cache="x", scoring_patch_size=7)
+    from flexi_jest.config import MakeDataConfig
+    for noise, message in (({"mismatched": True}, "boolean True"), ({"blank": float("nan")}, "blank"),
+                           ({"corrupted": 0.7, "blank": 0.5}, "sum to at most 1"), ({"typo": 0.1}, "typo")):
+        with pytest.raises(ValidationError, match=message):
+            MakeDataConfig(out_dir="x", noise=noise)
 
 
 def test_periodic_evaluation_is_recorded_against_flops(shapes_data, reference_cache, tmp_path):

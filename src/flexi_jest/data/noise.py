@@ -30,7 +30,7 @@ from typing import ClassVar
 
 import numpy as np
 from PIL import Image, ImageEnhance
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from flexi_jest.data.sample import Sample
 
@@ -61,6 +61,13 @@ class NoiseConfig(BaseModel):
     corrupted: float = Field(0.0, ge=0.0, le=1.0, description="image drowned in noise or blocks, caption kept")
     blank: float = Field(0.0, ge=0.0, le=1.0, description="flat or near-flat image, caption kept")
     near_duplicate: float = Field(0.0, ge=0.0, le=1.0, description="perturbed copy of an earlier sample")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _a_number_not_a_boolean(cls, value: object) -> object:
+        if isinstance(value, bool):  # pydantic would read True as 1.0: every sample noisy
+            raise ValueError(f"expected a fraction, got the boolean {value}")
+        return value
 
     @model_validator(mode="after")
     def _fractions_sum_to_at_most_one(self) -> "NoiseConfig":
