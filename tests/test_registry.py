@@ -103,6 +103,24 @@ def test_a_challenger_is_not_crowned_on_a_metric_the_champion_lacks(registry, ca
     assert holders == [champion]
 
 
+def test_a_metric_from_a_partial_eval_set_crowns_nobody_unless_the_rule_allows_it(registry):
+    """An evaluation with allow_partial scored only the readable part of a set (its shortfall > 0): its metric
+    does not crown a version by default; ChampionRule(allow_partial=True) accepts it."""
+    from flexi_jest.config import ChampionRule
+    client = tracking._mlflow().MlflowClient()
+    champion = bare_version(client, "partial")
+    tracking.promote("partial", champion, {"shapes.top1": 0.4})
+    better_but_partial = bare_version(client, "partial")
+    decision = tracking.promote("partial", better_but_partial, {"shapes.top1": 0.9}, shortfalls={"shapes": 12})
+    assert not decision.promoted and "partial eval set (12 samples unreadable" in decision.reason
+    assert str(client.get_model_version_by_alias("partial", "champion").version) == champion
+    other_set = bare_version(client, "partial")  # a shortfall in another set leaves the compared metric whole
+    assert tracking.promote("partial", other_set, {"shapes.top1": 0.5}, shortfalls={"imagenet": 3}).promoted
+    accepted = tracking.promote("partial", better_but_partial, {"shapes.top1": 0.9}, ChampionRule(allow_partial=True),
+                                shortfalls={"shapes": 12})
+    assert accepted.promoted
+
+
 def test_promote_and_rollback_commands(registry, capsys):
     from flexi_jest.cli import main
     client = tracking._mlflow().MlflowClient()

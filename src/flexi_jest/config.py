@@ -544,6 +544,9 @@ class ChampionRule(StrictModel):
                         "champion_metric), else its headline (top-1 of its first set, else image->text R@1)")
     direction: Literal["max", "min"] = Field("max", description="max: higher is better; min: lower is better")
     min_margin: Float = Field(0.0, ge=0.0, description="the challenger must beat the champion by more than this")
+    allow_partial: bool = Field(False, description=(
+        "crown a version whose compared metric was measured on an eval set with unreadable samples (evaluated "
+        "with allow_partial; its shortfall > 0). Default: such a version is not crowned, and the reason says why"))
 
 
 # ---- profiles ---------------------------------------------------------------------------------------------------

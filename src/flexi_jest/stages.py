@@ -502,10 +502,12 @@ def promote_stage(learner_run_id: str, evaluation: dict[str, Any], pipeline_run:
     except ValidationError as exc:
         raise ConfigError(format_validation_error("promotion", exc)) from None
     mlflow = tracking._mlflow()
-    metrics = evaluation_metrics(EvaluateResult.model_validate(evaluation))
+    result = EvaluateResult.model_validate(evaluation)
+    metrics = evaluation_metrics(result)
+    shortfalls = {name: split.shortfall for name, split in result.splits.items() if split.shortfall}
     learner_version = tracking.register_once(tracking.LEARNER_MODEL, learner_run_id)
     tracking.tag_version(tracking.LEARNER_MODEL, str(learner_version), learner_run_id, metrics)
-    decision = tracking.promote(tracking.LEARNER_MODEL, str(learner_version), metrics, champion_rule)
+    decision = tracking.promote(tracking.LEARNER_MODEL, str(learner_version), metrics, champion_rule, shortfalls)
     value = decision.value
     reference_version = None
     if reference_run_id:

@@ -443,12 +443,14 @@ def crown(client, model_name: str, version: str, alias: str = CHAMPION) -> str |
     return old_version
 
 
-def promote(model_name: str, version: str, metrics: dict[str, float], rule=None) -> PromotionDecision:
+def promote(model_name: str, version: str, metrics: dict[str, float], rule=None,
+            shortfalls: dict[str, int] | None = None) -> PromotionDecision:
     """Crown this version `champion` if it beats the current champion under the champion rule (config.ChampionRule:
     the metric by name, its direction, a minimum margin), else make it `challenger`. It is compared only on a
     metric the champion was also evaluated on: a champion without it keeps its title, and the reason is written
     to the version's tags (flexi_jest.promotion) and printed. Concurrent promotions of one model take turns
-    (registry_lock), so two racing end with the better model as champion."""
+    (registry_lock), so two racing end with the better model as champion. shortfalls: per eval set, the samples
+    its evaluation could not read; a metric of a set with a shortfall crowns nobody unless rule.allow_partial."""
     from flexi_jest.config import ChampionRule
 
     rule = rule or ChampionRule()
@@ -463,9 +465,14 @@ def promote(model_name: str, version: str, metrics: dict[str, float], rule=None)
     with registry_lock(model_name):
         champion = alias_holder(client, model_name, CHAMPION)
         champion_value = None
+        missing = (shortfalls or {}).get(metric.rsplit(".", 1)[0], 0)
         if value is None:
             promoted = False
             reason = f"not crowned: version {version} has no metric {metric!r} (it has {sorted(metrics)})"
+        elif missing and not rule.allow_partial:
+            promoted = False
+            reason = (f"not crowned: {metric} = {value:.4f} was measured on a partial eval set ({missing} samples "
+                      "unreadable; the promotion rule's allow_partial accepts that)")
         elif champion is None:
             promoted, reason = True, f"crowned: no champion yet ({metric} = {value:.4f})"
         elif str(champion.version) == str(version):
