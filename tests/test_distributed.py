@@ -103,7 +103,7 @@ def test_ddp_gradients_of_a_mixed_patch_step_equal_one_process(tmp_path):
     torch.manual_seed(0)
     model = DualEncoder(TEST_MODEL)
     images = torch.randn(8, 3, 32, 32)
-    tokens = Tokenizer(TEST_MODEL.context_length)([f"a {c} shape number {i}" for i, c in enumerate("rgbyrgby")])
+    tokens = Tokenizer(TEST_MODEL)([f"a {c} shape number {i}" for i, c in enumerate("rgbyrgby")])
     inputs = {"model_config": TEST_MODEL, "state_dict": model.state_dict(), "images": images, "tokens": tokens,
               "patch_sizes": [8, 16]}
     outputs = run_case("ddp_step", inputs, tmp_path)
@@ -160,7 +160,7 @@ def assert_same_model(a_path: str, b_path: str, atol: float = 1e-4) -> None:
     b, _ = load_model(b_path)
     g = torch.Generator().manual_seed(3)
     images = torch.randn(6, 3, 32, 32, generator=g)
-    tokens = Tokenizer(TEST_MODEL.context_length)(["a red circle", "two blue squares", "a small green triangle"])
+    tokens = Tokenizer(TEST_MODEL)(["a red circle", "two blue squares", "a small green triangle"])
     with torch.no_grad():
         for patch in (8, 16):
             assert torch.allclose(a.encode_image(images, patch), b.encode_image(images, patch), atol=atol), patch

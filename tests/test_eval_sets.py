@@ -340,7 +340,7 @@ def test_metrics_match_clip_benchmark(reference, layouts, monkeypatch):
     monkeypatch.setattr(zeroshot_classification, "accuracy", top_k_correct_fraction)
 
     model, _ = load_model(reference.checkpoint, torch.device("cpu"))
-    wrapped, tokenizer = ClipBenchmarkModel(model).eval(), Tokenizer(model.cfg.context_length)
+    wrapped, tokenizer = ClipBenchmarkModel(model).eval(), Tokenizer(model.cfg)
     transform = model_transform(model.cfg.image_size)
     ours = evaluate_model(model, [f"wds={layouts['wds_classification']}", f"folder={layouts['imagefolder']}",
                                   f"captions={layouts['wds_retrieval']}"], device=torch.device("cpu"))

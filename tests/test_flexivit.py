@@ -79,7 +79,7 @@ def test_patch_size_must_divide_the_image():
 def test_dual_encoder_outputs_unit_embeddings():
     cfg = MODEL_PRESETS["tiny"]
     model = DualEncoder(cfg).eval()
-    tokenizer = Tokenizer(cfg.context_length)
+    tokenizer = Tokenizer(cfg)
     tokens = tokenizer(["a small red triangle", "a large blue circle above a green star"])
     assert tokens.shape == (2, cfg.context_length)
     with torch.no_grad():

@@ -139,18 +139,21 @@ def test_a_timm_towers_flops_match_flop_counter(timm_clips, name):
     assert counted_forward_flops(lambda: model.encode_text(tokens)) == flops.text_forward_flops(cfg)
 
 
-def test_siglip_vit_b16_image_tower_flops_match_flop_counter():
-    """open_clip's ViT-B-16-SigLIP image tower at its base patch 16, counted on the meta device (shapes only;
-    timm's kernel resampling does not run there, so other patch sizes are checked on the tiny towers above).
-    The model itself is refused for its Hugging Face tokenizer, so its fields come from the tower alone."""
-    import open_clip
-    from flexi_jest.models.configs import meta_timm_tower, timm_tower_fields
+def test_siglip_vit_b16_flops_match_flop_counter():
+    """open_clip's ViT-B-16-SigLIP, built on the meta device (shapes only): its image tower at the base patch 16
+    (timm's kernel resampling does not run there, so other patch sizes are checked on the tiny towers above)
+    and its text tower (no causal mask, last-token pooling, a projection with bias: the bias is element-wise).
+    Its Hugging Face tokenizer is not needed for either."""
+    from flexi_jest.models import build_open_clip
     from flexi_jest.models.flexivit import image_features, kernel_resampler
-    config = open_clip.get_model_config("ViT-B-16-SigLIP")
-    visual = meta_timm_tower(config["vision_cfg"], config["embed_dim"])
-    fields = timm_tower_fields(config["vision_cfg"], config["embed_dim"])
-    cfg = ModelConfig.model_construct(**{**ModelConfig().model_dump(), **fields, "embed_dim": config["embed_dim"]})
+    cfg = ModelConfig(name="ViT-B-16-SigLIP")
+    with torch.device("meta"):
+        model = build_open_clip(cfg)
+    assert model.text.pool_type == "last" and model.text.attn_mask is None and model.text.text_projection.bias is not None
     images = torch.empty(1, 3, 224, 224, device="meta")
-    assert counted_forward_flops(lambda: image_features(visual, kernel_resampler(visual), images, 16)) == \
+    assert counted_forward_flops(lambda: image_features(model.visual, kernel_resampler(model.visual), images, 16)) == \
         flops.image_forward_flops(cfg, 16)
+    tokens = torch.zeros(1, cfg.context_length, dtype=torch.long, device="meta")
+    assert counted_forward_flops(lambda: model.encode_text(tokens)) == flops.text_forward_flops(cfg)
     assert flops.image_forward_flops(cfg, 16) == pytest.approx(35.4e9, rel=1e-3)  # ~17.7 GMACs
+    assert flops.text_forward_flops(cfg) == pytest.approx(11.0e9, rel=1e-2)  # 64 tokens x 12 blocks of width 768

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from flexi_jest.config import MODEL_PRESETS, ConfigError, ModelConfig, validated_stage_config
-from flexi_jest.models import DualEncoder
+from flexi_jest.models import DualEncoder, Tokenizer, TokenizerUnavailable
 from flexi_jest.models.configs import PRESET_PREFIX, project_open_clip_config
 
 
@@ -38,11 +38,9 @@ def test_fields_that_contradict_the_named_model_are_refused():
 def test_unknown_and_unsupported_models_are_refused_with_the_reason():
     with pytest.raises(ConfigError, match="neither a preset"):
         validated_stage_config("train-reference", "tiny", {"model": "ViT-X-99"})
-    # SigLIP's image tower is supported (a timm VisionTransformer); its text side needs a Hugging Face tokenizer
-    with pytest.raises(ConfigError, match=r"hf_tokenizer_name='timm/ViT-B-16-SigLIP' \(a Hugging Face tokenizer.*"
-                                          r"available offline\)") as refused:
-        validated_stage_config("train-reference", "tiny", {"model": "ViT-B-16-SigLIP"})
-    assert "timm_model_name" not in str(refused.value)
+    # a Hugging Face text tower is transformers' architecture, outside the text tower flexi-jest accounts for
+    with pytest.raises(ConfigError, match=r"text_cfg.hf_model_name='roberta-base' \(a Hugging Face text model"):
+        validated_stage_config("train-reference", "tiny", {"model": "roberta-ViT-B-32"})
     with pytest.raises(ConfigError, match="ResNet"):
         validated_stage_config("train-reference", "tiny", {"model": "RN50"})
 
@@ -111,3 +109,71 @@ def test_timm_towers_outside_the_flexible_forward_are_refused_with_the_reason(ti
 def test_the_tower_shape_fields_belong_to_named_models():
     with pytest.raises(ConfigError, match="describe a named open_clip model's image tower"):
         validated_stage_config("train-reference", "tiny", {"model": {"name": "tiny", "vision_map_pool": True}})
+
+
+def test_the_paper_model_vit_b16_siglip_is_accepted_by_name():
+    """ViT-B-16-SigLIP: timm's MAP-pooled ViT-B/16 and open_clip's text transformer with SigLIP's options; its
+    Hugging Face tokenizer is loaded when a stage starts (Tokenizer), not when the config is read."""
+    cfg = validated_stage_config("train-reference", "tiny", {"model": "ViT-B-16-SigLIP"}).model
+    assert (cfg.name, cfg.image_size, cfg.patch_size, cfg.vision_width, cfg.vision_depth, cfg.vision_prefix_tokens,
+            cfg.vision_map_pool, cfg.vision_projection, cfg.embed_dim, cfg.context_length, cfg.vocab_size) == \
+        ("ViT-B-16-SigLIP", 224, 16, 768, 12, 0, True, False, 768, 64, 32000)
+
+
+@pytest.fixture(scope="module")
+def hf_clip(tmp_path_factory):
+    from timm_towers import register_hf_tokenizer_clip
+    return register_hf_tokenizer_clip(tmp_path_factory.mktemp("hf_tokenizer_clip"))
+
+
+def test_the_tokenizer_follows_the_model(hf_clip):
+    """Tokenizer(cfg) gives open_clip's tokens for the model: its Hugging Face tokenizer (read from a local
+    directory) for a config that names one, open_clip's BPE tokenizer for the others."""
+    texts = ["a small red circle on the left", "A picture of a large striped blue star above a small green cross.",
+             "an unknown word"]
+    tokens = Tokenizer(ModelConfig(name=hf_clip))(texts)
+    expected = open_clip.get_tokenizer(hf_clip)(texts)
+    assert type(open_clip.get_tokenizer(hf_clip)).__name__ == "HFTokenizer"
+    assert tokens.dtype == torch.long and tokens.shape == (3, 16) and torch.equal(tokens, expected)
+    assert tokens[0, 7].item() == 1 and tokens[0, 8:].eq(0).all()  # 7 words, then </s>, then <pad>
+    for cfg in (ModelConfig(name="ViT-B-32"), MODEL_PRESETS["tiny"]):  # open_clip's BPE tokenizer
+        expected = open_clip.get_tokenizer(cfg.name or f"{PRESET_PREFIX}tiny", context_length=cfg.context_length)(texts)
+        assert torch.equal(Tokenizer(cfg)(texts), expected)
+    # "siglip" in a name without hf_tokenizer_name: the config decides (open_clip's BPE), not open_clip's name guess
+    bpe = open_clip.tokenizer.SimpleTokenizer(context_length=16)(texts)
+    assert torch.equal(Tokenizer(ModelConfig(name="test-tiny-siglip-timm"))(texts), bpe)
+
+
+def test_text_embeddings_equal_open_clips_with_a_hugging_face_tokenizer(hf_clip):
+    torch.manual_seed(0)
+    theirs = open_clip.create_model(hf_clip).eval()
+    ours = DualEncoder(ModelConfig(name=hf_clip)).eval()
+    ours.clip.load_state_dict(theirs.state_dict())
+    texts = ["a small red circle on the left", "a large dotted purple diamond below a small white square"]
+    with torch.no_grad():
+        expected = theirs.encode_text(open_clip.get_tokenizer(hf_clip)(texts), normalize=True)
+        got = ours.encode_text(Tokenizer(ours.cfg)(texts))
+    print(f"{hf_clip} text embeddings, max abs diff: {(got - expected).abs().max().item():.3g}")
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_a_hugging_face_tokenizer_missing_offline_fails_at_once_with_how_to_get_it(tmp_path, monkeypatch):
+    """The real ViT-B-16-SigLIP, its tokenizer not in the local Hugging Face cache: the stage fails before it
+    builds the model, naming the tokenizer and how to make it available (no transformers traceback)."""
+    from huggingface_hub import try_to_load_from_cache
+    if isinstance(try_to_load_from_cache("timm/ViT-B-16-SigLIP", "tokenizer_config.json"), str):
+        pytest.skip("this machine's Hugging Face cache holds timm/ViT-B-16-SigLIP's tokenizer: not missing here")
+    from flexi_jest.config import TrainReferenceConfig
+    from flexi_jest.train import train_reference
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(DualEncoder, "__init__", lambda *args: pytest.fail("the model was built first"))
+    cfg = TrainReferenceConfig(model="ViT-B-16-SigLIP", data=str(tmp_path / "data"), out_dir=str(tmp_path / "out"),
+                               steps=1, device="cpu")
+    with pytest.raises(TokenizerUnavailable) as failed:
+        train_reference(cfg)
+    message = str(failed.value)
+    print(message)
+    for part in ("model ViT-B-16-SigLIP", "'timm/ViT-B-16-SigLIP'", "local Hugging Face cache", "HF_HUB_OFFLINE=1",
+                 "local directory", "hf download timm/ViT-B-16-SigLIP"):
+        assert part in message
+    assert failed.value.__cause__ is None and failed.value.__suppress_context__  # no chained transformers error

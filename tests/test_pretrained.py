@@ -41,12 +41,13 @@ def open_clip_checkpoint(name: str, path, seed: int = 7) -> torch.nn.Module:
     return model
 
 
-def first_batch_loss(theirs, cfg, data: str, batch_size: int) -> float:
-    """open_clip's SigLIP loss of open_clip's model on the first batch a stage draws (same stream, same seed)."""
+def first_batch_loss(theirs, cfg, data: str, batch_size: int, tokenizer=None) -> float:
+    """open_clip's SigLIP loss of open_clip's model on the first batch a stage draws (same stream, same seed),
+    its captions tokenized by `tokenizer` (default: the project's Tokenizer of the stage's model)."""
     with build_loader(cfg, data, cfg.data_mode, batch_size, World()) as loader:
         batch = loader.next_batch()
     images = to_model_input(torch.stack([s["image"] for s in batch]), torch.device("cpu"), cfg.model.mean, cfg.model.std)
-    tokens = Tokenizer(cfg.model.context_length)([s["caption"] for s in batch])
+    tokens = (tokenizer or Tokenizer(cfg.model))([s["caption"] for s in batch])
     with torch.no_grad():
         image, text = theirs.encode_image(images, normalize=True), theirs.encode_text(tokens, normalize=True)
         return SigLipLoss()(image, text, theirs.logit_scale.exp(), theirs.logit_bias).item()
@@ -75,7 +76,7 @@ def test_a_named_open_clip_model_imports_exactly_and_exports_to_open_clip(tiny_c
     cfg = ModelConfig(name=tiny_clip_name)
     ours = DualEncoder(cfg).eval()
     load_pretrained(ours, str(tmp_path / "init.pt"))
-    images, tokens = torch.randn(3, 3, 32, 32), Tokenizer(16)(["a red square", "two blue dots", "a star"])
+    images, tokens = torch.randn(3, 3, 32, 32), Tokenizer(ours.cfg)(["a red square", "two blue dots", "a star"])
     with torch.no_grad():
         assert torch.equal(ours.encode_image(images), theirs.encode_image(images, normalize=True))
         assert torch.equal(ours.encode_text(tokens), theirs.encode_text(tokens, normalize=True))
@@ -127,7 +128,7 @@ def test_open_clip_loads_a_trained_models_export_with_the_same_embeddings(refere
     texts = ["a small red triangle", "a large blue circle"]
     with torch.no_grad():
         image_diff = (theirs.encode_image(their_input, normalize=True) - ours.encode_image(our_input)).abs().max()
-        text_diff = (theirs.encode_text(tokenizer(texts), normalize=True) - ours.encode_text(Tokenizer(16)(texts))).abs().max()
+        text_diff = (theirs.encode_text(tokenizer(texts), normalize=True) - ours.encode_text(Tokenizer(ours.cfg)(texts))).abs().max()
     print(f"export max abs diff: image {image_diff.item():.3g}, text {text_diff.item():.3g}")
     assert image_diff < 1e-5 and text_diff == 0
 
@@ -171,7 +172,7 @@ def test_a_timm_tower_model_imports_trains_and_exports_to_open_clip_exactly(timm
     theirs = open_clip_checkpoint(name, tmp_path / "init.pt")
     ours = DualEncoder(ModelConfig(name=name)).eval()
     load_pretrained(ours, str(tmp_path / "init.pt"))
-    images, tokens = torch.randn(3, 3, 32, 32), Tokenizer(16)(["a red square", "two blue dots", "a star"])
+    images, tokens = torch.randn(3, 3, 32, 32), Tokenizer(ours.cfg)(["a red square", "two blue dots", "a star"])
     with torch.no_grad():
         torch.testing.assert_close(ours.encode_image(images), theirs.encode_image(images, normalize=True))
         assert torch.equal(ours.encode_text(tokens), theirs.encode_text(tokens, normalize=True))
@@ -201,3 +202,43 @@ def test_a_timm_tower_model_imports_trains_and_exports_to_open_clip_exactly(timm
                 print(f"{name} export, max abs diff of image embeddings: {(image - expected_image).abs().max().item():.3g}")
                 torch.testing.assert_close(image, expected_image)
                 assert torch.equal(loaded.encode_text(tokens, normalize=True), expected_text)
+
+
+def test_a_model_with_a_hugging_face_tokenizer_trains_and_exports_to_open_clip_exactly(shapes_data, tmp_path):
+    """ViT-B-16-SigLIP's shape, tiny (timm_towers.register_hf_tokenizer_clip): a Hugging Face tokenizer read from a
+    local directory. The reference stage's first loss is open_clip's with open_clip's tokenizer (so the stage
+    tokenized as open_clip does), and the export loads back into open_clip, by name and as a `local-dir:` folder
+    that carries the tokenizer, with the same tokens and embeddings."""
+    from flexi_jest.checkpoint import load_model
+    from flexi_jest.data.shards import iter_split
+    from timm_towers import register_hf_tokenizer_clip
+    name = register_hf_tokenizer_clip(tmp_path / "configs")
+    their_tokenizer = open_clip.get_tokenizer(name)
+    theirs = open_clip_checkpoint(name, tmp_path / "init.pt")
+    reference_cfg = TrainReferenceConfig(data=shapes_data.splits["curated"].path, out_dir=str(tmp_path / "ref"),
+                                         batch_size=16, model=name, init_checkpoint=str(tmp_path / "init.pt"),
+                                         steps=2, progress=False, log_every=1, device="cpu")
+    reference = train_reference(reference_cfg)
+    first = json.loads(open(reference.metrics_path).readline())["loss"]
+    assert first == pytest.approx(first_batch_loss(theirs, reference_cfg, reference_cfg.data, 16, their_tokenizer),
+                                  rel=1e-5, abs=1e-5)
+
+    trained, _ = load_model(reference.checkpoint)
+    trained.eval()
+    texts = [sample["caption"] for _, sample in zip(range(6), iter_split(shapes_data.splits["curated"].path, 32))]
+    tokens = Tokenizer(trained.cfg)(texts)
+    assert torch.equal(tokens, their_tokenizer(texts)) and not tokens.eq(2).any()  # no <unk>: the vocabulary covers them
+    by_name = open_clip.create_model(name, pretrained=f"{reference.open_clip_dir}/{WEIGHTS_FILE}").eval()
+    by_folder = open_clip.create_model(f"local-dir:{reference.open_clip_dir}").eval()
+    folder_tokenizer = open_clip.get_tokenizer(f"local-dir:{reference.open_clip_dir}")
+    assert torch.equal(folder_tokenizer(texts), tokens)
+    images = torch.randn(6, 3, 32, 32)
+    with torch.no_grad():
+        expected_text, expected_image = trained.encode_text(tokens), trained.encode_image(images)
+        assert not torch.equal(expected_text, theirs.encode_text(tokens, normalize=True))  # it trained
+        for loaded in (by_name, by_folder):
+            text, image = loaded.encode_text(tokens, normalize=True), loaded.encode_image(images, normalize=True)
+            print(f"{name} export, max abs diff: text {(text - expected_text).abs().max().item():.3g}, "
+                  f"image {(image - expected_image).abs().max().item():.3g}")
+            torch.testing.assert_close(text, expected_text, rtol=0, atol=0)
+            torch.testing.assert_close(image, expected_image)

@@ -107,7 +107,7 @@ def test_the_registered_model_embeds_in_a_fresh_process_without_flexi_jest(mlflo
     assert summary["image"] == [TEST_MODEL.embed_dim, False] and summary["text"] == [TEST_MODEL.embed_dim] * 2
     from flexi_jest.models import Tokenizer
     with torch.no_grad():
-        ours = model.encode_text(Tokenizer(TEST_MODEL.context_length)(["a red square"]))[0]
+        ours = model.encode_text(Tokenizer(TEST_MODEL)(["a red square"]))[0]
     assert torch.allclose(torch.tensor(text_embedding), ours, atol=1e-6)
     assert summary["same_text"] == text_embedding
 

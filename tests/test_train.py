@@ -40,7 +40,7 @@ def test_cache_covers_the_pool_and_matches_a_fresh_forward(reference, reference_
     sample = next(iter_split(shapes_data.splits["pool"].path, TEST_MODEL.image_size))
     from flexi_jest.models import Tokenizer
     with torch.no_grad():
-        fresh = model.encode_text(Tokenizer(TEST_MODEL.context_length)([sample["caption"]]))[0]
+        fresh = model.encode_text(Tokenizer(TEST_MODEL)([sample["caption"]]))[0]
     cached = torch.from_numpy(text_emb[index[sample["key"]]]).float()
     assert torch.allclose(fresh, cached, atol=2e-3)
 

@@ -217,7 +217,7 @@ def evaluate_model(
 
     A set that cannot be read whole raises PartialReadError unless allow_partial (see the module doc)."""
     device = device or next(model.parameters()).device
-    tokenizer = Tokenizer(model.cfg.context_length)
+    tokenizer = Tokenizer(model.cfg)
     opened = [open_eval_set(EvalSet.parse(item)) for item in eval_sets]
     results: dict[str, SplitMetrics] = {}
     for name, eval_set in zip(assign_names(opened), opened):

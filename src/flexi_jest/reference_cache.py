@@ -404,7 +404,7 @@ def cache_reference(cfg: CacheReferenceConfig) -> CacheReferenceResult:
     model, sha = load_model(cfg.reference, device)
     cache_dir = cfg.out_dir or default_cache_dir(cfg.pool, sha, cfg.reference)
     manifest = write_cache(
-        model, Tokenizer(model.cfg.context_length), cfg.pool, cache_dir, sha, cfg.patch_size, cfg.batch_size,
+        model, Tokenizer(model.cfg), cfg.pool, cache_dir, sha, cfg.patch_size, cfg.batch_size,
         device, lambda images: to_model_input(images, device, model.cfg.mean, model.cfg.std), cfg.reference,
     )
     return CacheReferenceResult(

@@ -369,7 +369,7 @@ def _prepare(cfg: TrainingConfig) -> tuple[World, torch.device, Tokenizer]:
     if cfg.micro_batch_size and world.distributed:
         raise ValueError("micro_batch_size (gradient accumulation) runs on one process; with several, "
                          "each rank's share of the sub-batch is smaller already: unset it or use processes=1")
-    return world, device, Tokenizer(cfg.model.context_length)
+    return world, device, Tokenizer(cfg.model)
 
 
 def build_model(cfg: TrainingConfig, device: torch.device) -> DualEncoder:

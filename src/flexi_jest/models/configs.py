@@ -32,15 +32,14 @@ OPEN_CLIP_CONFIG_DIR = Path(__file__).parent / "open_clip_configs"
 PRESET_PREFIX = PRESET_OPEN_CLIP_PREFIX
 open_clip.add_model_config(OPEN_CLIP_CONFIG_DIR)
 
-# What flexi-jest's image tower, tokenizer and FLOP accounting cover: open_clip's own ViT or a timm
-# VisionTransformer trunk (checked in timm_tower_fields), and open_clip's own text transformer and BPE tokenizer.
+# What flexi-jest's image tower and FLOP accounting cover: open_clip's own ViT or a timm VisionTransformer trunk
+# (checked in timm_tower_fields), and open_clip's own text transformer. Its tokenizer is open_clip's for the name
+# (tokenizer.py): the BPE one, or a Hugging Face tokenizer (hf_tokenizer_name) read from local files.
 _UNSUPPORTED_VISION = ("eva_model_name", "attentional_pool")
-_UNSUPPORTED_TEXT = ("hf_model_name", "hf_tokenizer_name")
+_UNSUPPORTED_TEXT = ("hf_model_name",)
 _TEXT_REASONS = {
-    "hf_tokenizer_name": "a Hugging Face tokenizer, fetched from the hub; flexi-jest tokenizes with open_clip's "
-                         "BPE tokenizer and downloads nothing: this tokenizer is not supported, and would have "
-                         "to be available offline",
-    "hf_model_name": "a Hugging Face text model, fetched from the hub",
+    "hf_model_name": "a Hugging Face text model (transformers' architecture, not open_clip's text transformer, "
+                     "which flexi-jest's FLOP accounting covers)",
 }
 
 
@@ -100,10 +99,10 @@ def _named_config(name: str) -> dict[str, Any]:
     if float(text.get("mlp_ratio", 4.0)) != 4.0:
         problems.append("text mlp_ratio != 4")
     if problems:
-        raise ValueError(f"open_clip model {name!r} is not supported: flexi-jest's flexible-patch image tower, "
-                         f"tokenizer and FLOP accounting cover open_clip's own ViT or a timm VisionTransformer "
-                         f"trunk, and open_clip's text transformer with its BPE tokenizer (e.g. ViT-B-32, "
-                         f"ViT-B-16, ViT-S-16, ViT-M-16); {name} has {'; '.join(problems)}")
+        raise ValueError(f"open_clip model {name!r} is not supported: flexi-jest's flexible-patch image tower "
+                         f"and FLOP accounting cover open_clip's own ViT or a timm VisionTransformer trunk, and "
+                         f"open_clip's text transformer (e.g. ViT-B-32, ViT-B-16, ViT-S-16, ViT-M-16, "
+                         f"ViT-B-16-SigLIP); {name} has {'; '.join(problems)}")
     if found.get("init_logit_bias") is None:  # a CLIP config: the sigmoid loss needs a bias, SigLIP's init
         found["init_logit_bias"] = LOGIT_BIAS_INIT
         found["init_logit_scale"] = LOGIT_SCALE_INIT

@@ -7,7 +7,6 @@ state_dict has open_clip's keys, so model files load into open_clip and open_cli
 import torch
 import torch.nn.functional as F
 from open_clip.model import CLIP, CustomTextCLIP
-from open_clip.tokenizer import SimpleTokenizer
 from torch import Tensor, nn
 
 from flexi_jest.config import ModelConfig
@@ -74,18 +73,6 @@ class DualEncoder(nn.Module):
         parts = torch.split(images, group_sizes)
         image_emb = torch.cat([self.encode_image(part, patch) for part, patch in zip(parts, patch_size) if part.shape[0]])
         return image_emb, self.encode_text(tokens)
-
-
-class Tokenizer:
-    """open_clip's BPE tokenizer (its vocabulary ships with the package) at the model's context length."""
-
-    def __init__(self, context_length: int):
-        self._tokenizer = SimpleTokenizer(context_length=context_length)
-        self.vocab_size = len(self._tokenizer.encoder)
-
-    def __call__(self, texts: list[str]) -> Tensor:
-        """list of B strings -> LongTensor [B, context_length] (truncated, end-of-text kept)."""
-        return self._tokenizer(texts)
 
 
 def parameter_count(model: nn.Module) -> int:
