@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 
@@ -87,3 +88,19 @@ def test_cli_stages_log_the_run_the_pipeline_stage_would(tmp_path, monkeypatch, 
     assert main(["make-data", "--set", f"out_dir={tmp_path / 'untracked'}", "--set", "curated_size=10", "--set",
                  "pool_size=20", "--set", "eval_size=10"]) == 0
     assert "tracked as" not in capsys.readouterr().err
+
+
+def test_a_tokenizer_missing_offline_is_one_line_from_the_cli(tmp_path):
+    """The real ViT-B-16-SigLIP without its Hugging Face tokenizer in the local cache: exit status 2 and one line
+    naming the tokenizer and the fix, no traceback."""
+    from huggingface_hub import try_to_load_from_cache
+    if isinstance(try_to_load_from_cache("timm/ViT-B-16-SigLIP", "tokenizer_config.json"), str):
+        pytest.skip("this machine's Hugging Face cache holds timm/ViT-B-16-SigLIP's tokenizer: not missing here")
+    out = subprocess.run([sys.executable, "-m", "flexi_jest.cli", "train-reference", "--set", "model=ViT-B-16-SigLIP",
+                          "--set", f"data={tmp_path / 'data'}", "--set", f"out_dir={tmp_path / 'out'}",
+                          "--set", "steps=1", "--set", "device=cpu"],
+                         capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
+    line = out.stderr.strip().splitlines()[-1]
+    assert line.startswith("train-reference: ") and "timm/ViT-B-16-SigLIP" in line and "hf download" in line

@@ -232,10 +232,12 @@ def main(argv: list[str] | None = None) -> int:
         print(cfg.model_dump_json(indent=1))
         return 0
     from flexi_jest.data.eval_sets import EvalSetError
+    from flexi_jest.models.tokenizer import TokenizerUnavailable
+    one_line_errors = (StaleOutputError, EvalSetError, TokenizerUnavailable)  # the message names the fix
     if tracked(args):
         try:
             result, run_id = run_tracked_stage(args.command, cfg, args.experiment)
-        except (StaleOutputError, EvalSetError) as exc:
+        except one_line_errors as exc:
             print(f"{args.command}: {exc}", file=sys.stderr)
             return 2
         from flexi_jest.tracking import tracking_uri
@@ -246,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     from flexi_jest.distributed import is_main_process, shutdown
     try:
         result = run_stage(args.command, cfg)
-    except (StaleOutputError, EvalSetError) as exc:  # one line naming the problem, no traceback
+    except one_line_errors as exc:  # one line naming the problem, no traceback
         shutdown()  # under torchrun: leave the process group
         print(f"{args.command}: {exc}", file=sys.stderr)
         return 2
