@@ -217,13 +217,19 @@ def test_pipeline_runs_green_in_containers_registers_the_learner_and_writes_to_s
 
     summary, _, _ = container_run
     assert summary["runner"] == "docker" and summary["tracking_uri"] == servers["tracking_uri"]
-    assert sorted(row["method"] for row in summary["rows"]) == ["joint", "uniform"]
+    # the pipeline's default baselines (uniform, offline-filter) beside the JEST learner, and the reference
+    assert sorted(row["method"] for row in summary["rows"]) == ["joint", "offline-filter", "reference", "uniform"]
     assert all(row["i2t_r1"] is not None and row["total_flops"] > 0 for row in summary["rows"])
     assert summary["decision"] == "champion" and summary["learner_version"] == "1"
     mlflow.set_tracking_uri(servers["tracking_uri"])
     client = mlflow.MlflowClient()
     assert str(client.get_model_version_by_alias("flexi-jest-learner", "champion").version) == "1"
-    assert client.get_run(summary["parent_run_id"]).info.status == "FINISHED"
+    parent = client.get_run(summary["parent_run_id"])
+    assert parent.info.status == "FINISHED"
+    stages = [run.data.tags["flexi_jest.stage"] for run in client.search_runs(
+        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")]
+    assert sorted(stages) == sorted(["make-data", "train-reference", "cache-reference", "promote"]
+                                    + ["train-learner"] * 3 + ["evaluate"] * 4)  # as tests/test_pipeline.py's run
 
     def keys(bucket: str, prefix: str) -> list[str]:
         pages = servers["s3"].get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
