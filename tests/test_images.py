@@ -124,15 +124,23 @@ def test_image_installs_the_project_wheel_with_pinned_versions(dockerfile):
     runs = [arguments for keyword, arguments in final_stage(dockerfile) if keyword == "RUN"]
     install = next(run for run in runs if "--requirement /tmp/wheels/requirements.txt" in run)
     assert "--constraint /tmp/constraints.txt" in install and "--no-cache-dir" in install
+    # the pinned dependencies in a layer before the wheel is copied in: a source change reinstalls only the
+    # project, which takes nothing from an index
+    final = final_stage(dockerfile)
+    dependencies = next(i for i, (keyword, arguments) in enumerate(final)
+                        if keyword == "RUN" and "--requirement /tmp/constraints.txt" in arguments)
+    assert dependencies < final.index(("COPY", "--from=builder /tmp/wheels /tmp/wheels"))
+    assert "--no-index" in install
     for name in SERVER_PACKAGES:
         assert name in install
     assert "flexi-jest --version" in runs[-1], "the build ends with the smoke test"
 
 
-def test_cpu_image_pins_torch_as_pyproject_does():
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda path: path.name)
+def test_image_pins_torch_as_pyproject_does(dockerfile):
     pins = {canonicalize_name(r.name): pinned(r) for r in map(Requirement, project()["dependencies"])
             if r.name in ("torch", "torchvision")}
-    run = " ".join(arguments for keyword, arguments in final_stage(IMAGES / "Dockerfile") if keyword == "RUN")
+    run = " ".join(arguments for keyword, arguments in final_stage(dockerfile) if keyword == "RUN")
     for name, version in pins.items():
         assert f"{name}=={version}" in run
 
