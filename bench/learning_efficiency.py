@@ -140,14 +140,17 @@ def plot(runs: dict[str, list[dict[str, Any]]], summary: dict[str, Any], out: Pa
     return [str(curves_png), str(ratio_png)]
 
 
-def finished_run(out_dir: Path, steps: int) -> TrainResult | None:
-    """The result of a run this benchmark already finished (same directory, same steps): a rerun of the
-    benchmark after an interruption continues where it stopped instead of training again."""
+def finished_run(out_dir: Path, steps: int, data: dict[str, Any] | None = None) -> TrainResult | None:
+    """The result of a run this benchmark already finished (same directory, same steps, and the same `data`
+    fields of its config: pool, reference cache): a rerun of the benchmark after an interruption continues where
+    it stopped instead of training again; a run on other data is trained again."""
     path = out_dir / "result.json"
     if not path.exists():
         return None
     result = TrainResult.model_validate_json(path.read_text())
-    return result if result.steps == steps else None
+    config = json.loads((out_dir / "run_config.json").read_text()) if (out_dir / "run_config.json").exists() else {}
+    same_data = all(config.get("config", config).get(k) == v for k, v in (data or {}).items())
+    return result if result.steps == steps and same_data else None
 
 
 def model_config(args: argparse.Namespace) -> ModelConfig:
@@ -278,7 +281,8 @@ def run_experiment(args: argparse.Namespace, out: Path, methods: list[str], nois
             steps = flops.steps_for_budget(budget, probe, share, model.embed_dim)
             fields.update(steps=steps, eval_every=max(1, steps // args.eval_points), overwrite=True)
             started = time.perf_counter()
-            result = finished_run(Path(fields["out_dir"]), steps) or train_learner(TrainLearnerConfig(**fields))
+            data = {k: fields[k] for k in ("pool", "reference_cache")}
+            result = finished_run(Path(fields["out_dir"]), steps, data) or train_learner(TrainLearnerConfig(**fields))
             metric = f"{args.dataset}.top1"
             r1 = efficiency.curve(result.metrics_path, f"{args.dataset}.image_to_text_r1")
             runs.setdefault(name, []).append({
@@ -409,7 +413,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise SystemExit(f"--methods: unknown {unknown}; expected some of {sorted(METHODS)}")
-    args.methods_list, args.pool_methods, args.budget_super_batch = methods, methods, args.super_batch
+    # the paper regime's pool is sized for the whole regime, whichever methods this invocation runs: two
+    # invocations with different --methods (e.g. in parallel) plan the same data and share its runs
+    pool_methods = list(dict.fromkeys([*PAPER_METHODS, *methods])) if paper else methods
+    args.methods_list, args.pool_methods, args.budget_super_batch = methods, pool_methods, args.super_batch
     return args
 
 

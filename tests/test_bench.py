@@ -111,3 +111,20 @@ def test_paper_regime_plan_keeps_the_reference_small_and_the_pool_unrepeated():
         learning_efficiency.paper_plan(learning_efficiency.parse_args(
             ["--regime", "paper", "--uniform-steps", "500", "--super-batch", "80", "--reference-steps", "10000"]),
             ["uniform"], {})
+    # an invocation with a subset of the methods (e.g. two in parallel) plans the whole regime's pool
+    subset = learning_efficiency.parse_args(["--regime", "paper", "--uniform-steps", "500", "--super-batch", "80",
+                                             "--samples-per-shard", "100", "--methods", "joint-learnability"])
+    assert learning_efficiency.paper_plan(subset, subset.methods_list, {}) == plan
+
+
+def test_a_finished_run_is_reused_only_on_the_same_steps_and_data(tmp_path):
+    from flexi_jest.config import FlopsBreakdown, TrainResult
+    result = TrainResult(out_dir=str(tmp_path), checkpoint="m.pt", checkpoint_sha256="0" * 64, steps=7,
+                         final_loss=1.0, seconds=1.0, images_per_second=1.0, flops=FlopsBreakdown(), total_flops=1.0,
+                         metrics_path="metrics.jsonl")
+    (tmp_path / "result.json").write_text(result.model_dump_json())
+    (tmp_path / "run_config.json").write_text(json.dumps({"sha256": "x", "config": {"pool": "p1", "reference_cache": "c1"}}))
+    data = {"pool": "p1", "reference_cache": "c1"}
+    assert learning_efficiency.finished_run(tmp_path, 7, data).steps == 7
+    assert learning_efficiency.finished_run(tmp_path, 8, data) is None
+    assert learning_efficiency.finished_run(tmp_path, 7, {**data, "pool": "another pool"}) is None
