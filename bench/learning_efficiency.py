@@ -142,7 +142,7 @@ def plot(runs: dict[str, list[dict[str, Any]]], summary: dict[str, Any], out: Pa
 
 def finished_run(out_dir: Path, steps: int, data: dict[str, Any] | None = None) -> TrainResult | None:
     """The result of a run this benchmark already finished (same directory, same steps, and the same `data`
-    fields of its config: pool, reference cache): a rerun of the benchmark after an interruption continues where
+    fields of its config: pool, reference cache, optimiser): a rerun of the benchmark after an interruption continues where
     it stopped instead of training again; a run on other data is trained again."""
     path = out_dir / "result.json"
     if not path.exists():
@@ -281,7 +281,8 @@ def run_experiment(args: argparse.Namespace, out: Path, methods: list[str], nois
             steps = flops.steps_for_budget(budget, probe, share, model.embed_dim)
             fields.update(steps=steps, eval_every=max(1, steps // args.eval_points), overwrite=True)
             started = time.perf_counter()
-            data = {k: fields[k] for k in ("pool", "reference_cache")}
+            data = {**{k: fields[k] for k in ("pool", "reference_cache")},  # what a reused run must share
+                    "optim": json.loads(fields["optim"].model_dump_json())}
             result = finished_run(Path(fields["out_dir"]), steps, data) or train_learner(TrainLearnerConfig(**fields))
             metric = f"{args.dataset}.top1"
             r1 = efficiency.curve(result.metrics_path, f"{args.dataset}.image_to_text_r1")

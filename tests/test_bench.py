@@ -128,3 +128,4 @@ def test_a_finished_run_is_reused_only_on_the_same_steps_and_data(tmp_path):
     assert learning_efficiency.finished_run(tmp_path, 7, data).steps == 7
     assert learning_efficiency.finished_run(tmp_path, 8, data) is None
     assert learning_efficiency.finished_run(tmp_path, 7, {**data, "pool": "another pool"}) is None
+    assert learning_efficiency.finished_run(tmp_path, 7, {**data, "optim": {"lr": 0.1}}) is None  # other hparams
