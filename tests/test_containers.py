@@ -204,10 +204,16 @@ def container_run(clone, image, docker_host, servers, tmp_path_factory):
     assert done.returncode == 0, f"run-local --runner docker failed:\n{done.stdout[-6000:]}\n{done.stderr[-6000:]}"
     print(done.stdout[-3000:])
     print(f"containerised pipeline: {seconds:.0f} s wall")
-    until = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 1))
-    events = subprocess.run([*PODMAN, "events", "--since", since, "--until", until, "--filter", "event=start",
-                             "--format", "{{.Image}}"], capture_output=True, text=True, timeout=120)
-    started_images = [line for line in events.stdout.split() if line]
+    started_images: list[str] = []
+    for attempt in range(5):  # a loaded machine once read no event right after the run (CI, 2 cores shared)
+        until = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 1))
+        events = subprocess.run([*PODMAN, "events", "--since", since, "--until", until, "--filter", "event=start",
+                                 "--format", "{{.Image}}"], capture_output=True, text=True, timeout=120)
+        started_images = [line for line in events.stdout.split() if line]
+        if started_images:
+            break
+        print(f"podman events read nothing (attempt {attempt + 1}; stderr: {events.stderr.strip()[-500:]!r})")
+        time.sleep(5)
     return json.loads((workdir / "summary.json").read_text()), workdir, started_images
 
 

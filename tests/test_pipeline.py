@@ -384,7 +384,7 @@ def test_rerun_with_one_learner_knob_changed_takes_upstream_stages_from_the_cach
               if r.data.tags.get("flexi_jest.cached") == "true"}
     assert reused["train-reference"] == first_parent["flexi_jest.stage_run.train-reference"]
     trained = [r for r in children if r.data.tags["flexi_jest.stage"] == "train-learner"]
-    assert sorted(r.data.params["filter_ratio"] for r in trained) == ["0.5", "0.5"]
+    assert sorted(r.data.params["filter_ratio"] for r in trained) == ["0.5"] * 3  # joint, uniform, offline-filter
     reference_versions = client.search_model_versions("name = 'flexi-jest-reference'")
     assert len(reference_versions) == 1, "the reference KFP took from its cache is registered once"
     assert first["kfp_run_id"] and second["kfp_run_id"] and first["kfp_run_id"] != second["kfp_run_id"]
