@@ -92,6 +92,21 @@ def test_a_named_open_clip_model_imports_exactly_and_exports_to_open_clip(tiny_c
             assert torch.equal(loaded.encode_text(tokens, normalize=True), ours.encode_text(tokens))
 
 
+def test_an_init_checkpoint_on_s3_imports_exactly(tiny_clip_name, tmp_path, s3):
+    """init_checkpoint s3://...: the object is read through the project's storage (a real S3 API: moto) and
+    imports exactly as the same file does locally."""
+    from flexi_jest import storage
+    theirs = open_clip_checkpoint(tiny_clip_name, tmp_path / "init.pt")
+    storage.upload_file(tmp_path / "init.pt", f"{s3}/models/init.pt")
+    ours = DualEncoder(ModelConfig(name=tiny_clip_name)).eval()
+    load_pretrained(ours, f"{s3}/models/init.pt")
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(ours.encode_image(images), theirs.encode_image(images, normalize=True))
+    with pytest.raises(Exception, match="models/absent.pt"):
+        load_pretrained(ours, f"{s3}/models/absent.pt")
+
+
 def test_a_checkpoint_that_does_not_fit_names_the_keys_and_shapes(tiny_clip_name, tmp_path):
     open_clip_checkpoint("flexi-jest-tiny", tmp_path / "tiny.pt")
     model = DualEncoder(ModelConfig(name=tiny_clip_name))
