@@ -92,11 +92,10 @@ def mlflow_server(tmp_path_factory):
     """A real `mlflow server` on loopback whose artifact store is S3 (moto's S3 server, as MinIO on a cluster)."""
     import subprocess
     import sys
-    import time
-    import urllib.request
 
     from moto.server import ThreadedMotoServer
     from conftest import free_port
+    from postgres_mlflow import wait_for_health
 
     workdir = tmp_path_factory.mktemp("mlflow-server")
     s3_port, port = free_port(), free_port()
@@ -113,18 +112,7 @@ def mlflow_server(tmp_path_factory):
          "--backend-store-uri", f"sqlite:///{workdir / 'mlflow.db'}", "--artifacts-destination", "s3://mlflow/artifacts",
          "--workers", "1"], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=workdir)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 240  # a loaded CI machine starts it slowly
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(f"{url}/health", timeout=2)
-            break
-        except OSError:
-            if server.poll() is not None:
-                raise RuntimeError(f"mlflow server exited: {(workdir / 'server.log').read_text()[-2000:]}")
-            time.sleep(1)
-    else:
-        server.kill()
-        raise RuntimeError("mlflow server did not answer /health within 240 s")
+    wait_for_health(url, server, workdir / "server.log")  # a loaded CI machine starts it slowly
     yield url, env
     server.terminate()
     server.wait(timeout=30)
