@@ -80,6 +80,16 @@ def flip_bits(data: bytes, positions: list[int]) -> bytes:
 
 # ---- fuzzing --------------------------------------------------------------------------------------------
 
+
+def draw_damaged_bytes(draw, data: bytes) -> bytes:
+    """A hypothesis draw of data cut at a random length with up to 8 bits flipped (a torn or corrupted file)."""
+    from hypothesis import strategies as st
+    mutated = bytearray(data[: draw(st.integers(0, len(data)))])
+    for position in draw(st.lists(st.integers(0, max(0, 8 * len(mutated) - 1)), max_size=8)):
+        if mutated:
+            mutated[position // 8] ^= 1 << (position % 8)
+    return bytes(mutated)
+
 # Inputs per fuzz test: a short run in the default suite; FLEXI_JEST_FUZZ_EXAMPLES=2000 for the long run.
 FUZZ_EXAMPLES = int(os.environ.get("FLEXI_JEST_FUZZ_EXAMPLES", "60"))
 HANG_SECONDS = 30  # one input taking this long is a hang (an input takes milliseconds)

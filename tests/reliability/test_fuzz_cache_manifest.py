@@ -16,7 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from conftest import TEST_MODEL
-from faults import FUZZ_EXAMPLES, colour_samples, fuzz_settings, no_hang
+from faults import FUZZ_EXAMPLES, colour_samples, draw_damaged_bytes, fuzz_settings, no_hang
 from flexi_jest import reference_cache, storage
 from flexi_jest.checkpoint import save_model
 from flexi_jest.config import CacheReferenceConfig
@@ -72,11 +72,7 @@ def damaged_cache_manifests(draw, valid: dict) -> bytes:
         manifest = redigest(manifest)
     data = json.dumps(manifest).encode()
     if kind == "bytes":
-        mutated = bytearray(data[: draw(st.integers(0, len(data)))])
-        for position in draw(st.lists(st.integers(0, max(0, 8 * len(mutated) - 1)), max_size=8)):
-            if mutated:
-                mutated[position // 8] ^= 1 << (position % 8)
-        data = bytes(mutated)
+        data = draw_damaged_bytes(draw, data)
     return data
 
 

@@ -12,7 +12,7 @@ import json
 from hypothesis import given
 from hypothesis import strategies as st
 
-from faults import colour_samples, fuzz_settings, no_hang
+from faults import colour_samples, draw_damaged_bytes, fuzz_settings, no_hang
 from flexi_jest import storage
 from flexi_jest.data.shards import ReadStats, ShardError, iter_split, read_manifest, write_split
 
@@ -50,11 +50,7 @@ def damaged_manifests(draw) -> bytes:
             del entry[field]
     data = json.dumps(base).encode()
     if kind == "bytes":
-        mutated = bytearray(data[: draw(st.integers(0, len(data)))])
-        for position in draw(st.lists(st.integers(0, max(0, 8 * len(mutated) - 1)), max_size=8)):
-            if mutated:
-                mutated[position // 8] ^= 1 << (position % 8)
-        data = bytes(mutated)
+        data = draw_damaged_bytes(draw, data)
     return data
 
 
