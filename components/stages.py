@@ -279,16 +279,16 @@ def resolve_run(from_run: str, parent_run_id: str, stage: str, curated: Output[D
     from flexi_jest.stages import learner_result_of, resolve_earlier_run
 
     resolved = resolve_earlier_run(from_run, parent_run_id, stage)
+    trained = learner_result_of(resolved["learner"]) if resolved.get("learner") else None
     for artifact, name in ((curated, "curated"), (pool, "pool"), (cache, "cache"), (eval_split, "eval_split"),
                            (reference, "reference"), (learner, "learner")):
         uri = resolved.get(name, "")
         artifact.metadata.update({"uri": uri, "from_run": resolved["parent_run_id"]})
-        content = learner_result_of(uri) if name == "learner" and uri else {"uri": uri, "from_run": resolved["parent_run_id"]}
         with open(artifact.path, "w") as f:
-            json.dump(content, f)
+            json.dump(trained if name == "learner" and trained else {"uri": uri, "from_run": resolved["parent_run_id"]}, f)
     reference.metadata["sha256"] = resolved.get("reference_sha256", "")
-    if resolved.get("learner"):
-        learner.metadata["sha256"] = learner_result_of(resolved["learner"])["checkpoint_sha256"]
+    if trained:
+        learner.metadata["sha256"] = trained["checkpoint_sha256"]
     Resolved = namedtuple("Resolved", ["reference_json", "learner_json"])
     return Resolved(json.dumps({"mlflow_run_id": resolved.get("train-reference.mlflow_run_id"),
                                 "reference_version": resolved.get("reference_version")}),
