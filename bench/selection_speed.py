@@ -47,14 +47,15 @@ def selection_flops(batch: int, n_select: int, n_chunks: int, dims: list[int]) -
 
     Algorithm 1 reads, per chunk of c chosen examples, the scores of the [B, c] column block and the [c, B] row
     block: 2 B n_select pair scores in all. Each pair, per model: the dot product (2 d), the temperature and bias
-    fused into addmm (2), softplus (SOFTPLUS_FLOPS); then the two models' difference (1) and the running sum (1).
-    Own scores: B matched pairs per model (2 d + 2 + softplus) and the difference. Per chunk: the Gumbel draw
-    over B entries and the conditional score's add (GUMBEL_FLOPS + 1). top-k and masking are not counted."""
+    fused into addmm (2), softplus (SOFTPLUS_FLOPS) and the running sum (1). Per chunk and example: the two
+    blocks' sums and the models' difference (3), the add to the interaction (1), the Gumbel draw and the
+    conditional score's add (GUMBEL_FLOPS + 1). Own scores: B matched pairs per model (2 d + 2 + softplus) and the
+    difference. top-k and masking are not counted."""
     pairs = 2 * batch * n_select
-    per_pair = sum(2 * d + 2 + SOFTPLUS_FLOPS for d in dims) + 2
+    per_pair = sum(2 * d + 2 + SOFTPLUS_FLOPS + 1 for d in dims)
     own = batch * (sum(2 * d + 2 + SOFTPLUS_FLOPS for d in dims) + 1)
-    draws = len(chunk_sizes(n_select, n_chunks)) * batch * (GUMBEL_FLOPS + 1)
-    return pairs * per_pair + own + draws
+    per_chunk = batch * (3 + 1 + GUMBEL_FLOPS + 1)
+    return pairs * per_pair + own + len(chunk_sizes(n_select, n_chunks)) * per_chunk
 
 
 def unit(batch: int, dim: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:

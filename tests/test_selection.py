@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -200,3 +201,11 @@ def test_pair_cosines_are_the_image_text_cosine():
 def test_offline_filter_selects_uniformly_within_a_batch():
     chosen = select("offline-filter", None, 5, 20, generator=torch.Generator().manual_seed(0))
     assert chosen.numel() == 5 == chosen.unique().numel()
+
+
+def test_in_place_softplus_matches_torch_within_float_rounding():
+    from flexi_jest.selection import _softplus_
+    x = torch.cat([torch.linspace(-120.0, 120.0, 200_001), torch.tensor([0.0, -0.0, 1e-30, -1e-30, 88.7, 89.0])])
+    fast = _softplus_(x.clone())
+    assert torch.isfinite(fast).all()
+    assert torch.allclose(fast, F.softplus(x), rtol=1e-6, atol=1.5e-7)
