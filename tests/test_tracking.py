@@ -170,6 +170,29 @@ def test_a_cached_stage_is_recorded_on_the_next_pipeline_run_without_moving(mlfl
     assert outputs["parent_run_id"] == second and tracking.recorded_outputs(second) == outputs
 
 
+def test_a_rerun_resolves_the_earlier_runs_main_learner_and_records_its_inputs(mlflow_store):
+    """resolve_earlier_run: the earlier run's main learner is the one of its `method` parameter (its baselines are
+    recorded beside it); what a rerun from a stage needs but the run never recorded is named; the inputs resolved
+    are tagged on the rerun's own parent run."""
+    import mlflow
+
+    from flexi_jest.stages import resolve_earlier_run
+    earlier = tracking.start_pipeline_run("earlier", {"method": "flexi-jest"}, kfp_run_id="kfp-earlier")
+    outputs = {"eval_split": "s3://b/eval", "reference": "s3://b/ref/model.pt", "reference_sha256": "ab" * 32,
+               "learner.flexi-jest": "s3://b/flexi/model.pt", "learner.uniform": "s3://b/uniform/model.pt"}
+    for name, value in outputs.items():
+        mlflow.MlflowClient().set_tag(earlier, f"{tracking.OUTPUT_TAG}{name}", value)
+    resolved = resolve_earlier_run("kfp-earlier", stage="evaluate")
+    assert resolved["learner"] == "s3://b/flexi/model.pt" and resolved["parent_run_id"] == earlier
+    with pytest.raises(LookupError, match=r"recorded no pool, cache, which a rerun from train_learner needs"):
+        resolve_earlier_run(earlier, stage="train_learner")
+    rerun = tracking.start_pipeline_run("rerun", {}, kfp_run_id="kfp-rerun")
+    resolve_earlier_run("kfp-earlier", parent_run_id="kfp-rerun", stage="evaluate")
+    tags = mlflow.MlflowClient().get_run(rerun).data.tags
+    assert tags["flexi_jest.from_run"] == earlier and tags["flexi_jest.from_stage"] == "evaluate"
+    assert tags[f"{tracking.OUTPUT_TAG}eval_split"] == "s3://b/eval"
+
+
 @pytest.mark.parametrize("stage,values,field", [
     ("make-data", {"pool_size": -1}, "pool_size"),
     ("train-reference", {"steps": "many"}, "steps"),

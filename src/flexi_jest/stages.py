@@ -232,8 +232,9 @@ def resolve_earlier_run(from_run: str, parent_run_id: str = "", stage: str = "tr
 
     if stage not in RERUN_INPUTS:
         raise ValueError(f"no rerun from stage {stage!r}; expected one of {sorted(RERUN_INPUTS)}")
-    resolved = tracking.recorded_outputs(from_run)
-    method = tracking.pipeline_run_or_fail(from_run).data.params.get("method", "")
+    earlier = tracking.pipeline_run_or_fail(from_run)
+    resolved = tracking.outputs_of(earlier)
+    method = earlier.data.params.get("method", "")
     if f"learner.{method}" in resolved:  # the earlier run's main learner (its baselines are recorded beside it)
         resolved["learner"] = resolved[f"learner.{method}"]
         resolved["learner_run_id"] = resolved.get(f"train-learner.{method}.mlflow_run_id", "")

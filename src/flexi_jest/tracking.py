@@ -181,7 +181,11 @@ def record_stage(parent_run_id: str, stage: str, stage_run_id: str, outputs: dic
 def recorded_outputs(run_ref: str, experiment: str | None = None) -> dict[str, str]:
     """The stage outputs a pipeline run recorded (record_stage), by name: {"pool": uri, "reference": uri, ...};
     the run given by its KFP run ID or its MLflow parent run id."""
-    parent = pipeline_run_or_fail(run_ref, experiment)
+    return outputs_of(pipeline_run_or_fail(run_ref, experiment))
+
+
+def outputs_of(parent: Any) -> dict[str, str]:
+    """recorded_outputs of a pipeline's parent run already looked up (an mlflow Run)."""
     tags = parent.data.tags
     outputs = {key[len(OUTPUT_TAG):]: value for key, value in tags.items() if key.startswith(OUTPUT_TAG)}
     stages = {key[len(STAGE_TAG):]: value for key, value in tags.items() if key.startswith(STAGE_TAG)}
