@@ -93,9 +93,9 @@ ROW_TILE_CPU = 4096  # rows of a [B, c] block computed at once on the CPU, so th
 
 
 def _softplus_(x: Tensor) -> Tensor:
-    """softplus(x) = log(1 + e^x), in place. On the CPU as max(x, 0) + log(1 + e^-|x|): the same within 1e-7
-    absolute and several times faster there than F.softplus, whose log1p this torch build does not
-    vectorise (bench/selection_speed.py: the embedding path 3-4x faster in all); elsewhere F.softplus
+    """softplus(x) = log(1 + e^x). On the CPU in x's own storage, as max(x, 0) + log(1 + e^-|x|): the same
+    within 1e-7 absolute and several times faster there than F.softplus, whose log1p this torch build does
+    not vectorise (bench/selection_speed.py: the embedding path 3-4x faster in all); elsewhere F.softplus
     (one fused kernel)."""
     if x.device.type != "cpu":
         return F.softplus(x)
