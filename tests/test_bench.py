@@ -129,3 +129,17 @@ def test_a_finished_run_is_reused_only_on_the_same_steps_and_data(tmp_path):
     assert learning_efficiency.finished_run(tmp_path, 8, data) is None
     assert learning_efficiency.finished_run(tmp_path, 7, {**data, "pool": "another pool"}) is None
     assert learning_efficiency.finished_run(tmp_path, 7, {**data, "optim": {"lr": 0.1}}) is None  # other hparams
+
+
+def test_iterations_table_reads_uniform_steps_to_each_methods_final(tmp_path, monkeypatch, capsys):
+    import iterations_table
+    runs = {"uniform": [{"steps_curve": [[0, 0.0], [100, 0.1], [200, 0.2]]}],
+            "joint": [{"steps_curve": [[0, 0.0], [50, 0.15]]}, {"steps_curve": [[0, 0.0], [50, 0.05]]}],
+            "best": [{"steps_curve": [[0, 0.0], [40, 0.3]]}]}
+    (tmp_path / "runs.json").write_text(json.dumps(runs))
+    monkeypatch.setattr(sys, "argv", ["iterations_table.py", str(tmp_path / "runs.json")])
+    iterations_table.main()
+    out = capsys.readouterr().out
+    assert "| joint | 50 | 0.100 | 0.050 | 0.200 (200) |" in out  # seed mean 0.1; uniform at step 50: 0.05
+    assert "| joint | 50 | 0.100 | 100 | 2.00x |" in out  # uniform needs 100 steps to reach 0.1
+    assert "| best | 40 | 0.300 | never | - |" in out
