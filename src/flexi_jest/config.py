@@ -196,6 +196,9 @@ class MakeDataConfig(ConfigModel):
     check_images: Int = Field(32, ge=1, description="register: images decoded per split")
     count_max_shards: Int = Field(64, ge=0, description=(
         "register: a split with unknown counts and at most this many shards is counted by reading it"))
+    allow_eval_overlap: bool = Field(False, description=(
+        "register: accept an eval split that shares images (identical bytes) with curated or pool in the shards "
+        "read; refused by default, since evaluating on training data inflates the metric promotion compares"))
     seed: Int = 0
     image_size: Int = Field(32, gt=0)
     curated_size: Int = Field(2000, ge=1)
@@ -231,7 +234,8 @@ class MakeDataResult(StrictModel):
     noise_counts: dict[str, int]
     seconds: float
     checks: dict[str, dict[str, Any]] = Field(default_factory=dict, description=(
-        "register: per split, what was checked (shards read, images decoded, image sizes, skipped samples)"))
+        "register: per split, what was checked (shards read, images decoded, image sizes, skipped samples, empty shards); "
+        "'overlap': the keys and images each pair of splits shares in the shards read"))
 
 
 # ---- shared training settings ---------------------------------------------------------------------------
