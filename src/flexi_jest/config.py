@@ -53,9 +53,10 @@ Device = Annotated[str, AfterValidator(_known_device)]
 class ReadStatsSummary(StrictModel):
     """What reading a split did (shards.ReadStats, frozen into a result): every sample not used, by reason.
 
-    Reasons that lose samples: missing_image, empty_caption, non_utf8_caption, bad_image, bad_meta,
-    corrupt_member, bad_label (an eval .cls that is not a class index); reasons that damage a shard (and lose
-    what it held): missing_shard, corrupt_shard, short_shard, checksum_mismatch. Duplicate keys (the same key again in the split) are kept and counted.
+    Reasons that lose samples: missing_image, empty_caption, non_utf8_caption, bad_caption (NUL bytes),
+    bad_image, bad_meta, corrupt_member, oversized_member (a member over its size cap, never read), bad_label (an
+    eval .cls that is not a class index); reasons that damage a shard (and lose what it held): missing_shard,
+    corrupt_shard, short_shard, checksum_mismatch, oversized_shard (a compressed shard expanding past its limit). Duplicate keys (the same key again in the split) are kept and counted.
     """
 
     samples: int = Field(0, description="samples read, decoded and used")

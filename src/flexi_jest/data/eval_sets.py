@@ -33,7 +33,8 @@ from torch import Tensor
 
 from flexi_jest import storage
 from flexi_jest.config import EVAL_SET_NAME, EvalSet
-from flexi_jest.data.shards import IMAGE_EXTENSIONS, ReadStats, decode_meta, iter_tar, read_manifest
+from flexi_jest.data.shards import (IMAGE_EXTENSIONS, ReadStats, caption_text, decode_meta, iter_tar, read_manifest,
+                                    unusable_raw)
 from flexi_jest.data.specs import Shard, SpecError, resolve, scheme
 
 CLASSNAMES_FILE = "classnames.txt"
@@ -164,14 +165,14 @@ class OpenedEvalSet:
         .txt in CLIP_benchmark's retrieval sets. A sample without .txt is kept, captionless, except in the
         project's own splits, which pair every image with a caption."""
         key = raw["__key__"]
+        if unusable_raw(raw, stats):  # a member over its size cap (shards.MEMBER_CAPS), never read
+            return None
         image_bytes = next((raw[ext] for ext in IMAGE_EXTENSIONS if ext in raw), None)
         if not isinstance(image_bytes, bytes):
             stats.record("missing_image", f"{raw.get('__url__', '')}: {key}")
             return None
-        try:
-            text = raw["txt"].decode("utf-8") if "txt" in raw else ""
-        except UnicodeDecodeError as exc:
-            stats.record("non_utf8_caption", f"{key}: {exc}")
+        text = caption_text(raw["txt"], key, stats) if "txt" in raw else ""
+        if text is None:  # not UTF-8, or NUL bytes
             return None
         captions = [line.strip() for line in text.splitlines()] if self.multi_caption else [text.strip()]
         captions = [c for c in captions if c]
