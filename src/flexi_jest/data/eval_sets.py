@@ -331,7 +331,7 @@ def _open_clip_benchmark(spec: EvalSet, uri: str, files: list[str]) -> OpenedEva
     names = sorted((f.split("/", 1)[1] for f in files if f.startswith(f"{spec.split}/") and f.endswith(".tar")
                     and f.count("/") == 1), key=_natural_key)
     if f"{spec.split}/nshards.txt" in files:  # the exporter's count: the shards must all be there
-        nshards = int(storage.read_bytes(storage.join(split_dir, "nshards.txt")).decode().strip())
+        nshards = read_nshards(spec.uri, storage.join(split_dir, "nshards.txt"))
         expected = [f"{i}.tar" for i in range(nshards)]
         missing = [n for n in expected if n not in names]
         if missing:
@@ -343,6 +343,21 @@ def _open_clip_benchmark(spec: EvalSet, uri: str, files: list[str]) -> OpenedEva
     classnames, source, templates = _side_files(spec, uri)
     return OpenedEvalSet(spec, "clip_benchmark", classnames, templates or DEFAULT_TEMPLATES, source,
                          shards=[Shard(storage.join(split_dir, n)) for n in names], multi_caption=_is_retrieval_set(uri))
+
+
+MAX_NSHARDS = 100_000  # far more shards than any eval set has (ImageNet-1k's val set: 50 of 1,000 images)
+
+
+def read_nshards(set_uri: str, uri: str) -> int:
+    """CLIP_benchmark's nshards.txt: a positive integer (ASCII digits), at most MAX_NSHARDS; else an EvalSetError
+    naming the file and the set."""
+    raw = storage.read_bytes(uri)
+    text = raw.strip()
+    nshards = int(text) if re.fullmatch(rb"[0-9]{1,12}", text) else None
+    if nshards is None or not 1 <= nshards <= MAX_NSHARDS:
+        raise EvalSetError(f"eval set {set_uri!r}: {uri} must hold a positive shard count of at most {MAX_NSHARDS}, "
+                           f"got {raw[:40]!r}")
+    return nshards
 
 
 def _open_imagefolder(spec: EvalSet, uri: str, files: list[str]) -> OpenedEvalSet:
