@@ -12,8 +12,10 @@ TLS follows the endpoint's scheme (https:// or http://).
 
 Writes are atomic from a reader's point of view: a local file is written to a temporary name and
 renamed; an S3 object (single or multipart PUT) becomes visible only when complete. Multi-file
-outputs (shards, caches) write their manifest last. Transient S3 failures are retried with
-exponential backoff; an unreachable endpoint or rejected credentials is a StorageError naming them.
+outputs (shards, caches) write their manifest last. Transient S3 failures (connection errors, S3's
+InternalError / ServiceUnavailable / SlowDown, and HTTP 429 / 500 / 502 / 503 / 504 without an S3 error
+document, as a gateway in front of MinIO answers) are retried RETRIES times with exponential backoff; an
+unreachable endpoint or rejected credentials is a StorageError naming them.
 """
 
 import hashlib
@@ -34,6 +36,10 @@ BACKOFF_SECONDS = 0.5
 CREDENTIAL_ERRORS = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "InvalidToken", "ExpiredToken"}
 TRANSIENT_ERRORS = {"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "OperationAborted"}
 MISSING_ERRORS = {"NoSuchKey", "NoSuchBucket", "NoSuchObject", "ResourceNotFound"}
+# HTTP statuses worth a retry when they come without an S3 error code: a gateway or ingress in front of
+# MinIO answers 502/503/504 (and 429 when it rate-limits) with an HTML page, which minio raises as
+# InvalidResponseError (a GET) or ServerError (a HEAD, or no body)
+TRANSIENT_STATUSES = {429, 500, 502, 503, 504}
 
 
 class StorageError(RuntimeError):
@@ -94,9 +100,14 @@ def s3_client():
 
 def explain_s3_error(exc: Exception, uri: str) -> StorageError | None:
     """Map a minio / urllib3 exception to a clear StorageError, or None if it is transient (worth a retry)."""
-    from minio.error import S3Error
+    from minio.error import InvalidResponseError, S3Error, ServerError
     from urllib3.exceptions import HTTPError as Urllib3Error
 
+    if isinstance(exc, (InvalidResponseError, ServerError)):  # no S3 error document: judged by the HTTP status
+        status = http_status(exc)
+        if status in TRANSIENT_STATUSES:
+            return None
+        return StorageError(f"S3 request for {uri} failed with HTTP {status} and no S3 error document: {exc}")
     if isinstance(exc, S3Error):
         if exc.code in CREDENTIAL_ERRORS:
             return StorageError(f"S3 rejected the credentials for {uri} ({exc.code}): check AWS_ACCESS_KEY_ID / "
@@ -109,6 +120,25 @@ def explain_s3_error(exc: Exception, uri: str) -> StorageError | None:
     if isinstance(exc, (Urllib3Error, ConnectionError, TimeoutError, OSError)):
         return None
     return StorageError(f"S3 request for {uri} failed: {exc!r}")
+
+
+def http_status(exc: Exception) -> int | None:
+    """The HTTP status of a minio InvalidResponseError (a non-XML answer) or ServerError, else None."""
+    from minio.error import InvalidResponseError, ServerError
+
+    if isinstance(exc, ServerError):
+        return exc.status_code
+    if isinstance(exc, InvalidResponseError):
+        return getattr(exc, "_code", None)  # minio 7.2 keeps the status only here (no public property)
+    return None
+
+
+def _brief(exc: Exception) -> str:
+    """One line about a transient failure: an HTML error page is named by its status, not pasted whole."""
+    status = http_status(exc)
+    if status is not None:
+        return f"HTTP {status} without an S3 error document (a gateway or proxy in front of the endpoint?)"
+    return " ".join(str(exc).split())[:300]
 
 
 def _with_retries(uri: str, action: Callable[[], T], retries: int = RETRIES) -> T:
@@ -124,7 +154,7 @@ def _with_retries(uri: str, action: Callable[[], T], retries: int = RETRIES) -> 
                 raise error from exc
             if attempt == retries:
                 raise StorageError(f"cannot reach S3 endpoint {s3_endpoint()} for {uri} after {retries + 1} attempts: "
-                                   f"{exc}") from exc
+                                   f"{_brief(exc)}") from exc
             time.sleep(BACKOFF_SECONDS * 2**attempt)
     raise AssertionError("unreachable")
 
