@@ -22,7 +22,9 @@ import hashlib
 import io
 import os
 import re
+import socket
 import tempfile
+import threading
 import time
 from functools import lru_cache
 from pathlib import Path
@@ -68,6 +70,89 @@ def _bucket_key(uri: str) -> tuple[str, str]:
     if not parsed.netloc:
         raise StorageError(f"S3 URI {uri!r} has no bucket; expected s3://bucket/key")
     return parsed.netloc, parsed.path.lstrip("/")
+
+
+# ---- remote reads: an overall deadline ------------------------------------------------------------------
+
+READ_SECONDS_ENV = "FLEXI_JEST_REMOTE_READ_SECONDS"  # one remote object (a shard, an S3 object) read whole
+CHECK_SECONDS_ENV = "FLEXI_JEST_REMOTE_CHECK_SECONDS"  # one existence check (an http(s) HEAD)
+DEFAULT_READ_SECONDS = 1800.0
+DEFAULT_CHECK_SECONDS = 60.0
+
+
+def _seconds(variable: str, default: float) -> float:
+    raw = os.environ.get(variable, "")
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise StorageError(f"{variable}={raw!r} must be a positive number of seconds")
+    return value
+
+
+class Deadline:
+    """A total time limit on one remote read (a socket timeout bounds a single recv, so a server trickling a byte
+    every few seconds would hold a reader forever). When it passes, the watched sockets are shut down and the
+    watched processes killed, so a blocked read returns; check() then raises TimeoutError naming what was read,
+    the limit and the environment variable that sets it."""
+
+    def __init__(self, seconds: float, what: str, variable: str):
+        self.seconds, self.what, self.variable = seconds, what, variable
+        self.end = time.monotonic() + seconds
+        self.expired = False
+        self._timers: list[threading.Timer] = []
+
+    @classmethod
+    def for_read(cls, what: str) -> "Deadline":
+        """The deadline of reading one object whole (FLEXI_JEST_REMOTE_READ_SECONDS, default 1800 s)."""
+        return cls(_seconds(READ_SECONDS_ENV, DEFAULT_READ_SECONDS), what, READ_SECONDS_ENV)
+
+    @classmethod
+    def for_check(cls, what: str) -> "Deadline":
+        """The deadline of one existence check (FLEXI_JEST_REMOTE_CHECK_SECONDS, default 60 s)."""
+        return cls(_seconds(CHECK_SECONDS_ENV, DEFAULT_CHECK_SECONDS), what, CHECK_SECONDS_ENV)
+
+    def remaining(self) -> float:
+        return self.end - time.monotonic()
+
+    def _at_end(self, action: Callable[[], None]) -> None:
+        def expire() -> None:
+            self.expired = True
+            try:
+                action()
+            except OSError:  # already closed or gone
+                pass
+        timer = threading.Timer(max(self.remaining(), 0.0), expire)
+        timer.daemon = True
+        timer.start()
+        self._timers.append(timer)
+
+    def watch(self, sock) -> None:
+        """Shut sock down when the deadline passes (a read blocked on it then returns)."""
+        if sock is not None:
+            self._at_end(lambda: sock.shutdown(socket.SHUT_RDWR))
+
+    def watch_process(self, process) -> None:
+        """Kill a subprocess when the deadline passes."""
+        self._at_end(process.kill)
+
+    def error(self) -> TimeoutError:
+        return TimeoutError(f"{self.what}: no complete answer within {self.seconds:g} s (the remote read deadline; "
+                            f"{self.variable} sets it)")
+
+    def check(self) -> None:
+        """Raise error() if the deadline has passed."""
+        if self.expired or self.remaining() < 0:
+            self.expired = True
+            raise self.error()
+
+    def cancel(self) -> None:
+        for timer in self._timers:
+            timer.cancel()
+        self._timers.clear()
 
 
 # ---- S3 through minio ----------------------------------------------------------------------------------
@@ -239,10 +324,21 @@ def read_bytes(uri: str) -> bytes:
     client = s3_client()
 
     def get() -> bytes:
+        deadline = Deadline.for_read(uri)
         response = client.get_object(bucket, key)
         try:
-            return response.read()
+            deadline.watch(getattr(getattr(response, "connection", None), "sock", None))
+            try:
+                data = response.read()
+            except Exception:
+                if deadline.expired:
+                    raise StorageError(str(deadline.error())) from None
+                raise
+            if deadline.expired:  # a shut-down socket can read as an early end
+                raise StorageError(str(deadline.error()))
+            return data
         finally:
+            deadline.cancel()
             response.close()
             response.release_conn()
 

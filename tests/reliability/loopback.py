@@ -2,14 +2,14 @@
 
 - `Gateway`: a reverse proxy in front of an S3 server (moto) that answers the first `failures` requests
   with an HTML 503 page, as an ingress or load balancer in front of MinIO does while its backend restarts,
-  then forwards every request unchanged (the Host header too, so S3 signatures still hold).
+  then forwards every request unchanged (the Host header too, so S3 signatures still hold); with
+  `trickle_suffix` set, it sends the bodies of GETs of such keys a byte at a time.
 - `Trickler`: serves a body one byte every `interval` seconds (with an honest Content-Length), and answers
   HEAD the same slow way: a server that is alive but never finishes.
 """
 
 import http.client
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 HTML_503 = (b"<html><head><title>503 Service Temporarily Unavailable</title></head><body><center>"
@@ -69,7 +69,15 @@ class _GatewayHandler(BaseHTTPRequestHandler):
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             if self.command != "HEAD":
-                self.wfile.write(data)
+                if gateway.trickle_suffix and self.command == "GET" and self.path.split("?")[0].endswith(
+                        gateway.trickle_suffix):
+                    for byte in data:  # alive, but never done
+                        if gateway.stopped.wait(gateway.interval):
+                            return
+                        self.wfile.write(bytes([byte]))
+                        self.wfile.flush()
+                else:
+                    self.wfile.write(data)
         finally:
             upstream.close()
 
@@ -84,8 +92,14 @@ class Gateway(_Server):
         self.upstream_host, self.upstream_port = host, int(port)
         self.failures, self.failed, self.requests = failures, 0, 0
         self.status = 503  # of the HTML error page
+        self.trickle_suffix, self.interval = "", 0.5  # GETs of keys ending so: the body a byte every interval s
+        self.stopped = threading.Event()
         self.lock = threading.Lock()
         super().__init__(_GatewayHandler)
+
+    def __exit__(self, *exc) -> None:
+        self.stopped.set()
+        super().__exit__(*exc)
 
 
 class _TrickleHandler(BaseHTTPRequestHandler):
@@ -135,5 +149,4 @@ class Trickler(_Server):
 
     def __exit__(self, *exc) -> None:
         self.stopped.set()
-        time.sleep(0)
         super().__exit__(*exc)
