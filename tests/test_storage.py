@@ -6,7 +6,7 @@ error mapping (explain_s3_error), not against the server.
 
 import pytest
 
-from conftest import free_port
+from conftest import BOTH_S3, free_port
 from flexi_jest import storage
 from flexi_jest.data.sample import Sample
 from flexi_jest.data.loader import StreamLoader
@@ -34,6 +34,7 @@ def test_local_write_interrupted_leaves_nothing(tmp_path, monkeypatch):
     assert not target.exists() and list(tmp_path.iterdir()) == []
 
 
+@BOTH_S3
 def test_s3_round_trip(s3):
     storage.write_bytes(f"{s3}/dir/a.txt", b"alpha")
     storage.write_bytes(f"{s3}/dir/b.json", b"{}")
@@ -47,6 +48,7 @@ def test_s3_round_trip(s3):
         storage.read_bytes(f"{s3}/dir/a.txt")
 
 
+@BOTH_S3
 def test_s3_multipart_upload(s3, tmp_path):
     big = tmp_path / "big.bin"
     big.write_bytes(bytes(range(256)) * (6 * 1024 * 1024 // 256 * 2))  # 12 MiB: two 6 MiB parts... minio uses 5 MiB+ parts
@@ -54,6 +56,7 @@ def test_s3_multipart_upload(s3, tmp_path):
     assert storage.sha256_file(f"{s3}/big.bin") == storage.sha256_bytes(big.read_bytes())
 
 
+@BOTH_S3
 def test_s3_interrupted_upload_is_never_visible(s3, monkeypatch):
     from minio import Minio
     original = Minio.put_object
@@ -120,6 +123,7 @@ def test_transient_errors_are_retried_then_succeed(monkeypatch):
     assert storage._with_retries("s3://b/k", flaky) == "ok" and attempts["n"] == 3
 
 
+@BOTH_S3
 def test_shards_on_s3_read_exactly_like_local_shards(s3, tmp_path):
     from PIL import Image
     samples = [Sample(f"k-{i:03d}", Image.new("RGB", (8, 8), (i, 0, 0)), f"caption {i}", {"i": i}) for i in range(25)]
@@ -137,6 +141,7 @@ def test_shards_on_s3_read_exactly_like_local_shards(s3, tmp_path):
     assert stats.skipped["checksum_mismatch"] == 1 and stats.skipped["short_shard"] == 1
 
 
+@BOTH_S3
 def test_stages_read_and_write_s3_uris(s3):
     """make-data, train-reference and cache-reference with every path an s3:// URI: only the scheme differs."""
     from conftest import TEST_MODEL
