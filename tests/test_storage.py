@@ -161,3 +161,19 @@ def test_stages_read_and_write_s3_uris(s3):
     cache = cache_reference(CacheReferenceConfig(reference=reference.checkpoint, pool=f"{s3}/data/pool"))
     assert cache.cache_dir.startswith(f"{s3}/data/pool/refcache-") and cache.num_samples == 60
     assert ReferenceCache(cache.cache_dir, f"{s3}/data/pool", reference.checkpoint_sha256).load_shard(f"{s3}/data/pool/shard-000001.tar")[1].shape[0] == 30
+
+
+@BOTH_S3
+def test_s3_keys_keep_every_character_of_their_name(s3):
+    """An S3 key is everything after the bucket: a `?` or `#` in a name (an ImageFolder class `what?`, a shard
+    `a#1.tar`) is part of the key, not a query or a fragment, and a tab is kept; two such names never collapse
+    into one object."""
+    names = ["what?/a.jpg", "what?/b.jpg", "c#1.tar", "c#2.tar", "tab\there.txt", "plain/x y+z%20.txt"]
+    for name in names:
+        storage.write_bytes(storage.join(s3, "odd", name), name.encode())
+    assert [storage.read_bytes(storage.join(s3, "odd", name)) for name in names] == [n.encode() for n in names]
+    assert all(storage.exists(storage.join(s3, "odd", name)) for name in names)
+    assert storage.list_tree(f"{s3}/odd") == sorted(names)
+    assert storage.list_names(f"{s3}/odd/what?") == ["a.jpg", "b.jpg"]
+    storage.remove(f"{s3}/odd/c#1.tar")
+    assert not storage.exists(f"{s3}/odd/c#1.tar") and storage.exists(f"{s3}/odd/c#2.tar")
