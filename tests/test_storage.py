@@ -1,7 +1,8 @@
 """Storage over local paths and over real S3 HTTP (moto's S3-compatible server on loopback, real minio client).
 
-moto does not check credentials, so the wrong-credentials path is tested as a unit test of the
-error mapping (explain_s3_error), not against the server.
+The S3 tests marked @BOTH_S3 run on moto and on SeaweedFS (a real S3 server, tests/seaweedfs.py). moto does not
+check credentials: the wrong-credentials path is a unit test of the error mapping (explain_s3_error) and a test
+against SeaweedFS, which checks them.
 """
 
 import pytest
@@ -108,6 +109,23 @@ def test_error_mapping_for_credentials_and_transient_failures():
     assert "no such object" in str(storage.explain_s3_error(s3_error("NoSuchKey"), "s3://b/k"))
     assert storage.explain_s3_error(s3_error("SlowDown"), "s3://b/k") is None  # retried
     assert storage.explain_s3_error(MaxRetryError(None, "/k", "refused"), "s3://b/k") is None  # retried
+
+
+@pytest.mark.parametrize("s3_backend", ["seaweedfs"])  # moto accepts any credentials
+def test_a_real_server_rejecting_the_credentials_is_a_clear_error_at_once(s3, monkeypatch):
+    storage.write_bytes(f"{s3}/k", b"x")
+    monkeypatch.setattr(storage, "BACKOFF_SECONDS", 60.0)  # a retry would take minutes: none is made
+    for key, secret, code in [("flexi-jest-tests", "wrong", "SignatureDoesNotMatch"), ("nobody", "x", "InvalidAccessKeyId")]:
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", key)
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+        for action in (lambda: storage.read_bytes(f"{s3}/k"), lambda: storage.exists(f"{s3}/k"),
+                       lambda: storage.write_bytes(f"{s3}/k", b"y"), lambda: storage.list_names(s3)):
+            with pytest.raises(storage.StorageError, match=rf"S3 rejected the credentials for {s3}.* \({code}\)"):
+                action()
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    with pytest.raises(storage.StorageError, match=r"rejected the credentials .*\(AccessDenied\)"):
+        storage.read_bytes(f"{s3}/k")  # anonymous
 
 
 def test_transient_errors_are_retried_then_succeed(monkeypatch):
