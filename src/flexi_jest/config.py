@@ -382,6 +382,9 @@ class TrainLearnerConfig(TrainingConfig):
     n_chunks: Int = Field(16, ge=1)
     offline_keep_ratio: Float = Field(0.3, gt=0.0, le=1.0, description=(
         "offline-filter: fraction of the pool kept, by the reference's cosine (DataComp's CLIP-score filter: 0.3)"))
+    prefilter_keep_ratio: Float | None = Field(None, gt=0.0, le=1.0, description=(
+        "independent / joint: first keep only this fraction of the pool by the reference's cached image-text cosine "
+        "(the offline filter), then select from what is kept ('filter+jest'); None: select from the whole pool"))
     selection_scope: Literal["global", "local"] = Field("global", description=(
         "with several processes: 'global' gathers the super-batch's embeddings and selects over all of it "
         "(equal to one process); 'local' selects within each rank's shard, without the gather"))
@@ -399,6 +402,12 @@ class TrainLearnerConfig(TrainingConfig):
     def _check_learner(self) -> "TrainLearnerConfig":
         if self.method == "offline-filter" and self.reference_cache is None:
             raise ValueError("reference_cache is required for method='offline-filter' (it filters by the reference's "
+                             "cached cosines)")
+        if self.prefilter_keep_ratio is not None and self.method not in ("independent", "joint"):
+            raise ValueError(f"prefilter_keep_ratio is for method 'independent' or 'joint' (the offline filter, then "
+                             f"selection), not {self.method!r}: for the offline filter alone use offline_keep_ratio")
+        if self.prefilter_keep_ratio is not None and self.reference_cache is None:
+            raise ValueError("reference_cache is required with prefilter_keep_ratio (it filters by the reference's "
                              "cached cosines)")
         if self.method not in ("uniform", "offline-filter") and self.reference_cache is None and self.score != "hard_learner":
             raise ValueError(f"reference_cache is required for method={self.method!r} with score={self.score!r}")
