@@ -168,7 +168,9 @@ Beta = Annotated[float, BeforeValidator(_not_a_boolean), Field(ge=0.0, lt=1.0)]
 
 
 class OptimConfig(ConfigModel):
-    lr: Float = Field(2e-3, gt=0)
+    lr: Float = Field(2.5e-4, gt=0, description=(
+        "peak learning rate (the tiny preset's: the best of a uniform-only sweep on a validation split, "
+        "docs/results.md; the paper profile sets 1e-3)"))
     weight_decay: Float = Field(1e-4, ge=0)
     warmup_steps: Int = Field(20, ge=0)
     betas: tuple[Beta, Beta] = Field((0.9, 0.95), description="AdamW's (beta1, beta2), each in [0, 1)")

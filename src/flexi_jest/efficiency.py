@@ -124,7 +124,7 @@ def summarize(curves: dict[str, list[Curve]], metric: str, reference_share: dict
                 steps_ratio_vs_uniform=(baseline_steps / steps) if steps and baseline_steps else None)
         baseline_share = reference_share.get(baseline, 0.0)
         methods[name]["accountings"] = accountings(cost, share, baseline_cost, baseline_share, steps, baseline_steps)
-        learner_cost = cost - share if cost is not None else None
+        learner_cost = cost - share if cost is not None and cost > share else None
         methods[name]["break_even_runs"] = (
             break_even_runs(learner_cost, share, baseline_cost - baseline_share, baseline_share)
             if learner_cost is not None and baseline_cost is not None else None)
@@ -141,8 +141,8 @@ def accountings(cost: float | None, share: float, baseline_cost: float | None, b
     FLOPs inside them. The iterations ratio is the same in both (a step is a step)."""
     out = []
     for accounting, own, base in (("learner", share, baseline_share), ("charged", 0.0, 0.0)):
-        mine = cost - own if cost is not None else None
-        theirs = baseline_cost - base if baseline_cost is not None else None
+        mine = cost - own if cost is not None and cost > own else None
+        theirs = baseline_cost - base if baseline_cost is not None and baseline_cost > base else None
         out.append({"accounting": accounting, "flops_to_target": mine,
                     "flops_ratio": theirs / mine if mine and theirs else None,
                     "steps_ratio": baseline_steps / steps if steps and baseline_steps else None})
