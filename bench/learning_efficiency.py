@@ -13,22 +13,35 @@ evaluated at regular points; curves are zero-shot top-1 against total FLOPs and 
     repetition              how many times the method draws each pool sample on average (offline filter:
                             each kept sample)
 
-Two regimes:
+Three regimes:
   default   the budget is joint learnability at --jest-steps plus the reference's share (the runs of
             docs/results.md: a small pool drawn many times, the reference a large share of the budget)
-  paper     (--regime paper) the budget is uniform at --uniform-steps; the reference trains on --curated
+  paper     (--regime paper) the paper's count (docs/method.md): every learner gets uniform's learner FLOPs at
+            --uniform-steps (its scoring and training; the reference's cached embeddings free), so JEST at
+            filter 80 % trains about 3/8 of uniform's steps; the reference trains --reference-epochs epochs of
+            --curated (default 10, the paper's), evaluated on a held-out validation split each epoch (the
+            saturation rule: under --plateau-points gained over its last 20 %), and caches the pool once at
+            --cache-patch (default 16); both are reported, and charged in the second accounting ("charged",
+            with the break-even learner count); --eval-size 5,000 by default; --experiments reference and batch
+            add the reference-strength and sub-batch diagnostics
+  capped    (--regime capped) the budget is uniform at --uniform-steps; the reference trains on --curated
             for at most 10 % of that budget (--reference-steps: by default the most that fits) and its caching
             pass over the pool is charged on top, at --cache-patch (default 16, the Flexi scoring patch: a
-            FlexiViT reference scores like the learner); the pool (--pool 0: automatic) is large enough that
-            no method draws a pool sample more than --max-repetition times; uniform's plateau is judged by
-            the rule "under --plateau-points top-1 gained over the last 20 % of its budget"
+            FlexiViT reference scores like the learner)
+  In the paper and capped regimes the pool (--pool 0: automatic) is large enough that no method draws a pool
+  sample more than --max-repetition times, and uniform's plateau is judged by the rule "under
+  --plateau-points top-1 gained over the last 20 % of its budget".
 
     python bench/learning_efficiency.py --quick                     # ~8 min on 2 CPU cores
     python bench/learning_efficiency.py --dataset emoji --seeds 3   # the full set of methods, hours
     python bench/learning_efficiency.py --ablations                  # + filter ratio, chunks, scores, noise
-    python bench/learning_efficiency.py --regime paper --sweep --out runs/bench/paper-sweep    # uniform-only sweep
-    python bench/learning_efficiency.py --regime paper --hparams runs/bench/paper-sweep/sweep.json \
-        --out runs/bench/paper                                        # the regime (hours; docs/results.md)
+    python bench/learning_efficiency.py --regime capped --sweep --out runs/bench/paper-sweep   # uniform-only sweep
+    python bench/learning_efficiency.py --regime capped --hparams runs/bench/paper-sweep/sweep.json \
+        --out runs/bench/capped                                       # the capped regime (hours; docs/results.md)
+    python bench/learning_efficiency.py --regime paper --uniform-steps 600 --experiments prepare \
+        --out runs/bench/paper                     # data, reference, cache; then (two processes can share them):
+    python bench/learning_efficiency.py --regime paper --uniform-steps 600 --experiments main,reference,batch \
+        --out runs/bench/paper                                        # the paper's count (docs/results.md)
 
 The sweep (--sweep) trains uniform alone on the regime's budget and pool for each value of learning rate,
 warmup, weight decay and batch size in turn (a coordinate sweep: each knob's best, by top-1 on a held-out
