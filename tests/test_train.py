@@ -327,3 +327,19 @@ def test_a_checkpoint_of_another_config_is_not_resumed(shapes_data, reference_ca
         train_learner(learner_config(shapes_data, reference_cache, out, steps=3, optim={"lr": 1e-4}))
     resumed = train_learner(learner_config(shapes_data, reference_cache, out, steps=3))
     assert resumed.steps == 3 and (out / "model.pt").exists()
+
+
+def test_scoring_precision_changes_only_the_scoring_forward(shapes_data, reference_cache, tmp_path, monkeypatch):
+    """scoring_precision: the learner's no-grad scoring forward runs under that autocast, training under its own."""
+    from flexi_jest import train as train_module
+    seen: list[tuple[str, bool]] = []
+    original = train_module.autocast
+
+    def recording(device, precision):
+        seen.append((precision, torch.is_grad_enabled()))
+        return original(device, precision)
+
+    monkeypatch.setattr(train_module, "autocast", recording)
+    train_learner(learner_config(shapes_data, reference_cache, tmp_path, steps=2, precision="fp32",
+                                 scoring_precision="bf16"))
+    assert ("bf16", False) in seen and ("fp32", True) in seen and ("bf16", True) not in seen

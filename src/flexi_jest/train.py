@@ -479,7 +479,7 @@ def train_learner(cfg: TrainLearnerConfig) -> TrainResult:
         else:
             learner = reference = None
             if uses_learner:  # this rank scores its rows of the super-batch
-                with torch.no_grad(), autocast(device, cfg.precision):
+                with torch.no_grad(), autocast(device, cfg.scoring_precision or cfg.precision):
                     pixels = to_model_input(images_u8, device, cfg.model.mean, cfg.model.std)
                     image_emb = model.encode_image(pixels, scoring_patch).float()
                     text_emb = model.encode_text(tokens.to(device)).float()
