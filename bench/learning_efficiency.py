@@ -58,13 +58,13 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
-from typing import Any
 
 from flexi_jest import efficiency, flops
 from flexi_jest.config import (
-    MODEL_PRESETS, CacheReferenceConfig, CacheReferenceResult, MakeDataConfig, ModelConfig, OptimConfig,
+    METHOD_PRESETS, MODEL_PRESETS, CacheReferenceConfig, CacheReferenceResult, MakeDataConfig, ModelConfig, OptimConfig,
     TrainLearnerConfig, TrainReferenceConfig, TrainResult,
 )
 from flexi_jest.data.make import make_data
@@ -79,20 +79,19 @@ from flexi_jest.train import train_learner, train_reference
 # name -> learner config fields (tiny model: patch 8 is the paper's 16, patch 16 its 32). A method with its own
 # filter_ratio keeps the learner's sub-batch and scales its super-batch (the paper's filter-ratio sweep).
 METHODS: dict[str, dict[str, Any]] = {
-    "uniform": {"method": "uniform"},
-    "offline-filter": {"method": "offline-filter", "offline_keep_ratio": 0.3},  # DataComp's CLIP-score top 30 %
+    "uniform": METHOD_PRESETS["uniform"],
+    "offline-filter": METHOD_PRESETS["offline-filter"],  # DataComp's CLIP-score top 30 %
     "offline-filter-k20": {"method": "offline-filter", "offline_keep_ratio": 0.2},  # filter 80 %'s keep rate
     "independent-learnability": {"method": "independent", "score": "learnability"},
     "independent-hard_learner": {"method": "independent", "score": "hard_learner"},
     "independent-easy_reference": {"method": "independent", "score": "easy_reference"},
-    "joint-learnability": {"method": "joint", "score": "learnability"},
+    "joint-learnability": METHOD_PRESETS["jest"],
     "joint-learnability-f50": {"method": "joint", "score": "learnability", "filter_ratio": 0.5},
     "joint-learnability-f90": {"method": "joint", "score": "learnability", "filter_ratio": 0.9},
     "joint-hard_learner": {"method": "joint", "score": "hard_learner"},
     "joint-easy_reference": {"method": "joint", "score": "easy_reference"},
-    "flexi-jest": {"method": "joint", "score": "learnability", "scoring_patch_size": 16, "train_patch_sizes": [8, 16]},
-    # the offline filter's top 30 % first, then joint learnability on what it kept (a practitioner's combination)
-    "filter+jest": {"method": "joint", "score": "learnability", "prefilter_keep_ratio": 0.3},
+    "flexi-jest": METHOD_PRESETS["flexi-jest"],
+    "filter+jest": METHOD_PRESETS["filter+jest"],
 }
 DEFAULT_METHODS = [m for m in METHODS if m not in ("offline-filter-k20", "joint-learnability-f50",
                                                    "joint-learnability-f90")]

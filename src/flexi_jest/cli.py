@@ -20,7 +20,9 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from flexi_jest import __version__
-from flexi_jest.config import PROFILES, STAGE_CONFIGS, deep_merge, format_validation_error, stage_config
+from flexi_jest.config import (
+    METHOD_PRESETS, PROFILES, STAGE_CONFIGS, deep_merge, format_validation_error, stage_config,
+)
 from flexi_jest.run_identity import StaleOutputError
 from flexi_jest.stages import run_stage
 
@@ -95,11 +97,7 @@ def build_config(stage: str, args: argparse.Namespace) -> BaseModel:
 
 # ---- demo: every stage end to end -----------------------------------------------------------------------
 
-DEMO_METHODS = {
-    "uniform": {"method": "uniform"},
-    "jest": {"method": "joint", "score": "learnability"},
-    "flexi-jest": {"method": "joint", "score": "learnability", "scoring_patch_size": 16, "train_patch_sizes": [8, 16]},
-}
+DEMO_METHODS = {name: METHOD_PRESETS[name] for name in ("uniform", "jest", "flexi-jest")}
 
 
 def run_demo(workdir: str, dataset: str, profile: str, methods: list[str], learner_steps: int | None) -> list[dict[str, Any]]:
