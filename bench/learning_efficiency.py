@@ -507,6 +507,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="reference diagnostic: joint learnability with a reference trained for these epochs")
     parser.add_argument("--diagnostic-sub-batch", type=int, default=512,
                         help="batch diagnostic: uniform and joint learnability at this sub-batch, same examples seen")
+    parser.add_argument("--diagnostic-seeds", type=int, default=None, help="seeds of the diagnostics (default --seeds)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads of this process (0: torch's default)")
     parser.add_argument("--cache-patch", type=int, default=None,
                         help="patch size of the reference's caching pass (default: its base; paper regime: 16)")
@@ -588,6 +589,7 @@ def main() -> None:
                 reference_and_cache(args, out, data_dir, round(epochs * args.curated / REFERENCE_BATCH))
     if "main" in experiments or "reference" in experiments or "batch" in experiments:
         report["main"] = run_experiment(args, out, methods, args.noise, {}, "main")
+    main_seeds, args.seeds = args.seeds, args.diagnostic_seeds or args.seeds
     if "reference" in experiments:  # JEST's gain as the reference trains longer (the main experiment: the longest)
         uniform = json.loads((out / "main" / "runs.json").read_text()).get("uniform")  # the same runs: reused
         report["reference_diagnostic"] = {
@@ -598,6 +600,7 @@ def main() -> None:
             for epochs in args.diagnostic_epochs}
     if "batch" in experiments:  # the same examples seen at a larger sub-batch: does the per-iteration gain grow?
         report["batch_diagnostic"] = batch_diagnostic(args, out, report["main"]["pool_size"])
+    args.seeds = main_seeds
     if args.ablations:
         main_runs = json.loads((out / "main" / "runs.json").read_text())
         # learner-only vs reference-only vs learnability scoring: the main experiment's joint-* methods
