@@ -1,7 +1,7 @@
 """Learning efficiency: does JEST reach uniform's accuracy with fewer total training FLOPs?
 
 Same architecture, same pool, same seeds; every method gets the same total FLOP budget (scoring +
-training + the reference's share, JEST.md), so uniform trains for more steps than JEST. Each run is
+training + the reference's share, docs/method.md), so uniform trains for more steps than JEST. Each run is
 evaluated at regular points; curves are zero-shot top-1 against total FLOPs and against steps. For each method:
 
     final_metric            accuracy at the budget (mean over seeds, with the spread)

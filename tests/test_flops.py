@@ -57,7 +57,7 @@ def test_text_flops_match_flop_counter(cfg):
 def test_patch_32_costs_about_28_percent_of_patch_16_for_vit_b():
     cfg = MODEL_PRESETS["vit_b16"]
     ratio = flops.image_forward_flops(cfg, 32) / flops.image_forward_flops(cfg, 16)
-    assert 0.2 < ratio < 0.3  # JEST.md: "about 72 % fewer FLOPs"
+    assert 0.2 < ratio < 0.3  # the paper: about 72 % fewer FLOPs (docs/method.md#the-economics)
 
 
 def test_training_step_is_three_forwards_split_over_patch_sizes():

@@ -167,12 +167,19 @@ def test_whole_pipeline_runs_locally_and_promotes(pipeline_run):
     client = mlflow.MlflowClient()
     parent = client.get_run(summary["parent_run_id"])
     assert parent.info.status == "FINISHED" and parent.data.params["method"] == "joint"
-    stages = [r.data.tags["flexi_jest.stage"] for r in client.search_runs(
-        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")]
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    stages = [r.data.tags["flexi_jest.stage"] for r in children]
     assert sorted(stages) == sorted(["make-data", "train-reference", "cache-reference", "promote"]
                                     + ["train-learner"] * 3 + ["evaluate"] * 4)  # 3 learners; they and the reference
     assert str(client.get_model_version_by_alias("flexi-jest-learner", "champion").version) == "1"
-    assert client.get_registered_model("flexi-jest-reference") is not None
+    # the reference is registered once, from this pipeline's train-reference run, with that run's lineage
+    reference_run, = [r for r in children if r.data.tags["flexi_jest.stage"] == "train-reference"]
+    versions = client.search_model_versions("name = 'flexi-jest-reference'")
+    assert [(v.version, v.run_id) for v in versions] == [("1", reference_run.info.run_id)]
+    version_tags = client.get_model_version("flexi-jest-reference", "1").tags
+    for key in ("lineage.model_sha256", "lineage.curated_uri"):
+        assert version_tags[key] == reference_run.data.tags[key], key
+    assert parent.data.tags["flexi_jest.output.reference_version"] == "1"
     assert list((workdir / "kfp").rglob("report")), "the eval report (HTML artifact) is written"
 
 

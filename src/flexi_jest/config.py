@@ -296,7 +296,7 @@ class TrainingConfig(ConfigModel):
 
 
 class FlopsBreakdown(StrictModel):
-    """FLOPs by part (JEST.md 'FLOP accounting'); the reference's share is counted once."""
+    """FLOPs by part (docs/method.md, 'FLOP accounting'); the reference's share is counted once."""
 
     learner_scoring: float = 0.0
     learner_training: float = 0.0

@@ -1,7 +1,7 @@
 """Learning efficiency: an eval metric against total training FLOPs, and what each method pays to reach a target.
 
 A run's curve is [(total_flops, metric)] at each evaluation its training made (metrics.jsonl records with
-an "eval" entry; total_flops = scoring + training + the reference's share, JEST.md). Per method (several
+an "eval" entry; total_flops = scoring + training + the reference's share, docs/method.md). Per method (several
 seeds = several curves) the summary holds:
 
     final_metric            metric at the end of the seed-mean curve (with the spread over seeds)

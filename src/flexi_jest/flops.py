@@ -1,4 +1,4 @@
-"""FLOP accounting (JEST.md): analytic forward FLOPs of each tower, and the per-run ledger.
+"""FLOP accounting (docs/method.md#flop-accounting): analytic forward FLOPs of each tower, and the per-run ledger.
 
 A multiply-add counts as 2 FLOPs, as torch.utils.flop_counter does; like it, we count the matrix
 products (patch embedding, attention projections and products, MLPs, output heads) and ignore
@@ -113,7 +113,7 @@ def learner_step_flops(cfg: TrainLearnerConfig, reference_dim: int) -> int:
 
 
 def steps_for_budget(budget: float, cfg: TrainLearnerConfig, reference_share: float, reference_dim: int) -> int:
-    """Steps a learner runs on a total-FLOP budget (the benchmark's rule, JEST.md): the budget less the
+    """Steps a learner runs on a total-FLOP budget (the benchmark's rule, docs/method.md#budgets): the budget less the
     reference's share where the method uses the reference, divided by its step's FLOPs; at least 1."""
     own = budget - (reference_share if uses_reference(cfg) else 0.0)
     return max(1, round(own / learner_step_flops(cfg, reference_dim)))

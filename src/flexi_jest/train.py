@@ -1,6 +1,6 @@
 """Training: the reference (plain SigLIP on curated data) and the JEST / Flexi-JEST learner.
 
-One learner step (JEST.md):
+One learner step (docs/method.md#the-learner-step):
   1. draw a super-batch of B pairs from the pool stream (uniform draws only the sub-batch b),
   2. score it: the learner's embeddings at the scoring patch size (no grad) and the reference's
      cached embeddings give two [B, B] pair-loss matrices, combined into a score matrix,

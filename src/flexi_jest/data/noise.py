@@ -1,7 +1,7 @@
 """Web-like noise for a clean sample stream: the pool JEST has to curate.
 
 JEST pays a scoring forward pass per super-batch example, so it saves compute only when most of the
-uniform stream is wasted (see JEST.md, "The economics"). `apply_noise` turns a clean stream into such a
+uniform stream is wasted (see docs/method.md#the-economics). `apply_noise` turns a clean stream into such a
 pool, one sample at a time, each sample independently becoming one of
 
     mismatched      the caption of another (earlier, random) sample; the image is kept

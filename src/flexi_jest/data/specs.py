@@ -18,10 +18,6 @@ other artifact of the project, so the same spec reads MinIO on a cluster and mot
 """
 
 import json
-import shlex
-import subprocess
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -29,9 +25,9 @@ from typing import BinaryIO
 from webdataset.shardlists import expand_urls
 
 from flexi_jest import storage
+from flexi_jest.data import remote
 
 MANIFEST = "manifest.json"
-HTTP_TIMEOUT_SECONDS = 10
 
 
 class SpecError(ValueError):
@@ -107,18 +103,6 @@ def _stats_count(url: str) -> int | None:
     return int(value) if isinstance(value, int) else None
 
 
-def _http_reachable(url: str) -> str | None:
-    """None if a HEAD request for url succeeds, else why not."""
-    try:
-        request = urllib.request.Request(url, method="HEAD")
-        with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT_SECONDS):
-            return None
-    except urllib.error.HTTPError as exc:
-        return f"HTTP {exc.code}"
-    except (urllib.error.URLError, OSError) as exc:
-        return str(getattr(exc, "reason", exc))
-
-
 def _expand(spec: str) -> list[str]:
     """The spec's URLs: `::`-joined parts, each brace-expanded (webdataset's expand_urls)."""
     try:
@@ -140,7 +124,7 @@ def _part_shards(spec: str, part: str, check: bool, counts: bool) -> list[Shard]
         urls = _expand(part)
         if check:
             for url in urls:
-                problem = _http_reachable(url)
+                problem = remote.http_problem(url)
                 if problem:
                     raise SpecError(f"dataset spec {spec!r}: cannot reach {url}: {problem}")
         return [Shard(url) for url in urls]
@@ -222,43 +206,17 @@ def resolve(spec: str, num_samples: int | None = None, check: bool = True, count
 # ---- opening a shard ------------------------------------------------------------------------------------------
 
 
-class _PipeStream:
-    """The stdout of a pipe: command; closing it waits for the command, and a failure is an OSError naming it."""
-
-    def __init__(self, command: str):
-        self.command = command
-        try:
-            self.process = subprocess.Popen(shlex.split(command), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        except (OSError, ValueError) as exc:
-            raise OSError(f"pipe:{command}: cannot start: {exc}") from None
-
-    def read(self, size: int = -1) -> bytes:
-        return self.process.stdout.read(size)
-
-    def close(self) -> None:
-        self.process.stdout.close()
-        stderr = self.process.stderr.read().decode(errors="replace").strip()
-        self.process.stderr.close()
-        status = self.process.wait()
-        if status != 0:
-            raise OSError(f"pipe:{self.command} exited with status {status}: {stderr.splitlines()[-1] if stderr else ''}")
-
-    def __enter__(self) -> "_PipeStream":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
 def open_shard(url: str) -> BinaryIO:
-    """A binary stream of a shard's tar bytes. Raises OSError (storage.StorageError for local / s3) naming the url."""
+    """A binary stream of a shard's tar bytes. Raises OSError (storage.StorageError for local / s3) naming the url;
+    a remote read past its deadline (remote.py) is a TimeoutError, an OSError too."""
     kind = scheme(url)
     if kind == "pipe":
-        return _PipeStream(url[len("pipe:"):])  # type: ignore[return-value]
-    if kind == "http":
+        command = url[len("pipe:"):]
         try:
-            return urllib.request.urlopen(url, timeout=HTTP_TIMEOUT_SECONDS)
-        except (urllib.error.URLError, OSError) as exc:
-            raise OSError(f"cannot open {url}: {getattr(exc, 'reason', exc)}") from None
+            argv = remote.split_command(command)
+        except ValueError as exc:
+            raise OSError(f"{url}: cannot split it into arguments: {exc}") from None
+        return remote.pipe_open(argv, command)  # type: ignore[return-value]
+    if kind == "http":
+        return remote.http_open(url)  # type: ignore[return-value]
     return storage.open_read(url)
-
