@@ -54,6 +54,22 @@ def test_promotion_moves_champion_only_to_a_better_model(mlflow_store):
     assert mlflow.pyfunc.load_model("models:/promo-test@champion").metadata.get_input_schema().input_names() == ["image", "text"]
 
 
+
+def test_promotion_reads_but_no_longer_writes_the_legacy_metric_tag(mlflow_store):
+    """A champion promoted before the per-metric tags carries only `eval_metric` ("<metric>=<value>"): it is still
+    compared with, or it could never be replaced; promotion itself writes the per-metric tags only."""
+    import mlflow
+    tracking._mlflow()
+    client = mlflow.MlflowClient()
+    old = register_version("legacy-test")
+    client.set_model_version_tag("legacy-test", old, "eval_metric", "shapes.top1=0.5")  # as older promotions wrote it
+    client.set_registered_model_alias("legacy-test", "champion", old)
+    new = register_version("legacy-test")
+    decision = tracking.promote("legacy-test", new, {"shapes.top1": 0.45})
+    assert not decision.promoted and decision.champion_value == pytest.approx(0.5)
+    tags = client.get_model_version("legacy-test", new).tags
+    assert "eval_metric" not in tags and tags["flexi_jest.metric.shapes.top1"] == "0.45"
+
 # Run in a fresh interpreter that imports no flexi_jest: the registered model needs open_clip, not this project.
 FRESH_PROCESS = """
 import json, sys

@@ -168,7 +168,9 @@ Beta = Annotated[float, BeforeValidator(_not_a_boolean), Field(ge=0.0, lt=1.0)]
 
 
 class OptimConfig(ConfigModel):
-    lr: Float = Field(2e-3, gt=0)
+    lr: Float = Field(2.5e-4, gt=0, description=(
+        "peak learning rate (the tiny preset's: the best of a uniform-only sweep on a validation split, "
+        "docs/results.md; the paper profile sets 1e-3)"))
     weight_decay: Float = Field(1e-4, ge=0)
     warmup_steps: Int = Field(20, ge=0)
     betas: tuple[Beta, Beta] = Field((0.9, 0.95), description="AdamW's (beta1, beta2), each in [0, 1)")
@@ -382,11 +384,17 @@ class TrainLearnerConfig(TrainingConfig):
     n_chunks: Int = Field(16, ge=1)
     offline_keep_ratio: Float = Field(0.3, gt=0.0, le=1.0, description=(
         "offline-filter: fraction of the pool kept, by the reference's cosine (DataComp's CLIP-score filter: 0.3)"))
+    prefilter_keep_ratio: Float | None = Field(None, gt=0.0, le=1.0, description=(
+        "independent / joint: first keep only this fraction of the pool by the reference's cached image-text cosine "
+        "(the offline filter), then select from what is kept ('filter+jest'); None: select from the whole pool"))
     selection_scope: Literal["global", "local"] = Field("global", description=(
         "with several processes: 'global' gathers the super-batch's embeddings and selects over all of it "
         "(equal to one process); 'local' selects within each rank's shard, without the gather"))
     super_batch_size: Int = Field(640, ge=2, description="B; the sub-batch is round(B * (1 - filter_ratio))")
     scoring_patch_size: Int | None = Field(None, ge=1, description="learner patch size when scoring; default model.patch_size")
+    scoring_precision: Literal["fp32", "amp", "bf16"] | None = Field(None, description=(
+        "precision of the learner's scoring forward (no gradient); None: the training precision. 'bf16' on a CPU "
+        "with bf16 instructions scores 1.5x faster than fp32 (bench/scoring_pass.py)"))
     reference_training_flops: Float = Field(0.0, ge=0, description="the reference's training FLOPs, counted once in the total")
     reference_caching_flops: Float = Field(0.0, ge=0, description="the reference's pass over the pool, counted once")
 
@@ -399,6 +407,12 @@ class TrainLearnerConfig(TrainingConfig):
     def _check_learner(self) -> "TrainLearnerConfig":
         if self.method == "offline-filter" and self.reference_cache is None:
             raise ValueError("reference_cache is required for method='offline-filter' (it filters by the reference's "
+                             "cached cosines)")
+        if self.prefilter_keep_ratio is not None and self.method not in ("independent", "joint"):
+            raise ValueError(f"prefilter_keep_ratio is for method 'independent' or 'joint' (the offline filter, then "
+                             f"selection), not {self.method!r}: for the offline filter alone use offline_keep_ratio")
+        if self.prefilter_keep_ratio is not None and self.reference_cache is None:
+            raise ValueError("reference_cache is required with prefilter_keep_ratio (it filters by the reference's "
                              "cached cosines)")
         if self.method not in ("uniform", "offline-filter") and self.reference_cache is None and self.score != "hard_learner":
             raise ValueError(f"reference_cache is required for method={self.method!r} with score={self.score!r}")

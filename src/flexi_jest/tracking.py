@@ -36,7 +36,7 @@ from pydantic import BaseModel
 DEFAULT_EXPERIMENT = "flexi-jest"
 LEARNER_MODEL = "flexi-jest-learner"
 REFERENCE_MODEL = "flexi-jest-reference"
-METRIC_TAG = "eval_metric"
+LEGACY_METRIC_TAG = "eval_metric"  # "<metric>=<value>": read only, on versions promoted before 8453f28
 
 
 def tracking_uri() -> str:
@@ -533,7 +533,9 @@ def version_metrics(version) -> dict[str, float]:
     """The evaluation metrics a registered version was tagged with (metric name -> value)."""
     metrics = {key[len(METRIC_VALUE_TAG):]: float(value) for key, value in version.tags.items()
                if key.startswith(METRIC_VALUE_TAG)}
-    name, _, number = version.tags.get(METRIC_TAG, "").partition("=")  # versions registered before the per-metric tags
+    # a version promoted before the per-metric tags has only the legacy tag: still read, or a champion of an older
+    # registry could never be compared (and so never replaced)
+    name, _, number = version.tags.get(LEGACY_METRIC_TAG, "").partition("=")
     if name and number and name not in metrics:
         metrics[name] = float(number)
     return metrics
@@ -661,8 +663,6 @@ def promote(model_name: str, version: str, metrics: dict[str, float], rule=None,
     for name, number in metrics.items():
         client.set_model_version_tag(model_name, version, f"{METRIC_VALUE_TAG}{name}", str(number))
     value = metrics.get(metric)
-    if value is not None:
-        client.set_model_version_tag(model_name, version, METRIC_TAG, f"{metric}={value}")
     with registry_lock(model_name):
         champion = alias_holder(client, model_name, CHAMPION)
         champion_value = None
@@ -760,9 +760,3 @@ def rollback(model_name: str) -> tuple[str, str]:
                                      f"champion again by rollback from version {old}")
     return str(previous.version), str(old)
 
-
-def write_json_artifact(data: dict[str, Any], name: str) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / name
-        path.write_text(json.dumps(data, indent=1))
-        _mlflow().log_artifact(str(path))

@@ -190,3 +190,26 @@ def apply_noise(
             if slot < reservoir_size:
                 reservoir[slot] = sample
         yield Sample(key=sample.key, image=image, caption=caption, meta=meta)
+
+
+# ---- what a learner trains on ------------------------------------------------------------------------------------
+
+# A pool sample's kind: "clean", one of KINDS, or "hard_negative" (a clean sample edited from another in one
+# attribute by the generator: meta["hard_negative_of"]), or "other_noise" (a noise record this module does not
+# write). Noise takes precedence over the hard-negative mark.
+SAMPLE_KINDS = ("clean", *KINDS, "hard_negative", "other_noise")
+CLEAN_KINDS = ("clean", "hard_negative")
+
+
+def sample_kind(meta: dict) -> int:
+    """The index in SAMPLE_KINDS of a sample's kind, from its meta (a sample with no noise record is clean)."""
+    noise = meta.get("noise", "clean")
+    if noise != "clean":
+        return SAMPLE_KINDS.index(noise) if noise in KINDS else SAMPLE_KINDS.index("other_noise")
+    return SAMPLE_KINDS.index("hard_negative") if "hard_negative_of" in meta else 0
+
+
+def kind_shares(kinds, prefix: str) -> dict[str, float]:
+    """{f"{prefix}_{kind}": share} over SAMPLE_KINDS for kinds, a [N] integer tensor of SAMPLE_KINDS indices."""
+    counts = kinds.long().bincount(minlength=len(SAMPLE_KINDS)).float() / max(1, kinds.numel())
+    return {f"{prefix}_{kind}": float(share) for kind, share in zip(SAMPLE_KINDS, counts.tolist())}

@@ -29,7 +29,6 @@ from flexi_jest.config import PRESET_OPEN_CLIP_PREFIX, ModelConfig
 from flexi_jest.losses import LOGIT_BIAS_INIT, LOGIT_SCALE_INIT
 
 OPEN_CLIP_CONFIG_DIR = Path(__file__).parent / "open_clip_configs"
-PRESET_PREFIX = PRESET_OPEN_CLIP_PREFIX
 open_clip.add_model_config(OPEN_CLIP_CONFIG_DIR)
 
 # What flexi-jest's image tower and FLOP accounting cover: open_clip's own ViT or a timm VisionTransformer trunk
