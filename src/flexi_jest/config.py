@@ -9,14 +9,12 @@ within the sub-batch, a sub-batch of at least 2, eval_every with eval_data).
 """
 
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError, field_validator,
     model_validator,
 )
-
-from flexi_jest.data.noise import NoiseConfig
 
 
 class StrictModel(BaseModel):
@@ -117,7 +115,7 @@ class ModelConfig(ConfigModel):
             name = name[len(PRESET_OPEN_CLIP_PREFIX):]  # a preset under its open_clip name
         if name in MODEL_PRESETS:
             return {**MODEL_PRESETS[name].model_dump(), **{k: v for k, v in data.items() if k != "name"}}
-        from flexi_jest.models.configs import fields_from_open_clip  # open_clip (torch) only for named models
+        from flexi_jest.models.open_clip_names import fields_from_open_clip  # open_clip (torch): named models only
 
         fields = fields_from_open_clip(name)
         for key, value in data.items():
@@ -178,6 +176,45 @@ class OptimConfig(ConfigModel):
 
 
 # ---- stage 0: data ------------------------------------------------------------------------------------
+
+
+class NoiseConfig(BaseModel):
+    """Probability that a pool sample suffers each kind of noise; the rest (1 - total) stay clean."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+    KINDS: ClassVar[tuple[str, ...]] = ("mismatched", "uninformative", "corrupted", "blank", "near_duplicate")
+
+    # share of each kind in a total rate, used by at_rate (sums to 1)
+    AT_RATE_PROPORTIONS: ClassVar[dict[str, float]] = {
+        "mismatched": 0.5, "uninformative": 0.2, "corrupted": 0.1, "blank": 0.1, "near_duplicate": 0.1,
+    }
+
+    mismatched: Float = Field(0.0, ge=0.0, le=1.0, description="caption of another random sample")
+    uninformative: Float = Field(0.0, ge=0.0, le=1.0, description="generic caption ('image', 'IMG_2041')")
+    corrupted: Float = Field(0.0, ge=0.0, le=1.0, description="image drowned in noise or blocks, caption kept")
+    blank: Float = Field(0.0, ge=0.0, le=1.0, description="flat or near-flat image, caption kept")
+    near_duplicate: Float = Field(0.0, ge=0.0, le=1.0, description="perturbed copy of an earlier sample")
+
+    @model_validator(mode="after")
+    def _fractions_sum_to_at_most_one(self) -> "NoiseConfig":
+        if self.total > 1.0 + 1e-9:
+            parts = ", ".join(f"{kind}={getattr(self, kind)}" for kind in self.KINDS)
+            raise ValueError(f"noise fractions must sum to at most 1, got {self.total:.4g} ({parts})")
+        return self
+
+    @property
+    def total(self) -> float:
+        """The share of samples that are noisy in any way."""
+        return sum(getattr(self, kind) for kind in self.KINDS)
+
+    @classmethod
+    def at_rate(cls, rate: float) -> "NoiseConfig":
+        """A total noise rate split by AT_RATE_PROPORTIONS: at_rate(0.8) -> mismatched 0.4,
+        uninformative 0.16, corrupted 0.08, blank 0.08, near_duplicate 0.08."""
+        if not 0.0 <= rate <= 1.0:
+            raise ValueError(f"rate must be in [0, 1], got {rate}")
+        return cls(**{kind: round(rate * share, 12) for kind, share in cls.AT_RATE_PROPORTIONS.items()})
 
 
 class MakeDataConfig(ConfigModel):

@@ -9,8 +9,9 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
+from flexi_jest.config import NoiseConfig
 from flexi_jest.data import shapes
-from flexi_jest.data.noise import GENERIC_CAPTIONS, KINDS, NoiseConfig, apply_noise
+from flexi_jest.data.noise import GENERIC_CAPTIONS, KINDS, apply_noise
 from flexi_jest.data.sample import Sample
 
 
