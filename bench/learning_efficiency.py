@@ -64,11 +64,10 @@ import torch
 
 from flexi_jest import efficiency, flops
 from flexi_jest.config import (
-    METHOD_PRESETS, MODEL_PRESETS, CacheReferenceConfig, CacheReferenceResult, MakeDataConfig, ModelConfig, OptimConfig,
-    TrainLearnerConfig, TrainReferenceConfig, TrainResult,
+    METHOD_PRESETS, MODEL_PRESETS, CacheReferenceConfig, CacheReferenceResult, MakeDataConfig, ModelConfig, NoiseConfig,
+    OptimConfig, TrainLearnerConfig, TrainReferenceConfig, TrainResult,
 )
 from flexi_jest.data.make import make_data
-from flexi_jest.data.noise import NoiseConfig
 from flexi_jest.flops import learner_step_flops  # noqa: F401  (re-exported: tests/test_bench.py)
 from flexi_jest.checkpoint import load_model
 from flexi_jest.data.noise import SAMPLE_KINDS
