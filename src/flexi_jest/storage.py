@@ -373,8 +373,10 @@ def write_bytes(uri: str, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.filename is None:  # write()/fsync() name no file (disk full): name it
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
         raise
 
 
