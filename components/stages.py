@@ -132,9 +132,11 @@ def train_learner(config_json: str, profile: str, method: str, score: str, filte
     """JEST / Flexi-JEST (or a baseline) learner; checkpoints beside its output, so a retried task resumes.
     The typed knobs override config_json (steps, learning_rate, super_batch_size, model_name: 0 / "" keep it).
     The cache must come from `reference` (the reference stage's output): a cache of another reference fails.
-    budget "flops" (a baseline): its steps spend the total FLOPs of the main learner (main_config_json with
-    main_method, main_score and the same knobs), the reference's share charged to whichever uses it; "steps":
-    the steps the knobs and config give it (the main learner's).
+    budget "learner-flops" (a baseline, the paper's count): its steps spend the main learner's own FLOPs
+    (main_config_json with main_method, main_score and the same knobs; the reference's cached embeddings free);
+    "flops": the main learner's total FLOPs, the reference's share charged to whichever uses it; "steps": the
+    steps the knobs and config give it (the main learner's). With FLEXI_JEST_SHARED_CPU set (run-local: the
+    baselines of a ParallelFor train side by side on one machine), a CPU run takes its share of the cores.
     nodes > 1: trained by a PyTorchJob this task launches and waits for (multinode_json: its image, GPUs per
     node, scheduling and services; see flexi_jest.pytorchjob.run_pytorchjob)."""
     import json
@@ -153,12 +155,15 @@ def train_learner(config_json: str, profile: str, method: str, score: str, filte
     values = {**with_knobs(with_data_access(json.loads(config_json), data_access), **knobs), "method": method,
               "score": score, "out_dir": out_dir, **shared}
     main_values = {**with_knobs(with_data_access(json.loads(main_config_json or "{}"), data_access), **knobs),
-                   "method": main_method,
-                   "score": main_score, "out_dir": out_dir, **shared} if budget == "flops" else {}
+                   "method": main_method, "score": main_score, "out_dir": out_dir,
+                   **shared} if budget != "steps" else {}
     values = baseline_values(values, main_values, profile, budget)
     # a few evaluations during training: the accuracy-vs-FLOPs curve compare_methods draws
     values = with_eval_points("train-learner", values, profile, eval_split.metadata["uri"])
     multinode = {**json.loads(multinode_json), "nodes": nodes} if nodes > 1 else None
+    if main_method:  # a baseline: it may train beside the others on one machine (run-local)
+        from flexi_jest.device import share_cpu_threads
+        share_cpu_threads()
     result, run_id = train_learner_stage(values, profile, "", experiment, multinode)
     model.metadata.update({"uri": result.checkpoint, "sha256": result.checkpoint_sha256, "method": method, "total_flops": result.total_flops, "world_size": result.world_size})
     with open(model.path, "w") as f:

@@ -15,6 +15,7 @@ and budget so that every run shows JEST against a baseline.
 import argparse
 import functools
 import hashlib
+import inspect
 import json
 import os
 import sys
@@ -29,7 +30,8 @@ from kfp import compiler, dsl, kubernetes  # noqa: E402
 from kfp.dsl import Dataset, Model, pipeline_context  # noqa: E402
 
 from components.image import GPU_IMAGE  # noqa: E402
-from flexi_jest.config import TrainLearnerConfig  # noqa: E402
+from flexi_jest.config import METHOD_PRESETS, TrainLearnerConfig  # noqa: E402
+from flexi_jest.device import SHARED_CPU_ENV  # noqa: E402
 from components.stages import (  # noqa: E402
     cache_reference_scores, close_tracking, compare_methods, open_tracking, prepare_data, promote_model,
     reference_finetune, resolve_run, track_stages, train_learner, zero_shot_eval,
@@ -39,7 +41,8 @@ from components.stages import (  # noqa: E402
 GPU_NODE_SELECTOR = os.environ.get("FLEXI_JEST_GPU_NODE_SELECTOR", "flexi-jest/node-pool=gpu")  # key=value
 GPU_TOLERATION_KEY = os.environ.get("FLEXI_JEST_GPU_TOLERATION", "nvidia.com/gpu")
 
-FLEXI_TINY = json.dumps({"scoring_patch_size": 16, "train_patch_sizes": [8, 16]})
+# the main learner's default config: Flexi-JEST's fields of config.METHOD_PRESETS beyond the method and score knobs
+FLEXI_TINY = json.dumps({k: v for k, v in METHOD_PRESETS["flexi-jest"].items() if k not in ("method", "score")})
 # the learner knobs' defaults, from the learner's Pydantic config (one source of truth)
 LEARNER = {name: field.default for name, field in TrainLearnerConfig.model_fields.items()}
 
@@ -166,7 +169,7 @@ def flexi_jest_pp_definition(
     batch_size: int = 0,
     init_checkpoint: str = "",
     baseline_methods: List[str] = ["uniform", "offline-filter"],
-    baseline_budget: str = "flops",
+    baseline_budget: str = "learner-flops",
     storage_root: str = "",
     experiment: str = "flexi-jest",
     run_name: str = "flexi-jest-pp",
@@ -195,8 +198,9 @@ def flexi_jest_pp_definition(
     champion_metric: the metric promotion compares, e.g. 'imagenet-val.top1' ("": the eval split's top1).
     data_source "generate" makes `dataset`'s data; "register" trains on the team's own data: curated_uri, pool_uri
     and eval_uri are dataset specs (a directory, `pool/{00000..00099}.tar`, s3://..., '::'-joined, ...).
-    baseline_budget "flops": each baseline trains on the main learner's total-FLOP budget, the reference's share
-    charged to whichever uses it (the benchmark's rule); "steps": for the main learner's steps.
+    baseline_budget "learner-flops" (the paper's count): each baseline trains on the main learner's own FLOPs,
+    its scoring and training, the reference's cached embeddings free; "flops": on its total-FLOP budget, the
+    reference's share charged to whichever uses it; "steps": for the main learner's steps.
     data_access: what every stage's dataset specs may reach besides storage, a JSON config.DataAccess, e.g.
     '{"pipe_commands": ["curl"], "allow_http": true}'; the default "{}" refuses pipe: and http(s) specs
     (docs/security.md: the pods hold the S3 and MLflow Secrets)."""
@@ -439,10 +443,13 @@ def summarize(tracking_uri: str, parent_run_id: str, workdir: Path) -> dict[str,
         top1, i2t, t2i = (m.get(f"splits.{headline}.{key}") for key in ("top1", "image_to_text_r1", "text_to_image_r1"))
         method = run.data.tags.get("flexi_jest.method")
         compared = comparison["methods"].get(method, {})  # the reference is evaluated, not compared
-        rows.append({"method": method, "top1": top1, "i2t_r1": i2t, "t2i_r1": t2i, "total_flops": m.get("total_flops"),
+        total = m.get("total_flops")
+        rows.append({"method": method, "top1": top1, "i2t_r1": i2t, "t2i_r1": t2i, "total_flops": total,
+                     "learner_flops": total - compared.get("reference_share_flops", 0.0) if total else None,
                      **{field: compared.get(field) for field in ("steps_to_target", "flops_to_target",
                                                                  "flops_ratio_vs_uniform",
-                                                                 "flops_ratio_vs_uniform_learner_only")}})
+                                                                 "flops_ratio_vs_uniform_learner_only",
+                                                                 "break_even_runs")}})
     rows.sort(key=lambda r: r["method"] or "")
     promotion = next((r for r in children if r.data.tags.get("flexi_jest.stage") == "promote"), None)
     cached = sorted(key.split(".", 2)[2] for key, value in tags.items()
@@ -532,6 +539,10 @@ def run_local(workdir: str, params: dict[str, Any], from_stage: str = "prepare_d
         os.environ.setdefault("MLFLOW_ARTIFACTS_DESTINATION", str(root / "mlartifacts"))
         task_runner = local.SubprocessRunner(use_venv=False)
     params = {"run_name": f"flexi-jest-pp-{time.strftime('%Y%m%d-%H%M%S')}", **params}
+    if runner != "docker":  # the ParallelFor's baselines train side by side here: each takes its share of the cores
+        baselines = params.get("baseline_methods", inspect.signature(flexi_jest_pp_definition).parameters[
+            "baseline_methods"].default)
+        os.environ.setdefault(SHARED_CPU_ENV, str(max(1, len(baselines))))
     local.init(runner=task_runner, pipeline_root=str(root / "kfp"), enable_caching=cache,
                cache_root=str(root / "kfp-cache" / code_digest()))
     pipeline = PIPELINES[from_stage][1]
@@ -555,20 +566,25 @@ def format_summary(summary: dict[str, Any]) -> str:
              f"MLflow store: {summary['tracking_uri']}  (browse: mlflow ui --backend-store-uri {summary['tracking_uri']})",
              f"registered model: flexi-jest-learner version {summary['learner_version']} -> alias '{summary['decision']}'",
              f"accuracy-vs-FLOPs plot: {summary['plot']}", "",
-             f"{'method':<15} {'top1':>7} {'i2t R@1':>8} {'t2i R@1':>8} {'total GFLOP':>12} {'steps to tgt':>12} "
-             f"{'GFLOP to tgt':>12} {'FLOPs ratio':>12} {'amortised':>10}"]
+             f"{'method':<15} {'top1':>7} {'i2t R@1':>8} {'t2i R@1':>8} {'learner GFLOP':>13} {'all GFLOP':>10} "
+             f"{'steps to tgt':>12} {'learner ratio':>13} {'all ratio':>10} {'break-even':>10}"]
     for row in summary["rows"]:
         fmt = lambda v: f"{v:.3f}" if v is not None else "-"  # noqa: E731
         times = lambda v: f"{v:.2f}x" if v else "-"  # noqa: E731
-        flops = f"{row['total_flops'] / 1e9:.1f}" if row["total_flops"] else "-"
+        giga = lambda v: f"{v / 1e9:.1f}" if v else "-"  # noqa: E731
         steps = f"{row['steps_to_target']:.0f}" if row.get("steps_to_target") is not None else "-"
-        to_target = f"{row['flops_to_target'] / 1e9:.1f}" if row.get("flops_to_target") is not None else "-"
+        runs = row.get("break_even_runs")
+        even = "-" if row["method"] == "reference" or row.get("flops_to_target") is None else (
+            "never" if runs is None else f"{runs} runs")
         lines.append(f"{row['method'] or '?':<15} {fmt(row['top1']):>7} {fmt(row['i2t_r1']):>8} {fmt(row['t2i_r1']):>8} "
-                     f"{flops:>12} {steps:>12} {to_target:>12} {times(row.get('flops_ratio_vs_uniform')):>12} "
-                     f"{times(row.get('flops_ratio_vs_uniform_learner_only')):>10}")
-    lines.append("to tgt: training steps and total FLOPs to reach uniform's final top-1 ('-': never, or the reference, "
-                 "which is evaluated, not compared); FLOPs ratio: uniform's FLOPs to it / the method's (> 1: cheaper), "
-                 "charged the reference's share; amortised: the same with that share left out")
+                     f"{giga(row.get('learner_flops')):>13} {giga(row['total_flops']):>10} {steps:>12} "
+                     f"{times(row.get('flops_ratio_vs_uniform_learner_only')):>13} "
+                     f"{times(row.get('flops_ratio_vs_uniform')):>10} {even:>10}")
+    lines.append("learner: learner FLOPs (reference cached: the paper's count); all: all FLOPs (reference training and "
+                 "caching charged); steps to tgt: training steps to reach uniform's final top-1 ('-': never, or the "
+                 "reference, which is evaluated, not compared); ratio: uniform's FLOPs to that top-1 / the method's "
+                 "(> 1: cheaper); break-even: learner runs on this pool and reference before the method's all-FLOPs "
+                 "total falls below uniform's")
     return "\n".join(lines)
 
 

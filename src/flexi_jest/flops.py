@@ -96,8 +96,9 @@ def offline_filter_flops(pool_size: int, reference_dim: int) -> int:
 
 def uses_reference(cfg: TrainLearnerConfig) -> bool:
     """Whether a learner run relies on the reference (and is charged its share): every score but hard_learner
-    under independent / joint selection, and the offline filter."""
-    return cfg.method == "offline-filter" or (cfg.method != "uniform" and cfg.score != "hard_learner")
+    under independent / joint selection, the offline filter, and selection after an offline pre-filter."""
+    return (cfg.method == "offline-filter" or cfg.prefilter_keep_ratio is not None
+            or (cfg.method != "uniform" and cfg.score != "hard_learner"))
 
 
 def learner_step_flops(cfg: TrainLearnerConfig, reference_dim: int) -> int:
@@ -108,7 +109,7 @@ def learner_step_flops(cfg: TrainLearnerConfig, reference_dim: int) -> int:
         return train
     scoring = scoring_step_flops(cfg.model, cfg.super_batch_size, cfg.scoring_patch_size or cfg.model.patch_size,
                                  cfg.sub_batch_size, cfg.method, cfg.score != "easy_reference",
-                                 reference_dim if uses_reference(cfg) else None)
+                                 reference_dim if cfg.score != "hard_learner" else None)
     return train + scoring
 
 

@@ -374,7 +374,7 @@ class OfflineFilter:
     """The offline filter's side of the training stream: keep the top keep_ratio of the pool by the reference's
     cached image-text cosine, drop (and count) the rest as shards are read.
 
-    Use as SampleStream's `attach` hook: filter(shard_name, raw_samples) yields the kept raw samples. The
+    Use as StreamLoader's `attach` hook (data/loader.py): filter(shard_name, raw_samples) yields the kept raw samples. The
     decision is a fixed function of the sample's key, so a resumed stream drops the same samples.
     Fields: threshold (the lowest kept cosine, the (1 - keep_ratio) quantile of the pool's), pool_size, kept,
     dropped (samples dropped so far by the stream, all epochs), flops (the cosines: 6 d FLOPs a sample)."""

@@ -144,15 +144,17 @@ def with_eval_points(stage: str, values: dict[str, Any], profile: str, eval_data
     return values
 
 
-BASELINE_BUDGETS = ("flops", "steps")
+BASELINE_BUDGETS = ("learner-flops", "flops", "steps")
 
 
-def flop_matched_steps(values: dict[str, Any], main_values: dict[str, Any], profile: str) -> int:
-    """Steps for a baseline learner (values) on the main learner's total-FLOP budget (main_values; the benchmark's
-    rule, bench/learning_efficiency.py): budget = the main learner's steps x its step FLOPs + the reference's
-    share (training and caching pass) if the main learner uses the reference; the baseline gets the budget less
-    the share if it uses the reference itself (the offline filter: plus its cosines), divided by its own step
-    FLOPs. Both configs name the same reference cache, whose manifest gives the embedding width and pool size."""
+def flop_matched_steps(values: dict[str, Any], main_values: dict[str, Any], profile: str, charged: bool = True) -> int:
+    """Steps for a baseline learner (values) on the main learner's FLOP budget (main_values; the benchmark's
+    rules, bench/learning_efficiency.py). charged=False, the paper's count: the budget is the main learner's own
+    FLOPs (its steps x its step's scoring and training FLOPs; the reference's cached embeddings free), divided by
+    the baseline's step FLOPs. charged=True: budget = the same + the reference's share (training and caching
+    pass) if the main learner uses the reference; the baseline gets the budget less the share if it uses the
+    reference itself (the offline filter: plus its cosines). Both configs name the same reference cache, whose
+    manifest gives the embedding width and pool size."""
     from flexi_jest import flops
     from flexi_jest.config import TrainLearnerConfig
     from flexi_jest.reference_cache import ReferenceCache
@@ -165,23 +167,28 @@ def flop_matched_steps(values: dict[str, Any], main_values: dict[str, Any], prof
     manifest = ReferenceCache(own.reference_cache).manifest
     dim = int(manifest["embed_dim"])
     share = main.reference_training_flops + main.reference_caching_flops
-    budget = main.steps * flops.learner_step_flops(main, dim) + (share if flops.uses_reference(main) else 0.0)
+    budget = main.steps * flops.learner_step_flops(main, dim)
+    if not charged:
+        return flops.steps_for_budget(budget, own, 0.0, dim)
+    budget += share if flops.uses_reference(main) else 0.0
     own_share = own.reference_training_flops + own.reference_caching_flops
-    if own.method == "offline-filter":
+    if own.method == "offline-filter" or own.prefilter_keep_ratio is not None:
         own_share += flops.offline_filter_flops(int(manifest["num_samples"]), dim)
     return flops.steps_for_budget(budget, own, own_share, dim)
 
 
 def baseline_values(values: dict[str, Any], main_values: dict[str, Any], profile: str, budget: str) -> dict[str, Any]:
-    """A pipeline baseline learner's config: budget "flops" sets its steps to spend the main learner's total FLOPs
-    (flop_matched_steps); "steps" keeps the steps it has (the main learner's, through the same knobs)."""
+    """A pipeline baseline learner's config: budget "learner-flops" (the paper's count) sets its steps to spend the
+    main learner's own FLOPs, the reference's cached embeddings free; "flops" the main learner's total FLOPs with
+    the reference's share charged to whichever uses it (flop_matched_steps); "steps" keeps the steps it has (the
+    main learner's, through the same knobs)."""
     from flexi_jest.config import ConfigError
 
     if budget not in BASELINE_BUDGETS:
         raise ConfigError(f"baseline_budget must be one of {list(BASELINE_BUDGETS)}, got {budget!r}")
     if budget == "steps":
         return values
-    return {**values, "steps": flop_matched_steps(values, main_values, profile)}
+    return {**values, "steps": flop_matched_steps(values, main_values, profile, charged=budget == "flops")}
 
 
 def output_location(storage_root: str, artifact_uri: str, artifact_path: str, name: str) -> str:
@@ -577,7 +584,7 @@ def compare_stage(evaluations: list[dict[str, Any]], pipeline_run: str = "", exp
         write_comparison_report(report_path, summary, figure)
     if pipeline_run:
         fields = ("final_metric", "total_flops", "flops_ratio_vs_uniform", "flops_ratio_vs_uniform_learner_only",
-                  "steps_to_target", "steps_ratio_vs_uniform")
+                  "steps_to_target", "steps_ratio_vs_uniform", "break_even_runs")
         metrics = {f"compare.{name}.{field}": info[field] for name, info in summary["methods"].items()
                    for field in fields if info.get(field) is not None}
         if "reference" in summary:
@@ -588,14 +595,16 @@ def compare_stage(evaluations: list[dict[str, Any]], pipeline_run: str = "", exp
 
 
 def write_comparison_report(path: str, summary: dict[str, Any], figure) -> None:
-    """HTML: the methods' table (final metric, FLOPs, steps and FLOPs to the baseline's final metric, ratios
-    charged and with the reference amortised), the reference's own metric, and the plot."""
+    """HTML: the methods' table (final metric, FLOPs, steps and FLOPs to the baseline's final metric, the ratios
+    under both accountings, learner FLOPs and all FLOPs, and the break-even learner count), the reference's own
+    metric, and the plot."""
     fmt = lambda v, spec: format(v, spec) if v is not None else "never" if spec == ".3e" else "-"  # noqa: E731
     rows = "".join(
         f"<tr><td>{escape(name)}</td><td>{info['final_metric']:.3f}</td><td>{info['total_flops']:.3e}</td>"
         f"<td>{fmt(info.get('steps_to_target'), '.0f')}</td><td>{fmt(info['flops_to_target'], '.3e')}</td>"
+        f"<td>{fmt(info.get('flops_ratio_vs_uniform_learner_only'), '.2f')}</td>"
         f"<td>{fmt(info['flops_ratio_vs_uniform'], '.2f')}</td>"
-        f"<td>{fmt(info.get('flops_ratio_vs_uniform_learner_only'), '.2f')}</td></tr>"
+        f"<td>{fmt(info.get('break_even_runs'), 'd')}</td></tr>"
         for name, info in summary["methods"].items())
     target = f"{summary['target']:.3f}" if summary["target"] is not None else "(no baseline ran)"
     reference = (f"<p>the reference's own {escape(summary['metric'])}: {summary['reference']['final_metric']:.3f}</p>"
@@ -604,7 +613,9 @@ def write_comparison_report(path: str, summary: dict[str, Any], figure) -> None:
         f"<html><body><h2>flexi-jest: methods compared</h2><p>{escape(summary['metric'])}; target = the "
         f"{escape(summary['baseline'])} baseline's final value, {target}</p>{reference}<table border=1><tr>"
         f"<th>method</th><th>final</th><th>total FLOPs</th><th>steps to target</th><th>FLOPs to target</th>"
-        f"<th>ratio vs {escape(summary['baseline'])}</th><th>same, reference amortised</th></tr>"
+        f"<th>learner FLOPs ratio vs {escape(summary['baseline'])} (reference cached: the paper's count)</th>"
+        f"<th>all FLOPs ratio (reference training and caching charged)</th>"
+        f"<th>break-even learner runs</th></tr>"
         f"{rows}</table>{figure_html(figure)}</body></html>")
 
 
@@ -643,14 +654,12 @@ def promote_stage(learner_run_id: str, evaluation: dict[str, Any], pipeline_run:
     if reference_run_id:
         reference_version = tracking.register_once(tracking.REFERENCE_MODEL, reference_run_id)
         tracking.tag_version(tracking.REFERENCE_MODEL, str(reference_version), reference_run_id, {})
-    mlflow.set_experiment(experiment)
     tags = {"flexi_jest.stage": "promote", **tracking.parent_tags(pipeline_run)}
-    with mlflow.start_run(run_name="promote", tags=tags):
+    with tracking.tracked_run("promote", tags, experiment):
         mlflow.log_dict(decision.model_dump(), "decision.json")
-        mlflow.log_metrics({"promoted": float(decision.promoted)}
-                           | ({"candidate_metric": value} if value is not None else {})
-                           | ({"champion_metric": decision.champion_value} if decision.champion_value is not None else {}))
-        mlflow.set_tags({"decision": decision.alias, "learner_version": str(learner_version),
+        mlflow.log_metrics(tracking.numeric_metrics({"promoted": float(decision.promoted), "candidate_metric": value,
+                                                     "champion_metric": decision.champion_value}))  # finite ones
+        mlflow.set_tags({"decision": decision.alias or "refused", "learner_version": str(learner_version),
                          "reference_version": str(reference_version), "reason": decision.reason,
                          "metric": decision.metric})
     if pipeline_run:  # what a later single-stage rerun of this run resolves (tracking.recorded_outputs)

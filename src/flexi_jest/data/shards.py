@@ -250,12 +250,6 @@ class ReadStats:
                                 errors=list(self.errors))
 
 
-def shard_entries(split_dir: str) -> dict[str, dict[str, Any]]:
-    """The manifest's record of each shard (num_samples, sha256), by name; empty without a manifest."""
-    manifest = read_manifest(split_dir)
-    return {s["name"]: s for s in manifest["shards"]} if manifest else {}
-
-
 def iter_tar(shard: Shard, stats: ReadStats) -> Iterator[dict[str, Any]]:
     """Raw samples (dicts of member bytes, with __key__, __url__, __shard__) of one shard, robust to corruption:
     never raises on its bytes.
