@@ -58,17 +58,16 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
-from typing import Any
 
 from flexi_jest import efficiency, flops
 from flexi_jest.config import (
-    MODEL_PRESETS, CacheReferenceConfig, CacheReferenceResult, MakeDataConfig, ModelConfig, OptimConfig,
-    TrainLearnerConfig, TrainReferenceConfig, TrainResult,
+    METHOD_PRESETS, MODEL_PRESETS, CacheReferenceConfig, CacheReferenceResult, MakeDataConfig, ModelConfig, NoiseConfig,
+    OptimConfig, TrainLearnerConfig, TrainReferenceConfig, TrainResult,
 )
 from flexi_jest.data.make import make_data
-from flexi_jest.data.noise import NoiseConfig
 from flexi_jest.flops import learner_step_flops  # noqa: F401  (re-exported: tests/test_bench.py)
 from flexi_jest.checkpoint import load_model
 from flexi_jest.data.noise import SAMPLE_KINDS
@@ -79,20 +78,19 @@ from flexi_jest.train import train_learner, train_reference
 # name -> learner config fields (tiny model: patch 8 is the paper's 16, patch 16 its 32). A method with its own
 # filter_ratio keeps the learner's sub-batch and scales its super-batch (the paper's filter-ratio sweep).
 METHODS: dict[str, dict[str, Any]] = {
-    "uniform": {"method": "uniform"},
-    "offline-filter": {"method": "offline-filter", "offline_keep_ratio": 0.3},  # DataComp's CLIP-score top 30 %
+    "uniform": METHOD_PRESETS["uniform"],
+    "offline-filter": METHOD_PRESETS["offline-filter"],  # DataComp's CLIP-score top 30 %
     "offline-filter-k20": {"method": "offline-filter", "offline_keep_ratio": 0.2},  # filter 80 %'s keep rate
     "independent-learnability": {"method": "independent", "score": "learnability"},
     "independent-hard_learner": {"method": "independent", "score": "hard_learner"},
     "independent-easy_reference": {"method": "independent", "score": "easy_reference"},
-    "joint-learnability": {"method": "joint", "score": "learnability"},
+    "joint-learnability": METHOD_PRESETS["jest"],
     "joint-learnability-f50": {"method": "joint", "score": "learnability", "filter_ratio": 0.5},
     "joint-learnability-f90": {"method": "joint", "score": "learnability", "filter_ratio": 0.9},
     "joint-hard_learner": {"method": "joint", "score": "hard_learner"},
     "joint-easy_reference": {"method": "joint", "score": "easy_reference"},
-    "flexi-jest": {"method": "joint", "score": "learnability", "scoring_patch_size": 16, "train_patch_sizes": [8, 16]},
-    # the offline filter's top 30 % first, then joint learnability on what it kept (a practitioner's combination)
-    "filter+jest": {"method": "joint", "score": "learnability", "prefilter_keep_ratio": 0.3},
+    "flexi-jest": METHOD_PRESETS["flexi-jest"],
+    "filter+jest": METHOD_PRESETS["filter+jest"],
 }
 DEFAULT_METHODS = [m for m in METHODS if m not in ("offline-filter-k20", "joint-learnability-f50",
                                                    "joint-learnability-f90")]
@@ -508,6 +506,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="reference diagnostic: joint learnability with a reference trained for these epochs")
     parser.add_argument("--diagnostic-sub-batch", type=int, default=512,
                         help="batch diagnostic: uniform and joint learnability at this sub-batch, same examples seen")
+    parser.add_argument("--diagnostic-seeds", type=int, default=None, help="seeds of the diagnostics (default --seeds)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads of this process (0: torch's default)")
     parser.add_argument("--cache-patch", type=int, default=None,
                         help="patch size of the reference's caching pass (default: its base; paper regime: 16)")
@@ -589,6 +588,7 @@ def main() -> None:
                 reference_and_cache(args, out, data_dir, round(epochs * args.curated / REFERENCE_BATCH))
     if "main" in experiments or "reference" in experiments or "batch" in experiments:
         report["main"] = run_experiment(args, out, methods, args.noise, {}, "main")
+    main_seeds, args.seeds = args.seeds, args.diagnostic_seeds or args.seeds
     if "reference" in experiments:  # JEST's gain as the reference trains longer (the main experiment: the longest)
         uniform = json.loads((out / "main" / "runs.json").read_text()).get("uniform")  # the same runs: reused
         report["reference_diagnostic"] = {
@@ -599,6 +599,7 @@ def main() -> None:
             for epochs in args.diagnostic_epochs}
     if "batch" in experiments:  # the same examples seen at a larger sub-batch: does the per-iteration gain grow?
         report["batch_diagnostic"] = batch_diagnostic(args, out, report["main"]["pool_size"])
+    args.seeds = main_seeds
     if args.ablations:
         main_runs = json.loads((out / "main" / "runs.json").read_text())
         # learner-only vs reference-only vs learnability scoring: the main experiment's joint-* methods

@@ -30,7 +30,7 @@ from kfp import compiler, dsl, kubernetes  # noqa: E402
 from kfp.dsl import Dataset, Model, pipeline_context  # noqa: E402
 
 from components.image import GPU_IMAGE  # noqa: E402
-from flexi_jest.config import TrainLearnerConfig  # noqa: E402
+from flexi_jest.config import METHOD_PRESETS, TrainLearnerConfig  # noqa: E402
 from flexi_jest.device import SHARED_CPU_ENV  # noqa: E402
 from components.stages import (  # noqa: E402
     cache_reference_scores, close_tracking, compare_methods, open_tracking, prepare_data, promote_model,
@@ -41,7 +41,8 @@ from components.stages import (  # noqa: E402
 GPU_NODE_SELECTOR = os.environ.get("FLEXI_JEST_GPU_NODE_SELECTOR", "flexi-jest/node-pool=gpu")  # key=value
 GPU_TOLERATION_KEY = os.environ.get("FLEXI_JEST_GPU_TOLERATION", "nvidia.com/gpu")
 
-FLEXI_TINY = json.dumps({"scoring_patch_size": 16, "train_patch_sizes": [8, 16]})
+# the main learner's default config: Flexi-JEST's fields of config.METHOD_PRESETS beyond the method and score knobs
+FLEXI_TINY = json.dumps({k: v for k, v in METHOD_PRESETS["flexi-jest"].items() if k not in ("method", "score")})
 # the learner knobs' defaults, from the learner's Pydantic config (one source of truth)
 LEARNER = {name: field.default for name, field in TrainLearnerConfig.model_fields.items()}
 

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import BOTH_S3
+
 SMALL = {
     "data_config": json.dumps({"curated_size": 200, "pool_size": 600, "eval_size": 100, "samples_per_shard": 200}),
     "reference_config": json.dumps({"steps": 4, "batch_size": 32, "progress": False}),
@@ -522,6 +524,37 @@ def test_a_bad_config_fails_the_component_with_the_field_named(tmp_path, monkeyp
     assert "invalid config for make-data" in output and "pool_size" in output and "lots" in output
 
 
+@pytest.mark.slow  # three KFP subprocesses: 377 s (moto) and 300 s (SeaweedFS) on 2 cores at load 12, 89 s CPU for both
+@BOTH_S3
+def test_stages_write_their_data_under_an_s3_storage_root(s3, tmp_path, monkeypatch):
+    """The main job's storage_root=s3://... (a cluster run's): data, reference and cache components, run by KFP's
+    local runner, write under storage_root/<run>/<task>/ on the S3 server and hand the s3:// URIs on."""
+    from kfp import dsl, local
+
+    from components.stages import cache_reference_scores, prepare_data, reference_finetune
+    from flexi_jest import storage
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "kfp"))
+    root, common = f"{s3}/runs", dict(profile="tiny", experiment="s3-root")
+
+    @dsl.pipeline(name="on-s3")
+    def on_s3() -> dsl.Dataset:
+        data = prepare_data(config_json=json.dumps({"curated_size": 32, "pool_size": 40, "eval_size": 10}),
+                            dataset="digits", storage_root=root, **common)
+        reference = reference_finetune(config_json=json.dumps({"steps": 2, "batch_size": 16, "progress": False}),
+                                       storage_root=root, curated=data.outputs["curated"], **common)
+        return cache_reference_scores(config_json="{}", reference=reference.outputs["model"],
+                                      pool=data.outputs["pool"], storage_root=root, **common).outputs["cache"]
+
+    cache = on_s3().output
+    assert cache.metadata["uri"].startswith(f"{root}/") and cache.metadata["num_samples"] == 40
+    tree = storage.list_tree(root)
+    for part in ("/data/pool/manifest.json", "/reference/model.pt", "/refcache/manifest.json"):
+        assert any(path.endswith(part) for path in tree), (part, tree)
+    assert not list(tmp_path.rglob("*.tar")) and not list(tmp_path.rglob("model.pt"))  # nothing beside the artifacts
+
+
 # A fresh interpreter with no flexi_jest import in its code: the registered champion needs open_clip only.
 EMBED_WITH_THE_CHAMPION = """
 import json, sys
@@ -624,6 +657,7 @@ def test_submit_sends_the_compiled_pipeline_to_the_given_host(monkeypatch, capsy
 
 
 @pytest.mark.slow  # a second whole pipeline (minutes on 2 cores), on a pool img2dataset wrote (about a minute)
+@BOTH_S3
 def test_whole_pipeline_on_registered_img2dataset_data(mlflow_server, img2dataset_dir, s3, tmp_path, monkeypatch):
     """source 'register': the pool on S3 (moto) as img2dataset wrote it, curated and eval as brace pattern and single
     tar; every stage reads the specs, nothing is written into the data, the learner is promoted."""

@@ -11,7 +11,7 @@ import threading
 import pytest
 from webdataset import TarWriter
 
-from conftest import free_port
+from conftest import BOTH_S3, free_port
 from flexi_jest import storage
 from flexi_jest.data.specs import SpecError, open_shard, resolve
 
@@ -63,6 +63,7 @@ def test_counts_from_the_manifest_unknown_or_explicit(shapes_data, tmp_path):
     assert resolve(bare, num_samples=11).num_samples == 11
 
 
+@BOTH_S3
 def test_s3_prefix_and_pattern(s3):
     pool = write_pool(f"{s3}/laion/pool", shards=2)
     spec = resolve(pool)

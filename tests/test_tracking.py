@@ -286,3 +286,42 @@ def test_comparison_is_logged_on_the_pipeline_run(mlflow_store):
         compare_stage([], parent)
     with pytest.raises(LookupError, match="no MLflow pipeline run with KFP run ID or MLflow run id 'absent'"):
         compare_stage([evaluation("joint", 0.6, [(1.0, 0.6)])], "absent")
+
+
+def bare_version(client, name: str) -> str:
+    """A registry version of an empty run (promotion reads only aliases and tags)."""
+    import mlflow
+    try:
+        client.create_registered_model(name)
+    except mlflow.exceptions.MlflowException:
+        pass
+    run = client.create_run("0")
+    source = f"{run.info.artifact_uri}/model"
+    return str(client.create_model_version(name, source=source, run_id=run.info.run_id).version)
+
+
+def test_a_non_finite_metric_is_refused_and_a_non_finite_champion_is_replaced(mlflow_store):
+    """A NaN metric (a diverged model) crowned nobody before only when a champion existed: with none it became
+    champion, and a NaN champion could never be beaten (nan > margin is False). Now a NaN or infinite candidate
+    gets no alias, and any finite metric replaces a champion whose metric is not finite, the reason tagged."""
+    client = tracking._mlflow().MlflowClient()
+    nan_first = bare_version(client, "nan-test")
+    decision = tracking.promote("nan-test", nan_first, {"shapes.top1": float("nan")})
+    assert not decision.promoted and decision.alias == "" and "not a finite number" in decision.reason
+    assert tracking.alias_holder(client, "nan-test", "champion") is None
+    assert tracking.alias_holder(client, "nan-test", "challenger") is None
+    assert "refused" in client.get_model_version("nan-test", nan_first).tags[tracking.PROMOTION_TAG]
+
+    finite = bare_version(client, "nan-test")
+    assert tracking.promote("nan-test", finite, {"shapes.top1": 0.3}).promoted
+    infinite = bare_version(client, "nan-test")
+    assert tracking.promote("nan-test", infinite, {"shapes.top1": float("inf")}).alias == ""
+    assert str(tracking.alias_holder(client, "nan-test", "champion").version) == finite
+
+    tracking.promote_by_hand("nan-test", nan_first)  # a person crowned the NaN version (or an older release did)
+    challenger = bare_version(client, "nan-test")
+    decision = tracking.promote("nan-test", challenger, {"shapes.top1": 0.1})
+    assert decision.promoted and decision.champion_version == nan_first
+    assert str(tracking.alias_holder(client, "nan-test", "champion").version) == challenger
+    reason = client.get_model_version("nan-test", challenger).tags[tracking.PROMOTION_TAG]
+    assert reason.startswith(f"crowned: champion version {nan_first}'s shapes.top1 is nan, not a finite number")

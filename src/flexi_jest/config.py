@@ -600,6 +600,20 @@ class ChampionRule(StrictModel):
         "with allow_partial; its shortfall > 0). Default: such a version is not crowned, and the reason says why"))
 
 
+# ---- method presets ---------------------------------------------------------------------------------------------
+
+# The learner config fields each named method sets: the CLI's demo, the benchmark and the pipeline read this one
+# table. Patch sizes are the tiny preset's (32 px): patch 8 plays the paper's 16 and patch 16 its 32.
+METHOD_PRESETS: dict[str, dict[str, Any]] = {
+    "uniform": {"method": "uniform"},
+    "offline-filter": {"method": "offline-filter", "offline_keep_ratio": 0.3},  # DataComp's CLIP-score top 30 %
+    "jest": {"method": "joint", "score": "learnability"},
+    "flexi-jest": {"method": "joint", "score": "learnability", "scoring_patch_size": 16, "train_patch_sizes": [8, 16]},
+    # the offline filter's top 30 % first, then joint learnability on what it kept (a practitioner's combination)
+    "filter+jest": {"method": "joint", "score": "learnability", "prefilter_keep_ratio": 0.3},
+}
+
+
 # ---- profiles ---------------------------------------------------------------------------------------------------
 
 PAPER_MODEL = MODEL_PRESETS["vit_b16"].model_dump()

@@ -525,14 +525,12 @@ def promote_stage(learner_run_id: str, evaluation: dict[str, Any], pipeline_run:
     if reference_run_id:
         reference_version = tracking.register_once(tracking.REFERENCE_MODEL, reference_run_id)
         tracking.tag_version(tracking.REFERENCE_MODEL, str(reference_version), reference_run_id, {})
-    mlflow.set_experiment(experiment)
     tags = {"flexi_jest.stage": "promote", **tracking.parent_tags(pipeline_run)}
-    with mlflow.start_run(run_name="promote", tags=tags):
+    with tracking.tracked_run("promote", tags, experiment):
         mlflow.log_dict(decision.model_dump(), "decision.json")
-        mlflow.log_metrics({"promoted": float(decision.promoted)}
-                           | ({"candidate_metric": value} if value is not None else {})
-                           | ({"champion_metric": decision.champion_value} if decision.champion_value is not None else {}))
-        mlflow.set_tags({"decision": decision.alias, "learner_version": str(learner_version),
+        mlflow.log_metrics(tracking.numeric_metrics({"promoted": float(decision.promoted), "candidate_metric": value,
+                                                     "champion_metric": decision.champion_value}))  # finite ones
+        mlflow.set_tags({"decision": decision.alias or "refused", "learner_version": str(learner_version),
                          "reference_version": str(reference_version), "reason": decision.reason,
                          "metric": decision.metric})
     if pipeline_run:  # what a later single-stage rerun of this run resolves (tracking.recorded_outputs)

@@ -66,10 +66,12 @@ def _local_path(uri: str) -> Path:
 
 
 def _bucket_key(uri: str) -> tuple[str, str]:
-    parsed = urlparse(uri)
-    if not parsed.netloc:
+    """s3://bucket/key -> (bucket, key). Split by hand, not by urlparse: a key's `?`, `#` and tab are part of
+    its name (urlparse would cut the key at a `?` or `#` and drop tabs, so `c?/a.jpg` became `c`)."""
+    bucket, _, key = str(uri).removeprefix("s3://").partition("/")
+    if not bucket:
         raise StorageError(f"S3 URI {uri!r} has no bucket; expected s3://bucket/key")
-    return parsed.netloc, parsed.path.lstrip("/")
+    return bucket, key.lstrip("/")
 
 
 # ---- remote reads: an overall deadline ------------------------------------------------------------------
@@ -371,8 +373,10 @@ def write_bytes(uri: str, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.filename is None:  # write()/fsync() name no file (disk full): name it
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
         raise
 
 

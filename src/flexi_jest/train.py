@@ -42,6 +42,7 @@ from flexi_jest.distributed import (
 )
 from flexi_jest.evaluate import evaluate_model
 from flexi_jest.export import export_open_clip
+from flexi_jest.finite import check_model_finite
 from flexi_jest.losses import sigmoid_loss
 from flexi_jest.models import DualEncoder, Tokenizer
 from flexi_jest.models.pretrained import load_pretrained
@@ -303,6 +304,8 @@ def run_training(
         prefetcher.close()
         stream.close()
         bar.close()
+    # the loss is checked before each update, so the last update is checked here: no diverged model.pt or result
+    check_model_finite(model, f"{description} in {cfg.out_dir} after step {step}", cfg.train_patch_sizes)
     model_uri = storage.join(cfg.out_dir, "model.pt")
     sha = broadcast_object(save_model(model, model_uri) if world.is_main else None, world)  # rank 0 writes it
     open_clip_dir = storage.join(cfg.out_dir, "open_clip")
