@@ -30,10 +30,7 @@ from webdataset.shardlists import expand_urls
 from flexi_jest import storage
 from flexi_jest.data import remote
 from flexi_jest.data.access import SpecError, check_spec  # noqa: F401 - SpecError is this module's error
-
-MANIFEST = "manifest.json"
-
-
+from flexi_jest.data.manifest import MANIFEST, ShardError, check_not_interrupted, manifest_entries, shard_uri
 
 
 @dataclass(frozen=True)
@@ -91,13 +88,6 @@ def _read_json(uri: str) -> dict | None:
         return None
 
 
-def _manifest_entries(directory: str) -> dict[str, dict] | None:
-    """The flexi-jest manifest's shards of a directory, by name; None without one (a corrupt one: ShardError)."""
-    from flexi_jest.data.shards import read_manifest  # shards.py reads through this module
-    manifest = read_manifest(directory)
-    return {s["name"]: s for s in manifest["shards"]} if manifest else None
-
-
 def _stats_count(url: str) -> int | None:
     """img2dataset's count beside a shard: `<stem>_stats.json`'s `successes`, or None."""
     stats = _read_json(url.removesuffix(".tar") + "_stats.json")
@@ -139,17 +129,15 @@ def _part_shards(spec: str, part: str, check: bool, counts: bool) -> list[Shard]
                     more = f" (and {len(missing) - 1} more of {len(urls)})" if len(missing) > 1 else ""
                     raise SpecError(f"dataset spec {spec!r}: missing shard {missing[0]}{more}")
         else:  # a directory or prefix
-            entries = _manifest_entries(part)
+            entries = manifest_entries(part)
             if entries is not None:
                 if not entries:
-                    from flexi_jest.data.shards import ShardError
                     raise ShardError(f"no shards in {part}: its {MANIFEST} lists none")
-                from flexi_jest.data.shards import shard_uri  # a manifest's names stay inside its directory
+                # shard_uri: a manifest's names stay inside its directory
                 return [Shard(shard_uri(part, name), e.get("num_samples"), e.get("sha256")) for name, e in entries.items()]
             names = storage.list_names(part, ".tar")
             if not names:
                 raise SpecError(f"dataset spec {spec!r}: no .tar shards under {part}")
-            from flexi_jest.data.shards import check_not_interrupted
             check_not_interrupted(part, names)
             urls = [storage.join(part, name) for name in names]
     except storage.StorageError as exc:
@@ -164,7 +152,7 @@ def _with_counts(urls: list[str]) -> list[Shard]:
     manifests: dict[str, dict[str, dict] | None] = {}
     for directory in {_parent(u) for u in urls}:
         try:
-            manifests[directory] = _manifest_entries(directory)
+            manifests[directory] = manifest_entries(directory)
         except storage.StorageError:  # a directory we may not list or read: counts from stats files only
             manifests[directory] = None
     need_stats = [u for u in urls if not (manifests[_parent(u)] or {}).get(u.rsplit("/", 1)[-1])]
