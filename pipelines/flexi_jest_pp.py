@@ -15,6 +15,7 @@ and budget so that every run shows JEST against a baseline.
 import argparse
 import functools
 import hashlib
+import inspect
 import json
 import os
 import sys
@@ -29,7 +30,8 @@ from kfp import compiler, dsl, kubernetes  # noqa: E402
 from kfp.dsl import Dataset, Model, pipeline_context  # noqa: E402
 
 from components.image import GPU_IMAGE  # noqa: E402
-from flexi_jest.config import TrainLearnerConfig  # noqa: E402
+from flexi_jest.config import METHOD_PRESETS, TrainLearnerConfig  # noqa: E402
+from flexi_jest.device import SHARED_CPU_ENV  # noqa: E402
 from components.stages import (  # noqa: E402
     cache_reference_scores, close_tracking, compare_methods, open_tracking, prepare_data, promote_model,
     reference_finetune, resolve_run, track_stages, train_learner, zero_shot_eval,
@@ -39,7 +41,8 @@ from components.stages import (  # noqa: E402
 GPU_NODE_SELECTOR = os.environ.get("FLEXI_JEST_GPU_NODE_SELECTOR", "flexi-jest/node-pool=gpu")  # key=value
 GPU_TOLERATION_KEY = os.environ.get("FLEXI_JEST_GPU_TOLERATION", "nvidia.com/gpu")
 
-FLEXI_TINY = json.dumps({"scoring_patch_size": 16, "train_patch_sizes": [8, 16]})
+# the main learner's default config: Flexi-JEST's fields of config.METHOD_PRESETS beyond the method and score knobs
+FLEXI_TINY = json.dumps({k: v for k, v in METHOD_PRESETS["flexi-jest"].items() if k not in ("method", "score")})
 # the learner knobs' defaults, from the learner's Pydantic config (one source of truth)
 LEARNER = {name: field.default for name, field in TrainLearnerConfig.model_fields.items()}
 
@@ -116,7 +119,7 @@ def with_cluster_services(definition):
 def train_evaluate_promote(*, learner_config, eval_config, profile, method, score, filter_ratio, n_chunks, steps,
                            learning_rate, super_batch_size, model_name, storage_root, experiment, accelerator_type,
                            accelerator_count, pool, cache, eval_split, reference, reference_json, parent_run_id,
-                           promotion_config, eval_sets, champion_metric) -> dsl.PipelineTask:
+                           promotion_config, eval_sets, champion_metric, data_access) -> dsl.PipelineTask:
     """Stages 4-6, shared by the full pipeline and the single-stage rerun: the learner, its zero-shot
     evaluation, their tracking and the learner's promotion through the MLflow registry; returns the evaluation."""
     multinode = ACCELERATORS and LEARNER_NODES > 1
@@ -124,12 +127,13 @@ def train_evaluate_promote(*, learner_config, eval_config, profile, method, scor
                          filter_ratio=filter_ratio, n_chunks=n_chunks, steps=steps, learning_rate=learning_rate,
                          super_batch_size=super_batch_size, model_name=model_name, storage_root=storage_root,
                          experiment=experiment, pool=pool, cache=cache, eval_split=eval_split, reference=reference,
-                         nodes=LEARNER_NODES if multinode else 1, multinode_json=multinode_settings() if multinode else "{}")
+                         nodes=LEARNER_NODES if multinode else 1, multinode_json=multinode_settings() if multinode else "{}",
+                         data_access=data_access)
     # several nodes: this task only launches and watches the PyTorchJob, so it needs no GPU itself
     learner = (task if multinode else on_gpu_pool(task, accelerator_type, accelerator_count)).set_retry(2)
     evaluation = zero_shot_eval(config_json=eval_config, profile=profile, method=method, experiment=experiment,
                                 model=learner.outputs["model"], eval_split=eval_split, eval_sets=eval_sets,
-                                champion_metric=champion_metric)
+                                champion_metric=champion_metric, data_access=data_access)
     track_stages(parent_run_id=parent_run_id, first=learner.outputs["Output"],
                  second=evaluation.outputs["Output"]).set_caching_options(False)
     promote_model(evaluation_json=evaluation.outputs["Output"], learner_json=learner.outputs["Output"],
@@ -165,7 +169,7 @@ def flexi_jest_pp_definition(
     batch_size: int = 0,
     init_checkpoint: str = "",
     baseline_methods: List[str] = ["uniform", "offline-filter"],
-    baseline_budget: str = "flops",
+    baseline_budget: str = "learner-flops",
     storage_root: str = "",
     experiment: str = "flexi-jest",
     run_name: str = "flexi-jest-pp",
@@ -180,6 +184,7 @@ def flexi_jest_pp_definition(
     promotion_config: str = "{}",
     accelerator_type: str = "nvidia.com/gpu",
     accelerator_count: str = "1",
+    data_access: str = "{}",
 ):
     """The knobs a rerun changes are typed parameters (editable in the KFP UI) that override the stage's JSON
     config: the learner's method, score, filter_ratio, n_chunks, steps, learning_rate (optim.lr),
@@ -193,8 +198,12 @@ def flexi_jest_pp_definition(
     champion_metric: the metric promotion compares, e.g. 'imagenet-val.top1' ("": the eval split's top1).
     data_source "generate" makes `dataset`'s data; "register" trains on the team's own data: curated_uri, pool_uri
     and eval_uri are dataset specs (a directory, `pool/{00000..00099}.tar`, s3://..., '::'-joined, ...).
-    baseline_budget "flops": each baseline trains on the main learner's total-FLOP budget, the reference's share
-    charged to whichever uses it (the benchmark's rule); "steps": for the main learner's steps."""
+    baseline_budget "learner-flops" (the paper's count): each baseline trains on the main learner's own FLOPs,
+    its scoring and training, the reference's cached embeddings free; "flops": on its total-FLOP budget, the
+    reference's share charged to whichever uses it; "steps": for the main learner's steps.
+    data_access: what every stage's dataset specs may reach besides storage, a JSON config.DataAccess, e.g.
+    '{"pipe_commands": ["curl"], "allow_http": true}'; the default "{}" refuses pipe: and http(s) specs
+    (docs/security.md: the pods hold the S3 and MLflow Secrets)."""
     with dsl.ExitHandler(close_run_tracking(experiment)):
         tracking = open_run_tracking(run_name=run_name, experiment=experiment, dataset=dataset, profile=profile,
                                      method=method, score=score, filter_ratio=filter_ratio, n_chunks=n_chunks,
@@ -202,14 +211,15 @@ def flexi_jest_pp_definition(
         parent_run_id = tracking.outputs["Output"]
         data = prepare_data(config_json=data_config, profile=profile, dataset=dataset, storage_root=storage_root,
                             experiment=experiment, source=data_source, curated_uri=curated_uri, pool_uri=pool_uri,
-                            eval_uri=eval_uri).after(tracking)
+                            eval_uri=eval_uri, data_access=data_access).after(tracking)
         reference = on_gpu_pool(reference_finetune(
             config_json=reference_config, profile=profile, storage_root=storage_root, experiment=experiment,
-            curated=data.outputs["curated"], batch_size=batch_size, init_checkpoint=init_checkpoint),
-            accelerator_type, accelerator_count)
+            curated=data.outputs["curated"], batch_size=batch_size, init_checkpoint=init_checkpoint,
+            data_access=data_access), accelerator_type, accelerator_count)
         cache = on_gpu_pool(cache_reference_scores(
             config_json=cache_config, profile=profile, experiment=experiment, storage_root=storage_root,
-            reference=reference.outputs["model"], pool=data.outputs["pool"]), accelerator_type, accelerator_count)
+            reference=reference.outputs["model"], pool=data.outputs["pool"], data_access=data_access),
+            accelerator_type, accelerator_count)
         track_stages(parent_run_id=parent_run_id, first=data.outputs["Output"], second=reference.outputs["Output"],
                      third=cache.outputs["Output"]).set_caching_options(False)
         evaluation = train_evaluate_promote(
@@ -219,7 +229,8 @@ def flexi_jest_pp_definition(
             experiment=experiment, accelerator_type=accelerator_type, accelerator_count=accelerator_count,
             pool=data.outputs["pool"], cache=cache.outputs["cache"], eval_split=data.outputs["eval_split"],
             reference=reference.outputs["model"], reference_json=reference.outputs["Output"], parent_run_id=parent_run_id,
-            promotion_config=promotion_config, eval_sets=eval_sets, champion_metric=champion_metric)
+            promotion_config=promotion_config, eval_sets=eval_sets, champion_metric=champion_metric,
+            data_access=data_access)
         with dsl.ParallelFor(baseline_methods) as baseline:
             baseline_learner = on_gpu_pool(train_learner(
                 config_json=baseline_config, profile=profile, method=baseline, score=score, filter_ratio=filter_ratio,
@@ -227,16 +238,17 @@ def flexi_jest_pp_definition(
                 model_name=model_name, storage_root=storage_root, experiment=experiment,
                 pool=data.outputs["pool"], cache=cache.outputs["cache"], eval_split=data.outputs["eval_split"],
                 reference=reference.outputs["model"], budget=baseline_budget, main_config_json=learner_config,
-                main_method=method, main_score=score), accelerator_type, accelerator_count).set_retry(2)
+                main_method=method, main_score=score, data_access=data_access), accelerator_type,
+                accelerator_count).set_retry(2)
             baseline_evaluation = zero_shot_eval(
                 config_json=eval_config, profile=profile, method=baseline, experiment=experiment,
                 model=baseline_learner.outputs["model"], eval_split=data.outputs["eval_split"], eval_sets=eval_sets,
-                champion_metric=champion_metric)
+                champion_metric=champion_metric, data_access=data_access)
         # the reference's own zero-shot metric beside its learners' (a learner passing it: data-quality bootstrapping)
         reference_evaluation = zero_shot_eval(
             config_json=eval_config, profile=profile, method="reference", experiment=experiment,
             model=reference.outputs["model"], eval_split=data.outputs["eval_split"], eval_sets=eval_sets,
-            champion_metric=champion_metric)
+            champion_metric=champion_metric, data_access=data_access)
         # the baselines' tracking after their loop: inside it, KFP 2.17's local execution resolves an upstream
         # task's output parameter to the loop item
         track_stages(parent_run_id=parent_run_id, first=reference_evaluation.outputs["Output"],
@@ -285,25 +297,28 @@ def rerun_definition(stage: str):
         promotion_config: str = "{}",
         accelerator_type: str = "nvidia.com/gpu",
         accelerator_count: str = "1",
+        data_access: str = "{}",
     ):
         with dsl.ExitHandler(close_run_tracking(experiment)):
             tracking = open_run_tracking(run_name=run_name, experiment=experiment, dataset="(from run)",
                                          profile=profile, method=method, score=score, filter_ratio=filter_ratio,
                                          n_chunks=n_chunks, steps=steps, storage_root=storage_root)
             parent_run_id = tracking.outputs["Output"]
-            earlier = resolve_run(from_run=from_run, parent_run_id=parent_run_id, stage=stage).set_caching_options(False)
+            earlier = resolve_run(from_run=from_run, parent_run_id=parent_run_id, stage=stage,
+                                  data_access=data_access).set_caching_options(False)
             reference, reference_json = earlier.outputs["reference"], earlier.outputs["reference_json"]
             cache = earlier.outputs["cache"]
             if stage == "train_reference":
                 trained = on_gpu_pool(reference_finetune(
                     config_json=reference_config, profile=profile, storage_root=storage_root, experiment=experiment,
-                    curated=earlier.outputs["curated"], batch_size=batch_size, init_checkpoint=init_checkpoint),
-                    accelerator_type, accelerator_count)
+                    curated=earlier.outputs["curated"], batch_size=batch_size, init_checkpoint=init_checkpoint,
+                    data_access=data_access), accelerator_type, accelerator_count)
                 reference, reference_json = trained.outputs["model"], trained.outputs["Output"]
             if stage in ("train_reference", "cache_reference"):
                 cached = on_gpu_pool(cache_reference_scores(
                     config_json=cache_config, profile=profile, experiment=experiment, storage_root=storage_root,
-                    reference=reference, pool=earlier.outputs["pool"]), accelerator_type, accelerator_count)
+                    reference=reference, pool=earlier.outputs["pool"], data_access=data_access), accelerator_type,
+                    accelerator_count)
                 track_stages(parent_run_id=parent_run_id, first=reference_json if stage == "train_reference" else "",
                              second=cached.outputs["Output"]).set_caching_options(False)
                 cache = cached.outputs["cache"]
@@ -311,7 +326,7 @@ def rerun_definition(stage: str):
                 evaluation = zero_shot_eval(config_json=eval_config, profile=profile, method=method,
                                             experiment=experiment, model=earlier.outputs["learner"],
                                             eval_split=earlier.outputs["eval_split"], eval_sets=eval_sets,
-                                            champion_metric=champion_metric)
+                                            champion_metric=champion_metric, data_access=data_access)
                 track_stages(parent_run_id=parent_run_id, first=evaluation.outputs["Output"]).set_caching_options(False)
                 promote_model(evaluation_json=evaluation.outputs["Output"], learner_json=earlier.outputs["learner_json"],
                               reference_json=reference_json, parent_run_id=parent_run_id, experiment=experiment,
@@ -324,7 +339,8 @@ def rerun_definition(stage: str):
                     experiment=experiment, accelerator_type=accelerator_type, accelerator_count=accelerator_count,
                     pool=earlier.outputs["pool"], cache=cache, eval_split=earlier.outputs["eval_split"],
                     reference=reference, reference_json=reference_json, parent_run_id=parent_run_id,
-                    promotion_config=promotion_config, eval_sets=eval_sets, champion_metric=champion_metric)
+                    promotion_config=promotion_config, eval_sets=eval_sets, champion_metric=champion_metric,
+                    data_access=data_access)
             compare_methods(main=evaluation.outputs["Output"], baselines=[],
                             parent_run_id=parent_run_id).set_caching_options(False)
 
@@ -427,10 +443,13 @@ def summarize(tracking_uri: str, parent_run_id: str, workdir: Path) -> dict[str,
         top1, i2t, t2i = (m.get(f"splits.{headline}.{key}") for key in ("top1", "image_to_text_r1", "text_to_image_r1"))
         method = run.data.tags.get("flexi_jest.method")
         compared = comparison["methods"].get(method, {})  # the reference is evaluated, not compared
-        rows.append({"method": method, "top1": top1, "i2t_r1": i2t, "t2i_r1": t2i, "total_flops": m.get("total_flops"),
+        total = m.get("total_flops")
+        rows.append({"method": method, "top1": top1, "i2t_r1": i2t, "t2i_r1": t2i, "total_flops": total,
+                     "learner_flops": total - compared.get("reference_share_flops", 0.0) if total else None,
                      **{field: compared.get(field) for field in ("steps_to_target", "flops_to_target",
                                                                  "flops_ratio_vs_uniform",
-                                                                 "flops_ratio_vs_uniform_learner_only")}})
+                                                                 "flops_ratio_vs_uniform_learner_only",
+                                                                 "break_even_runs")}})
     rows.sort(key=lambda r: r["method"] or "")
     promotion = next((r for r in children if r.data.tags.get("flexi_jest.stage") == "promote"), None)
     cached = sorted(key.split(".", 2)[2] for key, value in tags.items()
@@ -520,6 +539,10 @@ def run_local(workdir: str, params: dict[str, Any], from_stage: str = "prepare_d
         os.environ.setdefault("MLFLOW_ARTIFACTS_DESTINATION", str(root / "mlartifacts"))
         task_runner = local.SubprocessRunner(use_venv=False)
     params = {"run_name": f"flexi-jest-pp-{time.strftime('%Y%m%d-%H%M%S')}", **params}
+    if runner != "docker":  # the ParallelFor's baselines train side by side here: each takes its share of the cores
+        baselines = params.get("baseline_methods", inspect.signature(flexi_jest_pp_definition).parameters[
+            "baseline_methods"].default)
+        os.environ.setdefault(SHARED_CPU_ENV, str(max(1, len(baselines))))
     local.init(runner=task_runner, pipeline_root=str(root / "kfp"), enable_caching=cache,
                cache_root=str(root / "kfp-cache" / code_digest()))
     pipeline = PIPELINES[from_stage][1]
@@ -543,20 +566,25 @@ def format_summary(summary: dict[str, Any]) -> str:
              f"MLflow store: {summary['tracking_uri']}  (browse: mlflow ui --backend-store-uri {summary['tracking_uri']})",
              f"registered model: flexi-jest-learner version {summary['learner_version']} -> alias '{summary['decision']}'",
              f"accuracy-vs-FLOPs plot: {summary['plot']}", "",
-             f"{'method':<15} {'top1':>7} {'i2t R@1':>8} {'t2i R@1':>8} {'total GFLOP':>12} {'steps to tgt':>12} "
-             f"{'GFLOP to tgt':>12} {'FLOPs ratio':>12} {'amortised':>10}"]
+             f"{'method':<15} {'top1':>7} {'i2t R@1':>8} {'t2i R@1':>8} {'learner GFLOP':>13} {'all GFLOP':>10} "
+             f"{'steps to tgt':>12} {'learner ratio':>13} {'all ratio':>10} {'break-even':>10}"]
     for row in summary["rows"]:
         fmt = lambda v: f"{v:.3f}" if v is not None else "-"  # noqa: E731
         times = lambda v: f"{v:.2f}x" if v else "-"  # noqa: E731
-        flops = f"{row['total_flops'] / 1e9:.1f}" if row["total_flops"] else "-"
+        giga = lambda v: f"{v / 1e9:.1f}" if v else "-"  # noqa: E731
         steps = f"{row['steps_to_target']:.0f}" if row.get("steps_to_target") is not None else "-"
-        to_target = f"{row['flops_to_target'] / 1e9:.1f}" if row.get("flops_to_target") is not None else "-"
+        runs = row.get("break_even_runs")
+        even = "-" if row["method"] == "reference" or row.get("flops_to_target") is None else (
+            "never" if runs is None else f"{runs} runs")
         lines.append(f"{row['method'] or '?':<15} {fmt(row['top1']):>7} {fmt(row['i2t_r1']):>8} {fmt(row['t2i_r1']):>8} "
-                     f"{flops:>12} {steps:>12} {to_target:>12} {times(row.get('flops_ratio_vs_uniform')):>12} "
-                     f"{times(row.get('flops_ratio_vs_uniform_learner_only')):>10}")
-    lines.append("to tgt: training steps and total FLOPs to reach uniform's final top-1 ('-': never, or the reference, "
-                 "which is evaluated, not compared); FLOPs ratio: uniform's FLOPs to it / the method's (> 1: cheaper), "
-                 "charged the reference's share; amortised: the same with that share left out")
+                     f"{giga(row.get('learner_flops')):>13} {giga(row['total_flops']):>10} {steps:>12} "
+                     f"{times(row.get('flops_ratio_vs_uniform_learner_only')):>13} "
+                     f"{times(row.get('flops_ratio_vs_uniform')):>10} {even:>10}")
+    lines.append("learner: learner FLOPs (reference cached: the paper's count); all: all FLOPs (reference training and "
+                 "caching charged); steps to tgt: training steps to reach uniform's final top-1 ('-': never, or the "
+                 "reference, which is evaluated, not compared); ratio: uniform's FLOPs to that top-1 / the method's "
+                 "(> 1: cheaper); break-even: learner runs on this pool and reference before the method's all-FLOPs "
+                 "total falls below uniform's")
     return "\n".join(lines)
 
 

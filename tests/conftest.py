@@ -2,6 +2,7 @@
 
 import os
 import socket
+import uuid
 
 import pytest
 
@@ -41,7 +42,13 @@ def reference_cache(reference, shapes_data):
                                                 batch_size=128))
 
 
-# ---- S3: moto's S3-compatible server on loopback, read through the real minio client ----------------------------
+# ---- S3: moto's S3-compatible server, or SeaweedFS (a real S3 server), on loopback, read through the real minio client --
+# A test takes `s3` (an empty bucket, s3://NAME, with the environment pointing at its server): on moto unless it is
+# marked @BOTH_S3, which runs it on moto and on SeaweedFS (tests/seaweedfs.py). Keep moto for injected faults (it
+# runs in this process and can be stopped and restarted at will); take both for what a real server must agree with.
+
+S3_BACKENDS = ("moto", "seaweedfs")
+BOTH_S3 = pytest.mark.parametrize("s3_backend", S3_BACKENDS)
 
 
 def free_port() -> int:
@@ -51,23 +58,45 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def s3_server():
+def moto_server():
+    """moto's S3 server: (endpoint, access key, secret key); it accepts any credentials."""
     from moto.server import ThreadedMotoServer
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
-    yield f"http://127.0.0.1:{port}"
+    yield f"http://127.0.0.1:{port}", "testing", "testing"
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def seaweedfs_server(tmp_path_factory):
+    """SeaweedFS's S3 gateway, started once per session (about 4 s): (endpoint, access key, secret key); it checks
+    them. Tests that need it are skipped, saying why, if it cannot start."""
+    from seaweedfs import SeaweedUnavailable, start_seaweedfs
+    try:
+        server = start_seaweedfs(tmp_path_factory.mktemp("seaweedfs"))
+    except SeaweedUnavailable as exc:
+        pytest.skip(f"SeaweedFS (a real S3 server) did not start: {exc}")
+    yield server.endpoint, server.access_key, server.secret_key
     server.stop()
 
 
 @pytest.fixture
-def s3(s3_server, monkeypatch):
-    monkeypatch.setenv("FLEXI_JEST_S3_ENDPOINT", s3_server)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+def s3_backend():
+    """Which S3 server `s3` uses: moto, unless a test is parametrized over S3_BACKENDS (@BOTH_S3)."""
+    return "moto"
+
+
+@pytest.fixture
+def s3(s3_backend, request, monkeypatch):
+    endpoint, access_key, secret_key = request.getfixturevalue(
+        {"moto": "moto_server", "seaweedfs": "seaweedfs_server"}[s3_backend])
+    monkeypatch.setenv("FLEXI_JEST_S3_ENDPOINT", endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret_key)
     from flexi_jest import storage
     client = storage.s3_client()
-    bucket = f"b{free_port()}"
+    bucket = f"b{uuid.uuid4().hex[:16]}"  # a fresh bucket per test, also on the session's one SeaweedFS
     client.make_bucket(bucket)
     return f"s3://{bucket}"
 

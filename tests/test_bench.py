@@ -88,14 +88,14 @@ def test_learning_efficiency_bench_end_to_end_at_toy_size(tmp_path):
     assert {path: path.stat().st_mtime_ns for path in finished} == finished, "a rerun trains nothing again"
 
 
-def test_paper_regime_plan_keeps_the_reference_small_and_the_pool_unrepeated():
-    """--regime paper: the reference's training within 10 % of uniform's budget, and a pool large enough that
+def test_capped_regime_plan_keeps_the_reference_small_and_the_pool_unrepeated():
+    """--regime capped: the reference's training within 10 % of uniform's budget, and a pool large enough that
     no method draws a sample (the offline filter: a kept sample) more than --max-repetition times."""
     from flexi_jest import flops
-    args = learning_efficiency.parse_args(["--regime", "paper", "--uniform-steps", "500", "--super-batch", "80",
+    args = learning_efficiency.parse_args(["--regime", "capped", "--uniform-steps", "500", "--super-batch", "80",
                                            "--samples-per-shard", "100"])
-    assert args.methods_list == learning_efficiency.PAPER_METHODS and args.cache_patch == 16
-    plan = learning_efficiency.paper_plan(args, args.methods_list, {})
+    assert args.methods_list == learning_efficiency.CAPPED_METHODS and args.cache_patch == 16
+    plan = learning_efficiency.regime_plan(args, args.methods_list, {})
     model = learning_efficiency.model_config(args)
     reference_step = flops.training_step_flops(model, learning_efficiency.REFERENCE_BATCH, [model.patch_size])
     assert plan["reference_steps"] * reference_step <= 0.1 * plan["budget"] < (plan["reference_steps"] + 1) * reference_step
@@ -108,13 +108,39 @@ def test_paper_regime_plan_keeps_the_reference_small_and_the_pool_unrepeated():
     assert 1.8 < worst <= 2.0 and plan["pool"] % 100 == 0
     assert learning_efficiency.method_fields("joint-learnability-f90", 80)["super_batch_size"] == 160  # sub-batch 16
     with pytest.raises(SystemExit, match="at most 10%"):
-        learning_efficiency.paper_plan(learning_efficiency.parse_args(
-            ["--regime", "paper", "--uniform-steps", "500", "--super-batch", "80", "--reference-steps", "10000"]),
+        learning_efficiency.regime_plan(learning_efficiency.parse_args(
+            ["--regime", "capped", "--uniform-steps", "500", "--super-batch", "80", "--reference-steps", "10000"]),
             ["uniform"], {})
     # an invocation with a subset of the methods (e.g. two in parallel) plans the whole regime's pool
-    subset = learning_efficiency.parse_args(["--regime", "paper", "--uniform-steps", "500", "--super-batch", "80",
+    subset = learning_efficiency.parse_args(["--regime", "capped", "--uniform-steps", "500", "--super-batch", "80",
                                              "--samples-per-shard", "100", "--methods", "joint-learnability"])
-    assert learning_efficiency.paper_plan(subset, subset.methods_list, {}) == plan
+    assert learning_efficiency.regime_plan(subset, subset.methods_list, {}) == plan
+
+
+def test_paper_regime_plan_trains_the_reference_for_its_epochs_and_every_learner_on_uniforms_learner_flops():
+    """--regime paper: the reference trains --reference-epochs epochs of the curated split whatever the budget,
+    every learner runs on uniform's learner FLOPs (JEST at filter 80 % about 3/8 of uniform's steps: a separate
+    scoring forward of the super-batch, 5 forwards, on top of 3 for training), and the pool is large enough that
+    no method, filter+jest's kept fifth included, draws a sample more than --max-repetition times."""
+    from flexi_jest import flops
+    args = learning_efficiency.parse_args(["--regime", "paper", "--uniform-steps", "500", "--super-batch", "80",
+                                           "--samples-per-shard", "100", "--curated", "1280", "--reference-epochs", "3"])
+    assert args.methods_list == learning_efficiency.PAPER_METHODS and "filter+jest" in args.methods_list
+    assert args.eval_size == 5000
+    plan = learning_efficiency.regime_plan(args, args.methods_list, {})
+    assert plan["reference_steps"] == 3 * 1280 // learning_efficiency.REFERENCE_BATCH
+    model = learning_efficiency.model_config(args)
+    base = dict(pool="unused", reference_cache="unused", model=model, super_batch_size=80, filter_ratio=0.8)
+    steps = {name: flops.steps_for_budget(plan["budget"], learning_efficiency.probe_config(args, name, base), 0.0,
+                                          model.embed_dim) for name in args.methods_list}
+    assert steps["uniform"] == steps["offline-filter"] == 500
+    assert 0.3 < steps["joint-learnability"] / 500 < 0.4  # ~3/8 of uniform's steps at the tiny preset
+    assert steps["filter+jest"] == steps["joint-learnability"]
+    worst = max(learning_efficiency.repetition(learning_efficiency.probe_config(args, name, base), steps[name],
+                                               plan["pool"]) for name in args.methods_list)
+    assert 1.8 < worst <= 2.0
+    filter_jest = learning_efficiency.probe_config(args, "filter+jest", base)
+    assert learning_efficiency.kept_fraction(filter_jest) == 0.3 and flops.uses_reference(filter_jest)
 
 
 def test_a_finished_run_is_reused_only_on_the_same_steps_and_data(tmp_path):

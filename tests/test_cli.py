@@ -104,3 +104,68 @@ def test_a_tokenizer_missing_offline_is_one_line_from_the_cli(tmp_path):
     assert "Traceback" not in out.stderr
     line = out.stderr.strip().splitlines()[-1]
     assert line.startswith("train-reference: ") and "timm/ViT-B-16-SigLIP" in line and "hf download" in line
+
+
+# ---- errors a user can cause: one line on stderr, a non-zero exit, no traceback (issue 20, finding 12) ----------
+
+
+def one_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    return err[0]
+
+
+def test_a_spec_error_is_one_line(tmp_path, capsys):
+    """A brace pattern over shards that are not there: SpecError (it was a traceback)."""
+    spec = f"{tmp_path}/missing/{{00000..00002}}.tar"
+    assert main(["train-reference", "--set", f"data={spec}", "--set", f"out_dir={tmp_path / 'out'}",
+                 "--set", "steps=1"]) == 2
+    line = one_line(capsys)
+    assert line.startswith(f"train-reference: dataset spec '{spec}': missing shard")
+
+
+def test_a_shard_error_is_one_line(tmp_path, capsys):
+    """A split whose manifest.json is not JSON: ShardError naming the manifest."""
+    (tmp_path / "split").mkdir()
+    (tmp_path / "split" / "manifest.json").write_text("{not json")
+    assert main(["train-reference", "--set", f"data={tmp_path / 'split'}", "--set", f"out_dir={tmp_path / 'out'}",
+                 "--set", "steps=1"]) == 2
+    assert one_line(capsys).startswith(f"train-reference: corrupt manifest {tmp_path / 'split' / 'manifest.json'}")
+
+
+def test_a_cache_error_is_one_line(reference_cache, shapes_data, tmp_path, capsys):
+    """A learner given a reference cache made by another reference than the one it names: CacheError."""
+    other = "ab" * 32
+    assert main(["train-learner", "--set", f"pool={shapes_data.splits['pool'].path}", "--set", "method=joint",
+                 "--set", f"reference_cache={reference_cache.cache_dir}", "--set", f"reference_sha256={other}",
+                 "--set", f"out_dir={tmp_path / 'out'}", "--set", "steps=1"]) == 2
+    line = one_line(capsys)
+    assert line.startswith("train-learner: ") and reference_cache.cache_dir in line and other[:12] in line
+
+
+def test_a_storage_error_is_one_line_with_status_1(tmp_path, capsys):
+    """A model file that is not there: StorageError (the place failed, not the config: exit status 1)."""
+    assert main(["evaluate", "--set", f"model={tmp_path / 'none.pt'}", "--set", f"eval_data=[{tmp_path}]"]) == 1
+    assert one_line(capsys) == f"evaluate: no such file: {tmp_path / 'none.pt'}"
+
+
+def test_a_full_disk_is_one_line_naming_the_file(tmp_path):
+    """make-data onto a real file system that fills up (a 64 KiB tmpfs, mounted in a private mount namespace of the
+    child only: nothing to unmount): ENOSPC names the file being written, exit status 1, no traceback."""
+    import shutil
+    full = tmp_path / "full"
+    full.mkdir()
+    if not shutil.which("unshare"):
+        pytest.skip("needs util-linux's unshare to mount a small tmpfs in a private namespace")
+    probe = subprocess.run(["unshare", "-r", "-m", "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs {full}"],
+                           capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs in a user+mount namespace here: {probe.stderr.strip()}")
+    command = (f"mount -t tmpfs -o size=64k tmpfs {full} && exec {sys.executable} -m flexi_jest.cli make-data "
+               f"--set out_dir={full}/data --set curated_size=40 --set pool_size=80 --set eval_size=20")
+    out = subprocess.run(["unshare", "-r", "-m", "sh", "-c", command], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 1, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr
+    line = out.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"make-data: no space left on device writing {full}/data/"), line
+    assert "[Errno 28]" in line

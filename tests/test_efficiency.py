@@ -77,3 +77,43 @@ def test_summary_reports_steps_to_target_with_step_curves():
     assert summary["methods"]["uniform"]["steps_to_target"] == 400
     assert summary["methods"]["jest"]["steps_to_target"] == pytest.approx(15)  # 0.4 halfway from 10 to 20
     assert summary["methods"]["jest"]["steps_ratio_vs_uniform"] == pytest.approx(400 / 15)
+
+
+def test_summary_names_both_accountings_and_the_break_even_learner_count():
+    """Each method's cost to uniform's final metric under "learner" (the reference's share left out: the paper's
+    count) and "charged" (it included), and how many learner runs amortise the share: here jest costs 2 FLOPs to the
+    target of which 1 is the reference's, against uniform's 4, so its learner count is 1 FLOP a run and
+    N * 1 + 1 < N * 4 from N = 1; a share of 7 needs N * 1 + 7 < N * 4, i.e. N = 3."""
+    curves = {"uniform": [[(1, 0.1), (2, 0.2), (4, 0.4)]], "jest": [[(1, 0.2), (2, 0.4), (4, 0.5)]],
+              "bad": [[(1, 0.0), (2, 0.1), (4, 0.2)]]}
+    summary = efficiency.summarize(curves, "top1", {"jest": 1.0})
+    jest = summary["methods"]["jest"]
+    learner, charged = jest["accountings"]
+    assert learner == {"accounting": "learner", "flops_to_target": 1.0, "flops_ratio": 4.0, "steps_ratio": None}
+    assert charged["accounting"] == "charged" and charged["flops_to_target"] == 2 and charged["flops_ratio"] == 2
+    assert jest["break_even_runs"] == 1
+    assert summary["methods"]["bad"]["break_even_runs"] is None  # never reaches the target
+    assert efficiency.break_even_runs(1.0, 7.0, 4.0) == 3 and efficiency.break_even_runs(1.0, 6.0, 4.0) == 3
+    assert efficiency.break_even_runs(1.0, 5.9, 4.0) == 2
+    assert efficiency.break_even_runs(4.0, 0.0, 4.0) is None  # no cheaper per run: never
+    # against a baseline that pays a fixed cost too (the offline filter's reference): only the difference counts
+    assert efficiency.break_even_runs(1.0, 7.0, 2.0, 7.0) == 1
+
+
+def test_shared_cpu_threads_take_a_share_of_the_cores_only_when_asked():
+    """run-local's baselines train side by side on one machine: FLEXI_JEST_SHARED_CPU_TASKS=N gives each
+    max(1, cores // N) torch threads; unset, torch keeps its own count; a bad value is named."""
+    import os
+
+    import torch
+    from flexi_jest.device import share_cpu_threads
+
+    before = torch.get_num_threads()
+    try:
+        assert share_cpu_threads({}) == before
+        assert share_cpu_threads({"FLEXI_JEST_SHARED_CPU_TASKS": "2"}) == max(1, (os.cpu_count() or 1) // 2)
+        assert share_cpu_threads({"FLEXI_JEST_SHARED_CPU_TASKS": str(10 * (os.cpu_count() or 1))}) == 1
+        with pytest.raises(ValueError, match="FLEXI_JEST_SHARED_CPU_TASKS='two'"):
+            share_cpu_threads({"FLEXI_JEST_SHARED_CPU_TASKS": "two"})
+    finally:
+        torch.set_num_threads(before)

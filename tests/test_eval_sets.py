@@ -17,6 +17,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from conftest import BOTH_S3
 from flexi_jest import storage
 from flexi_jest.checkpoint import load_model
 from flexi_jest.cli import main as cli_main
@@ -271,6 +272,7 @@ def test_cli_evaluate_on_named_sets(reference, layouts, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["splits"]["mine"]["num_classes"] >= 40
 
 
+@BOTH_S3
 def test_eval_sets_on_s3_score_as_they_do_locally(reference, layouts, s3):
     model, _ = load_model(reference.checkpoint)
     for key in ("imagefolder", "wds_classification"):

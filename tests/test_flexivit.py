@@ -32,9 +32,28 @@ def test_resized_patch_with_resampled_kernel_gives_the_same_token(new_size):
 
 
 def test_downsampled_kernel_is_a_least_squares_fit_not_exact():
+    """Downsampling a patch (8 -> 4) loses information, so no 4x4 kernel keeps every token. With R the resize
+    ([16, 64] on flattened patches), the token error on a patch x is <x, w> - <R x, w'> = <x, w - R^T w'>, whose
+    mean square over white-noise patches is ||w - R^T w'||^2: PI-resize gives the w' that minimises it."""
     model = tower()
-    kernel = model.patch_kernel(4)
-    assert kernel.shape == (48, 3, 4, 4)
+    base, small = 8, 4
+    basis = torch.eye(base * base).reshape(base * base, 1, base, base)
+    resize = resize_patches(basis, small).reshape(base * base, small * small).T  # [16, 64]: R @ patch
+    kernel = model.patch_kernel(small).detach()
+    assert kernel.shape == (48, 3, small, small)
+    weight = model.visual.conv1.weight.detach().reshape(-1, base * base)  # [48 * 3, 64], one row per channel pair
+    fitted = kernel.reshape(-1, small * small)  # [48 * 3, 16]
+    best = torch.linalg.lstsq(resize.T.double(), weight.T.double()).solution.T.float()  # argmin ||w - R^T w'||
+    assert torch.allclose(fitted, best, atol=1e-4, rtol=1e-4)
+    residual = weight - fitted @ resize  # w - R^T w'
+    assert torch.allclose(residual @ resize.T, torch.zeros(weight.shape[0], small * small), atol=1e-4)  # normal eq.
+    assert residual.norm() > 0.1 * weight.norm()  # not exact: tokens of downsampled patches do change
+    patches = torch.randn(4000, 3, base, base, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        error = F.conv2d(patches, model.visual.conv1.weight) - F.conv2d(resize_patches(patches, small), kernel)
+        shifted = kernel + 0.05 * kernel.std() * torch.randn(kernel.shape, generator=torch.Generator().manual_seed(1))
+        worse = F.conv2d(patches, model.visual.conv1.weight) - F.conv2d(resize_patches(patches, small), shifted)
+    assert error.square().mean() < worse.square().mean()  # on sampled patches too, a perturbed kernel does worse
 
 
 def test_resampling_matrix_is_cached_per_size():

@@ -57,7 +57,7 @@ def test_text_flops_match_flop_counter(cfg):
 def test_patch_32_costs_about_28_percent_of_patch_16_for_vit_b():
     cfg = MODEL_PRESETS["vit_b16"]
     ratio = flops.image_forward_flops(cfg, 32) / flops.image_forward_flops(cfg, 16)
-    assert 0.2 < ratio < 0.3  # JEST.md: "about 72 % fewer FLOPs"
+    assert 0.2 < ratio < 0.3  # the paper: about 72 % fewer FLOPs (docs/method.md#the-economics)
 
 
 def test_training_step_is_three_forwards_split_over_patch_sizes():
@@ -110,6 +110,11 @@ def test_pipeline_baselines_get_the_main_learners_total_flop_budget(shapes_data,
     assert baseline_values({**common, "method": "uniform"}, hard, "tiny", "flops")["steps"] == round(
         hard_budget / uniform_step)
     assert baseline_values({**common, "method": "uniform"}, main, "tiny", "steps")["steps"] == 10
+    # "learner-flops" (the paper's count): the main learner's own FLOPs only, whoever uses the reference
+    learner_budget = 10 * flops.learner_step_flops(stage_config("train-learner", "tiny", main), dim)
+    for method in ("uniform", "offline-filter"):
+        assert baseline_values({**common, "method": method}, main, "tiny", "learner-flops")["steps"] == round(
+            learner_budget / uniform_step) < uniform["steps"]
     with pytest.raises(ConfigError, match="baseline_budget must be one of"):
         baseline_values(common, main, "tiny", "flop")
 

@@ -4,9 +4,9 @@ import open_clip
 import pytest
 import torch
 
-from flexi_jest.config import MODEL_PRESETS, ConfigError, ModelConfig, validated_stage_config
+from flexi_jest.config import MODEL_PRESETS, PRESET_OPEN_CLIP_PREFIX, ConfigError, ModelConfig, validated_stage_config
 from flexi_jest.models import DualEncoder, Tokenizer, TokenizerUnavailable
-from flexi_jest.models.configs import PRESET_PREFIX, project_open_clip_config
+from flexi_jest.models.configs import project_open_clip_config
 
 
 @pytest.mark.parametrize("preset", sorted(MODEL_PRESETS))
@@ -47,13 +47,14 @@ def test_unknown_and_unsupported_models_are_refused_with_the_reason():
 
 @pytest.mark.parametrize("preset", sorted(MODEL_PRESETS))
 def test_presets_are_registered_with_open_clip(preset):
-    assert open_clip.get_model_config(f"{PRESET_PREFIX}{preset}") == project_open_clip_config(MODEL_PRESETS[preset])
+    ours = project_open_clip_config(MODEL_PRESETS[preset])
+    assert open_clip.get_model_config(f"{PRESET_OPEN_CLIP_PREFIX}{preset}") == ours
 
 
 def test_open_clip_builds_the_same_model_from_the_registered_preset():
     torch.manual_seed(0)
     ours = DualEncoder(MODEL_PRESETS["tiny"]).eval()
-    theirs = open_clip.create_model(f"{PRESET_PREFIX}tiny").eval()
+    theirs = open_clip.create_model(f"{PRESET_OPEN_CLIP_PREFIX}tiny").eval()
     theirs.load_state_dict(ours.clip.state_dict())
     images, tokens = torch.randn(2, 3, 32, 32), torch.randint(0, 49408, (2, 16))
     with torch.no_grad():
@@ -137,7 +138,8 @@ def test_the_tokenizer_follows_the_model(hf_clip):
     assert tokens.dtype == torch.long and tokens.shape == (3, 16) and torch.equal(tokens, expected)
     assert tokens[0, 7].item() == 1 and tokens[0, 8:].eq(0).all()  # 7 words, then </s>, then <pad>
     for cfg in (ModelConfig(name="ViT-B-32"), MODEL_PRESETS["tiny"]):  # open_clip's BPE tokenizer
-        expected = open_clip.get_tokenizer(cfg.name or f"{PRESET_PREFIX}tiny", context_length=cfg.context_length)(texts)
+        name = cfg.name or f"{PRESET_OPEN_CLIP_PREFIX}tiny"
+        expected = open_clip.get_tokenizer(name, context_length=cfg.context_length)(texts)
         assert torch.equal(Tokenizer(cfg)(texts), expected)
     # "siglip" in a name without hf_tokenizer_name: the config decides (open_clip's BPE), not open_clip's name guess
     bpe = open_clip.tokenizer.SimpleTokenizer(context_length=16)(texts)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from open_clip.loss import SigLipLoss
 
-from conftest import TEST_MODEL
+from conftest import BOTH_S3, TEST_MODEL
 from flexi_jest.config import MODEL_PRESETS, ModelConfig, TrainLearnerConfig, TrainReferenceConfig
 from flexi_jest.device import autocast, to_model_input
 from flexi_jest.distributed import World
@@ -92,6 +92,7 @@ def test_a_named_open_clip_model_imports_exactly_and_exports_to_open_clip(tiny_c
             assert torch.equal(loaded.encode_text(tokens, normalize=True), ours.encode_text(tokens))
 
 
+@BOTH_S3
 def test_an_init_checkpoint_on_s3_imports_exactly(tiny_clip_name, tmp_path, s3):
     """init_checkpoint s3://...: the object is read through the project's storage (a real S3 API: moto) and
     imports exactly as the same file does locally."""

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 from webdataset import TarWriter
 
-from conftest import TEST_MODEL
+from conftest import BOTH_S3, TEST_MODEL
 from flexi_jest import storage
 from flexi_jest.config import (
     CacheReferenceConfig, EvaluateConfig, MakeDataConfig, TrainLearnerConfig, TrainReferenceConfig, validated_stage_config,
@@ -201,6 +201,7 @@ def img2dataset_config(root: str, out_dir: str, **overrides) -> MakeDataConfig:
 
 
 @pytest.mark.slow  # img2dataset starts processes that import pandas, pyarrow and wandb: about a minute on 2 shared cores
+@BOTH_S3
 def test_an_img2dataset_pool_local_and_on_s3_runs_through_every_stage(img2dataset_dir, s3, tmp_path):
     local = make_data(img2dataset_config(str(img2dataset_dir), str(tmp_path / "local")))
     assert local.splits["pool"].num_samples == 40  # 41 URLs, 1 of them broken, alone in the last shard

@@ -1,12 +1,13 @@
 """Storage over local paths and over real S3 HTTP (moto's S3-compatible server on loopback, real minio client).
 
-moto does not check credentials, so the wrong-credentials path is tested as a unit test of the
-error mapping (explain_s3_error), not against the server.
+The S3 tests marked @BOTH_S3 run on moto and on SeaweedFS (a real S3 server, tests/seaweedfs.py). moto does not
+check credentials: the wrong-credentials path is a unit test of the error mapping (explain_s3_error) and a test
+against SeaweedFS, which checks them.
 """
 
 import pytest
 
-from conftest import free_port
+from conftest import BOTH_S3, free_port
 from flexi_jest import storage
 from flexi_jest.data.sample import Sample
 from flexi_jest.data.loader import StreamLoader
@@ -34,6 +35,7 @@ def test_local_write_interrupted_leaves_nothing(tmp_path, monkeypatch):
     assert not target.exists() and list(tmp_path.iterdir()) == []
 
 
+@BOTH_S3
 def test_s3_round_trip(s3):
     storage.write_bytes(f"{s3}/dir/a.txt", b"alpha")
     storage.write_bytes(f"{s3}/dir/b.json", b"{}")
@@ -47,6 +49,7 @@ def test_s3_round_trip(s3):
         storage.read_bytes(f"{s3}/dir/a.txt")
 
 
+@BOTH_S3
 def test_s3_multipart_upload(s3, tmp_path):
     big = tmp_path / "big.bin"
     big.write_bytes(bytes(range(256)) * (6 * 1024 * 1024 // 256 * 2))  # 12 MiB: two 6 MiB parts... minio uses 5 MiB+ parts
@@ -54,6 +57,7 @@ def test_s3_multipart_upload(s3, tmp_path):
     assert storage.sha256_file(f"{s3}/big.bin") == storage.sha256_bytes(big.read_bytes())
 
 
+@BOTH_S3
 def test_s3_interrupted_upload_is_never_visible(s3, monkeypatch):
     from minio import Minio
     original = Minio.put_object
@@ -73,8 +77,8 @@ def test_s3_interrupted_upload_is_never_visible(s3, monkeypatch):
 
     monkeypatch.setattr(Minio, "put_object", broken_put)
     monkeypatch.setattr(storage, "BACKOFF_SECONDS", 0.01)
-    with pytest.raises(Exception):
-        storage.write_bytes(f"{s3}/partial.bin", b"x" * 100_000)
+    with pytest.raises(storage.StorageError, match=r"partial\.bin after \d+ attempts: .*connection dropped mid-upload"):
+        storage.write_bytes(f"{s3}/partial.bin", b"x" * 100_000)  # retried, then one error naming the object
     monkeypatch.setattr(Minio, "put_object", original)
     assert not storage.exists(f"{s3}/partial.bin")
 
@@ -107,6 +111,23 @@ def test_error_mapping_for_credentials_and_transient_failures():
     assert storage.explain_s3_error(MaxRetryError(None, "/k", "refused"), "s3://b/k") is None  # retried
 
 
+@pytest.mark.parametrize("s3_backend", ["seaweedfs"])  # moto accepts any credentials
+def test_a_real_server_rejecting_the_credentials_is_a_clear_error_at_once(s3, monkeypatch):
+    storage.write_bytes(f"{s3}/k", b"x")
+    monkeypatch.setattr(storage, "BACKOFF_SECONDS", 60.0)  # a retry would take minutes: none is made
+    for key, secret, code in [("flexi-jest-tests", "wrong", "SignatureDoesNotMatch"), ("nobody", "x", "InvalidAccessKeyId")]:
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", key)
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+        for action in (lambda: storage.read_bytes(f"{s3}/k"), lambda: storage.exists(f"{s3}/k"),
+                       lambda: storage.write_bytes(f"{s3}/k", b"y"), lambda: storage.list_names(s3)):
+            with pytest.raises(storage.StorageError, match=rf"S3 rejected the credentials for {s3}.* \({code}\)"):
+                action()
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    with pytest.raises(storage.StorageError, match=r"rejected the credentials .*\(AccessDenied\)"):
+        storage.read_bytes(f"{s3}/k")  # anonymous
+
+
 def test_transient_errors_are_retried_then_succeed(monkeypatch):
     monkeypatch.setattr(storage, "BACKOFF_SECONDS", 0.0)
     attempts = {"n": 0}
@@ -120,6 +141,7 @@ def test_transient_errors_are_retried_then_succeed(monkeypatch):
     assert storage._with_retries("s3://b/k", flaky) == "ok" and attempts["n"] == 3
 
 
+@BOTH_S3
 def test_shards_on_s3_read_exactly_like_local_shards(s3, tmp_path):
     from PIL import Image
     samples = [Sample(f"k-{i:03d}", Image.new("RGB", (8, 8), (i, 0, 0)), f"caption {i}", {"i": i}) for i in range(25)]
@@ -137,6 +159,7 @@ def test_shards_on_s3_read_exactly_like_local_shards(s3, tmp_path):
     assert stats.skipped["checksum_mismatch"] == 1 and stats.skipped["short_shard"] == 1
 
 
+@BOTH_S3
 def test_stages_read_and_write_s3_uris(s3):
     """make-data, train-reference and cache-reference with every path an s3:// URI: only the scheme differs."""
     from conftest import TEST_MODEL
@@ -156,3 +179,19 @@ def test_stages_read_and_write_s3_uris(s3):
     cache = cache_reference(CacheReferenceConfig(reference=reference.checkpoint, pool=f"{s3}/data/pool"))
     assert cache.cache_dir.startswith(f"{s3}/data/pool/refcache-") and cache.num_samples == 60
     assert ReferenceCache(cache.cache_dir, f"{s3}/data/pool", reference.checkpoint_sha256).load_shard(f"{s3}/data/pool/shard-000001.tar")[1].shape[0] == 30
+
+
+@BOTH_S3
+def test_s3_keys_keep_every_character_of_their_name(s3):
+    """An S3 key is everything after the bucket: a `?` or `#` in a name (an ImageFolder class `what?`, a shard
+    `a#1.tar`) is part of the key, not a query or a fragment, and a tab is kept; two such names never collapse
+    into one object."""
+    names = ["what?/a.jpg", "what?/b.jpg", "c#1.tar", "c#2.tar", "tab\there.txt", "plain/x y+z%20.txt"]
+    for name in names:
+        storage.write_bytes(storage.join(s3, "odd", name), name.encode())
+    assert [storage.read_bytes(storage.join(s3, "odd", name)) for name in names] == [n.encode() for n in names]
+    assert all(storage.exists(storage.join(s3, "odd", name)) for name in names)
+    assert storage.list_tree(f"{s3}/odd") == sorted(names)
+    assert storage.list_names(f"{s3}/odd/what?") == ["a.jpg", "b.jpg"]
+    storage.remove(f"{s3}/odd/c#1.tar")
+    assert not storage.exists(f"{s3}/odd/c#1.tar") and storage.exists(f"{s3}/odd/c#2.tar")

@@ -3,10 +3,12 @@ import shutil
 
 import pytest
 import torch
+from pydantic import ValidationError
 
 from conftest import TEST_MODEL
 from flexi_jest.checkpoint import load_model
 from flexi_jest.config import CacheReferenceConfig, TrainLearnerConfig, TrainReferenceConfig
+from flexi_jest.data.noise import SAMPLE_KINDS
 from flexi_jest.data.shards import iter_split
 from flexi_jest.reference_cache import CacheError, ReferenceCache, cache_reference
 from flexi_jest.train import train_learner, train_reference
@@ -229,6 +231,46 @@ def test_offline_filter_trains_uniformly_on_the_kept_samples_and_is_charged_the_
     assert result.flops.reference_caching == pytest.approx(2e9 + 6 * pool * TEST_MODEL.embed_dim)
 
 
+def test_filter_then_jest_selects_only_among_the_samples_the_offline_filter_kept(
+        shapes_data, reference_cache, tmp_path, monkeypatch):
+    """filter+jest (prefilter_keep_ratio): the stream keeps the pool's top fraction by the reference's cosine,
+    with their reference embeddings attached; joint selection then picks the sub-batch from those only. The
+    learner scores its super-batch (scoring FLOPs) and is charged the reference, the cosines with its caching."""
+    from flexi_jest import train as train_module
+    from flexi_jest.reference_cache import OfflineFilter
+    filters: list[OfflineFilter] = []
+    monkeypatch.setattr(train_module, "OfflineFilter", lambda *a: filters.append(OfflineFilter(*a)) or filters[-1])
+    drawn: list[str] = []
+    original = train_module.ReferenceCache.attach
+
+    def recording(self, shard_name, raws):
+        for raw in original(self, shard_name, raws):
+            assert "ref_image_emb" in raw
+            drawn.append(raw["__key__"])
+            yield raw
+
+    monkeypatch.setattr(train_module.ReferenceCache, "attach", recording)
+    pool = shapes_data.splits["pool"].num_samples
+    result = train_learner(learner_config(shapes_data, reference_cache, tmp_path, method="joint",
+                                          prefilter_keep_ratio=0.25, steps=6, super_batch_size=40, n_chunks=2,
+                                          reference_training_flops=1e9, reference_caching_flops=2e9))
+    prefilter = filters[0]
+    assert prefilter.keep_ratio == 0.25 and drawn and set(drawn) <= prefilter.kept_keys
+    assert result.selection["offline_kept_fraction"] == pytest.approx(0.25, abs=1e-3)
+    assert result.flops.learner_scoring > 0 and result.flops.reference_training == 1e9
+    assert result.flops.reference_caching == pytest.approx(2e9 + 6 * pool * TEST_MODEL.embed_dim)
+    shares = [result.selection[f"selected_{kind}"] for kind in SAMPLE_KINDS]
+    assert sum(shares) == pytest.approx(1.0)
+
+
+def test_prefilter_is_for_selection_methods_with_a_reference_cache(shapes_data, reference_cache, tmp_path):
+    with pytest.raises(ValidationError, match="prefilter_keep_ratio is for method 'independent' or 'joint'"):
+        learner_config(shapes_data, reference_cache, tmp_path, method="uniform", prefilter_keep_ratio=0.3)
+    with pytest.raises(ValidationError, match="reference_cache is required with prefilter_keep_ratio"):
+        TrainLearnerConfig(pool=shapes_data.splits["pool"].path, out_dir=str(tmp_path), model=TEST_MODEL,
+                           method="joint", score="hard_learner", prefilter_keep_ratio=0.3)
+
+
 def test_offline_filter_keeps_fewer_noisy_samples_than_the_pool_holds(shapes_data, reference, tmp_path):
     """With a reference that has learnt something, the top 30 % by cosine is cleaner than the pool (the pool
     records each sample's noise kind in its json)."""
@@ -285,3 +327,19 @@ def test_a_checkpoint_of_another_config_is_not_resumed(shapes_data, reference_ca
         train_learner(learner_config(shapes_data, reference_cache, out, steps=3, optim={"lr": 1e-4}))
     resumed = train_learner(learner_config(shapes_data, reference_cache, out, steps=3))
     assert resumed.steps == 3 and (out / "model.pt").exists()
+
+
+def test_scoring_precision_changes_only_the_scoring_forward(shapes_data, reference_cache, tmp_path, monkeypatch):
+    """scoring_precision: the learner's no-grad scoring forward runs under that autocast, training under its own."""
+    from flexi_jest import train as train_module
+    seen: list[tuple[str, bool]] = []
+    original = train_module.autocast
+
+    def recording(device, precision):
+        seen.append((precision, torch.is_grad_enabled()))
+        return original(device, precision)
+
+    monkeypatch.setattr(train_module, "autocast", recording)
+    train_learner(learner_config(shapes_data, reference_cache, tmp_path, steps=2, precision="fp32",
+                                 scoring_precision="bf16"))
+    assert ("bf16", False) in seen and ("fp32", True) in seen and ("bf16", True) not in seen

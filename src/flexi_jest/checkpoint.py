@@ -44,18 +44,49 @@ def save_model(model: DualEncoder, uri: str) -> str:
     return storage.sha256_bytes(data)
 
 
+class ModelFileError(ValueError):
+    """A model file that is not one: unreadable bytes, a pickle torch refuses, or a payload of the wrong shape
+    (not {"model_config": {...}, "state_dict": {name: tensor}}, or weights that do not fit the config)."""
+
+
 def load_model(uri: str, device: torch.device | str = "cpu") -> tuple[DualEncoder, str]:
-    """(model, sha256) from a model file (or a training checkpoint, which holds one)."""
+    """(model, sha256) from a model file (or a training checkpoint, which holds one); anything else is a
+    ModelFileError naming the file and what is wrong with it."""
     data = storage.read_bytes(uri)
     try:
         payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ValueError(f"{uri} is not a readable flexi-jest model file: {exc}") from exc
-    if "model" in payload and "state_dict" not in payload:  # a training checkpoint
+        raise ModelFileError(f"{uri} is not a readable flexi-jest model file: {exc}") from exc
+    if isinstance(payload, dict) and "model" in payload and "state_dict" not in payload:  # a training checkpoint
         payload = payload["model"]
-    model = DualEncoder(ModelConfig.model_validate(payload["model_config"]))
-    model.clip.load_state_dict(payload["state_dict"])
-    return model.to(device), storage.sha256_bytes(data)
+    return _model_from_payload(uri, payload).to(device), storage.sha256_bytes(data)
+
+
+def _model_from_payload(uri: str, payload: Any) -> DualEncoder:
+    """The DualEncoder a model file's payload describes; a ModelFileError saying what is missing or wrong."""
+    def refuse(why: str) -> ModelFileError:
+        return ModelFileError(f"{uri} is not a readable flexi-jest model file: {why}")
+
+    if not isinstance(payload, dict):
+        raise refuse(f"it holds a {type(payload).__name__}, not a dict with model_config and state_dict")
+    missing = [key for key in ("model_config", "state_dict") if key not in payload]
+    if missing:
+        raise refuse(f"no {' and no '.join(missing)} (it has {sorted(map(str, payload))[:10]})")
+    config, weights = payload["model_config"], payload["state_dict"]
+    if not isinstance(config, dict):
+        raise refuse(f"model_config is a {type(config).__name__}, not a dict of model fields")
+    if not isinstance(weights, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                for k, v in weights.items()):
+        raise refuse("state_dict is not a dict of parameter names to tensors")
+    try:
+        model = DualEncoder(ModelConfig.model_validate(config))
+    except (ValueError, TypeError) as exc:  # pydantic.ValidationError is a ValueError
+        raise refuse(f"its model_config is not a valid model: {' '.join(str(exc).split())[:500]}") from exc
+    try:
+        model.clip.load_state_dict(weights)
+    except RuntimeError as exc:  # missing or unexpected keys, wrong shapes
+        raise refuse(f"its state_dict does not fit its model_config: {' '.join(str(exc).split())[:500]}") from exc
+    return model
 
 
 def save_checkpoint(out_dir: str, step: int, state: dict[str, Any], keep: int = 2) -> str:

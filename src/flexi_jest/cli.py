@@ -10,6 +10,7 @@ model; it prints its Pydantic result as JSON and writes it next to its outputs.
 """
 
 import argparse
+import errno
 import json
 import sys
 import time
@@ -20,7 +21,9 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from flexi_jest import __version__
-from flexi_jest.config import PROFILES, STAGE_CONFIGS, deep_merge, format_validation_error, stage_config
+from flexi_jest.config import (
+    METHOD_PRESETS, PROFILES, STAGE_CONFIGS, deep_merge, format_validation_error, stage_config,
+)
 from flexi_jest.run_identity import StaleOutputError
 from flexi_jest.stages import run_stage
 
@@ -95,11 +98,7 @@ def build_config(stage: str, args: argparse.Namespace) -> BaseModel:
 
 # ---- demo: every stage end to end -----------------------------------------------------------------------
 
-DEMO_METHODS = {
-    "uniform": {"method": "uniform"},
-    "jest": {"method": "joint", "score": "learnability"},
-    "flexi-jest": {"method": "joint", "score": "learnability", "scoring_patch_size": 16, "train_patch_sizes": [8, 16]},
-}
+DEMO_METHODS = {name: METHOD_PRESETS[name] for name in ("uniform", "jest", "flexi-jest")}
 
 
 def run_demo(workdir: str, dataset: str, profile: str, methods: list[str], learner_steps: int | None) -> list[dict[str, Any]]:
@@ -213,7 +212,10 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             parser.error(f"unknown demo methods {unknown}; expected some of {sorted(DEMO_METHODS)}")
         started = time.perf_counter()
-        rows = run_demo(args.workdir, args.dataset, args.profile, methods, args.learner_steps)
+        try:
+            rows = run_demo(args.workdir, args.dataset, args.profile, methods, args.learner_steps)
+        except Exception as exc:
+            return report_user_error("demo", exc)
         print()
         print(format_table(rows))
         print(f"\nend-to-end wall time: {time.perf_counter() - started:.1f} s; outputs under {args.workdir}")
@@ -231,15 +233,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(cfg.model_dump_json(indent=1))
         return 0
-    from flexi_jest.data.eval_sets import EvalSetError
-    from flexi_jest.models.tokenizer import TokenizerUnavailable
-    one_line_errors = (StaleOutputError, EvalSetError, TokenizerUnavailable)  # the message names the fix
     if tracked(args):
         try:
             result, run_id = run_tracked_stage(args.command, cfg, args.experiment)
-        except one_line_errors as exc:
-            print(f"{args.command}: {exc}", file=sys.stderr)
-            return 2
+        except Exception as exc:
+            return report_user_error(args.command, exc)
         from flexi_jest.tracking import tracking_uri
         print(f"[{args.command}] tracked as MLflow run {run_id} (experiment {args.experiment!r}, {tracking_uri()})",
               file=sys.stderr)
@@ -248,17 +246,57 @@ def main(argv: list[str] | None = None) -> int:
     from flexi_jest.distributed import is_main_process, shutdown
     try:
         result = run_stage(args.command, cfg)
-    except one_line_errors as exc:  # one line naming the problem, no traceback
+    except BaseException as exc:
         shutdown()  # under torchrun: leave the process group
-        print(f"{args.command}: {exc}", file=sys.stderr)
-        return 2
-    except BaseException:
-        shutdown()
+        if isinstance(exc, Exception):
+            return report_user_error(args.command, exc)
         raise
     shutdown(barrier=True)  # every rank finished: leave together
     if is_main_process():
         print(result.model_dump_json(indent=1))
     return 0
+
+
+# exit statuses of the one-line errors: the input is wrong (fix it and rerun), or the place the stage reads from
+# or writes to failed (disk full, storage or tracking server unreachable: rerun when it is back)
+BAD_INPUT, ENVIRONMENT = 2, 1
+DISK_ERRORS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+               errno.EROFS: "read-only file system", errno.EACCES: "permission denied", errno.EPERM: "not permitted"}
+
+
+def user_error(exc: BaseException) -> tuple[str, int] | None:
+    """(one line, exit status) for an error a user can cause, whose message names the problem (and the file,
+    set, field or server); None for anything else, which is a bug and keeps its traceback."""
+    from flexi_jest.checkpoint import ModelFileError
+    from flexi_jest.config import ConfigError
+    from flexi_jest.data.eval_sets import EvalSetError
+    from flexi_jest.data.shards import ShardError
+    from flexi_jest.data.specs import SpecError
+    from flexi_jest.models.tokenizer import TokenizerUnavailable
+    from flexi_jest.reference_cache import CacheError
+    from flexi_jest.storage import StorageError, UnsafeNameError
+    from flexi_jest.tracking import TrackingUnavailable
+
+    bad_input = (StaleOutputError, EvalSetError, TokenizerUnavailable, SpecError, ShardError, CacheError,
+                 ModelFileError, ConfigError, UnsafeNameError, FloatingPointError)  # FloatingPointError: diverged
+    if isinstance(exc, bad_input):
+        return " ".join(str(exc).split()), BAD_INPUT
+    if isinstance(exc, (StorageError, TrackingUnavailable)):
+        return " ".join(str(exc).split()), ENVIRONMENT
+    if isinstance(exc, OSError) and exc.errno in DISK_ERRORS:
+        where = exc.filename if exc.filename is not None else "(the file was not named)"
+        return f"{DISK_ERRORS[exc.errno]} writing {where} ([Errno {exc.errno}] {exc.strerror})", ENVIRONMENT
+    return None
+
+
+def report_user_error(command: str, exc: Exception) -> int:
+    """Print a user's error as one line on stderr and return its exit status; re-raise anything else."""
+    known = user_error(exc)
+    if known is None:
+        raise exc
+    message, status = known
+    print(f"{command}: {message}", file=sys.stderr)
+    return status
 
 
 def tracked(args: argparse.Namespace) -> bool:

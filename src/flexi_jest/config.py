@@ -9,14 +9,39 @@ within the sub-batch, a sub-batch of at least 2, eval_every with eval_data).
 """
 
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError, field_validator,
     model_validator,
 )
 
-from flexi_jest.data.noise import NoiseConfig
+from flexi_jest.data.access import DataAccess, spec_problem
+
+
+DATA_ACCESS_DESCRIPTION = ("what this stage's dataset specs may reach besides storage: pipe: commands "
+                           "(pipe_commands: the programs allowed) and http(s) (allow_http) are off unless enabled "
+                           "here (data/access.py, docs/security.md)")
+
+
+def _eval_set_uri(item: Any) -> Any:
+    """The uri of an eval_data entry ('name=uri', 'uri', a dict or an EvalSet); the entry itself if unparsable."""
+    try:
+        return EvalSet.parse(item).uri
+    except (ValueError, TypeError):
+        return item
+
+
+def check_data_access(access: DataAccess, specs: dict[str, Any]) -> None:
+    """ValueError '<field>: <why>' for the first dataset spec (field name -> spec) that access refuses."""
+    for field, spec in specs.items():
+        problem = spec_problem(spec, access) if isinstance(spec, str) else None
+        if problem:
+            raise ValueError(f"{field}: {problem}")
+
+
+def _eval_specs(items: list[Any]) -> dict[str, Any]:
+    return {f"eval_data.{index}": _eval_set_uri(item) for index, item in enumerate(items)}
 
 
 class StrictModel(BaseModel):
@@ -118,7 +143,7 @@ class ModelConfig(ConfigModel):
             name = name[len(PRESET_OPEN_CLIP_PREFIX):]  # a preset under its open_clip name
         if name in MODEL_PRESETS:
             return {**MODEL_PRESETS[name].model_dump(), **{k: v for k, v in data.items() if k != "name"}}
-        from flexi_jest.models.configs import fields_from_open_clip  # open_clip (torch) only for named models
+        from flexi_jest.models.open_clip_names import fields_from_open_clip  # open_clip (torch): named models only
 
         fields = fields_from_open_clip(name)
         for key, value in data.items():
@@ -169,7 +194,9 @@ Beta = Annotated[float, BeforeValidator(_not_a_boolean), Field(ge=0.0, lt=1.0)]
 
 
 class OptimConfig(ConfigModel):
-    lr: Float = Field(2e-3, gt=0)
+    lr: Float = Field(2.5e-4, gt=0, description=(
+        "peak learning rate (the tiny preset's: the best of a uniform-only sweep on a validation split, "
+        "docs/results.md; the paper profile sets 1e-3)"))
     weight_decay: Float = Field(1e-4, ge=0)
     warmup_steps: Int = Field(20, ge=0)
     betas: tuple[Beta, Beta] = Field((0.9, 0.95), description="AdamW's (beta1, beta2), each in [0, 1)")
@@ -177,6 +204,45 @@ class OptimConfig(ConfigModel):
 
 
 # ---- stage 0: data ------------------------------------------------------------------------------------
+
+
+class NoiseConfig(BaseModel):
+    """Probability that a pool sample suffers each kind of noise; the rest (1 - total) stay clean."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+    KINDS: ClassVar[tuple[str, ...]] = ("mismatched", "uninformative", "corrupted", "blank", "near_duplicate")
+
+    # share of each kind in a total rate, used by at_rate (sums to 1)
+    AT_RATE_PROPORTIONS: ClassVar[dict[str, float]] = {
+        "mismatched": 0.5, "uninformative": 0.2, "corrupted": 0.1, "blank": 0.1, "near_duplicate": 0.1,
+    }
+
+    mismatched: Float = Field(0.0, ge=0.0, le=1.0, description="caption of another random sample")
+    uninformative: Float = Field(0.0, ge=0.0, le=1.0, description="generic caption ('image', 'IMG_2041')")
+    corrupted: Float = Field(0.0, ge=0.0, le=1.0, description="image drowned in noise or blocks, caption kept")
+    blank: Float = Field(0.0, ge=0.0, le=1.0, description="flat or near-flat image, caption kept")
+    near_duplicate: Float = Field(0.0, ge=0.0, le=1.0, description="perturbed copy of an earlier sample")
+
+    @model_validator(mode="after")
+    def _fractions_sum_to_at_most_one(self) -> "NoiseConfig":
+        if self.total > 1.0 + 1e-9:
+            parts = ", ".join(f"{kind}={getattr(self, kind)}" for kind in self.KINDS)
+            raise ValueError(f"noise fractions must sum to at most 1, got {self.total:.4g} ({parts})")
+        return self
+
+    @property
+    def total(self) -> float:
+        """The share of samples that are noisy in any way."""
+        return sum(getattr(self, kind) for kind in self.KINDS)
+
+    @classmethod
+    def at_rate(cls, rate: float) -> "NoiseConfig":
+        """A total noise rate split by AT_RATE_PROPORTIONS: at_rate(0.8) -> mismatched 0.4,
+        uninformative 0.16, corrupted 0.08, blank 0.08, near_duplicate 0.08."""
+        if not 0.0 <= rate <= 1.0:
+            raise ValueError(f"rate must be in [0, 1], got {rate}")
+        return cls(**{kind: round(rate * share, 12) for kind, share in cls.AT_RATE_PROPORTIONS.items()})
 
 
 class MakeDataConfig(ConfigModel):
@@ -208,6 +274,7 @@ class MakeDataConfig(ConfigModel):
     noise: NoiseConfig = Field(default_factory=lambda: NoiseConfig.at_rate(0.6))
     samples_per_shard: Int = Field(1000, ge=1)
     image_format: Literal["png", "jpg"] = "png"
+    data_access: DataAccess = Field(default_factory=DataAccess, description=DATA_ACCESS_DESCRIPTION)
 
     @model_validator(mode="after")
     def _check_source(self) -> "MakeDataConfig":
@@ -216,6 +283,7 @@ class MakeDataConfig(ConfigModel):
             missing = [name for name, spec in specs.items() if not spec]
             if missing:
                 raise ValueError(f"source 'register' needs a dataset spec for {', '.join(missing)}")
+            check_data_access(self.data_access, specs)
         elif any(specs.values()):
             given = ", ".join(name for name, spec in specs.items() if spec)
             raise ValueError(f"{given}: dataset specs are read with source 'register' (source is 'generate')")
@@ -288,6 +356,13 @@ class TrainingConfig(ConfigModel):
     max_consecutive_bad_samples: Int = Field(10_000, ge=0, description=(
         "fail when this many training samples in a row are unusable (undecodable image, blank caption, ...); "
         "0: no limit. A whole epoch without a usable sample fails regardless"))
+    data_access: DataAccess = Field(default_factory=DataAccess, description=DATA_ACCESS_DESCRIPTION)
+
+    @model_validator(mode="after")
+    def _check_data_access(self) -> "TrainingConfig":
+        check_data_access(self.data_access, {"data": getattr(self, "data", None), "pool": getattr(self, "pool", None),
+                                             **_eval_specs(self.eval_data)})
+        return self
 
     @model_validator(mode="after")
     def _check_patches(self) -> "TrainingConfig":
@@ -301,7 +376,7 @@ class TrainingConfig(ConfigModel):
 
 
 class FlopsBreakdown(StrictModel):
-    """FLOPs by part (JEST.md 'FLOP accounting'); the reference's share is counted once."""
+    """FLOPs by part (docs/method.md, 'FLOP accounting'); the reference's share is counted once."""
 
     learner_scoring: float = 0.0
     learner_training: float = 0.0
@@ -355,6 +430,12 @@ class CacheReferenceConfig(ConfigModel):
     patch_size: Int | None = Field(None, ge=1, description="patch size of the reference's image forward; default its base")
     batch_size: Int = Field(256, ge=1)
     device: Device = "auto"
+    data_access: DataAccess = Field(default_factory=DataAccess, description=DATA_ACCESS_DESCRIPTION)
+
+    @model_validator(mode="after")
+    def _check_data_access(self) -> "CacheReferenceConfig":
+        check_data_access(self.data_access, {"pool": self.pool})
+        return self
 
 
 class CacheReferenceResult(StrictModel):
@@ -387,11 +468,17 @@ class TrainLearnerConfig(TrainingConfig):
     n_chunks: Int = Field(16, ge=1)
     offline_keep_ratio: Float = Field(0.3, gt=0.0, le=1.0, description=(
         "offline-filter: fraction of the pool kept, by the reference's cosine (DataComp's CLIP-score filter: 0.3)"))
+    prefilter_keep_ratio: Float | None = Field(None, gt=0.0, le=1.0, description=(
+        "independent / joint: first keep only this fraction of the pool by the reference's cached image-text cosine "
+        "(the offline filter), then select from what is kept ('filter+jest'); None: select from the whole pool"))
     selection_scope: Literal["global", "local"] = Field("global", description=(
         "with several processes: 'global' gathers the super-batch's embeddings and selects over all of it "
         "(equal to one process); 'local' selects within each rank's shard, without the gather"))
     super_batch_size: Int = Field(640, ge=2, description="B; the sub-batch is round(B * (1 - filter_ratio))")
     scoring_patch_size: Int | None = Field(None, ge=1, description="learner patch size when scoring; default model.patch_size")
+    scoring_precision: Literal["fp32", "amp", "bf16"] | None = Field(None, description=(
+        "precision of the learner's scoring forward (no gradient); None: the training precision. 'bf16' on a CPU "
+        "with bf16 instructions scores 1.5x faster than fp32 (bench/scoring_pass.py)"))
     reference_training_flops: Float = Field(0.0, ge=0, description="the reference's training FLOPs, counted once in the total")
     reference_caching_flops: Float = Field(0.0, ge=0, description="the reference's pass over the pool, counted once")
 
@@ -404,6 +491,12 @@ class TrainLearnerConfig(TrainingConfig):
     def _check_learner(self) -> "TrainLearnerConfig":
         if self.method == "offline-filter" and self.reference_cache is None:
             raise ValueError("reference_cache is required for method='offline-filter' (it filters by the reference's "
+                             "cached cosines)")
+        if self.prefilter_keep_ratio is not None and self.method not in ("independent", "joint"):
+            raise ValueError(f"prefilter_keep_ratio is for method 'independent' or 'joint' (the offline filter, then "
+                             f"selection), not {self.method!r}: for the offline filter alone use offline_keep_ratio")
+        if self.prefilter_keep_ratio is not None and self.reference_cache is None:
+            raise ValueError("reference_cache is required with prefilter_keep_ratio (it filters by the reference's "
                              "cached cosines)")
         if self.method not in ("uniform", "offline-filter") and self.reference_cache is None and self.score != "hard_learner":
             raise ValueError(f"reference_cache is required for method={self.method!r} with score={self.score!r}")
@@ -484,6 +577,7 @@ class EvaluateConfig(ConfigModel):
     champion_metric: str | None = Field(None, pattern=r"^.+\.[A-Za-z0-9_]+$", description=(
         "'<eval set name>.<metric>' that promotion compares, e.g. imagenet-val.top1; default: the first eval "
         "set's top1 (its image_to_text_r1 if it has no labels)"))
+    data_access: DataAccess = Field(default_factory=DataAccess, description=DATA_ACCESS_DESCRIPTION)
 
     @field_validator("eval_data")
     @classmethod
@@ -493,6 +587,11 @@ class EvaluateConfig(ConfigModel):
         if repeated:
             raise ValueError(f"eval set names must be unique; repeated: {repeated}")
         return items
+
+    @model_validator(mode="after")
+    def _check_data_access(self) -> "EvaluateConfig":
+        check_data_access(self.data_access, _eval_specs(self.eval_data))
+        return self
 
 
 class SplitMetrics(StrictModel):
@@ -552,6 +651,20 @@ class ChampionRule(StrictModel):
     allow_partial: bool = Field(False, description=(
         "crown a version whose compared metric was measured on an eval set with unreadable samples (evaluated "
         "with allow_partial; its shortfall > 0). Default: such a version is not crowned, and the reason says why"))
+
+
+# ---- method presets ---------------------------------------------------------------------------------------------
+
+# The learner config fields each named method sets: the CLI's demo, the benchmark and the pipeline read this one
+# table. Patch sizes are the tiny preset's (32 px): patch 8 plays the paper's 16 and patch 16 its 32.
+METHOD_PRESETS: dict[str, dict[str, Any]] = {
+    "uniform": {"method": "uniform"},
+    "offline-filter": {"method": "offline-filter", "offline_keep_ratio": 0.3},  # DataComp's CLIP-score top 30 %
+    "jest": {"method": "joint", "score": "learnability"},
+    "flexi-jest": {"method": "joint", "score": "learnability", "scoring_patch_size": 16, "train_patch_sizes": [8, 16]},
+    # the offline filter's top 30 % first, then joint learnability on what it kept (a practitioner's combination)
+    "filter+jest": {"method": "joint", "score": "learnability", "prefilter_keep_ratio": 0.3},
+}
 
 
 # ---- profiles ---------------------------------------------------------------------------------------------------

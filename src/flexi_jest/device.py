@@ -1,5 +1,6 @@
-"""Where tensors run: device choice, model input conversion, mixed precision."""
+"""Where tensors run: device choice, CPU threads, model input conversion, mixed precision."""
 
+import os
 from typing import Literal, Sequence
 
 import torch
@@ -17,6 +18,23 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} requested but CUDA is not available")
     return device
+
+
+SHARED_CPU_ENV = "FLEXI_JEST_SHARED_CPU_TASKS"
+
+
+def share_cpu_threads(env: dict[str, str] | None = None) -> int:
+    """Take this process's share of the machine's cores when several training processes run side by side on it
+    (KFP local execution runs a ParallelFor's baselines at once): with FLEXI_JEST_SHARED_CPU_TASKS=N set, torch
+    uses max(1, cores // N) threads instead of every core in each process (N processes x all cores
+    oversubscribe the CPU and each waits on the others). Unset (a pod on a cluster, a GPU run): nothing
+    changes. Returns the thread count torch uses."""
+    value = (os.environ if env is None else env).get(SHARED_CPU_ENV, "")
+    if value:
+        if not value.isdigit() or int(value) < 1:
+            raise ValueError(f"{SHARED_CPU_ENV}={value!r}: expected the number of processes sharing the CPU (>= 1)")
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(value)))
+    return torch.get_num_threads()
 
 
 HALF_RANGE = (0.5, 0.5, 0.5)  # mean = std = 0.5: pixels to [-1, 1] (SigLIP, the project's configs)

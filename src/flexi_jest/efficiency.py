@@ -1,7 +1,7 @@
 """Learning efficiency: an eval metric against total training FLOPs, and what each method pays to reach a target.
 
 A run's curve is [(total_flops, metric)] at each evaluation its training made (metrics.jsonl records with
-an "eval" entry; total_flops = scoring + training + the reference's share, JEST.md). Per method (several
+an "eval" entry; total_flops = scoring + training + the reference's share, docs/method.md). Per method (several
 seeds = several curves) the summary holds:
 
     final_metric            metric at the end of the seed-mean curve (with the spread over seeds)
@@ -14,6 +14,7 @@ functions and `figure`, so a pipeline run's report shows the same plot as the be
 """
 
 import json
+import math
 import statistics
 from typing import Any
 
@@ -60,6 +61,17 @@ def gain_over_last(points: Curve, fraction: float = 0.2) -> float:
     return points[-1][1] - points[0][1]
 
 
+def break_even_runs(method_cost: float, method_fixed: float, baseline_cost: float, baseline_fixed: float = 0.0
+                    ) -> int | None:
+    """How many learner runs on one pool and reference it takes before the method's total, charged, falls below the
+    baseline's: the smallest N with N * method_cost + method_fixed < N * baseline_cost + baseline_fixed, where
+    *_cost is a run's learner FLOPs (to the target) and *_fixed what is paid once whatever the number of runs (the
+    reference's training and its caching pass). None: never (the method's learner FLOPs are not lower)."""
+    if method_cost >= baseline_cost:
+        return None
+    return max(1, math.floor((method_fixed - baseline_fixed) / (baseline_cost - method_cost)) + 1)
+
+
 def mean_curve(curves: list[Curve]) -> Curve:
     """Seed-mean curve. A method's seeds run the same steps and evaluate at the same FLOPs, so the
     points line up; where they do not (a different length), the common prefix is averaged."""
@@ -102,6 +114,7 @@ def summarize(curves: dict[str, list[Curve]], metric: str, reference_share: dict
             if cost and baseline_cost and cost > share else None,
             "mean_curve": mean,
         }
+        steps = None
         if name in step_means:
             steps = flops_to_reach(step_means[name], target) if target is not None else None
             methods[name].update(
@@ -109,8 +122,31 @@ def summarize(curves: dict[str, list[Curve]], metric: str, reference_share: dict
                 steps_to_target_per_seed=[flops_to_reach(c, target) if target is not None else None
                                           for c in step_curves[name]],
                 steps_ratio_vs_uniform=(baseline_steps / steps) if steps and baseline_steps else None)
+        baseline_share = reference_share.get(baseline, 0.0)
+        methods[name]["accountings"] = accountings(cost, share, baseline_cost, baseline_share, steps, baseline_steps)
+        learner_cost = cost - share if cost is not None and cost > share else None
+        methods[name]["break_even_runs"] = (
+            break_even_runs(learner_cost, share, baseline_cost - baseline_share, baseline_share)
+            if learner_cost is not None and baseline_cost is not None else None)
     return {"metric": metric, "baseline": baseline, "target": target, "uniform_flops_to_target": baseline_cost,
             "methods": methods}
+
+
+def accountings(cost: float | None, share: float, baseline_cost: float | None, baseline_share: float,
+                steps: float | None = None, baseline_steps: float | None = None) -> list[dict[str, Any]]:
+    """A method's cost to the target under both accountings (docs/method.md), one dict each with its name:
+    "learner" (the paper's count: its scoring and training only, the reference's cached embeddings free) and
+    "charged" (the reference's training, its caching pass and the offline filter's cosines added once). cost and
+    baseline_cost are charged totals to the target (None: never reached); share, baseline_share the reference's
+    FLOPs inside them. The iterations ratio is the same in both (a step is a step)."""
+    out = []
+    for accounting, own, base in (("learner", share, baseline_share), ("charged", 0.0, 0.0)):
+        mine = cost - own if cost is not None and cost > own else None
+        theirs = baseline_cost - base if baseline_cost is not None and baseline_cost > base else None
+        out.append({"accounting": accounting, "flops_to_target": mine,
+                    "flops_ratio": theirs / mine if mine and theirs else None,
+                    "steps_ratio": baseline_steps / steps if steps and baseline_steps else None})
+    return out
 
 
 def figure(curves: dict[str, list[Curve]], summary: dict[str, Any], title: str):

@@ -35,6 +35,7 @@ from flexi_jest.data.eval_sets import (
 )
 from flexi_jest.data.shards import PartialReadError, ReadStats
 from flexi_jest.data.transforms import ImageTransform
+from flexi_jest.finite import check_embeddings_finite
 from flexi_jest.models import DualEncoder, Tokenizer
 from flexi_jest.device import autocast, resolve_device, to_model_input
 
@@ -192,6 +193,7 @@ def score_eval_set(model: DualEncoder, tokenizer: Tokenizer, eval_set: OpenedEva
     labels, metrics["classification_skipped"] = class_indices(eval_set, embedded["labels"])
     if labels is not None:
         classifier = zero_shot_classifier(model, tokenizer, eval_set.classnames, eval_set.templates, device)
+        check_embeddings_finite(classifier, f"the model on eval set {eval_set.uri}, class-prompt embeddings")
         metrics.update(classification_accuracy(embedded["image_emb"], labels, classifier))
         metrics["mean_per_class_recall"] = mean_per_class_recall(embedded["image_emb"], labels, classifier)
     captioned = int(torch.unique(embedded["text_image"]).numel())
@@ -211,17 +213,23 @@ def score_eval_set(model: DualEncoder, tokenizer: Tokenizer, eval_set: OpenedEva
 def evaluate_model(
     model: DualEncoder, eval_sets: list[str | EvalSet], patch_size: int | None = None, batch_size: int = 256,
     device: torch.device | None = None, max_samples: int | None = None, allow_partial: bool = False,
+    model_name: str = "the model",
 ) -> dict[str, SplitMetrics]:
     """Zero-shot classification and retrieval on each eval set ('name=uri', 'uri' or EvalSet), keyed by its
     name (given, or derived from its path and unique in the call: flexi_jest.data.eval_sets.assign_names).
 
-    A set that cannot be read whole raises PartialReadError unless allow_partial (see the module doc)."""
+    A set that cannot be read whole raises PartialReadError unless allow_partial (see the module doc). Embeddings
+    with a NaN or an infinity (a diverged model) raise NonFiniteError naming model_name and the set: top-k over
+    NaN logits still gives plausible numbers."""
     device = device or next(model.parameters()).device
     tokenizer = Tokenizer(model.cfg)
     opened = [open_eval_set(EvalSet.parse(item)) for item in eval_sets]
     results: dict[str, SplitMetrics] = {}
     for name, eval_set in zip(assign_names(opened), opened):
         embedded = embed_eval_set(model, tokenizer, eval_set, patch_size, batch_size, device, max_samples, allow_partial)
+        for kind in ("image", "text"):
+            check_embeddings_finite(embedded[f"{kind}_emb"], f"{model_name} on eval set {name!r} ({eval_set.uri}), "
+                                                             f"{kind} embeddings")
         stats: ReadStats = embedded["stats"]
         scored = embedded["image_emb"].shape[0]
         expected = eval_set.expected_samples  # the manifest's, img2dataset's stats, an ImageFolder's images
@@ -258,7 +266,7 @@ def evaluate(cfg: EvaluateConfig) -> EvaluateResult:
     device = resolve_device(cfg.device)
     model, _ = load_model(cfg.model, device)
     splits = evaluate_model(model, cfg.eval_data, cfg.patch_size, cfg.batch_size, device, cfg.max_samples,
-                            cfg.allow_partial)
+                            cfg.allow_partial, model_name=f"model {cfg.model}")
     result = EvaluateResult(model=cfg.model, splits=splits)
     result.champion_metric, result.champion_value = champion(result, cfg.champion_metric)
     if cfg.out_path:

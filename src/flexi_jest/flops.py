@@ -1,4 +1,4 @@
-"""FLOP accounting (JEST.md): analytic forward FLOPs of each tower, and the per-run ledger.
+"""FLOP accounting (docs/method.md#flop-accounting): analytic forward FLOPs of each tower, and the per-run ledger.
 
 A multiply-add counts as 2 FLOPs, as torch.utils.flop_counter does; like it, we count the matrix
 products (patch embedding, attention projections and products, MLPs, output heads) and ignore
@@ -96,8 +96,9 @@ def offline_filter_flops(pool_size: int, reference_dim: int) -> int:
 
 def uses_reference(cfg: TrainLearnerConfig) -> bool:
     """Whether a learner run relies on the reference (and is charged its share): every score but hard_learner
-    under independent / joint selection, and the offline filter."""
-    return cfg.method == "offline-filter" or (cfg.method != "uniform" and cfg.score != "hard_learner")
+    under independent / joint selection, the offline filter, and selection after an offline pre-filter."""
+    return (cfg.method == "offline-filter" or cfg.prefilter_keep_ratio is not None
+            or (cfg.method != "uniform" and cfg.score != "hard_learner"))
 
 
 def learner_step_flops(cfg: TrainLearnerConfig, reference_dim: int) -> int:
@@ -108,12 +109,12 @@ def learner_step_flops(cfg: TrainLearnerConfig, reference_dim: int) -> int:
         return train
     scoring = scoring_step_flops(cfg.model, cfg.super_batch_size, cfg.scoring_patch_size or cfg.model.patch_size,
                                  cfg.sub_batch_size, cfg.method, cfg.score != "easy_reference",
-                                 reference_dim if uses_reference(cfg) else None)
+                                 reference_dim if cfg.score != "hard_learner" else None)
     return train + scoring
 
 
 def steps_for_budget(budget: float, cfg: TrainLearnerConfig, reference_share: float, reference_dim: int) -> int:
-    """Steps a learner runs on a total-FLOP budget (the benchmark's rule, JEST.md): the budget less the
+    """Steps a learner runs on a total-FLOP budget (the benchmark's rule, docs/method.md#budgets): the budget less the
     reference's share where the method uses the reference, divided by its step's FLOPs; at least 1."""
     own = budget - (reference_share if uses_reference(cfg) else 0.0)
     return max(1, round(own / learner_step_flops(cfg, reference_dim)))

@@ -36,7 +36,8 @@ from flexi_jest.config import CacheReferenceConfig, CacheReferenceResult
 from flexi_jest.device import resolve_device, to_model_input
 from flexi_jest.flops import offline_filter_flops, pair_forward_flops
 from flexi_jest.models import Tokenizer
-from flexi_jest.data.shards import IMAGE_EXTENSIONS, ReadStats, decode_sample, iter_tar, read_manifest
+from flexi_jest.data.manifest import read_manifest
+from flexi_jest.data.shards import IMAGE_EXTENSIONS, ReadStats, decode_sample, iter_tar
 from flexi_jest.data.specs import resolve
 from flexi_jest.selection import offline_keep_mask, pair_cosines
 
@@ -374,7 +375,7 @@ class OfflineFilter:
     """The offline filter's side of the training stream: keep the top keep_ratio of the pool by the reference's
     cached image-text cosine, drop (and count) the rest as shards are read.
 
-    Use as SampleStream's `attach` hook: filter(shard_name, raw_samples) yields the kept raw samples. The
+    Use as StreamLoader's `attach` hook (data/loader.py): filter(shard_name, raw_samples) yields the kept raw samples. The
     decision is a fixed function of the sample's key, so a resumed stream drops the same samples.
     Fields: threshold (the lowest kept cosine, the (1 - keep_ratio) quantile of the pool's), pool_size, kept,
     dropped (samples dropped so far by the stream, all epochs), flops (the cosines: 6 d FLOPs a sample)."""

@@ -7,6 +7,7 @@ trained models an MLflow model. They import nothing from KFP; components/ wraps 
 """
 
 import json
+import re
 from html import escape
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,16 @@ from flexi_jest.config import (
 
 
 def run_stage(stage: str, cfg: BaseModel) -> BaseModel:
-    """Run one stage's library function on its validated config (training on several processes: torchrun_stage)."""
+    """Run one stage's library function on its validated config (training on several processes: torchrun_stage),
+    its dataset specs resolved and read under the config's data_access (data/access.py: storage only unless the
+    config enables more)."""
+    from flexi_jest.data.access import granted
+
+    with granted(getattr(cfg, "data_access", None)):
+        return _run_stage(stage, cfg)
+
+
+def _run_stage(stage: str, cfg: BaseModel) -> BaseModel:
     processes = training_processes(cfg)
     if processes > 1:
         return torchrun_stage(stage, cfg, processes)
@@ -80,6 +90,13 @@ KNOB_FIELDS = {"learning_rate": "optim.lr", "steps": "steps", "super_batch_size"
                "batch_size": "batch_size", "model_name": "model", "init_checkpoint": "init_checkpoint"}
 
 
+def with_data_access(values: dict[str, Any], data_access: str) -> dict[str, Any]:
+    """values (a stage's JSON config) with the pipeline's data_access (a JSON object of config.DataAccess: which
+    pipe: programs and whether http(s) its dataset specs may use); "" or "{}" keeps the config's own (off)."""
+    access = json.loads(data_access or "{}")
+    return {**values, "data_access": access} if access else values
+
+
 def with_knobs(values: dict[str, Any], **knobs: Any) -> dict[str, Any]:
     """values (a stage's JSON config) with the pipeline's typed knobs on top (KNOB_FIELDS: learning_rate sets
     optim.lr, model_name a model preset of config.MODEL_PRESETS, ...); a knob at 0 or "" keeps the config's value."""
@@ -127,15 +144,17 @@ def with_eval_points(stage: str, values: dict[str, Any], profile: str, eval_data
     return values
 
 
-BASELINE_BUDGETS = ("flops", "steps")
+BASELINE_BUDGETS = ("learner-flops", "flops", "steps")
 
 
-def flop_matched_steps(values: dict[str, Any], main_values: dict[str, Any], profile: str) -> int:
-    """Steps for a baseline learner (values) on the main learner's total-FLOP budget (main_values; the benchmark's
-    rule, bench/learning_efficiency.py): budget = the main learner's steps x its step FLOPs + the reference's
-    share (training and caching pass) if the main learner uses the reference; the baseline gets the budget less
-    the share if it uses the reference itself (the offline filter: plus its cosines), divided by its own step
-    FLOPs. Both configs name the same reference cache, whose manifest gives the embedding width and pool size."""
+def flop_matched_steps(values: dict[str, Any], main_values: dict[str, Any], profile: str, charged: bool = True) -> int:
+    """Steps for a baseline learner (values) on the main learner's FLOP budget (main_values; the benchmark's
+    rules, bench/learning_efficiency.py). charged=False, the paper's count: the budget is the main learner's own
+    FLOPs (its steps x its step's scoring and training FLOPs; the reference's cached embeddings free), divided by
+    the baseline's step FLOPs. charged=True: budget = the same + the reference's share (training and caching
+    pass) if the main learner uses the reference; the baseline gets the budget less the share if it uses the
+    reference itself (the offline filter: plus its cosines). Both configs name the same reference cache, whose
+    manifest gives the embedding width and pool size."""
     from flexi_jest import flops
     from flexi_jest.config import TrainLearnerConfig
     from flexi_jest.reference_cache import ReferenceCache
@@ -148,23 +167,28 @@ def flop_matched_steps(values: dict[str, Any], main_values: dict[str, Any], prof
     manifest = ReferenceCache(own.reference_cache).manifest
     dim = int(manifest["embed_dim"])
     share = main.reference_training_flops + main.reference_caching_flops
-    budget = main.steps * flops.learner_step_flops(main, dim) + (share if flops.uses_reference(main) else 0.0)
+    budget = main.steps * flops.learner_step_flops(main, dim)
+    if not charged:
+        return flops.steps_for_budget(budget, own, 0.0, dim)
+    budget += share if flops.uses_reference(main) else 0.0
     own_share = own.reference_training_flops + own.reference_caching_flops
-    if own.method == "offline-filter":
+    if own.method == "offline-filter" or own.prefilter_keep_ratio is not None:
         own_share += flops.offline_filter_flops(int(manifest["num_samples"]), dim)
     return flops.steps_for_budget(budget, own, own_share, dim)
 
 
 def baseline_values(values: dict[str, Any], main_values: dict[str, Any], profile: str, budget: str) -> dict[str, Any]:
-    """A pipeline baseline learner's config: budget "flops" sets its steps to spend the main learner's total FLOPs
-    (flop_matched_steps); "steps" keeps the steps it has (the main learner's, through the same knobs)."""
+    """A pipeline baseline learner's config: budget "learner-flops" (the paper's count) sets its steps to spend the
+    main learner's own FLOPs, the reference's cached embeddings free; "flops" the main learner's total FLOPs with
+    the reference's share charged to whichever uses it (flop_matched_steps); "steps" keeps the steps it has (the
+    main learner's, through the same knobs)."""
     from flexi_jest.config import ConfigError
 
     if budget not in BASELINE_BUDGETS:
         raise ConfigError(f"baseline_budget must be one of {list(BASELINE_BUDGETS)}, got {budget!r}")
     if budget == "steps":
         return values
-    return {**values, "steps": flop_matched_steps(values, main_values, profile)}
+    return {**values, "steps": flop_matched_steps(values, main_values, profile, charged=budget == "flops")}
 
 
 def output_location(storage_root: str, artifact_uri: str, artifact_path: str, name: str) -> str:
@@ -224,9 +248,120 @@ RERUN_INPUTS = {
 }
 
 
-def resolve_earlier_run(from_run: str, parent_run_id: str = "", stage: str = "train_learner") -> dict[str, str]:
+class RecordedOutputError(ValueError):
+    """An output an earlier run recorded on MLflow (a tag anyone with write access can change) is not what the
+    stage that wrote it could have written; the message names the tag, the run and why."""
+
+
+DATASET_OUTPUTS = {"curated": "curated", "pool": "pool", "eval_split": "eval"}  # tag name -> make-data split
+FILE_OUTPUTS = ("reference", "cache", "learner")  # written by the pipeline's stages under its storage root
+HEX_SHA256 = re.compile(r"[0-9a-f]{64}")
+VERSION_NUMBER = re.compile(r"[0-9]{1,12}")
+RUN_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+BESIDE_ARTIFACTS = "(beside the KFP artifacts)"  # the storage_root param of a run that kept data beside them
+MAX_RERUN_CHAIN = 16
+
+
+def _storage_uri_problem(value: str) -> str | None:
+    """Why value is not one storage URI (a path, file://, s3://) a stage wrote, or None."""
+    if not value or any(c in value for c in "\0\n\r"):
+        return "is empty or holds a control character"
+    if value.startswith(("pipe:", "http://", "https://")) or "::" in value:
+        return "is not a storage URI (a path, file:// or s3://)"
+    scheme = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*):", value)
+    if scheme and scheme[1] not in ("s3", "file"):
+        return f"has the scheme {scheme[1]!r}; expected a path, file:// or s3://"
+    if any(part == ".." for part in value.split("/")):
+        return "has a '..' component"
+    return None
+
+
+def _storage_roots(client, earlier) -> list[str] | None:
+    """The storage roots (storage_root params, which MLflow never lets change) of the earlier run and the runs it
+    resolved its own inputs from (flexi_jest.from_run); None if one of them kept data beside its KFP artifacts
+    (no root to check against)."""
+    roots, run, seen = [], earlier, set()
+    while run is not None and run.info.run_id not in seen and len(seen) < MAX_RERUN_CHAIN:
+        seen.add(run.info.run_id)
+        root = run.data.params.get("storage_root", "")
+        if not root or root == BESIDE_ARTIFACTS:
+            return None
+        roots.append(root.rstrip("/") + "/")
+        source = run.data.tags.get("flexi_jest.from_run")
+        try:
+            run = client.get_run(source) if source else None
+        except Exception:  # noqa: BLE001 - a from_run that no longer resolves ends the chain
+            run = None
+    return roots
+
+
+def _registered_specs(client, resolved: dict[str, str]) -> dict[str, str]:
+    """What the earlier run's make-data stage read or wrote, by tag name (from its params, which cannot change);
+    empty when the run recorded no make-data stage (a rerun's own parent) or it cannot be read."""
+    run_id = resolved.get("make-data.mlflow_run_id")
+    if not run_id:
+        return {}
+    try:
+        params = client.get_run(run_id).data.params
+    except Exception:  # noqa: BLE001 - no stage run to compare with: the tag is checked by kind only
+        return {}
+    if params.get("source") == "register":
+        return {name: params[split] for name, split in DATASET_OUTPUTS.items() if params.get(split)}
+    if params.get("out_dir"):
+        return {name: storage.join(params["out_dir"], split) for name, split in DATASET_OUTPUTS.items()}
+    return {}
+
+
+def check_recorded_outputs(resolved: dict[str, str], earlier, client, data_access=None) -> None:
+    """Check what a rerun resolved from an earlier run's MLflow tags before anything uses it: dataset specs
+    (curated, pool, eval_split) under the same data-access rules as a config (data/access.py: no pipe: or
+    http(s) unless data_access enables it; SpecError) and, where the run recorded its make-data stage, equal to
+    what that stage registered or wrote; model and cache URIs storage URIs under the storage root of the run
+    (and of the runs it was resolved from) when it had one; sha256s, versions and run ids of their form.
+    Raises RecordedOutputError (or SpecError) naming the tag and the run."""
+    from flexi_jest import tracking
+    from flexi_jest.data.access import DataAccess, check_spec
+
+    access = data_access if isinstance(data_access, DataAccess) else DataAccess.model_validate(data_access or {})
+    run_id = resolved["parent_run_id"]
+
+    def where(name: str) -> str:
+        stage_tag = name.endswith(".mlflow_run_id")
+        tag = f"{tracking.STAGE_TAG}{name.removesuffix('.mlflow_run_id')}" if stage_tag else f"{tracking.OUTPUT_TAG}{name}"
+        return f"MLflow tag {tag} of pipeline run {run_id}"
+
+    registered = _registered_specs(client, resolved)
+    roots = _storage_roots(client, earlier)
+    for name, value in resolved.items():
+        if name == "parent_run_id":
+            continue
+        base = name.split(".", 1)[0]
+        if base in DATASET_OUTPUTS and name == base:
+            check_spec(value, access, where(name))
+            expected = registered.get(name)
+            if expected is not None and value[:500] != expected[:500]:  # params are kept to 500 characters
+                raise RecordedOutputError(f"{where(name)}: {value!r} is not what its make-data stage run "
+                                          f"{resolved['make-data.mlflow_run_id']} read or wrote ({expected!r})")
+        elif base in FILE_OUTPUTS:
+            problem = _storage_uri_problem(value)
+            if problem is None and roots is not None and not any(value.startswith(root) for root in roots):
+                problem = f"is outside the run's storage root ({', '.join(roots)})"
+            if problem:
+                raise RecordedOutputError(f"{where(name)}: {value!r} {problem}")
+        elif name == "reference_sha256" and not HEX_SHA256.fullmatch(value):
+            raise RecordedOutputError(f"{where(name)}: {value!r} is not a sha256 (64 hex digits)")
+        elif name.endswith("_version") and not VERSION_NUMBER.fullmatch(value):
+            raise RecordedOutputError(f"{where(name)}: {value!r} is not a registry version number")
+        elif name.endswith("run_id") and value and not RUN_ID.fullmatch(value):
+            raise RecordedOutputError(f"{where(name)}: {value!r} is not an MLflow run id")
+
+
+def resolve_earlier_run(from_run: str, parent_run_id: str = "", stage: str = "train_learner",
+                        data_access=None) -> dict[str, str]:
     """The outputs an earlier pipeline run recorded (tracking.recorded_outputs), checked to hold what a rerun from
-    `stage` needs (RERUN_INPUTS; "learner": the run's main learner, with its MLflow run as "learner_run_id");
+    `stage` needs (RERUN_INPUTS; "learner": the run's main learner, with its MLflow run as "learner_run_id") and
+    to be what its stages could have written (check_recorded_outputs: MLflow tags are input; data_access, a
+    config.DataAccess or its dict, allows pipe: / http(s) specs as a stage config's does; default: refused);
     recorded on this run's parent run (parent_run_id) too, with the run they came from."""
     from flexi_jest import tracking
 
@@ -242,8 +377,9 @@ def resolve_earlier_run(from_run: str, parent_run_id: str = "", stage: str = "tr
     if missing:
         raise LookupError(f"pipeline run {from_run!r} (MLflow run {resolved['parent_run_id']}) recorded no "
                           f"{', '.join(missing)}, which a rerun from {stage} needs: did its stages up to {stage} finish?")
+    client = tracking._mlflow().MlflowClient()
+    check_recorded_outputs(resolved, earlier, client, data_access)
     if parent_run_id:
-        client = tracking._mlflow().MlflowClient()
         parent = tracking.pipeline_run_or_fail(parent_run_id).info.run_id
         client.set_tag(parent, "flexi_jest.from_run", resolved["parent_run_id"])
         client.set_tag(parent, "flexi_jest.from_stage", stage)
@@ -448,7 +584,7 @@ def compare_stage(evaluations: list[dict[str, Any]], pipeline_run: str = "", exp
         write_comparison_report(report_path, summary, figure)
     if pipeline_run:
         fields = ("final_metric", "total_flops", "flops_ratio_vs_uniform", "flops_ratio_vs_uniform_learner_only",
-                  "steps_to_target", "steps_ratio_vs_uniform")
+                  "steps_to_target", "steps_ratio_vs_uniform", "break_even_runs")
         metrics = {f"compare.{name}.{field}": info[field] for name, info in summary["methods"].items()
                    for field in fields if info.get(field) is not None}
         if "reference" in summary:
@@ -459,14 +595,16 @@ def compare_stage(evaluations: list[dict[str, Any]], pipeline_run: str = "", exp
 
 
 def write_comparison_report(path: str, summary: dict[str, Any], figure) -> None:
-    """HTML: the methods' table (final metric, FLOPs, steps and FLOPs to the baseline's final metric, ratios
-    charged and with the reference amortised), the reference's own metric, and the plot."""
+    """HTML: the methods' table (final metric, FLOPs, steps and FLOPs to the baseline's final metric, the ratios
+    under both accountings, learner FLOPs and all FLOPs, and the break-even learner count), the reference's own
+    metric, and the plot."""
     fmt = lambda v, spec: format(v, spec) if v is not None else "never" if spec == ".3e" else "-"  # noqa: E731
     rows = "".join(
         f"<tr><td>{escape(name)}</td><td>{info['final_metric']:.3f}</td><td>{info['total_flops']:.3e}</td>"
         f"<td>{fmt(info.get('steps_to_target'), '.0f')}</td><td>{fmt(info['flops_to_target'], '.3e')}</td>"
+        f"<td>{fmt(info.get('flops_ratio_vs_uniform_learner_only'), '.2f')}</td>"
         f"<td>{fmt(info['flops_ratio_vs_uniform'], '.2f')}</td>"
-        f"<td>{fmt(info.get('flops_ratio_vs_uniform_learner_only'), '.2f')}</td></tr>"
+        f"<td>{fmt(info.get('break_even_runs'), 'd')}</td></tr>"
         for name, info in summary["methods"].items())
     target = f"{summary['target']:.3f}" if summary["target"] is not None else "(no baseline ran)"
     reference = (f"<p>the reference's own {escape(summary['metric'])}: {summary['reference']['final_metric']:.3f}</p>"
@@ -475,7 +613,9 @@ def write_comparison_report(path: str, summary: dict[str, Any], figure) -> None:
         f"<html><body><h2>flexi-jest: methods compared</h2><p>{escape(summary['metric'])}; target = the "
         f"{escape(summary['baseline'])} baseline's final value, {target}</p>{reference}<table border=1><tr>"
         f"<th>method</th><th>final</th><th>total FLOPs</th><th>steps to target</th><th>FLOPs to target</th>"
-        f"<th>ratio vs {escape(summary['baseline'])}</th><th>same, reference amortised</th></tr>"
+        f"<th>learner FLOPs ratio vs {escape(summary['baseline'])} (reference cached: the paper's count)</th>"
+        f"<th>all FLOPs ratio (reference training and caching charged)</th>"
+        f"<th>break-even learner runs</th></tr>"
         f"{rows}</table>{figure_html(figure)}</body></html>")
 
 
@@ -514,14 +654,12 @@ def promote_stage(learner_run_id: str, evaluation: dict[str, Any], pipeline_run:
     if reference_run_id:
         reference_version = tracking.register_once(tracking.REFERENCE_MODEL, reference_run_id)
         tracking.tag_version(tracking.REFERENCE_MODEL, str(reference_version), reference_run_id, {})
-    mlflow.set_experiment(experiment)
     tags = {"flexi_jest.stage": "promote", **tracking.parent_tags(pipeline_run)}
-    with mlflow.start_run(run_name="promote", tags=tags):
+    with tracking.tracked_run("promote", tags, experiment):
         mlflow.log_dict(decision.model_dump(), "decision.json")
-        mlflow.log_metrics({"promoted": float(decision.promoted)}
-                           | ({"candidate_metric": value} if value is not None else {})
-                           | ({"champion_metric": decision.champion_value} if decision.champion_value is not None else {}))
-        mlflow.set_tags({"decision": decision.alias, "learner_version": str(learner_version),
+        mlflow.log_metrics(tracking.numeric_metrics({"promoted": float(decision.promoted), "candidate_metric": value,
+                                                     "champion_metric": decision.champion_value}))  # finite ones
+        mlflow.set_tags({"decision": decision.alias or "refused", "learner_version": str(learner_version),
                          "reference_version": str(reference_version), "reason": decision.reason,
                          "metric": decision.metric})
     if pipeline_run:  # what a later single-stage rerun of this run resolves (tracking.recorded_outputs)

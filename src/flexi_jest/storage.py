@@ -12,15 +12,19 @@ TLS follows the endpoint's scheme (https:// or http://).
 
 Writes are atomic from a reader's point of view: a local file is written to a temporary name and
 renamed; an S3 object (single or multipart PUT) becomes visible only when complete. Multi-file
-outputs (shards, caches) write their manifest last. Transient S3 failures are retried with
-exponential backoff; an unreachable endpoint or rejected credentials is a StorageError naming them.
+outputs (shards, caches) write their manifest last. Transient S3 failures (connection errors, S3's
+InternalError / ServiceUnavailable / SlowDown, and HTTP 429 / 500 / 502 / 503 / 504 without an S3 error
+document, as a gateway in front of MinIO answers) are retried RETRIES times with exponential backoff; an
+unreachable endpoint or rejected credentials is a StorageError naming them.
 """
 
 import hashlib
 import io
 import os
 import re
+import socket
 import tempfile
+import threading
 import time
 from functools import lru_cache
 from pathlib import Path
@@ -34,6 +38,10 @@ BACKOFF_SECONDS = 0.5
 CREDENTIAL_ERRORS = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "InvalidToken", "ExpiredToken"}
 TRANSIENT_ERRORS = {"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "OperationAborted"}
 MISSING_ERRORS = {"NoSuchKey", "NoSuchBucket", "NoSuchObject", "ResourceNotFound"}
+# HTTP statuses worth a retry when they come without an S3 error code: a gateway or ingress in front of
+# MinIO answers 502/503/504 (and 429 when it rate-limits) with an HTML page, which minio raises as
+# InvalidResponseError (a GET) or ServerError (a HEAD, or no body)
+TRANSIENT_STATUSES = {429, 500, 502, 503, 504}
 
 
 class StorageError(RuntimeError):
@@ -58,10 +66,95 @@ def _local_path(uri: str) -> Path:
 
 
 def _bucket_key(uri: str) -> tuple[str, str]:
-    parsed = urlparse(uri)
-    if not parsed.netloc:
+    """s3://bucket/key -> (bucket, key). Split by hand, not by urlparse: a key's `?`, `#` and tab are part of
+    its name (urlparse would cut the key at a `?` or `#` and drop tabs, so `c?/a.jpg` became `c`)."""
+    bucket, _, key = str(uri).removeprefix("s3://").partition("/")
+    if not bucket:
         raise StorageError(f"S3 URI {uri!r} has no bucket; expected s3://bucket/key")
-    return parsed.netloc, parsed.path.lstrip("/")
+    return bucket, key.lstrip("/")
+
+
+# ---- remote reads: an overall deadline ------------------------------------------------------------------
+
+READ_SECONDS_ENV = "FLEXI_JEST_REMOTE_READ_SECONDS"  # one remote object (a shard, an S3 object) read whole
+CHECK_SECONDS_ENV = "FLEXI_JEST_REMOTE_CHECK_SECONDS"  # one existence check (an http(s) HEAD)
+DEFAULT_READ_SECONDS = 1800.0
+DEFAULT_CHECK_SECONDS = 60.0
+
+
+def _seconds(variable: str, default: float) -> float:
+    raw = os.environ.get(variable, "")
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise StorageError(f"{variable}={raw!r} must be a positive number of seconds")
+    return value
+
+
+class Deadline:
+    """A total time limit on one remote read (a socket timeout bounds a single recv, so a server trickling a byte
+    every few seconds would hold a reader forever). When it passes, the watched sockets are shut down and the
+    watched processes killed, so a blocked read returns; check() then raises TimeoutError naming what was read,
+    the limit and the environment variable that sets it."""
+
+    def __init__(self, seconds: float, what: str, variable: str):
+        self.seconds, self.what, self.variable = seconds, what, variable
+        self.end = time.monotonic() + seconds
+        self.expired = False
+        self._timers: list[threading.Timer] = []
+
+    @classmethod
+    def for_read(cls, what: str) -> "Deadline":
+        """The deadline of reading one object whole (FLEXI_JEST_REMOTE_READ_SECONDS, default 1800 s)."""
+        return cls(_seconds(READ_SECONDS_ENV, DEFAULT_READ_SECONDS), what, READ_SECONDS_ENV)
+
+    @classmethod
+    def for_check(cls, what: str) -> "Deadline":
+        """The deadline of one existence check (FLEXI_JEST_REMOTE_CHECK_SECONDS, default 60 s)."""
+        return cls(_seconds(CHECK_SECONDS_ENV, DEFAULT_CHECK_SECONDS), what, CHECK_SECONDS_ENV)
+
+    def remaining(self) -> float:
+        return self.end - time.monotonic()
+
+    def _at_end(self, action: Callable[[], None]) -> None:
+        def expire() -> None:
+            self.expired = True
+            try:
+                action()
+            except OSError:  # already closed or gone
+                pass
+        timer = threading.Timer(max(self.remaining(), 0.0), expire)
+        timer.daemon = True
+        timer.start()
+        self._timers.append(timer)
+
+    def watch(self, sock) -> None:
+        """Shut sock down when the deadline passes (a read blocked on it then returns)."""
+        if sock is not None:
+            self._at_end(lambda: sock.shutdown(socket.SHUT_RDWR))
+
+    def watch_process(self, process) -> None:
+        """Kill a subprocess when the deadline passes."""
+        self._at_end(process.kill)
+
+    def error(self) -> TimeoutError:
+        return TimeoutError(f"{self.what}: no complete answer within {self.seconds:g} s (the remote read deadline; "
+                            f"{self.variable} sets it)")
+
+    def check(self) -> None:
+        """Raise error() if the deadline has passed."""
+        if self.expired or self.remaining() < 0:
+            self.expired = True
+            raise self.error()
+
+    def cancel(self) -> None:
+        for timer in self._timers:
+            timer.cancel()
+        self._timers.clear()
 
 
 # ---- S3 through minio ----------------------------------------------------------------------------------
@@ -94,9 +187,14 @@ def s3_client():
 
 def explain_s3_error(exc: Exception, uri: str) -> StorageError | None:
     """Map a minio / urllib3 exception to a clear StorageError, or None if it is transient (worth a retry)."""
-    from minio.error import S3Error
+    from minio.error import InvalidResponseError, S3Error, ServerError
     from urllib3.exceptions import HTTPError as Urllib3Error
 
+    if isinstance(exc, (InvalidResponseError, ServerError)):  # no S3 error document: judged by the HTTP status
+        status = http_status(exc)
+        if status in TRANSIENT_STATUSES:
+            return None
+        return StorageError(f"S3 request for {uri} failed with HTTP {status} and no S3 error document: {exc}")
     if isinstance(exc, S3Error):
         if exc.code in CREDENTIAL_ERRORS:
             return StorageError(f"S3 rejected the credentials for {uri} ({exc.code}): check AWS_ACCESS_KEY_ID / "
@@ -109,6 +207,25 @@ def explain_s3_error(exc: Exception, uri: str) -> StorageError | None:
     if isinstance(exc, (Urllib3Error, ConnectionError, TimeoutError, OSError)):
         return None
     return StorageError(f"S3 request for {uri} failed: {exc!r}")
+
+
+def http_status(exc: Exception) -> int | None:
+    """The HTTP status of a minio InvalidResponseError (a non-XML answer) or ServerError, else None."""
+    from minio.error import InvalidResponseError, ServerError
+
+    if isinstance(exc, ServerError):
+        return exc.status_code
+    if isinstance(exc, InvalidResponseError):
+        return getattr(exc, "_code", None)  # minio 7.2 keeps the status only here (no public property)
+    return None
+
+
+def _brief(exc: Exception) -> str:
+    """One line about a transient failure: an HTML error page is named by its status, not pasted whole."""
+    status = http_status(exc)
+    if status is not None:
+        return f"HTTP {status} without an S3 error document (a gateway or proxy in front of the endpoint?)"
+    return " ".join(str(exc).split())[:300]
 
 
 def _with_retries(uri: str, action: Callable[[], T], retries: int = RETRIES) -> T:
@@ -124,7 +241,7 @@ def _with_retries(uri: str, action: Callable[[], T], retries: int = RETRIES) -> 
                 raise error from exc
             if attempt == retries:
                 raise StorageError(f"cannot reach S3 endpoint {s3_endpoint()} for {uri} after {retries + 1} attempts: "
-                                   f"{exc}") from exc
+                                   f"{_brief(exc)}") from exc
             time.sleep(BACKOFF_SECONDS * 2**attempt)
     raise AssertionError("unreachable")
 
@@ -209,10 +326,21 @@ def read_bytes(uri: str) -> bytes:
     client = s3_client()
 
     def get() -> bytes:
+        deadline = Deadline.for_read(uri)
         response = client.get_object(bucket, key)
         try:
-            return response.read()
+            deadline.watch(getattr(getattr(response, "connection", None), "sock", None))
+            try:
+                data = response.read()
+            except Exception:
+                if deadline.expired:
+                    raise StorageError(str(deadline.error())) from None
+                raise
+            if deadline.expired:  # a shut-down socket can read as an early end
+                raise StorageError(str(deadline.error()))
+            return data
         finally:
+            deadline.cancel()
             response.close()
             response.release_conn()
 
@@ -245,8 +373,10 @@ def write_bytes(uri: str, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.filename is None:  # write()/fsync() name no file (disk full): name it
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
         raise
 
 

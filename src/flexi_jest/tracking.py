@@ -12,11 +12,21 @@ Promotion: a registered version gets the alias `champion` only if it beats the c
 the champion rule (config.ChampionRule: metric by name, direction, minimum margin) on a metric both were
 evaluated on (recorded as version tags); otherwise it gets `challenger`. The dethroned version gets
 `previous-champion`, which `flexi-jest rollback` restores.
+
+A tracking server that stops answering: MLflow's HTTP retries are bounded (HTTP_RETRY_DEFAULTS, unless the
+environment sets MLFLOW_HTTP_REQUEST_*), said on stderr while they run, and a stage's run is closed on the
+way out (tracked_run): FAILED with the error tagged, once the server is back (waiting a bounded time).
 """
 
+import contextlib
 import json
+import logging
+import math
 import os
+import re
+import sys
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -26,7 +36,7 @@ from pydantic import BaseModel
 DEFAULT_EXPERIMENT = "flexi-jest"
 LEARNER_MODEL = "flexi-jest-learner"
 REFERENCE_MODEL = "flexi-jest-reference"
-METRIC_TAG = "eval_metric"
+LEGACY_METRIC_TAG = "eval_metric"  # "<metric>=<value>": read only, on versions promoted before 8453f28
 
 
 def tracking_uri() -> str:
@@ -36,10 +46,190 @@ def tracking_uri() -> str:
 
 def _mlflow():
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # no calls home from clusters or laptops
+    bound_http_retries()
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri())
     return mlflow
+
+
+# ---- an unreachable tracking server: bounded retries, said out loud, runs closed on the way out -------------------
+
+# MLflow's own defaults retry a failed request 7 times, backing off 2, 4, ... 120 s, each try waiting up to 120 s:
+# a stage whose server died sat silent for minutes per request. Unless these are set, the stages use:
+HTTP_RETRY_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "5", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                       "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+CLOSE_WAIT_ENV = "FLEXI_JEST_MLFLOW_CLOSE_WAIT"  # seconds a stage waits for the server to mark its run (120)
+FAILURE_TAG = "flexi_jest.failure"  # on a FAILED stage run: the error that ended it, one line
+
+
+class TrackingUnavailable(ConnectionError):
+    """The MLflow tracking server did not answer within the retry bounds (retry_seconds)."""
+
+
+def retry_seconds() -> float:
+    """About how long MLflow's client retries one request under the current MLFLOW_HTTP_REQUEST_* settings: the
+    backoff sleeps before its R retries (urllib3's: 0, 2f, 4f, ... 120 s at most, plus up to the jitter) and R + 1
+    tries of up to the timeout each. A refused connection (a dead server on a live host) costs the sleeps alone."""
+    retries = int(os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", 7))
+    factor = float(os.environ.get("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", 2))
+    jitter = float(os.environ.get("MLFLOW_HTTP_REQUEST_BACKOFF_JITTER", 1.0))
+    timeout = float(os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", 120))
+    sleeps = sum(min(120.0, factor * 2 ** (k - 1)) + jitter for k in range(2, retries + 1))
+    return sleeps + (retries + 1) * timeout
+
+
+class _RetryNotice(logging.Handler):
+    """Says on stderr, once per outage, that the tracking server is unreachable and for how long the client retries.
+    urllib3 logs each retry of a broken connection as a warning to a logger with no handler: MLflow's retries
+    were silent. Only requests to MLflow's REST API (/api/2.0/mlflow/...) are reported."""
+
+    MLFLOW_PATH = re.compile(r"/(ajax-)?api/\d\.\d/mlflow")
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.said_at = -math.inf
+
+    def emit(self, record: logging.LogRecord) -> None:
+        args = record.args if isinstance(record.args, tuple) else ()
+        if not (str(record.msg).startswith("Retrying") and len(args) == 3 and self.MLFLOW_PATH.search(str(args[2]))):
+            return
+        now = time.monotonic()
+        if now - self.said_at < retry_seconds():
+            return
+        self.said_at = now
+        reason = failure_reason(str(args[1]))
+        print(f"[mlflow] the tracking server at {tracking_uri()} is unreachable ({reason}); retrying for at most "
+              f"{retry_seconds():.0f} s (MLFLOW_HTTP_REQUEST_MAX_RETRIES, _BACKOFF_FACTOR, _TIMEOUT)",
+              file=sys.stderr, flush=True)
+
+
+_RETRY_NOTICE = _RetryNotice()
+
+
+def bound_http_retries() -> float:
+    """Set HTTP_RETRY_DEFAULTS where the environment does not set them, and have retries said on stderr; returns
+    retry_seconds()."""
+    for name, value in HTTP_RETRY_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+    connection_log = logging.getLogger("urllib3.connectionpool")
+    if _RETRY_NOTICE not in connection_log.handlers:
+        connection_log.addHandler(_RETRY_NOTICE)
+    return retry_seconds()
+
+
+def connection_failure(exc: BaseException) -> bool:
+    """Whether exc (an MlflowException or what it wraps) is the tracking server not answering: a refused, reset or
+    timed-out connection, or retries exhausted on 5xx answers."""
+    import requests
+
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (TrackingUnavailable, requests.exceptions.ConnectionError, requests.exceptions.Timeout,
+                            requests.exceptions.RetryError)):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def one_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:2000]
+
+
+def unavailable(what: str, exc: BaseException, closing: str = "") -> TrackingUnavailable:
+    """The one-line error for a tracking server that stopped answering during `what`."""
+    return TrackingUnavailable(f"the MLflow tracking server at {tracking_uri()} did not answer during {what} "
+                               f"({failure_reason(str(exc))}, after retrying for up to {retry_seconds():.0f} s)"
+                               f"{closing}")
+
+
+def failure_reason(text: str) -> str:
+    """The cause in an HTTP client's error text, short: '[Errno 111] Connection refused', 'Read timed out', ..."""
+    found = re.search(r"\[Errno -?\d+\] [^'\"()]+|Read timed out|Connection aborted|Remote end closed connection"
+                      r"|too many \d{3} error responses", text)
+    return found.group(0).strip() if found else " ".join(text.split())[:200]
+
+
+def close_wait_seconds() -> float:
+    return float(os.environ.get(CLOSE_WAIT_ENV, 120))
+
+
+def end_run(run_id: str, status: str, failure: str = "", server_down: bool = False) -> bool:
+    """End run_id (the active run) as status ("FINISHED", "FAILED"), with the error that ended it as the tag
+    FAILURE_TAG. If the tracking server does not answer (or server_down: it just failed to), wait for it to
+    come back, at most close_wait_seconds(), trying every second, so that the run is not left RUNNING; says
+    so on stderr. Returns whether the run was marked."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+
+    def mark() -> None:
+        client.set_terminated(run_id, status)
+        if failure:
+            client.set_tag(run_id, FAILURE_TAG, failure[:5000])
+
+    active = mlflow.active_run()
+    try:
+        if active is not None and active.info.run_id == run_id:  # off the active-run stack first, then marked
+            with at_most_once() if server_down else contextlib.nullcontext():
+                mlflow.end_run(status)
+            if failure:
+                client.set_tag(run_id, FAILURE_TAG, failure[:5000])
+        else:
+            mark()
+        return True
+    except Exception as exc:
+        if not connection_failure(exc):
+            print(f"[mlflow] could not mark run {run_id} {status}: {one_line(exc)}", file=sys.stderr, flush=True)
+            return False
+    wait = close_wait_seconds()
+    print(f"[mlflow] waiting at most {wait:.0f} s for the tracking server at {tracking_uri()} to come back, to mark "
+          f"run {run_id} {status} ({CLOSE_WAIT_ENV})", file=sys.stderr, flush=True)
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        time.sleep(1.0)
+        try:
+            with at_most_once():
+                mark()
+        except Exception as exc:
+            if connection_failure(exc):
+                continue
+            print(f"[mlflow] could not mark run {run_id} {status}: {one_line(exc)}", file=sys.stderr, flush=True)
+            return False
+        print(f"[mlflow] the tracking server is back: run {run_id} marked {status}", file=sys.stderr, flush=True)
+        return True
+    print(f"[mlflow] the tracking server at {tracking_uri()} did not come back within {wait:.0f} s: run {run_id} is "
+          "left RUNNING", file=sys.stderr, flush=True)
+    return False
+
+
+@contextmanager
+def tracked_run(run_name: str, tags: dict[str, str], experiment: str = DEFAULT_EXPERIMENT) -> Iterator[Any]:
+    """mlflow.start_run for a stage, closed on the way out whatever happens: FINISHED, or FAILED with the error as
+    the tag FAILURE_TAG (end_run: waiting for a server that stopped answering). A server that does not answer
+    is a TrackingUnavailable saying what happened to the run."""
+    mlflow = _mlflow()
+    try:
+        mlflow.set_experiment(experiment)
+        run = mlflow.start_run(run_name=run_name, tags=tags)
+    except Exception as exc:
+        if connection_failure(exc):
+            raise unavailable(f"the start of {run_name}'s run", exc) from None
+        raise
+    run_id = run.info.run_id
+    try:
+        yield run
+    except BaseException as exc:
+        down = connection_failure(exc)
+        marked = end_run(run_id, "FAILED", one_line(exc), server_down=down)
+        if down:
+            raise unavailable(f"{run_name}", exc, f"; what it wrote to storage is kept; its run {run_id} "
+                              + ("was marked FAILED" if marked else "is left RUNNING")) from None
+        raise
+    if not end_run(run_id, "FINISHED"):
+        raise TrackingUnavailable(f"{run_name} finished, but its MLflow run {run_id} at {tracking_uri()} could not "
+                                  "be marked FINISHED: it is left RUNNING")
 
 
 def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -196,11 +386,16 @@ def outputs_of(parent: Any) -> dict[str, str]:
 @contextmanager
 def stage_run(parent_run_id: str | None, stage: str, config: BaseModel, experiment: str = DEFAULT_EXPERIMENT) -> Iterator[Any]:
     """A run for one stage, nested under the pipeline's parent run if given (a pipeline's cached stages are
-    attached afterwards by record_stage); logs the config as params and artifact."""
+    attached afterwards by record_stage); logs the config as params and artifact. Closed on the way out
+    (tracked_run): FINISHED, or FAILED with the error tagged, also when the server stopped answering mid-stage."""
     mlflow = _mlflow()
-    mlflow.set_experiment(experiment)
-    tags = {"flexi_jest.stage": stage, **parent_tags(parent_run_id)}
-    with mlflow.start_run(run_name=stage, tags=tags) as run:
+    try:
+        tags = {"flexi_jest.stage": stage, **parent_tags(parent_run_id)}
+    except Exception as exc:
+        if connection_failure(exc):
+            raise unavailable(f"the start of {stage}", exc) from None
+        raise
+    with tracked_run(stage, tags, experiment) as run:
         mlflow.log_params({k: str(v)[:500] for k, v in flatten(config.model_dump()).items()})
         mlflow.log_dict(config.model_dump(), "config.json")
         yield run
@@ -330,7 +525,7 @@ class PromotionDecision(BaseModel):
     champion_version: str | None
     champion_value: float | None
     promoted: bool
-    alias: str
+    alias: str  # champion, challenger, or "" (refused: a metric that is not finite)
     reason: str
 
 
@@ -338,7 +533,9 @@ def version_metrics(version) -> dict[str, float]:
     """The evaluation metrics a registered version was tagged with (metric name -> value)."""
     metrics = {key[len(METRIC_VALUE_TAG):]: float(value) for key, value in version.tags.items()
                if key.startswith(METRIC_VALUE_TAG)}
-    name, _, number = version.tags.get(METRIC_TAG, "").partition("=")  # versions registered before the per-metric tags
+    # a version promoted before the per-metric tags has only the legacy tag: still read, or a champion of an older
+    # registry could never be compared (and so never replaced)
+    name, _, number = version.tags.get(LEGACY_METRIC_TAG, "").partition("=")
     if name and number and name not in metrics:
         metrics[name] = float(number)
     return metrics
@@ -388,7 +585,6 @@ def registry_lock(model_name: str, timeout: float = 600.0, stale_after: float = 
     with this holder's token, and released by deleting it. Lock requests are sent at most once (at_most_once)
     and their outcome read back from the lock's owner tag. A lock older than stale_after seconds (a crashed
     holder) is broken."""
-    import time
     import uuid
 
     import mlflow
@@ -454,7 +650,10 @@ def promote(model_name: str, version: str, metrics: dict[str, float], rule=None,
     metric the champion was also evaluated on: a champion without it keeps its title, and the reason is written
     to the version's tags (flexi_jest.promotion) and printed. Concurrent promotions of one model take turns
     (registry_lock), so two racing end with the better model as champion. shortfalls: per eval set, the samples
-    its evaluation could not read; a metric of a set with a shortfall crowns nobody unless rule.allow_partial."""
+    its evaluation could not read; a metric of a set with a shortfall crowns nobody unless rule.allow_partial.
+    A metric that is not finite (NaN, inf: a diverged model) is refused: no alias. A champion whose metric is not
+    finite is replaced by any version with a finite one (NaN compares False with everything: it could never be
+    beaten), and the reason says so."""
     from flexi_jest.config import ChampionRule
 
     rule = rule or ChampionRule()
@@ -464,15 +663,18 @@ def promote(model_name: str, version: str, metrics: dict[str, float], rule=None,
     for name, number in metrics.items():
         client.set_model_version_tag(model_name, version, f"{METRIC_VALUE_TAG}{name}", str(number))
     value = metrics.get(metric)
-    if value is not None:
-        client.set_model_version_tag(model_name, version, METRIC_TAG, f"{metric}={value}")
     with registry_lock(model_name):
         champion = alias_holder(client, model_name, CHAMPION)
         champion_value = None
         missing = (shortfalls or {}).get(metric.rsplit(".", 1)[0], 0)
+        refused = False  # a version whose metric is not a number gets no alias at all
         if value is None:
             promoted = False
             reason = f"not crowned: version {version} has no metric {metric!r} (it has {sorted(metrics)})"
+        elif not math.isfinite(value):
+            promoted, refused = False, True
+            reason = (f"refused: version {version}'s {metric} is {value}, not a finite number (a diverged model): "
+                      "it is neither champion nor challenger")
         elif missing and not rule.allow_partial:
             promoted = False
             reason = (f"not crowned: {metric} = {value:.4f} was measured on a partial eval set ({missing} samples "
@@ -487,6 +689,10 @@ def promote(model_name: str, version: str, metrics: dict[str, float], rule=None,
                 promoted = False
                 reason = (f"not crowned: champion version {champion.version} has no metric {metric!r} to compare "
                           f"with (it has {sorted(version_metrics(champion))})")
+            elif not math.isfinite(champion_value):  # nan > margin is False: such a champion could never be beaten
+                promoted = True
+                reason = (f"crowned: champion version {champion.version}'s {metric} is {champion_value}, not a finite "
+                          f"number, so a finite {metric} ({value:.4f}) replaces it")
             else:
                 gain = value - champion_value if rule.direction == "max" else champion_value - value
                 promoted = gain > rule.min_margin
@@ -495,14 +701,14 @@ def promote(model_name: str, version: str, metrics: dict[str, float], rule=None,
                           f"{champion_value:.4f} ({rule.direction}, margin {rule.min_margin})")
         if promoted:
             crown(client, model_name, version)
-        elif champion is None or str(champion.version) != str(version):
+        elif not refused and (champion is None or str(champion.version) != str(version)):
             client.set_registered_model_alias(model_name, CHALLENGER, version)
         client.set_model_version_tag(model_name, version, PROMOTION_TAG, reason)
     print(f"[promote] {model_name} version {version}: {reason}", flush=True)
     return PromotionDecision(model_name=model_name, version=str(version), metric=metric, value=value,
                              champion_version=str(champion.version) if champion is not None else None,
                              champion_value=champion_value, promoted=promoted,
-                             alias=CHAMPION if promoted else CHALLENGER, reason=reason)
+                             alias=CHAMPION if promoted else "" if refused else CHALLENGER, reason=reason)
 
 
 def check_reachable(timeout: float = 5.0) -> None:
@@ -554,9 +760,3 @@ def rollback(model_name: str) -> tuple[str, str]:
                                      f"champion again by rollback from version {old}")
     return str(previous.version), str(old)
 
-
-def write_json_artifact(data: dict[str, Any], name: str) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / name
-        path.write_text(json.dumps(data, indent=1))
-        _mlflow().log_artifact(str(path))

@@ -1,6 +1,6 @@
 """Training: the reference (plain SigLIP on curated data) and the JEST / Flexi-JEST learner.
 
-One learner step (JEST.md):
+One learner step (docs/method.md#the-learner-step):
   1. draw a super-batch of B pairs from the pool stream (uniform draws only the sub-batch b),
   2. score it: the learner's embeddings at the scoring patch size (no grad) and the reference's
      cached embeddings give two [B, B] pair-loss matrices, combined into a score matrix,
@@ -33,6 +33,7 @@ from flexi_jest.checkpoint import (
 )
 from flexi_jest.config import FlopsBreakdown, OptimConfig, TrainingConfig, TrainLearnerConfig, TrainReferenceConfig, TrainResult
 from flexi_jest.data.loader import StreamLoader, merge_states
+from flexi_jest.data.noise import CLEAN_KINDS, SAMPLE_KINDS, kind_shares, sample_kind
 from flexi_jest.data.transforms import ImageTransform
 from flexi_jest.device import autocast, to_model_input
 from flexi_jest.distributed import (
@@ -41,6 +42,7 @@ from flexi_jest.distributed import (
 )
 from flexi_jest.evaluate import evaluate_model
 from flexi_jest.export import export_open_clip
+from flexi_jest.finite import check_model_finite
 from flexi_jest.losses import sigmoid_loss
 from flexi_jest.models import DualEncoder, Tokenizer
 from flexi_jest.models.pretrained import load_pretrained
@@ -302,6 +304,8 @@ def run_training(
         prefetcher.close()
         stream.close()
         bar.close()
+    # the loss is checked before each update, so the last update is checked here: no diverged model.pt or result
+    check_model_finite(model, f"{description} in {cfg.out_dir} after step {step}", cfg.train_patch_sizes)
     model_uri = storage.join(cfg.out_dir, "model.pt")
     sha = broadcast_object(save_model(model, model_uri) if world.is_main else None, world)  # rank 0 writes it
     open_clip_dir = storage.join(cfg.out_dir, "open_clip")
@@ -421,16 +425,24 @@ def train_learner(cfg: TrainLearnerConfig) -> TrainResult:
     model = build_model(cfg, device)
     offline = cfg.method == "offline-filter"  # uniform over the pool's top offline_keep_ratio by reference cosine
     needs_reference = cfg.method not in ("uniform", "offline-filter") and cfg.score != "hard_learner"
-    cache = (ReferenceCache(cfg.reference_cache, cfg.pool, cfg.reference_sha256) if needs_reference or offline
-             else None)
-    offline_filter = OfflineFilter(cache, cfg.offline_keep_ratio) if offline else None
+    prefilter = cfg.prefilter_keep_ratio is not None  # the offline filter first, then selection ('filter+jest')
+    cache = (ReferenceCache(cfg.reference_cache, cfg.pool, cfg.reference_sha256)
+             if needs_reference or offline or prefilter else None)
+    offline_filter = (OfflineFilter(cache, cfg.offline_keep_ratio) if offline
+                      else OfflineFilter(cache, cfg.prefilter_keep_ratio) if prefilter else None)
     sub_batch = cfg.sub_batch_size
     uniform_draw = cfg.method in ("uniform", "offline-filter")
     draw = sub_batch if uniform_draw else cfg.super_batch_size
     check_divisible("super_batch_size", draw, world)
     check_divisible("the sub-batch (super_batch_size * (1 - filter_ratio))", sub_batch, world)
-    stream = build_loader(cfg, cfg.pool, cfg.data_mode, draw, world,
-                          offline_filter if offline else cache.attach if cache else None)
+    if offline or (prefilter and not needs_reference):
+        attach = offline_filter
+    elif prefilter:
+        def attach(shard_name: str, raws):  # kept samples only, with their reference embeddings
+            return cache.attach(shard_name, offline_filter(shard_name, raws))
+    else:
+        attach = cache.attach if cache else None
+    stream = build_loader(cfg, cfg.pool, cfg.data_mode, draw, world, attach)
     scoring_rows = shard(draw, world)
     local_scope = world.distributed and cfg.selection_scope == "local"
     scoring_patch = cfg.scoring_patch_size or cfg.model.patch_size
@@ -458,18 +470,19 @@ def train_learner(cfg: TrainLearnerConfig) -> TrainResult:
         images_u8 = torch.stack([s["image"] for s in mine])  # [B / world, 3, H, W] uint8
         tokens = tokenizer([s["caption"] for s in mine])  # [B / world, L]
         stats: dict[str, float] = {}
-        noisy = gather_rows(torch.tensor([s["meta"].get("noise", "clean") != "clean" for s in mine],
-                                         dtype=torch.uint8, device=comm_device), world).bool().cpu()  # [B]
+        kinds = gather_rows(torch.tensor([sample_kind(s["meta"]) for s in mine], dtype=torch.uint8,
+                                         device=comm_device), world).cpu()  # [B]: an index into SAMPLE_KINDS
+        noisy = ~torch.isin(kinds, torch.tensor([SAMPLE_KINDS.index(k) for k in CLEAN_KINDS], dtype=kinds.dtype))
+        if offline_filter:  # the stream's drops since the last step (the reader runs one batch ahead)
+            dropped, dropped_seen[0] = offline_filter.dropped - dropped_seen[0], offline_filter.dropped
+            stats.update(offline_threshold=offline_filter.threshold, offline_dropped=float(dropped),
+                         offline_kept_fraction=offline_filter.kept / offline_filter.pool_size)
         if uniform_draw:  # the drawn batch is the sub-batch: every rank trains on its own rows
             chosen = torch.arange(draw)
-            if offline:  # the stream's drops since the last step (the reader runs one batch ahead)
-                dropped, dropped_seen[0] = offline_filter.dropped - dropped_seen[0], offline_filter.dropped
-                stats.update(offline_threshold=offline_filter.threshold, offline_dropped=float(dropped),
-                             offline_kept_fraction=offline_filter.kept / offline_filter.pool_size)
         else:
             learner = reference = None
             if uses_learner:  # this rank scores its rows of the super-batch
-                with torch.no_grad(), autocast(device, cfg.precision):
+                with torch.no_grad(), autocast(device, cfg.scoring_precision or cfg.precision):
                     pixels = to_model_input(images_u8, device, cfg.model.mean, cfg.model.std)
                     image_emb = model.encode_image(pixels, scoring_patch).float()
                     text_emb = model.encode_text(tokens.to(device)).float()
@@ -501,6 +514,7 @@ def train_learner(cfg: TrainLearnerConfig) -> TrainResult:
             stats["score_superbatch_mean"] = own.mean().item()
         stats["noisy_fraction_selected"] = noisy[chosen].float().mean().item()
         stats["noisy_fraction_drawn"] = noisy.float().mean().item()
+        stats.update(kind_shares(kinds[chosen], "selected"), **kind_shares(kinds, "drawn"))
         # this rank's share of the selected sub-batch, from the ranks that decoded it (uint8 until here)
         train_images = exchange_rows(images_u8.to(comm_device), chosen, world)  # [b / world, 3, H, W]
         train_tokens = exchange_rows(tokens.to(comm_device), chosen, world)  # [b / world, L]
@@ -510,8 +524,8 @@ def train_learner(cfg: TrainLearnerConfig) -> TrainResult:
                           backward_done=done)
 
     base = FlopsBreakdown(reference_training=cfg.reference_training_flops, reference_caching=cfg.reference_caching_flops
-                          + (offline_filter.flops if offline else 0.0))  # the cosines, once, with the caching pass
-    if not (needs_reference or offline):
+                          + (offline_filter.flops if offline_filter else 0.0))  # the cosines, once, with the caching pass
+    if not (needs_reference or offline or prefilter):
         base = FlopsBreakdown()
     name = f"learner[{cfg.method}{'' if uniform_draw else '/' + cfg.score}]"
     return run_training(cfg, model, stream, step_fn, base, device, name, world)

@@ -9,8 +9,9 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
+from flexi_jest.config import NoiseConfig
 from flexi_jest.data import shapes
-from flexi_jest.data.noise import GENERIC_CAPTIONS, KINDS, NoiseConfig, apply_noise
+from flexi_jest.data.noise import GENERIC_CAPTIONS, KINDS, apply_noise
 from flexi_jest.data.sample import Sample
 
 
@@ -137,3 +138,18 @@ def test_works_on_a_generated_pool():
     noisy = list(apply_noise(shapes.generate("pool", 200, seed=0), NoiseConfig.at_rate(0.8), seed=0))
     assert Counter(s.meta["noise"] for s in noisy)["clean"] < 80
     assert all(s.meta["dataset"] == "shapes" for s in noisy)
+
+
+def test_sample_kinds_and_their_shares():
+    """What a learner trained on: a noise record names its kind, a clean sample edited from another is a hard
+    negative, a noise kind this module does not write is other_noise; shares over a batch sum to 1."""
+    import torch
+    from flexi_jest.data.noise import SAMPLE_KINDS, kind_shares, sample_kind
+
+    metas = [{"noise": "clean"}, {}, {"noise": "blank"}, {"noise": "clean", "hard_negative_of": "k1"},
+             {"noise": "near_duplicate", "hard_negative_of": "k2"}, {"noise": "watermarked"}]
+    kinds = [SAMPLE_KINDS[sample_kind(m)] for m in metas]
+    assert kinds == ["clean", "clean", "blank", "hard_negative", "near_duplicate", "other_noise"]
+    shares = kind_shares(torch.tensor([sample_kind(m) for m in metas]), "selected")
+    assert shares["selected_clean"] == pytest.approx(2 / 6) and shares["selected_blank"] == pytest.approx(1 / 6)
+    assert set(shares) == {f"selected_{k}" for k in SAMPLE_KINDS} and sum(shares.values()) == pytest.approx(1.0)

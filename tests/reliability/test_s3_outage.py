@@ -13,7 +13,8 @@ import pytest
 
 from faults import colour_samples
 from flexi_jest import storage
-from flexi_jest.data.shards import IncompleteSplitError, ReadStats, iter_split, read_manifest, write_split
+from flexi_jest.data.manifest import IncompleteSplitError, read_manifest
+from flexi_jest.data.shards import ReadStats, iter_split, write_split
 
 
 def free_port() -> int:
@@ -125,3 +126,54 @@ def test_s3_stopped_mid_cache_write_then_restarted(endpoint, monkeypatch, tmp_pa
     result = cache_reference(config)  # the re-run
     assert result.num_samples == 30 and result.read_stats.samples == 30
     assert ReferenceCache(cache_dir, pool).manifest["num_samples"] == 30
+
+
+# ---- a gateway in front of the endpoint answers HTML 503 (issue 20, finding 11) ----------------------------------
+
+
+def through_gateway(monkeypatch, endpoint: Endpoint, failures: int):
+    """A loopback Gateway (loopback.py) in front of the moto endpoint, as FLEXI_JEST_S3_ENDPOINT."""
+    from loopback import Gateway
+    gateway = Gateway(endpoint.url, failures)
+    monkeypatch.setenv("FLEXI_JEST_S3_ENDPOINT", gateway.url)
+    return gateway
+
+
+@pytest.mark.parametrize("operation", ["write_bytes", "read_bytes", "exists"])
+def test_a_gateways_html_503_is_retried(endpoint, monkeypatch, operation):
+    """An ingress in front of MinIO answers HTML 503 while the backend restarts: minio raises InvalidResponseError
+    (a GET or PUT) or ServerError (a HEAD), which must be retried like S3's own ServiceUnavailable."""
+    uri = f"s3://b{endpoint.port}/gateway/object.bin"
+    storage.write_bytes(uri, b"payload")
+    with through_gateway(monkeypatch, endpoint, failures=2) as gateway:
+        if operation == "write_bytes":
+            storage.write_bytes(uri, b"written through the gateway")
+            monkeypatch.setenv("FLEXI_JEST_S3_ENDPOINT", endpoint.url)
+            assert storage.read_bytes(uri) == b"written through the gateway"
+        elif operation == "read_bytes":
+            assert storage.read_bytes(uri) == b"payload"
+        else:
+            assert storage.exists(uri) and not storage.exists(uri + ".missing")
+        assert gateway.failed == 2 and gateway.requests > 2
+
+
+def test_a_gateway_503_that_does_not_end_fails_after_bounded_retries(endpoint, monkeypatch):
+    uri = f"s3://b{endpoint.port}/gateway/object.bin"
+    storage.write_bytes(uri, b"payload")
+    with through_gateway(monkeypatch, endpoint, failures=10_000) as gateway:
+        with pytest.raises(storage.StorageError, match=rf"cannot reach S3 endpoint {gateway.url} .* after "
+                           rf"{storage.RETRIES + 1} attempts: HTTP 503 without an S3 error document"):
+            storage.read_bytes(uri)
+        assert gateway.requests == storage.RETRIES + 1  # bounded: one request per attempt, then the error
+
+
+def test_a_gateways_html_404_is_not_retried(endpoint, monkeypatch):
+    """Only the transient statuses are retried: an HTML 404 (a misrouted ingress) fails at once, naming the status."""
+    from loopback import Gateway
+    uri = f"s3://b{endpoint.port}/gateway/object.bin"
+    with Gateway(endpoint.url, failures=10_000) as gateway:
+        monkeypatch.setenv("FLEXI_JEST_S3_ENDPOINT", gateway.url)
+        gateway.status = 404
+        with pytest.raises(storage.StorageError, match="failed with HTTP 404 and no S3 error document"):
+            storage.read_bytes(uri)
+        assert gateway.requests == 1

@@ -1,7 +1,7 @@
 """Web-like noise for a clean sample stream: the pool JEST has to curate.
 
 JEST pays a scoring forward pass per super-batch example, so it saves compute only when most of the
-uniform stream is wasted (see JEST.md, "The economics"). `apply_noise` turns a clean stream into such a
+uniform stream is wasted (see docs/method.md#the-economics). `apply_noise` turns a clean stream into such a
 pool, one sample at a time, each sample independently becoming one of
 
     mismatched      the caption of another (earlier, random) sample; the image is kept
@@ -11,7 +11,7 @@ pool, one sample at a time, each sample independently becoming one of
     near_duplicate  a lightly perturbed copy of an earlier sample's image and caption (redundancy)
     clean           unchanged
 
-with the probabilities of a `NoiseConfig`. Every output sample keeps its key and records
+with the probabilities of a `NoiseConfig` (flexi_jest.config). Every output sample keeps its key and records
 meta["noise"]; mismatched and uninformative samples keep meta["true_caption"]; a near duplicate takes
 the meta of the sample it copies plus meta["duplicate_of"] (that sample's key).
 
@@ -20,21 +20,21 @@ RESERVOIR_SIZE entries). While the reservoir is empty (the first sample), or whe
 from it all share the sample's caption, a mismatched or near-duplicate draw leaves the sample clean,
 so realised fractions can be a hair under the configured ones.
 
+    from flexi_jest.config import NoiseConfig
     from flexi_jest.data import shapes, noise
-    pool = noise.apply_noise(shapes.generate("pool", 10_000, seed=0), noise.NoiseConfig.at_rate(0.8), seed=0)
+    pool = noise.apply_noise(shapes.generate("pool", 10_000, seed=0), NoiseConfig.at_rate(0.8), seed=0)
 """
 
 import random
 from collections.abc import Iterable, Iterator
-from typing import ClassVar
 
 import numpy as np
 from PIL import Image, ImageEnhance
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from flexi_jest.config import NoiseConfig
 from flexi_jest.data.sample import Sample
 
-KINDS = ("mismatched", "uninformative", "corrupted", "blank", "near_duplicate")
+KINDS = NoiseConfig.KINDS
 RESERVOIR_SIZE = 512
 
 GENERIC_CAPTIONS = [
@@ -44,50 +44,6 @@ GENERIC_CAPTIONS = [
 ]
 FILE_STEMS = ["IMG_", "DSC_", "DSCN", "photo", "image", "Screenshot_", "PXL_", "pic"]
 FILE_EXTENSIONS = ["", ".jpg", ".jpeg", ".png", ".JPG", ".webp"]
-
-
-class NoiseConfig(BaseModel):
-    """Probability that a pool sample suffers each kind of noise; the rest (1 - total) stay clean."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    # share of each kind in a total rate, used by at_rate (sums to 1)
-    AT_RATE_PROPORTIONS: ClassVar[dict[str, float]] = {
-        "mismatched": 0.5, "uninformative": 0.2, "corrupted": 0.1, "blank": 0.1, "near_duplicate": 0.1,
-    }
-
-    mismatched: float = Field(0.0, ge=0.0, le=1.0, description="caption of another random sample")
-    uninformative: float = Field(0.0, ge=0.0, le=1.0, description="generic caption ('image', 'IMG_2041')")
-    corrupted: float = Field(0.0, ge=0.0, le=1.0, description="image drowned in noise or blocks, caption kept")
-    blank: float = Field(0.0, ge=0.0, le=1.0, description="flat or near-flat image, caption kept")
-    near_duplicate: float = Field(0.0, ge=0.0, le=1.0, description="perturbed copy of an earlier sample")
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _a_number_not_a_boolean(cls, value: object) -> object:
-        if isinstance(value, bool):  # pydantic would read True as 1.0: every sample noisy
-            raise ValueError(f"expected a fraction, got the boolean {value}")
-        return value
-
-    @model_validator(mode="after")
-    def _fractions_sum_to_at_most_one(self) -> "NoiseConfig":
-        if self.total > 1.0 + 1e-9:
-            parts = ", ".join(f"{kind}={getattr(self, kind)}" for kind in KINDS)
-            raise ValueError(f"noise fractions must sum to at most 1, got {self.total:.4g} ({parts})")
-        return self
-
-    @property
-    def total(self) -> float:
-        """The share of samples that are noisy in any way."""
-        return sum(getattr(self, kind) for kind in KINDS)
-
-    @classmethod
-    def at_rate(cls, rate: float) -> "NoiseConfig":
-        """A total noise rate split by AT_RATE_PROPORTIONS: at_rate(0.8) -> mismatched 0.4,
-        uninformative 0.16, corrupted 0.08, blank 0.08, near_duplicate 0.08."""
-        if not 0.0 <= rate <= 1.0:
-            raise ValueError(f"rate must be in [0, 1], got {rate}")
-        return cls(**{kind: round(rate * share, 12) for kind, share in cls.AT_RATE_PROPORTIONS.items()})
 
 
 # ----------------------------------------------------------------------------- single perturbations
@@ -190,3 +146,26 @@ def apply_noise(
             if slot < reservoir_size:
                 reservoir[slot] = sample
         yield Sample(key=sample.key, image=image, caption=caption, meta=meta)
+
+
+# ---- what a learner trains on ------------------------------------------------------------------------------------
+
+# A pool sample's kind: "clean", one of KINDS, or "hard_negative" (a clean sample edited from another in one
+# attribute by the generator: meta["hard_negative_of"]), or "other_noise" (a noise record this module does not
+# write). Noise takes precedence over the hard-negative mark.
+SAMPLE_KINDS = ("clean", *KINDS, "hard_negative", "other_noise")
+CLEAN_KINDS = ("clean", "hard_negative")
+
+
+def sample_kind(meta: dict) -> int:
+    """The index in SAMPLE_KINDS of a sample's kind, from its meta (a sample with no noise record is clean)."""
+    noise = meta.get("noise", "clean")
+    if noise != "clean":
+        return SAMPLE_KINDS.index(noise) if noise in KINDS else SAMPLE_KINDS.index("other_noise")
+    return SAMPLE_KINDS.index("hard_negative") if "hard_negative_of" in meta else 0
+
+
+def kind_shares(kinds, prefix: str) -> dict[str, float]:
+    """{f"{prefix}_{kind}": share} over SAMPLE_KINDS for kinds, a [N] integer tensor of SAMPLE_KINDS indices."""
+    counts = kinds.long().bincount(minlength=len(SAMPLE_KINDS)).float() / max(1, kinds.numel())
+    return {f"{prefix}_{kind}": float(share) for kind, share in zip(SAMPLE_KINDS, counts.tolist())}

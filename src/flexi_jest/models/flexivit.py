@@ -1,7 +1,7 @@
 """FlexiViT on open_clip's image towers: one set of weights, the patch size chosen per forward call.
 
 Two towers: open_clip's VisionTransformer, and open_clip's TimmModel around a timm VisionTransformer trunk
-(SigLIP's: no class token, MAP pooling; configs.timm_trunk_problems says which trunks qualify).
+(SigLIP's: no class token, MAP pooling; open_clip_names.timm_trunk_problems says which trunks qualify).
 The patch-embedding kernel (visual.conv1, or trunk.patch_embed.proj) stays at the tower's base patch size
 and is resampled to the requested size by pseudo-inverse resize (PI-resize, FlexiViT; timm's
 PatchEmbedResamplerFixedOrigSize, which caches the resampling matrix per size): for an upsampling resize R,
