@@ -5,8 +5,11 @@ A spec is one string; several specs are joined by `::` (webdataset's convention)
     runs/data/pool                       a directory or prefix (local, file://, s3://): its *.tar, or its manifest's shards
     pool/{00000..00099}.tar              a brace pattern (expanded by webdataset / braceexpand); every shard must exist
     s3://bucket/pool/00007.tar           a single tar
-    https://host/pool/{000..009}.tar     http(s) URLs (each checked with a HEAD request)
-    pipe:curl -s https://host/a.tar      a command writing a tar to stdout (run without a shell)
+    https://host/pool/{000..009}.tar     http(s) URLs (each checked with a HEAD request)    [data_access.allow_http]
+    pipe:curl -s https://host/a.tar      a command writing a tar to stdout (an argument list, never a shell)
+                                                                              [data_access.pipe_commands: [curl]]
+
+pipe: and http(s) parts are refused unless the stage's data_access enables them (access.py, docs/security.md).
 
 Sample counts, per shard, come from the flexi-jest manifest beside the shards, or from img2dataset's
 `<shard>_stats.json` (its `successes` field), or stay unknown; an explicit `num_samples` overrides the
@@ -26,11 +29,8 @@ from webdataset.shardlists import expand_urls
 
 from flexi_jest import storage
 from flexi_jest.data import remote
+from flexi_jest.data.access import SpecError, check_spec  # noqa: F401 - SpecError is this module's error
 from flexi_jest.data.manifest import MANIFEST, ShardError, check_not_interrupted, manifest_entries, shard_uri
-
-
-class SpecError(ValueError):
-    """A dataset spec that names nothing readable; the message (one line) names the spec and why."""
 
 
 @dataclass(frozen=True)
@@ -171,12 +171,15 @@ def _with_counts(urls: list[str]) -> list[Shard]:
 def resolve(spec: str, num_samples: int | None = None, check: bool = True, counts: bool = True) -> DatasetSpec:
     """The shards a spec names, in order.
 
-    check: verify that each local / s3 shard exists and each http(s) URL answers (pipe: commands are
-    only checked when read); counts: look up per-shard sample counts (manifest, then `*_stats.json`).
-    Raises SpecError (one line, naming the spec) if the spec is empty, malformed or names nothing readable.
+    check: refuse a pipe: or http(s) part the process's data-access policy does not allow (access.py; off by
+    default), and verify that each local / s3 shard exists and each http(s) URL answers (pipe: commands are
+    only run when read); counts: look up per-shard sample counts (manifest, then `*_stats.json`).
+    Raises SpecError (one line, naming the spec) if the spec is empty, malformed, refused or names nothing readable.
     """
     if not isinstance(spec, str) or not spec.strip():
         raise SpecError(f"dataset spec {spec!r} is empty")
+    if check:  # before any request or command: pipe: and http(s) only where the data-access policy allows them
+        check_spec(spec)
     if num_samples is not None and num_samples < 1:
         raise SpecError(f"dataset spec {spec!r}: num_samples must be positive, got {num_samples}")
     shards: list[Shard] = []
@@ -200,6 +203,8 @@ def open_shard(url: str) -> BinaryIO:
     """A binary stream of a shard's tar bytes. Raises OSError (storage.StorageError for local / s3) naming the url;
     a remote read past its deadline (remote.py) is a TimeoutError, an OSError too."""
     kind = scheme(url)
+    if kind in ("pipe", "http"):
+        check_spec(url)  # SpecError (not an OSError: a refused spec fails the read, it is not a missing shard)
     if kind == "pipe":
         command = url[len("pipe:"):]
         try:
