@@ -8,8 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = "flexi_jest"
 
@@ -143,13 +141,11 @@ print(json.dumps({"failures": failures, "kfp": sorted(m for m in sys.modules if 
 """
 
 
-@pytest.mark.parametrize("order", ["sorted", "reversed"])
-def test_every_module_imports_on_its_own_in_a_fresh_interpreter(order):
+def test_every_module_imports_on_its_own_in_a_fresh_interpreter():
     names = sorted(library_modules())
-    names = names if order == "sorted" else names[::-1]
     done = subprocess.run([sys.executable, "-c", EVERY_MODULE_ON_ITS_OWN, json.dumps(names)], capture_output=True,
                           text=True, env={**os.environ, "PYTHONPATH": str(SRC)}, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert not report["failures"], "\n".join(f"{name}:\n{trace}" for name, trace in report["failures"].items())
-    assert not report["kfp"], f"importing the library loaded {report['kfp']}"
+    assert not report["kfp"], f"importing the library loaded {report['kfp'][:3]} ..."
