@@ -7,7 +7,6 @@ trained models an MLflow model. They import nothing from KFP; components/ wraps 
 """
 
 import json
-from html import escape
 from pathlib import Path
 from typing import Any
 
@@ -250,7 +249,7 @@ def resolve_earlier_run(from_run: str, parent_run_id: str = "", stage: str = "tr
         raise LookupError(f"pipeline run {from_run!r} (MLflow run {resolved['parent_run_id']}) recorded no "
                           f"{', '.join(missing)}, which a rerun from {stage} needs: did its stages up to {stage} finish?")
     if parent_run_id:
-        client = tracking._mlflow().MlflowClient()
+        client = tracking.mlflow_client()
         parent = tracking.pipeline_run_or_fail(parent_run_id).info.run_id
         client.set_tag(parent, "flexi_jest.from_run", resolved["parent_run_id"])
         client.set_tag(parent, "flexi_jest.from_stage", stage)
@@ -328,83 +327,19 @@ def train_learner_stage(values: dict[str, Any], profile: str, pipeline_run: str 
 def evaluate_stage(values: dict[str, Any], profile: str, method: str, training: dict[str, Any] | None = None,
                    pipeline_run: str = "", experiment: str = "flexi-jest", report_path: str | None = None) -> tuple[EvaluateResult, str]:
     """Evaluate a model; with its training result, also report the eval metric against total FLOPs."""
-    from flexi_jest import tracking
+    from flexi_jest import reports, tracking
 
     def report(cfg, result: EvaluateResult) -> None:
-        import mlflow
-        mlflow.set_tag("flexi_jest.method", method)
+        tracking.set_tags({"flexi_jest.method": method})
         if training is not None:
-            mlflow.log_metric("total_flops", float(training["total_flops"]))
-        figure = plot_training(method, result, training)
+            tracking.log_metrics({"total_flops": float(training["total_flops"])})
+        figure = reports.plot_training(method, result, training)
         tracking.log_figure(figure, "report.png")
         if report_path:
-            write_html_report(report_path, method, result, training, figure)
+            reports.write_html_report(report_path, method, result, training, figure)
 
     _, result, run_id = _tracked("evaluate", values, profile, pipeline_run, experiment, report)
     return result, run_id
-
-
-def headline_metric(result: EvaluateResult) -> tuple[str, float]:
-    """The first eval set's top-1 (its image->text R@1 without labels): the metric the method comparison
-    draws (the learners' evaluations during training are on that set)."""
-    from flexi_jest.evaluate import champion
-    return champion(result)
-
-
-def champion_metric(result: EvaluateResult) -> tuple[str, float]:
-    """The number promotion compares: the evaluation's champion metric (EvaluateConfig.champion_metric, e.g.
-    imagenet-val.top1), else the headline metric."""
-    if result.champion_metric is not None and result.champion_value is not None:
-        return result.champion_metric, result.champion_value
-    return headline_metric(result)
-
-
-def plot_training(method: str, result: EvaluateResult, training: dict[str, Any] | None):
-    """Training loss against total FLOPs, with the final eval metric in the title."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    metric, value = headline_metric(result)
-    figure, axis = plt.subplots(figsize=(6, 4))
-    if training is not None and storage.exists(training["metrics_path"]):
-        history = [json.loads(line) for line in storage.read_bytes(training["metrics_path"]).decode().splitlines()]
-        axis.plot([h["total_flops"] for h in history], [h["loss"] for h in history], label=f"{method} training loss")
-        axis.set_xlabel("total training FLOPs (scoring + training + reference share)")
-        axis.set_ylabel("loss")
-        axis.legend()
-    axis.set_title(f"{method}: {metric} = {value:.3f}")
-    figure.tight_layout()
-    return figure
-
-
-def figure_html(figure) -> str:
-    """A matplotlib figure as an inline <img> (the reports are single self-contained HTML files)."""
-    import base64
-    import io
-
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
-    return f"<img src='data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}'/>"
-
-
-def write_html_report(path: str, method: str, result: EvaluateResult, training: dict[str, Any] | None, figure) -> None:
-    fmt = lambda value, why: f"{value:.3f}" if value is not None else f"- ({escape(why or '')})"  # noqa: E731
-    rows = "".join(
-        f"<tr><td>{escape(name)}</td><td>{escape(m.layout or '')}</td><td>{m.num_samples}</td>"
-        f"<td>{fmt(m.top1, m.classification_skipped)}</td><td>{fmt(m.image_to_text_r1, m.retrieval_skipped)}</td>"
-        f"<td>{fmt(m.text_to_image_r1, m.retrieval_skipped)}</td></tr>"
-        for name, m in result.splits.items()
-    )
-    champion = (f"<p>champion metric: {escape(result.champion_metric)} = {result.champion_value:.4f}</p>"
-                if result.champion_metric and result.champion_value is not None else "")
-    flops = f"<p>total training FLOPs: {training['total_flops']:.3e}</p>" if training else ""
-    Path(path).write_text(
-        f"<html><body><h2>flexi-jest zero-shot evaluation: {method}</h2>{flops}{champion}"
-        f"<table border=1><tr><th>eval set</th><th>layout</th><th>samples</th><th>top-1</th><th>i2t R@1</th>"
-        f"<th>t2i R@1</th></tr>{rows}</table>"
-        f"{figure_html(figure)}</body></html>"
-    )
 
 
 def compare_stage(evaluations: list[dict[str, Any]], pipeline_run: str = "", experiment: str = "flexi-jest",
@@ -420,11 +355,11 @@ def compare_stage(evaluations: list[dict[str, Any]], pipeline_run: str = "", exp
     summary["reference"]: a learner passing its reference is JEST's data-quality bootstrapping. Logged on the
     pipeline's MLflow parent run: accuracy_vs_flops.png, method_comparison.json and each method's final metric,
     FLOPs and steps ratios, and the reference's metric."""
-    from flexi_jest import efficiency, tracking
+    from flexi_jest import efficiency, reports, tracking
 
     if not evaluations:
         raise ValueError("compare: no evaluations to compare")
-    metric = headline_metric(EvaluateResult.model_validate(evaluations[0]["result"]))[0]
+    metric = reports.headline_metric(EvaluateResult.model_validate(evaluations[0]["result"]))[0]
     split, key = metric.rsplit(".", 1)
     curves: dict[str, list[efficiency.Curve]] = {}
     step_curves: dict[str, list[efficiency.Curve]] = {}
@@ -452,7 +387,7 @@ def compare_stage(evaluations: list[dict[str, Any]], pipeline_run: str = "", exp
     title = f"{metric} against total training FLOPs" + (f" ({pipeline_run})" if pipeline_run else "")
     figure = efficiency.figure(curves, summary, title)
     if report_path:
-        write_comparison_report(report_path, summary, figure)
+        reports.write_comparison_report(report_path, summary, figure)
     if pipeline_run:
         fields = ("final_metric", "total_flops", "flops_ratio_vs_uniform", "flops_ratio_vs_uniform_learner_only",
                   "steps_to_target", "steps_ratio_vs_uniform", "break_even_runs")
@@ -465,78 +400,19 @@ def compare_stage(evaluations: list[dict[str, Any]], pipeline_run: str = "", exp
     return summary
 
 
-def write_comparison_report(path: str, summary: dict[str, Any], figure) -> None:
-    """HTML: the methods' table (final metric, FLOPs, steps and FLOPs to the baseline's final metric, the ratios
-    under both accountings, learner FLOPs and all FLOPs, and the break-even learner count), the reference's own
-    metric, and the plot."""
-    fmt = lambda v, spec: format(v, spec) if v is not None else "never" if spec == ".3e" else "-"  # noqa: E731
-    rows = "".join(
-        f"<tr><td>{escape(name)}</td><td>{info['final_metric']:.3f}</td><td>{info['total_flops']:.3e}</td>"
-        f"<td>{fmt(info.get('steps_to_target'), '.0f')}</td><td>{fmt(info['flops_to_target'], '.3e')}</td>"
-        f"<td>{fmt(info.get('flops_ratio_vs_uniform_learner_only'), '.2f')}</td>"
-        f"<td>{fmt(info['flops_ratio_vs_uniform'], '.2f')}</td>"
-        f"<td>{fmt(info.get('break_even_runs'), 'd')}</td></tr>"
-        for name, info in summary["methods"].items())
-    target = f"{summary['target']:.3f}" if summary["target"] is not None else "(no baseline ran)"
-    reference = (f"<p>the reference's own {escape(summary['metric'])}: {summary['reference']['final_metric']:.3f}</p>"
-                 if "reference" in summary else "")
-    Path(path).write_text(
-        f"<html><body><h2>flexi-jest: methods compared</h2><p>{escape(summary['metric'])}; target = the "
-        f"{escape(summary['baseline'])} baseline's final value, {target}</p>{reference}<table border=1><tr>"
-        f"<th>method</th><th>final</th><th>total FLOPs</th><th>steps to target</th><th>FLOPs to target</th>"
-        f"<th>learner FLOPs ratio vs {escape(summary['baseline'])} (reference cached: the paper's count)</th>"
-        f"<th>all FLOPs ratio (reference training and caching charged)</th>"
-        f"<th>break-even learner runs</th></tr>"
-        f"{rows}</table>{figure_html(figure)}</body></html>")
-
-
-def evaluation_metrics(result: EvaluateResult) -> dict[str, float]:
-    """Every metric of an evaluation by name (<set>.<metric>), its champion metric (champion_metric) first."""
-    name, value = champion_metric(result)
-    metrics = {name: value}
-    for split, split_metrics in result.splits.items():
-        for key, number in split_metrics.model_dump().items():
-            if isinstance(number, (int, float)) and not isinstance(number, bool) and key not in ("num_samples",
-                                                                                                 "num_classes"):
-                metrics.setdefault(f"{split}.{key}", float(number))
-    return metrics
-
-
 def promote_stage(learner_run_id: str, evaluation: dict[str, Any], pipeline_run: str = "",
                   experiment: str = "flexi-jest", reference_run_id: str | None = None, rule: dict[str, Any] | None = None):
     """Register the learner (and the reference) in the MLflow registry, once each; `champion` moves only to a
-    better learner under the champion rule (config.ChampionRule, from `rule`)."""
-    from flexi_jest import tracking
+    better learner under the champion rule (config.ChampionRule, from `rule`): registry.promote_learner."""
+    from flexi_jest import registry
     from flexi_jest.config import ChampionRule, ConfigError, format_validation_error
 
     try:
         champion_rule = ChampionRule.model_validate(rule or {})
     except ValidationError as exc:
         raise ConfigError(format_validation_error("promotion", exc)) from None
-    mlflow = tracking._mlflow()
     result = EvaluateResult.model_validate(evaluation)
-    metrics = evaluation_metrics(result)
+    metrics = registry.evaluation_metrics(result)
     shortfalls = {name: split.shortfall for name, split in result.splits.items() if split.shortfall}
-    learner_version = tracking.register_once(tracking.LEARNER_MODEL, learner_run_id)
-    tracking.tag_version(tracking.LEARNER_MODEL, str(learner_version), learner_run_id, metrics)
-    decision = tracking.promote(tracking.LEARNER_MODEL, str(learner_version), metrics, champion_rule, shortfalls)
-    value = decision.value
-    reference_version = None
-    if reference_run_id:
-        reference_version = tracking.register_once(tracking.REFERENCE_MODEL, reference_run_id)
-        tracking.tag_version(tracking.REFERENCE_MODEL, str(reference_version), reference_run_id, {})
-    tags = {"flexi_jest.stage": "promote", **tracking.parent_tags(pipeline_run)}
-    with tracking.tracked_run("promote", tags, experiment):
-        mlflow.log_dict(decision.model_dump(), "decision.json")
-        mlflow.log_metrics(tracking.numeric_metrics({"promoted": float(decision.promoted), "candidate_metric": value,
-                                                     "champion_metric": decision.champion_value}))  # finite ones
-        mlflow.set_tags({"decision": decision.alias or "refused", "learner_version": str(learner_version),
-                         "reference_version": str(reference_version), "reason": decision.reason,
-                         "metric": decision.metric})
-    if pipeline_run:  # what a later single-stage rerun of this run resolves (tracking.recorded_outputs)
-        parent = tracking.pipeline_run_or_fail(pipeline_run).info.run_id
-        client = mlflow.MlflowClient()
-        client.set_tag(parent, f"{tracking.OUTPUT_TAG}learner_version", str(learner_version))
-        if reference_version is not None:
-            client.set_tag(parent, f"{tracking.OUTPUT_TAG}reference_version", str(reference_version))
-    return decision
+    return registry.promote_learner(learner_run_id, metrics, champion_rule, shortfalls, pipeline_run, experiment,
+                                    reference_run_id)
