@@ -417,19 +417,26 @@ def run_experiment(args: argparse.Namespace, out: Path, methods: list[str], nois
 
 
 def batch_diagnostic(args: argparse.Namespace, out: Path, pool_size: int) -> dict[str, Any]:
-    """Uniform and joint learnability at sub-batch --diagnostic-sub-batch on the main experiment's pool and
-    reference, uniform's steps scaled so that every method sees the same number of examples as in the main
-    experiment (its FLOP budget stays about the same)."""
+    """Uniform and joint learnability at sub-batch 128 (the main experiment's) and --diagnostic-sub-batch on the
+    main experiment's pool and reference, at --diagnostic-fraction of its budget, each sub-batch's uniform steps
+    scaled so that every run sees the same number of examples (its FLOP budget stays about the same). The
+    question: at a fixed number of examples seen, does JEST's per-iteration gain grow with the sub-batch?
+    Methods: those of this invocation among uniform and joint learnability (both when it names neither)."""
     sub = round(args.super_batch * (1 - BASE_FILTER))
-    scale = args.diagnostic_sub_batch / sub
+    methods = [m for m in ("uniform", "joint-learnability") if m in args.methods_list] or ["uniform", "joint-learnability"]
     saved = (args.super_batch, args.budget_super_batch, args.uniform_steps, args.pool)
-    args.super_batch = args.budget_super_batch = round(args.diagnostic_sub_batch / (1 - BASE_FILTER))
-    args.uniform_steps, args.pool = max(1, round(args.uniform_steps / scale)), pool_size
+    steps = max(1, round(args.uniform_steps * args.diagnostic_fraction))
+    report = {}
     try:
-        return run_experiment(args, out, ["uniform", "joint-learnability"], args.noise, {},
-                              f"sub-batch{args.diagnostic_sub_batch}")
+        for sub_batch in dict.fromkeys([sub, args.diagnostic_sub_batch]):
+            args.super_batch = args.budget_super_batch = round(sub_batch / (1 - BASE_FILTER))
+            args.uniform_steps, args.pool = max(1, round(steps * sub / sub_batch)), pool_size
+            report[f"sub_batch_{sub_batch}"] = run_experiment(
+                args, out, methods, args.noise, {}, f"sub-batch{sub_batch}-x{args.diagnostic_fraction:g}")
+            args.super_batch, args.budget_super_batch, args.uniform_steps, args.pool = saved
     finally:
         args.super_batch, args.budget_super_batch, args.uniform_steps, args.pool = saved
+    return report
 
 
 SWEEP_KNOBS = ("lr", "warmup_steps", "weight_decay", "batch")
@@ -507,6 +514,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--diagnostic-sub-batch", type=int, default=512,
                         help="batch diagnostic: uniform and joint learnability at this sub-batch, same examples seen")
     parser.add_argument("--diagnostic-seeds", type=int, default=None, help="seeds of the diagnostics (default --seeds)")
+    parser.add_argument("--diagnostic-fraction", type=float, default=1.0,
+                        help="batch diagnostic: the share of the main experiment's budget (examples seen) it runs at")
     parser.add_argument("--threads", type=int, default=0, help="torch threads of this process (0: torch's default)")
     parser.add_argument("--cache-patch", type=int, default=None,
                         help="patch size of the reference's caching pass (default: its base; paper regime: 16)")
@@ -586,11 +595,12 @@ def main() -> None:
         if args.regime == "paper":
             for epochs in args.diagnostic_epochs if "reference" in experiments else []:
                 reference_and_cache(args, out, data_dir, round(epochs * args.curated / REFERENCE_BATCH))
-    if "main" in experiments or "reference" in experiments or "batch" in experiments:
+    if "main" in experiments:
         report["main"] = run_experiment(args, out, methods, args.noise, {}, "main")
     main_seeds, args.seeds = args.seeds, args.diagnostic_seeds or args.seeds
     if "reference" in experiments:  # JEST's gain as the reference trains longer (the main experiment: the longest)
         uniform = json.loads((out / "main" / "runs.json").read_text()).get("uniform")  # the same runs: reused
+        uniform = uniform if uniform and len(uniform) == main_seeds else None
         report["reference_diagnostic"] = {
             f"epochs_{epochs:g}": run_experiment(
                 args, out, ["uniform", "joint-learnability"] if uniform else ["joint-learnability"], args.noise, {},
@@ -598,7 +608,8 @@ def main() -> None:
                 reference_steps=round(epochs * args.curated / REFERENCE_BATCH))
             for epochs in args.diagnostic_epochs}
     if "batch" in experiments:  # the same examples seen at a larger sub-batch: does the per-iteration gain grow?
-        report["batch_diagnostic"] = batch_diagnostic(args, out, report["main"]["pool_size"])
+        pool = regime_plan(args, methods, {})["pool"] if args.regime in REGIME_METHODS else args.pool
+        report["batch_diagnostic"] = batch_diagnostic(args, out, pool)
     args.seeds = main_seeds
     if args.ablations:
         main_runs = json.loads((out / "main" / "runs.json").read_text())

@@ -227,32 +227,30 @@ def diagnostic_tables(report: dict) -> str:
                          f"{joint['final_metric_std']:.3f} | {diff:+.3f} ± {se:.3f} | {'yes' if abs(diff) > 2 * se else 'no'}"
                          f" | {times(learner.get('steps_ratio'))} | {times(learner.get('flops_ratio'))} |")
     if report.get("batch_diagnostic"):
-        batch = report["batch_diagnostic"]
-        lines += ["", "**Sub-batch size** (the same examples seen: uniform's steps scaled by the sub-batch)", "",
+        fraction = report["args"].get("diagnostic_fraction", 1.0)
+        lines += ["", f"**Sub-batch size** (the same examples seen, {fraction:g} of the main experiment's: uniform's "
+                  "steps scaled by the sub-batch; learner FLOPs about equal)", "",
                   "| sub-batch | uniform steps | uniform top-1 | joint steps | joint top-1 | uniform's steps to joint's "
                   "final top-1 / joint's (iterations gain) | learner FLOPs ratio |", "|---:|---:|---:|---:|---:|---:|---:|"]
-        for label, experiment in (("128", main), (str(report["args"]["diagnostic_sub_batch"]), batch)):
+        for label, experiment in report["batch_diagnostic"].items():
             uniform, joint = experiment["methods"]["uniform"], experiment["methods"]["joint-learnability"]
-            gain = iterations_gain(report, label)
-            lines.append(f"| {label} | {uniform['steps']} | {uniform['final_metric']:.3f} ± {uniform['final_metric_std']:.3f} "
-                         f"| {joint['steps']} | {joint['final_metric']:.3f} ± {joint['final_metric_std']:.3f} | {gain} | "
-                         f"{times(accounting(joint, 'learner')['flops_ratio'])} |")
+            runs_path = report.get("runs_paths", {}).get(label)
+            gain = iterations_gain(runs_path) if runs_path else "–"
+            lines.append(f"| {label.rsplit('_', 1)[-1]} | {uniform['steps']} | {uniform['final_metric']:.3f} ± "
+                         f"{uniform['final_metric_std']:.3f} | {joint['steps']} | {joint['final_metric']:.3f} ± "
+                         f"{joint['final_metric_std']:.3f} | {gain} | {times(accounting(joint, 'learner')['flops_ratio'])} |")
     return "\n".join(lines)
 
 
-def iterations_gain(report: dict, label: str) -> str:
+def iterations_gain(runs_path: str) -> str:
     """uniform's steps (seed-mean step curve, linear between evaluations) to reach joint's final top-1, over
     joint's steps: the per-iteration gain whether or not joint reaches uniform's final value."""
     from flexi_jest.efficiency import flops_to_reach, mean_curve
-    runs_path = report.get("runs_paths", {}).get(label)
-    if not runs_path:
-        return "–"
     runs = json.load(open(runs_path))
     uniform = mean_curve([r["steps_curve"] for r in runs["uniform"]])
     joint = mean_curve([r["steps_curve"] for r in runs["joint-learnability"]])
     steps = flops_to_reach(uniform, joint[-1][1])
     return "never" if steps is None else f"{steps:.0f} / {joint[-1][0]:.0f} = {steps / joint[-1][0]:.2f}×"
-
 
 def main() -> None:
     report = json.load(open(sys.argv[1]))
@@ -261,9 +259,9 @@ def main() -> None:
         return
     if report["main"].get("regime") == "paper":
         out = Path(report["args"]["out"])
-        report["runs_paths"] = {"128": str(out / "main" / "runs.json"),
-                                str(report["args"]["diagnostic_sub_batch"]):
-                                    str(out / f"sub-batch{report['args']['diagnostic_sub_batch']}" / "runs.json")}
+        fraction = report["args"].get("diagnostic_fraction", 1.0)
+        report["runs_paths"] = {key: str(out / f"sub-batch{key.rsplit('_', 1)[-1]}-x{fraction:g}" / "runs.json")
+                                for key in report.get("batch_diagnostic", {})}
         print(paper_tables(report["main"]))
         print()
         print(diagnostic_tables(report))

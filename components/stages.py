@@ -43,14 +43,16 @@ def open_tracking(kfp_run_id: str, run_name: str, experiment: str, dataset: str,
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def prepare_data(config_json: str, profile: str, dataset: str, storage_root: str, experiment: str,
                  curated: Output[Dataset], pool: Output[Dataset], eval_split: Output[Dataset],
-                 source: str = "generate", curated_uri: str = "", pool_uri: str = "", eval_uri: str = "") -> str:
+                 source: str = "generate", curated_uri: str = "", pool_uri: str = "", eval_uri: str = "",
+                 data_access: str = "{}") -> str:
     """source 'generate': write the curated / pool / eval webdataset shards; 'register': check the user's own
-    (curated_uri, pool_uri, eval_uri: dataset specs) and record them under storage_root, reading them only."""
+    (curated_uri, pool_uri, eval_uri: dataset specs) and record them under storage_root, reading them only.
+    data_access: a JSON config.DataAccess for every stage that reads data ("{}": storage only, no pipe: or http)."""
     import json
 
-    from flexi_jest.stages import make_data_stage, output_location, stage_output
+    from flexi_jest.stages import make_data_stage, output_location, stage_output, with_data_access
 
-    values = json.loads(config_json)
+    values = with_data_access(json.loads(config_json), data_access)
     values.setdefault("source", source)
     if values["source"] == "register":
         given = {"curated": curated_uri, "pool": pool_uri, "eval": eval_uri}
@@ -74,14 +76,15 @@ def prepare_data(config_json: str, profile: str, dataset: str, storage_root: str
 @dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
 def reference_finetune(config_json: str, profile: str, storage_root: str, experiment: str,
                        curated: Input[Dataset], model: Output[Model], metrics: Output[Metrics],
-                       batch_size: int = 0, init_checkpoint: str = "") -> str:
+                       batch_size: int = 0, init_checkpoint: str = "", data_access: str = "{}") -> str:
     """Train the reference on the curated split (SigLIP), resuming from its checkpoints on a retry; the typed
     knobs (0 / "": the config's own) override config_json."""
     import json
 
-    from flexi_jest.stages import output_location, stage_output, train_reference_stage, with_knobs
+    from flexi_jest.stages import output_location, stage_output, train_reference_stage, with_data_access, with_knobs
 
-    values = with_knobs(json.loads(config_json), batch_size=batch_size, init_checkpoint=init_checkpoint)
+    values = with_knobs(with_data_access(json.loads(config_json), data_access), batch_size=batch_size,
+                        init_checkpoint=init_checkpoint)
     values.update(data=curated.metadata["uri"], out_dir=output_location(storage_root, model.uri, model.path, "reference"))
     result, run_id = train_reference_stage(values, profile, "", experiment)
     model.metadata.update({"uri": result.checkpoint, "sha256": result.checkpoint_sha256,
@@ -99,15 +102,15 @@ def reference_finetune(config_json: str, profile: str, storage_root: str, experi
 @dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
 def cache_reference_scores(config_json: str, profile: str, experiment: str,
                            reference: Input[Model], pool: Input[Dataset], cache: Output[Dataset],
-                           storage_root: str = "") -> str:
+                           storage_root: str = "", data_access: str = "{}") -> str:
     """One pass of the frozen reference over the pool; the cache is written beside this task's output (under
     storage_root when set), unique per run and task: a rerun never overwrites the cache an earlier run's
     learners read (the config's out_dir, if it sets one, wins)."""
     import json
 
-    from flexi_jest.stages import cache_reference_stage, output_location, stage_output
+    from flexi_jest.stages import cache_reference_stage, output_location, stage_output, with_data_access
 
-    values = json.loads(config_json)
+    values = with_data_access(json.loads(config_json), data_access)
     values.update(reference=reference.metadata["uri"], pool=pool.metadata["uri"])
     if not values.get("out_dir"):
         values["out_dir"] = output_location(storage_root, cache.uri, cache.path, "refcache")
@@ -125,7 +128,7 @@ def train_learner(config_json: str, profile: str, method: str, score: str, filte
                   pool: Input[Dataset], cache: Input[Dataset], eval_split: Input[Dataset], reference: Input[Model],
                   model: Output[Model], metrics: Output[Metrics], nodes: int = 1, multinode_json: str = "{}", learning_rate: float = 0.0,
                   super_batch_size: int = 0, model_name: str = "", budget: str = "steps", main_config_json: str = "",
-                  main_method: str = "", main_score: str = "") -> str:
+                  main_method: str = "", main_score: str = "", data_access: str = "{}") -> str:
     """JEST / Flexi-JEST (or a baseline) learner; checkpoints beside its output, so a retried task resumes.
     The typed knobs override config_json (steps, learning_rate, super_batch_size, model_name: 0 / "" keep it).
     The cache must come from `reference` (the reference stage's output): a cache of another reference fails.
@@ -139,8 +142,8 @@ def train_learner(config_json: str, profile: str, method: str, score: str, filte
     import json
 
     from flexi_jest.stages import (
-        baseline_values, learner_reference, output_location, stage_output, train_learner_stage, with_eval_points,
-        with_knobs,
+        baseline_values, learner_reference, output_location, stage_output, train_learner_stage, with_data_access,
+        with_eval_points, with_knobs,
     )
 
     knobs = dict(steps=steps, learning_rate=learning_rate, super_batch_size=super_batch_size, model_name=model_name)
@@ -149,10 +152,11 @@ def train_learner(config_json: str, profile: str, method: str, score: str, filte
                   # the reference's sha256 from its own artifact (checked against the cache) and its FLOPs
                   **learner_reference(cache.metadata["uri"], dict(reference.metadata)))
     out_dir = output_location(storage_root, model.uri, model.path, f"learner-{method}")
-    values = {**with_knobs(json.loads(config_json), **knobs), "method": method, "score": score, "out_dir": out_dir,
-              **shared}
-    main_values = {**with_knobs(json.loads(main_config_json or "{}"), **knobs), "method": main_method,
-                   "score": main_score, "out_dir": out_dir, **shared} if budget != "steps" else {}
+    values = {**with_knobs(with_data_access(json.loads(config_json), data_access), **knobs), "method": method,
+              "score": score, "out_dir": out_dir, **shared}
+    main_values = {**with_knobs(with_data_access(json.loads(main_config_json or "{}"), data_access), **knobs),
+                   "method": main_method, "score": main_score, "out_dir": out_dir,
+                   **shared} if budget != "steps" else {}
     values = baseline_values(values, main_values, profile, budget)
     # a few evaluations during training: the accuracy-vs-FLOPs curve compare_methods draws
     values = with_eval_points("train-learner", values, profile, eval_split.metadata["uri"])
@@ -176,17 +180,17 @@ def train_learner(config_json: str, profile: str, method: str, score: str, filte
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def zero_shot_eval(config_json: str, profile: str, method: str, experiment: str,
                    model: Input[Model], eval_split: Input[Dataset], metrics: Output[Metrics], report: Output[HTML],
-                   eval_sets: List[str] = [], champion_metric: str = "") -> str:
+                   eval_sets: List[str] = [], champion_metric: str = "", data_access: str = "{}") -> str:
     """Zero-shot classification and retrieval on the pipeline's eval split and on eval_sets ('name=uri', each
     reported under its name); a report with the metric against training FLOPs. champion_metric (e.g.
     'imagenet-val.top1'; "" keeps the config's, by default the eval split's top1) is what promotion compares."""
     import json
 
-    from flexi_jest.stages import evaluate_stage, stage_output
+    from flexi_jest.stages import evaluate_stage, stage_output, with_data_access
 
     with open(model.path) as f:
         training = json.load(f)
-    values = json.loads(config_json)
+    values = with_data_access(json.loads(config_json), data_access)
     values.update(model=model.metadata["uri"], eval_data=[eval_split.metadata["uri"], *eval_sets])
     if champion_metric:
         values["champion_metric"] = champion_metric
@@ -270,20 +274,22 @@ def close_tracking(kfp_run_id: str, experiment: str, status: dsl.PipelineTaskFin
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def resolve_run(from_run: str, parent_run_id: str, stage: str, curated: Output[Dataset], pool: Output[Dataset],
-                cache: Output[Dataset], eval_split: Output[Dataset], reference: Output[Model], learner: Output[Model]
-                ) -> NamedTuple("Resolved", [("reference_json", str), ("learner_json", str)]):
+                cache: Output[Dataset], eval_split: Output[Dataset], reference: Output[Model], learner: Output[Model],
+                data_access: str = "{}") -> NamedTuple("Resolved", [("reference_json", str), ("learner_json", str)]):
     """Tracking only (never cached): the outputs an earlier pipeline run recorded on its MLflow parent run
     (its KFP run ID or MLflow parent run id: from_run) as this run's input artifacts, for a rerun from `stage`
     (flexi_jest.stages.RERUN_INPUTS): curated, pool, reference cache, eval split, the reference (with its
     registered version) and the run's main learner (its training result as the artifact's file); an output the
     stage does not need and the run did not record has uri "". Recorded on this run's parent run too.
-    reference_json / learner_json: {"mlflow_run_id": ...} of the reference and learner runs for promote_model."""
+    reference_json / learner_json: {"mlflow_run_id": ...} of the reference and learner runs for promote_model.
+    The MLflow tags are input: checked first (stages.check_recorded_outputs; a pipe: or http(s) spec refused
+    unless data_access, a JSON config.DataAccess, allows it)."""
     import json
     from collections import namedtuple
 
     from flexi_jest.stages import learner_result_of, resolve_earlier_run
 
-    resolved = resolve_earlier_run(from_run, parent_run_id, stage)
+    resolved = resolve_earlier_run(from_run, parent_run_id, stage, json.loads(data_access or "{}"))
     trained = learner_result_of(resolved["learner"]) if resolved.get("learner") else None
     for artifact, name in ((curated, "curated"), (pool, "pool"), (cache, "cache"), (eval_split, "eval_split"),
                            (reference, "reference"), (learner, "learner")):

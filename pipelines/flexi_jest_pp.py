@@ -119,7 +119,7 @@ def with_cluster_services(definition):
 def train_evaluate_promote(*, learner_config, eval_config, profile, method, score, filter_ratio, n_chunks, steps,
                            learning_rate, super_batch_size, model_name, storage_root, experiment, accelerator_type,
                            accelerator_count, pool, cache, eval_split, reference, reference_json, parent_run_id,
-                           promotion_config, eval_sets, champion_metric) -> dsl.PipelineTask:
+                           promotion_config, eval_sets, champion_metric, data_access) -> dsl.PipelineTask:
     """Stages 4-6, shared by the full pipeline and the single-stage rerun: the learner, its zero-shot
     evaluation, their tracking and the learner's promotion through the MLflow registry; returns the evaluation."""
     multinode = ACCELERATORS and LEARNER_NODES > 1
@@ -127,12 +127,13 @@ def train_evaluate_promote(*, learner_config, eval_config, profile, method, scor
                          filter_ratio=filter_ratio, n_chunks=n_chunks, steps=steps, learning_rate=learning_rate,
                          super_batch_size=super_batch_size, model_name=model_name, storage_root=storage_root,
                          experiment=experiment, pool=pool, cache=cache, eval_split=eval_split, reference=reference,
-                         nodes=LEARNER_NODES if multinode else 1, multinode_json=multinode_settings() if multinode else "{}")
+                         nodes=LEARNER_NODES if multinode else 1, multinode_json=multinode_settings() if multinode else "{}",
+                         data_access=data_access)
     # several nodes: this task only launches and watches the PyTorchJob, so it needs no GPU itself
     learner = (task if multinode else on_gpu_pool(task, accelerator_type, accelerator_count)).set_retry(2)
     evaluation = zero_shot_eval(config_json=eval_config, profile=profile, method=method, experiment=experiment,
                                 model=learner.outputs["model"], eval_split=eval_split, eval_sets=eval_sets,
-                                champion_metric=champion_metric)
+                                champion_metric=champion_metric, data_access=data_access)
     track_stages(parent_run_id=parent_run_id, first=learner.outputs["Output"],
                  second=evaluation.outputs["Output"]).set_caching_options(False)
     promote_model(evaluation_json=evaluation.outputs["Output"], learner_json=learner.outputs["Output"],
@@ -183,6 +184,7 @@ def flexi_jest_pp_definition(
     promotion_config: str = "{}",
     accelerator_type: str = "nvidia.com/gpu",
     accelerator_count: str = "1",
+    data_access: str = "{}",
 ):
     """The knobs a rerun changes are typed parameters (editable in the KFP UI) that override the stage's JSON
     config: the learner's method, score, filter_ratio, n_chunks, steps, learning_rate (optim.lr),
@@ -198,7 +200,10 @@ def flexi_jest_pp_definition(
     and eval_uri are dataset specs (a directory, `pool/{00000..00099}.tar`, s3://..., '::'-joined, ...).
     baseline_budget "learner-flops" (the paper's count): each baseline trains on the main learner's own FLOPs,
     its scoring and training, the reference's cached embeddings free; "flops": on its total-FLOP budget, the
-    reference's share charged to whichever uses it; "steps": for the main learner's steps."""
+    reference's share charged to whichever uses it; "steps": for the main learner's steps.
+    data_access: what every stage's dataset specs may reach besides storage, a JSON config.DataAccess, e.g.
+    '{"pipe_commands": ["curl"], "allow_http": true}'; the default "{}" refuses pipe: and http(s) specs
+    (docs/security.md: the pods hold the S3 and MLflow Secrets)."""
     with dsl.ExitHandler(close_run_tracking(experiment)):
         tracking = open_run_tracking(run_name=run_name, experiment=experiment, dataset=dataset, profile=profile,
                                      method=method, score=score, filter_ratio=filter_ratio, n_chunks=n_chunks,
@@ -206,14 +211,15 @@ def flexi_jest_pp_definition(
         parent_run_id = tracking.outputs["Output"]
         data = prepare_data(config_json=data_config, profile=profile, dataset=dataset, storage_root=storage_root,
                             experiment=experiment, source=data_source, curated_uri=curated_uri, pool_uri=pool_uri,
-                            eval_uri=eval_uri).after(tracking)
+                            eval_uri=eval_uri, data_access=data_access).after(tracking)
         reference = on_gpu_pool(reference_finetune(
             config_json=reference_config, profile=profile, storage_root=storage_root, experiment=experiment,
-            curated=data.outputs["curated"], batch_size=batch_size, init_checkpoint=init_checkpoint),
-            accelerator_type, accelerator_count)
+            curated=data.outputs["curated"], batch_size=batch_size, init_checkpoint=init_checkpoint,
+            data_access=data_access), accelerator_type, accelerator_count)
         cache = on_gpu_pool(cache_reference_scores(
             config_json=cache_config, profile=profile, experiment=experiment, storage_root=storage_root,
-            reference=reference.outputs["model"], pool=data.outputs["pool"]), accelerator_type, accelerator_count)
+            reference=reference.outputs["model"], pool=data.outputs["pool"], data_access=data_access),
+            accelerator_type, accelerator_count)
         track_stages(parent_run_id=parent_run_id, first=data.outputs["Output"], second=reference.outputs["Output"],
                      third=cache.outputs["Output"]).set_caching_options(False)
         evaluation = train_evaluate_promote(
@@ -223,7 +229,8 @@ def flexi_jest_pp_definition(
             experiment=experiment, accelerator_type=accelerator_type, accelerator_count=accelerator_count,
             pool=data.outputs["pool"], cache=cache.outputs["cache"], eval_split=data.outputs["eval_split"],
             reference=reference.outputs["model"], reference_json=reference.outputs["Output"], parent_run_id=parent_run_id,
-            promotion_config=promotion_config, eval_sets=eval_sets, champion_metric=champion_metric)
+            promotion_config=promotion_config, eval_sets=eval_sets, champion_metric=champion_metric,
+            data_access=data_access)
         with dsl.ParallelFor(baseline_methods) as baseline:
             baseline_learner = on_gpu_pool(train_learner(
                 config_json=baseline_config, profile=profile, method=baseline, score=score, filter_ratio=filter_ratio,
@@ -231,16 +238,17 @@ def flexi_jest_pp_definition(
                 model_name=model_name, storage_root=storage_root, experiment=experiment,
                 pool=data.outputs["pool"], cache=cache.outputs["cache"], eval_split=data.outputs["eval_split"],
                 reference=reference.outputs["model"], budget=baseline_budget, main_config_json=learner_config,
-                main_method=method, main_score=score), accelerator_type, accelerator_count).set_retry(2)
+                main_method=method, main_score=score, data_access=data_access), accelerator_type,
+                accelerator_count).set_retry(2)
             baseline_evaluation = zero_shot_eval(
                 config_json=eval_config, profile=profile, method=baseline, experiment=experiment,
                 model=baseline_learner.outputs["model"], eval_split=data.outputs["eval_split"], eval_sets=eval_sets,
-                champion_metric=champion_metric)
+                champion_metric=champion_metric, data_access=data_access)
         # the reference's own zero-shot metric beside its learners' (a learner passing it: data-quality bootstrapping)
         reference_evaluation = zero_shot_eval(
             config_json=eval_config, profile=profile, method="reference", experiment=experiment,
             model=reference.outputs["model"], eval_split=data.outputs["eval_split"], eval_sets=eval_sets,
-            champion_metric=champion_metric)
+            champion_metric=champion_metric, data_access=data_access)
         # the baselines' tracking after their loop: inside it, KFP 2.17's local execution resolves an upstream
         # task's output parameter to the loop item
         track_stages(parent_run_id=parent_run_id, first=reference_evaluation.outputs["Output"],
@@ -289,25 +297,28 @@ def rerun_definition(stage: str):
         promotion_config: str = "{}",
         accelerator_type: str = "nvidia.com/gpu",
         accelerator_count: str = "1",
+        data_access: str = "{}",
     ):
         with dsl.ExitHandler(close_run_tracking(experiment)):
             tracking = open_run_tracking(run_name=run_name, experiment=experiment, dataset="(from run)",
                                          profile=profile, method=method, score=score, filter_ratio=filter_ratio,
                                          n_chunks=n_chunks, steps=steps, storage_root=storage_root)
             parent_run_id = tracking.outputs["Output"]
-            earlier = resolve_run(from_run=from_run, parent_run_id=parent_run_id, stage=stage).set_caching_options(False)
+            earlier = resolve_run(from_run=from_run, parent_run_id=parent_run_id, stage=stage,
+                                  data_access=data_access).set_caching_options(False)
             reference, reference_json = earlier.outputs["reference"], earlier.outputs["reference_json"]
             cache = earlier.outputs["cache"]
             if stage == "train_reference":
                 trained = on_gpu_pool(reference_finetune(
                     config_json=reference_config, profile=profile, storage_root=storage_root, experiment=experiment,
-                    curated=earlier.outputs["curated"], batch_size=batch_size, init_checkpoint=init_checkpoint),
-                    accelerator_type, accelerator_count)
+                    curated=earlier.outputs["curated"], batch_size=batch_size, init_checkpoint=init_checkpoint,
+                    data_access=data_access), accelerator_type, accelerator_count)
                 reference, reference_json = trained.outputs["model"], trained.outputs["Output"]
             if stage in ("train_reference", "cache_reference"):
                 cached = on_gpu_pool(cache_reference_scores(
                     config_json=cache_config, profile=profile, experiment=experiment, storage_root=storage_root,
-                    reference=reference, pool=earlier.outputs["pool"]), accelerator_type, accelerator_count)
+                    reference=reference, pool=earlier.outputs["pool"], data_access=data_access), accelerator_type,
+                    accelerator_count)
                 track_stages(parent_run_id=parent_run_id, first=reference_json if stage == "train_reference" else "",
                              second=cached.outputs["Output"]).set_caching_options(False)
                 cache = cached.outputs["cache"]
@@ -315,7 +326,7 @@ def rerun_definition(stage: str):
                 evaluation = zero_shot_eval(config_json=eval_config, profile=profile, method=method,
                                             experiment=experiment, model=earlier.outputs["learner"],
                                             eval_split=earlier.outputs["eval_split"], eval_sets=eval_sets,
-                                            champion_metric=champion_metric)
+                                            champion_metric=champion_metric, data_access=data_access)
                 track_stages(parent_run_id=parent_run_id, first=evaluation.outputs["Output"]).set_caching_options(False)
                 promote_model(evaluation_json=evaluation.outputs["Output"], learner_json=earlier.outputs["learner_json"],
                               reference_json=reference_json, parent_run_id=parent_run_id, experiment=experiment,
@@ -328,7 +339,8 @@ def rerun_definition(stage: str):
                     experiment=experiment, accelerator_type=accelerator_type, accelerator_count=accelerator_count,
                     pool=earlier.outputs["pool"], cache=cache, eval_split=earlier.outputs["eval_split"],
                     reference=reference, reference_json=reference_json, parent_run_id=parent_run_id,
-                    promotion_config=promotion_config, eval_sets=eval_sets, champion_metric=champion_metric)
+                    promotion_config=promotion_config, eval_sets=eval_sets, champion_metric=champion_metric,
+                    data_access=data_access)
             compare_methods(main=evaluation.outputs["Output"], baselines=[],
                             parent_run_id=parent_run_id).set_caching_options(False)
 

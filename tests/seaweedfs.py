@@ -81,17 +81,19 @@ class SeaweedServer:
     log: Path
     access_key: str = ACCESS_KEY
     secret_key: str = SECRET_KEY
+    sockets: tuple[Path, ...] = ()  # the gRPC unix sockets weed makes in the temp folder (a killed weed leaves them)
 
     def stop(self, grace_s: float = STOP_GRACE_S) -> None:
-        """SIGTERM, wait up to grace_s, then SIGKILL; always reaps the process."""
-        if self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=30)
+        """SIGTERM, wait up to grace_s, then SIGKILL; always reaps the process and removes its sockets."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=30)
+        for socket_file in self.sockets:
+            socket_file.unlink(missing_ok=True)
 
 
 def _answers(server: SeaweedServer) -> str | None:
@@ -148,7 +150,10 @@ def start_seaweedfs(directory: Path, timeout_s: float = START_TIMEOUT_S) -> Seaw
                                        env=env, cwd=directory, preexec_fn=_die_with_parent)
         except OSError as exc:
             raise SeaweedUnavailable(f"cannot run {weed}: {exc}") from exc
-    server = SeaweedServer(process, f"http://127.0.0.1:{s3}", directory, log)
+    temp = Path(os.environ.get("TMPDIR") or "/tmp")  # Go's os.TempDir
+    sockets = tuple(temp / f"seaweedfs-{name}-grpc-{port}.sock" for name, port in
+                    (("master", master_grpc), ("volume", volume_grpc), ("filer", filer_grpc), ("s3", s3_grpc)))
+    server = SeaweedServer(process, f"http://127.0.0.1:{s3}", directory, log, sockets=sockets)
     started, problem = time.monotonic(), "not tried"
     while time.monotonic() - started < timeout_s:
         if process.poll() is not None:

@@ -5,6 +5,7 @@ import functools
 import http.server
 import io
 import json
+import re
 import tarfile
 import threading
 
@@ -13,6 +14,7 @@ from webdataset import TarWriter
 
 from conftest import BOTH_S3, free_port
 from flexi_jest import storage
+from flexi_jest.data.access import DataAccess, granted
 from flexi_jest.data.specs import SpecError, open_shard, resolve
 
 
@@ -88,6 +90,11 @@ def http_pool(tmp_path):
 
 
 def test_http_urls_and_pipe_commands(http_pool, tmp_path):
+    with granted(DataAccess(allow_http=True, pipe_commands=("cat",))):
+        http_urls_and_pipe_commands(http_pool, tmp_path)
+
+
+def http_urls_and_pipe_commands(http_pool, tmp_path):
     spec = resolve(f"{http_pool}/{{00000..00002}}.tar")
     assert len(spec.shards) == 3 and spec.num_samples is None
     assert tar_keys(spec.urls[1]) == ["000010000", "000010001", "000010002", "000010003"]
@@ -110,7 +117,7 @@ def test_bad_specs_fail_in_one_line_naming_the_spec(case, tmp_path):
         "empty part": (f"{pool}::", "empty part"),
         "bad pattern": (f"{pool}/{{00000..00001.tar", "Unbalanced braces"),
     }[case]
-    with pytest.raises(SpecError) as error:
+    with pytest.raises(SpecError) as error, granted(DataAccess(allow_http=True)):
         resolve(spec)
     message = str(error.value)
     assert "\n" not in message and repr(spec) in message and reason in message
@@ -119,6 +126,62 @@ def test_bad_specs_fail_in_one_line_naming_the_spec(case, tmp_path):
 
 
 def test_a_failing_pipe_command_is_reported_when_read(tmp_path):
-    spec = resolve(f"pipe:cat {tmp_path}/absent.tar")  # commands are checked when run
-    with pytest.raises(OSError, match="absent.tar"):
-        tar_keys(spec.urls[0])
+    with granted(DataAccess(pipe_commands=("cat",))):
+        spec = resolve(f"pipe:cat {tmp_path}/absent.tar")  # commands are checked when run
+        with pytest.raises(OSError, match="absent.tar"):
+            tar_keys(spec.urls[0])
+
+
+# ---- the data-access policy (data/access.py; issue 20, finding 1) ------------------------------------------------
+
+
+def touching(marker) -> str:
+    """A pipe: command that would create marker before printing a tar: a shell wrapper, as the probe planted."""
+    return f"pipe:sh -c 'touch {marker}; cat /dev/null'"
+
+
+@pytest.mark.parametrize("kind", ["shell", "plain command", "http"])
+def test_pipe_and_http_specs_are_refused_by_default_and_nothing_runs(kind, tmp_path, http_pool):
+    marker = tmp_path / "ran"
+    spec, flag = {"shell": (touching(marker), "data_access.pipe_commands"),
+                  "plain command": (f"pipe:touch {marker}", "data_access.pipe_commands"),
+                  "http": (f"{http_pool}/00000.tar", "data_access.allow_http")}[kind]
+    for attempt in (lambda: resolve(spec), lambda: resolve(f"{tmp_path}::{spec}"), lambda: open_shard(spec)):
+        with pytest.raises(SpecError) as error:
+            attempt()
+        message = str(error.value)
+        assert spec in message and flag in message and "docs/security.md" in message and "\n" not in message
+    assert not marker.exists()
+
+
+def test_only_the_programs_named_run_and_shells_need_naming_themselves(tmp_path):
+    pool = write_pool(str(tmp_path / "pool"))
+    marker = tmp_path / "ran"
+    with granted(DataAccess(pipe_commands=("cat",))):
+        assert tar_keys(resolve(f"pipe:cat {pool}/00000.tar").urls[0])[:1] == ["000000000"]
+        refused = {touching(marker): "runs its arguments as a command",
+                   f"pipe:env touch {marker}": "runs its arguments as a command",
+                   f"pipe:python3 -c 'open(\"{marker}\", \"w\")'": "runs its arguments as a command",
+                   f"pipe:{tmp_path}/cat {pool}/00000.tar": re.escape("not among the allowed pipe: programs ['cat']"),
+                   f"pipe:touch {marker}": re.escape("not among the allowed pipe: programs ['cat']"),
+                   "pipe:cat 'unbalanced": "cannot be split into arguments"}
+        for spec, reason in refused.items():
+            with pytest.raises(SpecError, match=reason):
+                resolve(spec)
+            with pytest.raises(SpecError, match=reason):
+                open_shard(spec)
+    assert not marker.exists()
+    with granted(DataAccess(pipe_commands=("sh",))):  # named: the deployer's choice, and then it runs
+        with open_shard(touching(marker)) as stream:
+            assert stream.read() == b""
+    assert marker.exists()
+
+
+def test_the_policy_is_restored_after_a_granted_block(tmp_path):
+    with granted(DataAccess(pipe_commands=("cat",))):
+        resolve("pipe:cat x.tar")
+    with pytest.raises(SpecError, match="pipe: specs are off"):
+        resolve("pipe:cat x.tar")
+    assert resolve("pipe:cat x.tar", check=False).urls == ["pipe:cat x.tar"]  # listing runs nothing; reading checks
+    with pytest.raises(SpecError, match="pipe: specs are off"):
+        open_shard("pipe:cat x.tar")

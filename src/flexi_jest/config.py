@@ -16,6 +16,33 @@ from pydantic import (
     model_validator,
 )
 
+from flexi_jest.data.access import DataAccess, spec_problem
+
+
+DATA_ACCESS_DESCRIPTION = ("what this stage's dataset specs may reach besides storage: pipe: commands "
+                           "(pipe_commands: the programs allowed) and http(s) (allow_http) are off unless enabled "
+                           "here (data/access.py, docs/security.md)")
+
+
+def _eval_set_uri(item: Any) -> Any:
+    """The uri of an eval_data entry ('name=uri', 'uri', a dict or an EvalSet); the entry itself if unparsable."""
+    try:
+        return EvalSet.parse(item).uri
+    except (ValueError, TypeError):
+        return item
+
+
+def check_data_access(access: DataAccess, specs: dict[str, Any]) -> None:
+    """ValueError '<field>: <why>' for the first dataset spec (field name -> spec) that access refuses."""
+    for field, spec in specs.items():
+        problem = spec_problem(spec, access) if isinstance(spec, str) else None
+        if problem:
+            raise ValueError(f"{field}: {problem}")
+
+
+def _eval_specs(items: list[Any]) -> dict[str, Any]:
+    return {f"eval_data.{index}": _eval_set_uri(item) for index, item in enumerate(items)}
+
 
 class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -243,6 +270,7 @@ class MakeDataConfig(ConfigModel):
     noise: NoiseConfig = Field(default_factory=lambda: NoiseConfig.at_rate(0.6))
     samples_per_shard: Int = Field(1000, ge=1)
     image_format: Literal["png", "jpg"] = "png"
+    data_access: DataAccess = Field(default_factory=DataAccess, description=DATA_ACCESS_DESCRIPTION)
 
     @model_validator(mode="after")
     def _check_source(self) -> "MakeDataConfig":
@@ -251,6 +279,7 @@ class MakeDataConfig(ConfigModel):
             missing = [name for name, spec in specs.items() if not spec]
             if missing:
                 raise ValueError(f"source 'register' needs a dataset spec for {', '.join(missing)}")
+            check_data_access(self.data_access, specs)
         elif any(specs.values()):
             given = ", ".join(name for name, spec in specs.items() if spec)
             raise ValueError(f"{given}: dataset specs are read with source 'register' (source is 'generate')")
@@ -322,6 +351,13 @@ class TrainingConfig(ConfigModel):
     max_consecutive_bad_samples: Int = Field(10_000, ge=0, description=(
         "fail when this many training samples in a row are unusable (undecodable image, blank caption, ...); "
         "0: no limit. A whole epoch without a usable sample fails regardless"))
+    data_access: DataAccess = Field(default_factory=DataAccess, description=DATA_ACCESS_DESCRIPTION)
+
+    @model_validator(mode="after")
+    def _check_data_access(self) -> "TrainingConfig":
+        check_data_access(self.data_access, {"data": getattr(self, "data", None), "pool": getattr(self, "pool", None),
+                                             **_eval_specs(self.eval_data)})
+        return self
 
     @model_validator(mode="after")
     def _check_patches(self) -> "TrainingConfig":
@@ -389,6 +425,12 @@ class CacheReferenceConfig(ConfigModel):
     patch_size: Int | None = Field(None, ge=1, description="patch size of the reference's image forward; default its base")
     batch_size: Int = Field(256, ge=1)
     device: Device = "auto"
+    data_access: DataAccess = Field(default_factory=DataAccess, description=DATA_ACCESS_DESCRIPTION)
+
+    @model_validator(mode="after")
+    def _check_data_access(self) -> "CacheReferenceConfig":
+        check_data_access(self.data_access, {"pool": self.pool})
+        return self
 
 
 class CacheReferenceResult(StrictModel):
@@ -530,6 +572,7 @@ class EvaluateConfig(ConfigModel):
     champion_metric: str | None = Field(None, pattern=r"^.+\.[A-Za-z0-9_]+$", description=(
         "'<eval set name>.<metric>' that promotion compares, e.g. imagenet-val.top1; default: the first eval "
         "set's top1 (its image_to_text_r1 if it has no labels)"))
+    data_access: DataAccess = Field(default_factory=DataAccess, description=DATA_ACCESS_DESCRIPTION)
 
     @field_validator("eval_data")
     @classmethod
@@ -539,6 +582,11 @@ class EvaluateConfig(ConfigModel):
         if repeated:
             raise ValueError(f"eval set names must be unique; repeated: {repeated}")
         return items
+
+    @model_validator(mode="after")
+    def _check_data_access(self) -> "EvaluateConfig":
+        check_data_access(self.data_access, _eval_specs(self.eval_data))
+        return self
 
 
 class SplitMetrics(StrictModel):

@@ -36,7 +36,8 @@ from flexi_jest.config import CacheReferenceConfig, CacheReferenceResult
 from flexi_jest.device import resolve_device, to_model_input
 from flexi_jest.flops import offline_filter_flops, pair_forward_flops
 from flexi_jest.models import Tokenizer
-from flexi_jest.data.shards import IMAGE_EXTENSIONS, ReadStats, decode_sample, iter_tar, read_manifest
+from flexi_jest.data.manifest import read_manifest
+from flexi_jest.data.shards import IMAGE_EXTENSIONS, ReadStats, decode_sample, iter_tar
 from flexi_jest.data.specs import resolve
 from flexi_jest.selection import offline_keep_mask, pair_cosines
 

@@ -7,6 +7,7 @@ trained models an MLflow model. They import nothing from KFP; components/ wraps 
 """
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,16 @@ from flexi_jest.config import (
 
 
 def run_stage(stage: str, cfg: BaseModel) -> BaseModel:
-    """Run one stage's library function on its validated config (training on several processes: torchrun_stage)."""
+    """Run one stage's library function on its validated config (training on several processes: torchrun_stage),
+    its dataset specs resolved and read under the config's data_access (data/access.py: storage only unless the
+    config enables more)."""
+    from flexi_jest.data.access import granted
+
+    with granted(getattr(cfg, "data_access", None)):
+        return _run_stage(stage, cfg)
+
+
+def _run_stage(stage: str, cfg: BaseModel) -> BaseModel:
     processes = training_processes(cfg)
     if processes > 1:
         return torchrun_stage(stage, cfg, processes)
@@ -77,6 +87,13 @@ def torchrun_stage(stage: str, cfg: BaseModel, processes: int) -> BaseModel:
 # config field each one sets
 KNOB_FIELDS = {"learning_rate": "optim.lr", "steps": "steps", "super_batch_size": "super_batch_size",
                "batch_size": "batch_size", "model_name": "model", "init_checkpoint": "init_checkpoint"}
+
+
+def with_data_access(values: dict[str, Any], data_access: str) -> dict[str, Any]:
+    """values (a stage's JSON config) with the pipeline's data_access (a JSON object of config.DataAccess: which
+    pipe: programs and whether http(s) its dataset specs may use); "" or "{}" keeps the config's own (off)."""
+    access = json.loads(data_access or "{}")
+    return {**values, "data_access": access} if access else values
 
 
 def with_knobs(values: dict[str, Any], **knobs: Any) -> dict[str, Any]:
@@ -230,9 +247,120 @@ RERUN_INPUTS = {
 }
 
 
-def resolve_earlier_run(from_run: str, parent_run_id: str = "", stage: str = "train_learner") -> dict[str, str]:
+class RecordedOutputError(ValueError):
+    """An output an earlier run recorded on MLflow (a tag anyone with write access can change) is not what the
+    stage that wrote it could have written; the message names the tag, the run and why."""
+
+
+DATASET_OUTPUTS = {"curated": "curated", "pool": "pool", "eval_split": "eval"}  # tag name -> make-data split
+FILE_OUTPUTS = ("reference", "cache", "learner")  # written by the pipeline's stages under its storage root
+HEX_SHA256 = re.compile(r"[0-9a-f]{64}")
+VERSION_NUMBER = re.compile(r"[0-9]{1,12}")
+RUN_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+BESIDE_ARTIFACTS = "(beside the KFP artifacts)"  # the storage_root param of a run that kept data beside them
+MAX_RERUN_CHAIN = 16
+
+
+def _storage_uri_problem(value: str) -> str | None:
+    """Why value is not one storage URI (a path, file://, s3://) a stage wrote, or None."""
+    if not value or any(c in value for c in "\0\n\r"):
+        return "is empty or holds a control character"
+    if value.startswith(("pipe:", "http://", "https://")) or "::" in value:
+        return "is not a storage URI (a path, file:// or s3://)"
+    scheme = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*):", value)
+    if scheme and scheme[1] not in ("s3", "file"):
+        return f"has the scheme {scheme[1]!r}; expected a path, file:// or s3://"
+    if any(part == ".." for part in value.split("/")):
+        return "has a '..' component"
+    return None
+
+
+def _storage_roots(client, earlier) -> list[str] | None:
+    """The storage roots (storage_root params, which MLflow never lets change) of the earlier run and the runs it
+    resolved its own inputs from (flexi_jest.from_run); None if one of them kept data beside its KFP artifacts
+    (no root to check against)."""
+    roots, run, seen = [], earlier, set()
+    while run is not None and run.info.run_id not in seen and len(seen) < MAX_RERUN_CHAIN:
+        seen.add(run.info.run_id)
+        root = run.data.params.get("storage_root", "")
+        if not root or root == BESIDE_ARTIFACTS:
+            return None
+        roots.append(root.rstrip("/") + "/")
+        source = run.data.tags.get("flexi_jest.from_run")
+        try:
+            run = client.get_run(source) if source else None
+        except Exception:  # noqa: BLE001 - a from_run that no longer resolves ends the chain
+            run = None
+    return roots
+
+
+def _registered_specs(client, resolved: dict[str, str]) -> dict[str, str]:
+    """What the earlier run's make-data stage read or wrote, by tag name (from its params, which cannot change);
+    empty when the run recorded no make-data stage (a rerun's own parent) or it cannot be read."""
+    run_id = resolved.get("make-data.mlflow_run_id")
+    if not run_id:
+        return {}
+    try:
+        params = client.get_run(run_id).data.params
+    except Exception:  # noqa: BLE001 - no stage run to compare with: the tag is checked by kind only
+        return {}
+    if params.get("source") == "register":
+        return {name: params[split] for name, split in DATASET_OUTPUTS.items() if params.get(split)}
+    if params.get("out_dir"):
+        return {name: storage.join(params["out_dir"], split) for name, split in DATASET_OUTPUTS.items()}
+    return {}
+
+
+def check_recorded_outputs(resolved: dict[str, str], earlier, client, data_access=None) -> None:
+    """Check what a rerun resolved from an earlier run's MLflow tags before anything uses it: dataset specs
+    (curated, pool, eval_split) under the same data-access rules as a config (data/access.py: no pipe: or
+    http(s) unless data_access enables it; SpecError) and, where the run recorded its make-data stage, equal to
+    what that stage registered or wrote; model and cache URIs storage URIs under the storage root of the run
+    (and of the runs it was resolved from) when it had one; sha256s, versions and run ids of their form.
+    Raises RecordedOutputError (or SpecError) naming the tag and the run."""
+    from flexi_jest import tracking
+    from flexi_jest.data.access import DataAccess, check_spec
+
+    access = data_access if isinstance(data_access, DataAccess) else DataAccess.model_validate(data_access or {})
+    run_id = resolved["parent_run_id"]
+
+    def where(name: str) -> str:
+        stage_tag = name.endswith(".mlflow_run_id")
+        tag = f"{tracking.STAGE_TAG}{name.removesuffix('.mlflow_run_id')}" if stage_tag else f"{tracking.OUTPUT_TAG}{name}"
+        return f"MLflow tag {tag} of pipeline run {run_id}"
+
+    registered = _registered_specs(client, resolved)
+    roots = _storage_roots(client, earlier)
+    for name, value in resolved.items():
+        if name == "parent_run_id":
+            continue
+        base = name.split(".", 1)[0]
+        if base in DATASET_OUTPUTS and name == base:
+            check_spec(value, access, where(name))
+            expected = registered.get(name)
+            if expected is not None and value[:500] != expected[:500]:  # params are kept to 500 characters
+                raise RecordedOutputError(f"{where(name)}: {value!r} is not what its make-data stage run "
+                                          f"{resolved['make-data.mlflow_run_id']} read or wrote ({expected!r})")
+        elif base in FILE_OUTPUTS:
+            problem = _storage_uri_problem(value)
+            if problem is None and roots is not None and not any(value.startswith(root) for root in roots):
+                problem = f"is outside the run's storage root ({', '.join(roots)})"
+            if problem:
+                raise RecordedOutputError(f"{where(name)}: {value!r} {problem}")
+        elif name == "reference_sha256" and not HEX_SHA256.fullmatch(value):
+            raise RecordedOutputError(f"{where(name)}: {value!r} is not a sha256 (64 hex digits)")
+        elif name.endswith("_version") and not VERSION_NUMBER.fullmatch(value):
+            raise RecordedOutputError(f"{where(name)}: {value!r} is not a registry version number")
+        elif name.endswith("run_id") and value and not RUN_ID.fullmatch(value):
+            raise RecordedOutputError(f"{where(name)}: {value!r} is not an MLflow run id")
+
+
+def resolve_earlier_run(from_run: str, parent_run_id: str = "", stage: str = "train_learner",
+                        data_access=None) -> dict[str, str]:
     """The outputs an earlier pipeline run recorded (tracking.recorded_outputs), checked to hold what a rerun from
-    `stage` needs (RERUN_INPUTS; "learner": the run's main learner, with its MLflow run as "learner_run_id");
+    `stage` needs (RERUN_INPUTS; "learner": the run's main learner, with its MLflow run as "learner_run_id") and
+    to be what its stages could have written (check_recorded_outputs: MLflow tags are input; data_access, a
+    config.DataAccess or its dict, allows pipe: / http(s) specs as a stage config's does; default: refused);
     recorded on this run's parent run (parent_run_id) too, with the run they came from."""
     from flexi_jest import tracking
 
@@ -248,8 +376,9 @@ def resolve_earlier_run(from_run: str, parent_run_id: str = "", stage: str = "tr
     if missing:
         raise LookupError(f"pipeline run {from_run!r} (MLflow run {resolved['parent_run_id']}) recorded no "
                           f"{', '.join(missing)}, which a rerun from {stage} needs: did its stages up to {stage} finish?")
+    client = tracking.mlflow_client()
+    check_recorded_outputs(resolved, earlier, client, data_access)
     if parent_run_id:
-        client = tracking.mlflow_client()
         parent = tracking.pipeline_run_or_fail(parent_run_id).info.run_id
         client.set_tag(parent, "flexi_jest.from_run", resolved["parent_run_id"])
         client.set_tag(parent, "flexi_jest.from_stage", stage)

@@ -7,7 +7,8 @@ from PIL import Image
 
 from flexi_jest.data.sample import Sample
 from flexi_jest.data.loader import StreamLoader
-from flexi_jest.data.shards import ReadStats, iter_split, read_manifest, shard_names, write_split
+from flexi_jest.data.manifest import read_manifest
+from flexi_jest.data.shards import ReadStats, iter_split, shard_names, write_split
 
 
 def colour_samples(n: int, prefix: str = "s"):

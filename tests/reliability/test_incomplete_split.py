@@ -10,7 +10,8 @@ import pytest
 from conftest import TEST_MODEL
 from faults import colour_samples
 from flexi_jest.data.loader import StreamLoader
-from flexi_jest.data.shards import IncompleteSplitError, iter_split, shard_names, write_split
+from flexi_jest.data.manifest import IncompleteSplitError
+from flexi_jest.data.shards import iter_split, shard_names, write_split
 
 
 def interrupted_split(path) -> str:

@@ -17,7 +17,7 @@ import pytest
 
 from faults import colour_samples, no_hang, record, tar_bytes
 from flexi_jest import storage
-from flexi_jest.data import specs
+from flexi_jest.data.access import DataAccess, granted
 from flexi_jest.data.shards import ReadStats, iter_tar, write_split
 from flexi_jest.data.specs import Shard, SpecError, open_shard, resolve
 from loopback import Gateway, Trickler
@@ -30,11 +30,7 @@ SLACK = 4.0  # the deadline plus this is still "bounded": a loaded 2-core machin
 def short_deadlines(monkeypatch):
     monkeypatch.setenv(storage.READ_SECONDS_ENV, str(DEADLINE))
     monkeypatch.setenv(storage.CHECK_SECONDS_ENV, str(DEADLINE))
-    access = getattr(specs, "allowed", None)  # the trust policy (data_access): these specs are allowed here
-    if access is None:
-        yield
-        return
-    with access(allow_http=True, pipe_commands=[sys.executable, "sleep"]):
+    with granted(DataAccess(allow_http=True, pipe_commands=(sys.executable, "sleep"))):  # enabled here (security.md)
         yield
 
 

@@ -13,7 +13,8 @@ import pytest
 
 from faults import colour_samples
 from flexi_jest import storage
-from flexi_jest.data.shards import IncompleteSplitError, ReadStats, iter_split, read_manifest, write_split
+from flexi_jest.data.manifest import IncompleteSplitError, read_manifest
+from flexi_jest.data.shards import ReadStats, iter_split, write_split
 
 
 def free_port() -> int:

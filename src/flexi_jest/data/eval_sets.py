@@ -33,7 +33,8 @@ from torch import Tensor
 
 from flexi_jest import storage
 from flexi_jest.config import EVAL_SET_NAME, EvalSet
-from flexi_jest.data.shards import IMAGE_EXTENSIONS, ReadStats, decode_meta, iter_tar, read_manifest
+from flexi_jest.data.manifest import read_manifest
+from flexi_jest.data.shards import IMAGE_EXTENSIONS, ReadStats, decode_meta, iter_tar
 from flexi_jest.data.specs import Shard, SpecError, resolve, scheme
 
 CLASSNAMES_FILE = "classnames.txt"

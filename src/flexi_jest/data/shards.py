@@ -4,7 +4,7 @@ dataset is: specs.py).
 A split directory holds `shard-000000.tar`, ... (members `key.png|jpg`, `key.txt`, `key.json`) and
 `manifest.json`, written last, with per-shard sample counts and sha256 checksums. A directory of
 external tars without a manifest is read too; shards named `shard-NNNNNN.tar` without a manifest are
-an interrupted write, refused (IncompleteSplitError).
+an interrupted write, refused (IncompleteSplitError). The manifest and its checks: manifest.py.
 
 Reading never crashes on bad bytes and never drops data silently: a missing, corrupt or truncated
 shard, an image that fails to decode, a blank or non-UTF-8 caption, unparsable JSON metadata are
@@ -15,7 +15,6 @@ evaluation refuses a split with any of them unless allowed; a stream with no usa
 
 import io
 import json
-import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -27,11 +26,13 @@ from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from flexi_jest import storage
 from flexi_jest.config import ReadStatsSummary
+from flexi_jest.data.manifest import (
+    FORMAT, MANIFEST, ShardError, check_not_interrupted, read_manifest, shard_uri,
+)
 from flexi_jest.data.sample import Sample
 from flexi_jest.data.specs import Shard, open_shard, resolve
 from flexi_jest.data.transforms import ImageTransform, decode_image
 
-MANIFEST = "manifest.json"
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
 
 
@@ -88,7 +89,7 @@ def write_split(
             close_shard()
     close_shard()
     manifest = {
-        "format": "flexi-jest-shards/1",
+        "format": FORMAT,
         "num_samples": sum(s["num_samples"] for s in shards),
         "shards": shards,
         "noise_counts": dict(noise_counts),
@@ -101,73 +102,12 @@ def write_split(
 
 # ---- reading ----------------------------------------------------------------------------------------
 
-WRITTEN_SHARD = re.compile(r"shard-\d{6}\.tar")  # the names write_split gives its shards
-
-
-class ShardError(ValueError):
-    """A split cannot be read as asked: a corrupt or incomplete manifest, an interrupted write, no usable sample.
-
-    The reader's contract: bad bytes inside a shard are skipped and counted in ReadStats; what makes the
-    whole split unusable is a ShardError (or a storage.StorageError when the location cannot be reached)."""
-
-
-class IncompleteSplitError(ShardError):
-    """A split written by this project has shards but no manifest: its writing was interrupted."""
-
-
 class UnreadableSplitError(ShardError):
     """Reading a split yields no usable sample (every image bad, every caption blank, ...)."""
 
 
-class UnsafeShardNameError(ShardError, storage.UnsafeNameError):
-    """A manifest names a shard outside its split (../, an absolute path, another scheme): never read."""
-
-
-def shard_uri(split_dir: str, name: str) -> str:
-    """split_dir/name for a shard name from the split's manifest, which must stay inside the split."""
-    try:
-        return storage.confined(split_dir, name, storage.join(split_dir, MANIFEST))
-    except storage.UnsafeNameError as exc:
-        raise UnsafeShardNameError(str(exc)) from exc
-
-
 class PartialReadError(ShardError):
     """Some samples or shards of a split that must be read whole (evaluation) could not be read."""
-
-
-def _check_manifest(uri: str, manifest: Any) -> dict[str, Any]:
-    """The manifest if its structure is what the reader relies on, else a ShardError naming the field."""
-    def bad(where: str, problem: str) -> ShardError:
-        return ShardError(f"corrupt manifest {uri}: {where} {problem}")
-
-    if not isinstance(manifest, dict):
-        raise bad("the document", f"must be a JSON object, got {type(manifest).__name__}")
-    shards = manifest.get("shards")
-    if not isinstance(shards, list):
-        raise bad("'shards'", "must be a list of {name, num_samples, sha256}")
-    for i, entry in enumerate(shards):
-        if not isinstance(entry, dict):
-            raise bad(f"shards[{i}]", "must be an object")
-        if not isinstance(entry.get("name"), str) or not entry["name"]:
-            raise bad(f"shards[{i}].name", "must be a non-empty string")
-        count = entry.get("num_samples")
-        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
-            raise bad(f"shards[{i}].num_samples", f"must be an integer >= 0, got {count!r}")
-        if "sha256" in entry and not isinstance(entry["sha256"], str):
-            raise bad(f"shards[{i}].sha256", "must be a string")
-    return manifest
-
-
-def read_manifest(split_dir: str) -> dict[str, Any] | None:
-    """The split's manifest, or None for a plain directory of tars; a ShardError if it is not a valid manifest."""
-    uri = storage.join(split_dir, MANIFEST)
-    if not storage.exists(uri):
-        return None
-    try:
-        manifest = json.loads(storage.read_bytes(uri))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise ShardError(f"corrupt manifest {uri}: {exc}") from exc
-    return _check_manifest(uri, manifest)
 
 
 def shard_names(split_dir: str) -> list[str]:
@@ -184,15 +124,6 @@ def shard_names(split_dir: str) -> list[str]:
     if not names:
         raise ShardError(f"no shards in {split_dir}")
     return names
-
-
-def check_not_interrupted(split_dir: str, names: list[str]) -> None:
-    """An IncompleteSplitError if a directory without a manifest holds shards named as write_split names them."""
-    if any(WRITTEN_SHARD.fullmatch(name) for name in names):
-        raise IncompleteSplitError(
-            f"split {split_dir} has shards written by flexi-jest ({names[0]}, ...) but no {MANIFEST}, which is "
-            "written last: the write was interrupted and the split may be incomplete. Re-run the stage that "
-            f"wrote it (make-data) to rewrite the split; if these are external tars, rename them (not shard-NNNNNN.tar)")
 
 
 # reasons that mean samples were lost (see config.ReadStatsSummary); the rest damage a whole shard

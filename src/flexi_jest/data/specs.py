@@ -5,8 +5,11 @@ A spec is one string; several specs are joined by `::` (webdataset's convention)
     runs/data/pool                       a directory or prefix (local, file://, s3://): its *.tar, or its manifest's shards
     pool/{00000..00099}.tar              a brace pattern (expanded by webdataset / braceexpand); every shard must exist
     s3://bucket/pool/00007.tar           a single tar
-    https://host/pool/{000..009}.tar     http(s) URLs (each checked with a HEAD request)
-    pipe:curl -s https://host/a.tar      a command writing a tar to stdout (run without a shell)
+    https://host/pool/{000..009}.tar     http(s) URLs (each checked with a HEAD request)    [data_access.allow_http]
+    pipe:curl -s https://host/a.tar      a command writing a tar to stdout (an argument list, never a shell)
+                                                                              [data_access.pipe_commands: [curl]]
+
+pipe: and http(s) parts are refused unless the stage's data_access enables them (access.py, docs/security.md).
 
 Sample counts, per shard, come from the flexi-jest manifest beside the shards, or from img2dataset's
 `<shard>_stats.json` (its `successes` field), or stay unknown; an explicit `num_samples` overrides the
@@ -26,12 +29,8 @@ from webdataset.shardlists import expand_urls
 
 from flexi_jest import storage
 from flexi_jest.data import remote
-
-MANIFEST = "manifest.json"
-
-
-class SpecError(ValueError):
-    """A dataset spec that names nothing readable; the message (one line) names the spec and why."""
+from flexi_jest.data.access import SpecError, check_spec  # noqa: F401 - SpecError is this module's error
+from flexi_jest.data.manifest import MANIFEST, ShardError, check_not_interrupted, manifest_entries, shard_uri
 
 
 @dataclass(frozen=True)
@@ -89,13 +88,6 @@ def _read_json(uri: str) -> dict | None:
         return None
 
 
-def _manifest_entries(directory: str) -> dict[str, dict] | None:
-    """The flexi-jest manifest's shards of a directory, by name; None without one (a corrupt one: ShardError)."""
-    from flexi_jest.data.shards import read_manifest  # shards.py reads through this module
-    manifest = read_manifest(directory)
-    return {s["name"]: s for s in manifest["shards"]} if manifest else None
-
-
 def _stats_count(url: str) -> int | None:
     """img2dataset's count beside a shard: `<stem>_stats.json`'s `successes`, or None."""
     stats = _read_json(url.removesuffix(".tar") + "_stats.json")
@@ -137,17 +129,15 @@ def _part_shards(spec: str, part: str, check: bool, counts: bool) -> list[Shard]
                     more = f" (and {len(missing) - 1} more of {len(urls)})" if len(missing) > 1 else ""
                     raise SpecError(f"dataset spec {spec!r}: missing shard {missing[0]}{more}")
         else:  # a directory or prefix
-            entries = _manifest_entries(part)
+            entries = manifest_entries(part)
             if entries is not None:
                 if not entries:
-                    from flexi_jest.data.shards import ShardError
                     raise ShardError(f"no shards in {part}: its {MANIFEST} lists none")
-                from flexi_jest.data.shards import shard_uri  # a manifest's names stay inside its directory
+                # shard_uri: a manifest's names stay inside its directory
                 return [Shard(shard_uri(part, name), e.get("num_samples"), e.get("sha256")) for name, e in entries.items()]
             names = storage.list_names(part, ".tar")
             if not names:
                 raise SpecError(f"dataset spec {spec!r}: no .tar shards under {part}")
-            from flexi_jest.data.shards import check_not_interrupted
             check_not_interrupted(part, names)
             urls = [storage.join(part, name) for name in names]
     except storage.StorageError as exc:
@@ -162,7 +152,7 @@ def _with_counts(urls: list[str]) -> list[Shard]:
     manifests: dict[str, dict[str, dict] | None] = {}
     for directory in {_parent(u) for u in urls}:
         try:
-            manifests[directory] = _manifest_entries(directory)
+            manifests[directory] = manifest_entries(directory)
         except storage.StorageError:  # a directory we may not list or read: counts from stats files only
             manifests[directory] = None
     need_stats = [u for u in urls if not (manifests[_parent(u)] or {}).get(u.rsplit("/", 1)[-1])]
@@ -181,12 +171,15 @@ def _with_counts(urls: list[str]) -> list[Shard]:
 def resolve(spec: str, num_samples: int | None = None, check: bool = True, counts: bool = True) -> DatasetSpec:
     """The shards a spec names, in order.
 
-    check: verify that each local / s3 shard exists and each http(s) URL answers (pipe: commands are
-    only checked when read); counts: look up per-shard sample counts (manifest, then `*_stats.json`).
-    Raises SpecError (one line, naming the spec) if the spec is empty, malformed or names nothing readable.
+    check: refuse a pipe: or http(s) part the process's data-access policy does not allow (access.py; off by
+    default), and verify that each local / s3 shard exists and each http(s) URL answers (pipe: commands are
+    only run when read); counts: look up per-shard sample counts (manifest, then `*_stats.json`).
+    Raises SpecError (one line, naming the spec) if the spec is empty, malformed, refused or names nothing readable.
     """
     if not isinstance(spec, str) or not spec.strip():
         raise SpecError(f"dataset spec {spec!r} is empty")
+    if check:  # before any request or command: pipe: and http(s) only where the data-access policy allows them
+        check_spec(spec)
     if num_samples is not None and num_samples < 1:
         raise SpecError(f"dataset spec {spec!r}: num_samples must be positive, got {num_samples}")
     shards: list[Shard] = []
@@ -210,6 +203,8 @@ def open_shard(url: str) -> BinaryIO:
     """A binary stream of a shard's tar bytes. Raises OSError (storage.StorageError for local / s3) naming the url;
     a remote read past its deadline (remote.py) is a TimeoutError, an OSError too."""
     kind = scheme(url)
+    if kind in ("pipe", "http"):
+        check_spec(url)  # SpecError (not an OSError: a refused spec fails the read, it is not a missing shard)
     if kind == "pipe":
         command = url[len("pipe:"):]
         try:
