@@ -194,7 +194,7 @@ def test_a_rerun_resolves_the_earlier_runs_main_learner_and_records_its_inputs(m
     are tagged on the rerun's own parent run."""
     import mlflow
 
-    from flexi_jest.stages import resolve_earlier_run
+    from flexi_jest.pipeline_support import resolve_earlier_run
     earlier = tracking.start_pipeline_run("earlier", {"method": "flexi-jest"}, kfp_run_id="kfp-earlier")
     outputs = {"eval_split": "s3://b/eval", "reference": "s3://b/ref/model.pt", "reference_sha256": "ab" * 32,
                "learner.flexi-jest": "s3://b/flexi/model.pt", "learner.uniform": "s3://b/uniform/model.pt"}
@@ -231,7 +231,7 @@ def test_every_stage_rejects_a_bad_config_naming_the_field(stage, values, field,
 
 
 def test_pipeline_learners_evaluate_during_training():
-    from flexi_jest.stages import with_eval_points
+    from flexi_jest.pipeline_support import with_eval_points
     values = with_eval_points("train-learner", {"steps": 50, "reference_cache": "c"}, "tiny", "s3://b/eval")
     assert values["eval_data"] == ["s3://b/eval"] and values["eval_every"] == 10
     assert with_eval_points("train-learner", {"steps": 3, "reference_cache": "c"}, "tiny", "e")["eval_every"] == 1
