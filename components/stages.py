@@ -50,7 +50,8 @@ def prepare_data(config_json: str, profile: str, dataset: str, storage_root: str
     data_access: a JSON config.DataAccess for every stage that reads data ("{}": storage only, no pipe: or http)."""
     import json
 
-    from flexi_jest.stages import make_data_stage, output_location, stage_output, with_data_access
+    from flexi_jest.pipeline_support import output_location, stage_output, with_data_access
+    from flexi_jest.stages import make_data_stage
 
     values = with_data_access(json.loads(config_json), data_access)
     values.setdefault("source", source)
@@ -81,7 +82,8 @@ def reference_finetune(config_json: str, profile: str, storage_root: str, experi
     knobs (0 / "": the config's own) override config_json."""
     import json
 
-    from flexi_jest.stages import output_location, stage_output, train_reference_stage, with_data_access, with_knobs
+    from flexi_jest.pipeline_support import output_location, stage_output, with_data_access, with_knobs
+    from flexi_jest.stages import train_reference_stage
 
     values = with_knobs(with_data_access(json.loads(config_json), data_access), batch_size=batch_size,
                         init_checkpoint=init_checkpoint)
@@ -108,7 +110,8 @@ def cache_reference_scores(config_json: str, profile: str, experiment: str,
     learners read (the config's out_dir, if it sets one, wins)."""
     import json
 
-    from flexi_jest.stages import cache_reference_stage, output_location, stage_output, with_data_access
+    from flexi_jest.pipeline_support import output_location, stage_output, with_data_access
+    from flexi_jest.stages import cache_reference_stage
 
     values = with_data_access(json.loads(config_json), data_access)
     values.update(reference=reference.metadata["uri"], pool=pool.metadata["uri"])
@@ -141,10 +144,11 @@ def train_learner(config_json: str, profile: str, method: str, score: str, filte
     node, scheduling and services; see flexi_jest.pytorchjob.run_pytorchjob)."""
     import json
 
-    from flexi_jest.stages import (
-        baseline_values, learner_reference, output_location, stage_output, train_learner_stage, with_data_access,
-        with_eval_points, with_knobs,
+    from flexi_jest.pipeline_support import (
+        baseline_values, learner_reference, output_location, stage_output, with_data_access, with_eval_points,
+        with_knobs,
     )
+    from flexi_jest.stages import train_learner_stage
 
     knobs = dict(steps=steps, learning_rate=learning_rate, super_batch_size=super_batch_size, model_name=model_name)
     shared = dict(filter_ratio=filter_ratio, n_chunks=n_chunks, pool=pool.metadata["uri"],
@@ -186,7 +190,8 @@ def zero_shot_eval(config_json: str, profile: str, method: str, experiment: str,
     'imagenet-val.top1'; "" keeps the config's, by default the eval split's top1) is what promotion compares."""
     import json
 
-    from flexi_jest.stages import evaluate_stage, stage_output, with_data_access
+    from flexi_jest.pipeline_support import stage_output, with_data_access
+    from flexi_jest.stages import evaluate_stage
 
     with open(model.path) as f:
         training = json.load(f)
@@ -217,7 +222,7 @@ def track_stages(parent_run_id: str, first: str = "", second: str = "", third: s
     from its cache is marked `cached`."""
     import json
 
-    from flexi_jest.stages import record_stages
+    from flexi_jest.pipeline_support import record_stages
 
     return json.dumps(record_stages(parent_run_id, first, second, third, *learners, *evaluations))
 
@@ -278,16 +283,16 @@ def resolve_run(from_run: str, parent_run_id: str, stage: str, curated: Output[D
                 data_access: str = "{}") -> NamedTuple("Resolved", [("reference_json", str), ("learner_json", str)]):
     """Tracking only (never cached): the outputs an earlier pipeline run recorded on its MLflow parent run
     (its KFP run ID or MLflow parent run id: from_run) as this run's input artifacts, for a rerun from `stage`
-    (flexi_jest.stages.RERUN_INPUTS): curated, pool, reference cache, eval split, the reference (with its
+    (flexi_jest.pipeline_support.RERUN_INPUTS): curated, pool, reference cache, eval split, the reference (with its
     registered version) and the run's main learner (its training result as the artifact's file); an output the
     stage does not need and the run did not record has uri "". Recorded on this run's parent run too.
     reference_json / learner_json: {"mlflow_run_id": ...} of the reference and learner runs for promote_model.
-    The MLflow tags are input: checked first (stages.check_recorded_outputs; a pipe: or http(s) spec refused
-    unless data_access, a JSON config.DataAccess, allows it)."""
+    The MLflow tags are input: checked first (pipeline_support.check_recorded_outputs; a pipe: or http(s) spec
+    refused unless data_access, a JSON config.DataAccess, allows it)."""
     import json
     from collections import namedtuple
 
-    from flexi_jest.stages import learner_result_of, resolve_earlier_run
+    from flexi_jest.pipeline_support import learner_result_of, resolve_earlier_run
 
     resolved = resolve_earlier_run(from_run, parent_run_id, stage, json.loads(data_access or "{}"))
     trained = learner_result_of(resolved["learner"]) if resolved.get("learner") else None

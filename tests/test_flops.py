@@ -90,7 +90,7 @@ def test_pipeline_baselines_get_the_main_learners_total_flop_budget(shapes_data,
     reference's share), less the share where the baseline uses the reference (the offline filter: plus its cosines)."""
     from conftest import TEST_MODEL
     from flexi_jest.config import ConfigError, stage_config
-    from flexi_jest.stages import baseline_values
+    from flexi_jest.pipeline_support import baseline_values
 
     common = dict(model=TEST_MODEL.model_dump(), pool=shapes_data.splits["pool"].path, super_batch_size=80,
                   reference_cache=reference_cache.cache_dir, reference_training_flops=4e9,

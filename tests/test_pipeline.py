@@ -55,7 +55,7 @@ def test_the_knobs_of_a_rerun_are_typed_pipeline_parameters(tmp_path):
     """The knobs a rerun changes are typed parameters (what the KFP UI shows and edits), their defaults the
     learner's Pydantic config's; a typed knob overrides the stage's JSON config, 0 / "" keep its value."""
     from flexi_jest.config import ConfigError, TrainLearnerConfig
-    from flexi_jest.stages import with_knobs
+    from flexi_jest.pipeline_support import with_knobs
     from pipelines.flexi_jest_pp import main
 
     expected = {"learning_rate": "NUMBER_DOUBLE", "steps": "NUMBER_INTEGER", "batch_size": "NUMBER_INTEGER",
@@ -397,7 +397,7 @@ def test_rerun_of_the_learner_takes_one_argument_the_earlier_run(pipeline_run, t
     under its name and promotion compares it."""
     import mlflow
 
-    from flexi_jest.stages import resolve_earlier_run
+    from flexi_jest.pipeline_support import resolve_earlier_run
     from pipelines.flexi_jest_pp import run_local
 
     workdir, first = pipeline_run

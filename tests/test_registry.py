@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from flexi_jest import tracking
+from flexi_jest import registry, tracking
 
 # PostgreSQL, an mlflow server on it and two promoter processes: about four minutes on the loaded 2-core machine
 pytestmark = pytest.mark.slow
@@ -23,16 +23,16 @@ def registry_server(tmp_path_factory):
 
 
 @pytest.fixture
-def registry(registry_server, monkeypatch):
+def registry_uri(registry_server, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", registry_server[0])
     return registry_server[0]
 
 
-def test_the_registry_lives_in_postgresql(registry, registry_server):
+def test_the_registry_lives_in_postgresql(registry_uri, registry_server):
     """What the server registers is in PostgreSQL's tables (no SQLite file anywhere in between)."""
     import psycopg2
 
-    client = tracking._mlflow().MlflowClient()
+    client = tracking.mlflow_client()
     bare_version(client, "where-am-i")
     connection = psycopg2.connect(registry_server[1].replace("+psycopg2", ""))
     try:
@@ -56,19 +56,19 @@ def bare_version(client, name: str) -> str:
     return str(client.create_model_version(name, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id).version)
 
 
-def test_champion_rule_metric_direction_and_margin(registry, capsys):
+def test_champion_rule_metric_direction_and_margin(registry_uri, capsys):
     import mlflow
 
     from flexi_jest.config import ChampionRule
-    client = tracking._mlflow().MlflowClient()
+    client = tracking.mlflow_client()
     champion = bare_version(client, "rule")
-    tracking.promote("rule", champion, {"shapes.top1": 0.50, "shapes.loss": 1.0})
+    registry.promote("rule", champion, {"shapes.top1": 0.50, "shapes.loss": 1.0})
     rule = ChampionRule(metric="shapes.top1", min_margin=0.05)
     small_gain = bare_version(client, "rule")
-    decision = tracking.promote("rule", small_gain, {"shapes.top1": 0.54}, rule)
+    decision = registry.promote("rule", small_gain, {"shapes.top1": 0.54}, rule)
     assert not decision.promoted and "margin 0.05" in decision.reason
     lower_loss = bare_version(client, "rule")
-    decision = tracking.promote("rule", lower_loss, {"shapes.loss": 0.8, "shapes.top1": 0.1},
+    decision = registry.promote("rule", lower_loss, {"shapes.loss": 0.8, "shapes.top1": 0.1},
                                 ChampionRule(metric="shapes.loss", direction="min"))
     assert decision.promoted and decision.champion_value == pytest.approx(1.0)
     assert str(client.get_model_version_by_alias("rule", "champion").version) == lower_loss
@@ -78,17 +78,17 @@ def test_champion_rule_metric_direction_and_margin(registry, capsys):
         ChampionRule(direction="up")
 
 
-def test_a_challenger_is_not_crowned_on_a_metric_the_champion_lacks(registry, capsys):
+def test_a_challenger_is_not_crowned_on_a_metric_the_champion_lacks(registry_uri, capsys):
     """The issue's case: promote(..., "other_eval.top1", 0.0) crowned a model with 0.0, which then held both
     aliases. Now the champion keeps its title, and the reason is on the version's tags and printed."""
     import mlflow
 
     from flexi_jest.config import ChampionRule
-    client = tracking._mlflow().MlflowClient()
+    client = tracking.mlflow_client()
     champion = bare_version(client, "lacks")
-    tracking.promote("lacks", champion, {"shapes.top1": 0.6})
+    registry.promote("lacks", champion, {"shapes.top1": 0.6})
     challenger = bare_version(client, "lacks")
-    decision = tracking.promote("lacks", challenger, {"other_eval.top1": 0.0}, ChampionRule(metric="other_eval.top1"))
+    decision = registry.promote("lacks", challenger, {"other_eval.top1": 0.0}, ChampionRule(metric="other_eval.top1"))
     assert not decision.promoted and decision.alias == "challenger"
     reason = client.get_model_version("lacks", challenger).tags["flexi_jest.promotion"]
     assert reason == decision.reason and f"champion version {champion} has no metric 'other_eval.top1'" in reason
@@ -96,34 +96,34 @@ def test_a_challenger_is_not_crowned_on_a_metric_the_champion_lacks(registry, ca
     aliases = {a: str(client.get_model_version_by_alias("lacks", a).version) for a in ("champion", "challenger")}
     assert aliases == {"champion": champion, "challenger": challenger}
     missing = bare_version(client, "lacks")
-    decision = tracking.promote("lacks", missing, {"shapes.top1": 0.9}, ChampionRule(metric="shapes.top5"))
+    decision = registry.promote("lacks", missing, {"shapes.top1": 0.9}, ChampionRule(metric="shapes.top5"))
     assert not decision.promoted and "has no metric 'shapes.top5'" in decision.reason
     holders = [v.version for v in client.search_model_versions("name = 'lacks'")
                if "champion" in client.get_model_version("lacks", v.version).aliases]
     assert holders == [champion]
 
 
-def test_a_metric_from_a_partial_eval_set_crowns_nobody_unless_the_rule_allows_it(registry):
+def test_a_metric_from_a_partial_eval_set_crowns_nobody_unless_the_rule_allows_it(registry_uri):
     """An evaluation with allow_partial scored only the readable part of a set (its shortfall > 0): its metric
     does not crown a version by default; ChampionRule(allow_partial=True) accepts it."""
     from flexi_jest.config import ChampionRule
-    client = tracking._mlflow().MlflowClient()
+    client = tracking.mlflow_client()
     champion = bare_version(client, "partial")
-    tracking.promote("partial", champion, {"shapes.top1": 0.4})
+    registry.promote("partial", champion, {"shapes.top1": 0.4})
     better_but_partial = bare_version(client, "partial")
-    decision = tracking.promote("partial", better_but_partial, {"shapes.top1": 0.9}, shortfalls={"shapes": 12})
+    decision = registry.promote("partial", better_but_partial, {"shapes.top1": 0.9}, shortfalls={"shapes": 12})
     assert not decision.promoted and "partial eval set (12 samples unreadable" in decision.reason
     assert str(client.get_model_version_by_alias("partial", "champion").version) == champion
     other_set = bare_version(client, "partial")  # a shortfall in another set leaves the compared metric whole
-    assert tracking.promote("partial", other_set, {"shapes.top1": 0.5}, shortfalls={"imagenet": 3}).promoted
-    accepted = tracking.promote("partial", better_but_partial, {"shapes.top1": 0.9}, ChampionRule(allow_partial=True),
+    assert registry.promote("partial", other_set, {"shapes.top1": 0.5}, shortfalls={"imagenet": 3}).promoted
+    accepted = registry.promote("partial", better_but_partial, {"shapes.top1": 0.9}, ChampionRule(allow_partial=True),
                                 shortfalls={"shapes": 12})
     assert accepted.promoted
 
 
-def test_promote_and_rollback_commands(registry, capsys):
+def test_promote_and_rollback_commands(registry_uri, capsys):
     from flexi_jest.cli import main
-    client = tracking._mlflow().MlflowClient()
+    client = tracking.mlflow_client()
     first, second = bare_version(client, "cli-model"), bare_version(client, "cli-model")
     assert main(["promote", "--model", "cli-model", "--version", first]) == 0
     assert main(["promote", "--model", "cli-model", "--version", second]) == 0
@@ -142,34 +142,34 @@ def test_promote_and_rollback_commands(registry, capsys):
 RACER = """
 import sys, time
 from pathlib import Path
-from flexi_jest import tracking
+from flexi_jest import registry, tracking
 from flexi_jest.config import ChampionRule
 model, version, value, sync = sys.argv[1], sys.argv[2], float(sys.argv[3]), Path(sys.argv[4])
-tracking._mlflow().MlflowClient().get_registered_model(model)  # imports and connections done before the start
+tracking.mlflow_client().get_registered_model(model)  # imports and connections done before the start
 (sync / f"ready-{version}").touch()
 while not (sync / "go").exists():
     time.sleep(0.01)
-print(tracking.promote(model, version, {"shapes.top1": value}, ChampionRule()).model_dump_json())
+print(registry.promote(model, version, {"shapes.top1": value}, ChampionRule()).model_dump_json())
 """
 
 
-def test_two_racing_promotions_end_with_the_better_model_as_champion(registry, tmp_path):
+def test_two_racing_promotions_end_with_the_better_model_as_champion(registry_uri, tmp_path):
     """Two processes promote at the same instant (both read the same champion): the registry lock makes them
     take turns, so the better challenger ends as champion, whichever writes last, and exactly one version
     holds `champion`."""
     import json
 
-    client = tracking._mlflow().MlflowClient()
+    client = tracking.mlflow_client()
     for round_ in range(2):
         model = f"race-{round_}"
         old = bare_version(client, model)
-        tracking.promote(model, old, {"shapes.top1": 0.3})
+        registry.promote(model, old, {"shapes.top1": 0.3})
         better, worse = bare_version(client, model), bare_version(client, model)
         sync = tmp_path / model
         sync.mkdir()
         racers = [subprocess.Popen([sys.executable, "-c", RACER, model, version, str(value), str(sync)],
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                   env={**os.environ, "MLFLOW_TRACKING_URI": registry})
+                                   env={**os.environ, "MLFLOW_TRACKING_URI": registry_uri})
                   for version, value in ((worse, 0.5), (better, 0.9))]
         deadline = time.time() + 300
         while not all((sync / f"ready-{v}").exists() for v in (better, worse)):

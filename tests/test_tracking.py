@@ -3,7 +3,7 @@
 import pytest
 
 from conftest import TEST_MODEL
-from flexi_jest import tracking
+from flexi_jest import registry, tracking
 from flexi_jest.models import DualEncoder
 
 
@@ -31,18 +31,18 @@ def register_version(name: str) -> str:
 
 
 def test_promotion_moves_champion_only_to_a_better_model(mlflow_store):
-    tracking._mlflow()
+    tracking.connect()
     first = register_version("promo-test")
-    decision = tracking.promote("promo-test", first, {"shapes.top1": 0.40})
+    decision = registry.promote("promo-test", first, {"shapes.top1": 0.40})
     assert decision.promoted and decision.alias == "champion" and decision.champion_version is None
 
     worse = register_version("promo-test")
-    decision = tracking.promote("promo-test", worse, {"shapes.top1": 0.30})
+    decision = registry.promote("promo-test", worse, {"shapes.top1": 0.30})
     assert not decision.promoted and decision.alias == "challenger"
     assert decision.champion_version == str(first) and decision.champion_value == pytest.approx(0.40)
 
     better = register_version("promo-test")
-    decision = tracking.promote("promo-test", better, {"shapes.top1": 0.55})
+    decision = registry.promote("promo-test", better, {"shapes.top1": 0.55})
     assert decision.promoted and decision.alias == "champion"
 
     import mlflow
@@ -59,13 +59,13 @@ def test_promotion_reads_but_no_longer_writes_the_legacy_metric_tag(mlflow_store
     """A champion promoted before the per-metric tags carries only `eval_metric` ("<metric>=<value>"): it is still
     compared with, or it could never be replaced; promotion itself writes the per-metric tags only."""
     import mlflow
-    tracking._mlflow()
+    tracking.connect()
     client = mlflow.MlflowClient()
     old = register_version("legacy-test")
     client.set_model_version_tag("legacy-test", old, "eval_metric", "shapes.top1=0.5")  # as older promotions wrote it
     client.set_registered_model_alias("legacy-test", "champion", old)
     new = register_version("legacy-test")
-    decision = tracking.promote("legacy-test", new, {"shapes.top1": 0.45})
+    decision = registry.promote("legacy-test", new, {"shapes.top1": 0.45})
     assert not decision.promoted and decision.champion_value == pytest.approx(0.5)
     tags = client.get_model_version("legacy-test", new).tags
     assert "eval_metric" not in tags and tags["flexi_jest.metric.shapes.top1"] == "0.45"
@@ -93,7 +93,7 @@ def test_the_registered_model_embeds_in_a_fresh_process_without_flexi_jest(mlflo
     import mlflow
     import torch
 
-    tracking._mlflow()
+    tracking.connect()
     torch.manual_seed(0)
     model = DualEncoder(TEST_MODEL).eval()
     with mlflow.start_run():
@@ -101,13 +101,13 @@ def test_the_registered_model_embeds_in_a_fresh_process_without_flexi_jest(mlflo
                            {"pool": str(mlflow_store / "pool")})
         run_id = mlflow.active_run().info.run_id
     version = mlflow.register_model(f"runs:/{run_id}/model", "fresh-test").version
-    tags = tracking.tag_version("fresh-test", str(version), run_id, {"shapes.top1": 0.5})
+    tags = registry.tag_version("fresh-test", str(version), run_id, {"shapes.top1": 0.5})
     assert tags["lineage.reference_sha256"] == "ab" * 32 and tags["eval.shapes.top1"] == "0.5"
     assert json.loads(tags["lineage.selection"]) == {"method": "joint"}
     assert tags["lineage.pool_uri"] == str(mlflow_store / "pool")
     run = mlflow.MlflowClient().get_run(run_id)
     assert [d.dataset.name for d in run.inputs.dataset_inputs] == ["pool"]
-    tracking.promote("fresh-test", str(version), {"shapes.top1": 0.5})
+    registry.promote("fresh-test", str(version), {"shapes.top1": 0.5})
     info = mlflow.models.get_model_info(f"models:/fresh-test/{version}")
     assert info.signature.inputs.input_names() == ["image", "text"]
     assert info.saved_input_example_info is not None
@@ -194,7 +194,7 @@ def test_a_rerun_resolves_the_earlier_runs_main_learner_and_records_its_inputs(m
     are tagged on the rerun's own parent run."""
     import mlflow
 
-    from flexi_jest.stages import resolve_earlier_run
+    from flexi_jest.pipeline_support import resolve_earlier_run
     earlier = tracking.start_pipeline_run("earlier", {"method": "flexi-jest"}, kfp_run_id="kfp-earlier")
     outputs = {"eval_split": "s3://b/eval", "reference": "s3://b/ref/model.pt", "reference_sha256": "ab" * 32,
                "learner.flexi-jest": "s3://b/flexi/model.pt", "learner.uniform": "s3://b/uniform/model.pt"}
@@ -231,7 +231,7 @@ def test_every_stage_rejects_a_bad_config_naming_the_field(stage, values, field,
 
 
 def test_pipeline_learners_evaluate_during_training():
-    from flexi_jest.stages import with_eval_points
+    from flexi_jest.pipeline_support import with_eval_points
     values = with_eval_points("train-learner", {"steps": 50, "reference_cache": "c"}, "tiny", "s3://b/eval")
     assert values["eval_data"] == ["s3://b/eval"] and values["eval_every"] == 10
     assert with_eval_points("train-learner", {"steps": 3, "reference_cache": "c"}, "tiny", "e")["eval_every"] == 1
@@ -304,24 +304,24 @@ def test_a_non_finite_metric_is_refused_and_a_non_finite_champion_is_replaced(ml
     """A NaN metric (a diverged model) crowned nobody before only when a champion existed: with none it became
     champion, and a NaN champion could never be beaten (nan > margin is False). Now a NaN or infinite candidate
     gets no alias, and any finite metric replaces a champion whose metric is not finite, the reason tagged."""
-    client = tracking._mlflow().MlflowClient()
+    client = tracking.mlflow_client()
     nan_first = bare_version(client, "nan-test")
-    decision = tracking.promote("nan-test", nan_first, {"shapes.top1": float("nan")})
+    decision = registry.promote("nan-test", nan_first, {"shapes.top1": float("nan")})
     assert not decision.promoted and decision.alias == "" and "not a finite number" in decision.reason
-    assert tracking.alias_holder(client, "nan-test", "champion") is None
-    assert tracking.alias_holder(client, "nan-test", "challenger") is None
-    assert "refused" in client.get_model_version("nan-test", nan_first).tags[tracking.PROMOTION_TAG]
+    assert registry.alias_holder(client, "nan-test", "champion") is None
+    assert registry.alias_holder(client, "nan-test", "challenger") is None
+    assert "refused" in client.get_model_version("nan-test", nan_first).tags[registry.PROMOTION_TAG]
 
     finite = bare_version(client, "nan-test")
-    assert tracking.promote("nan-test", finite, {"shapes.top1": 0.3}).promoted
+    assert registry.promote("nan-test", finite, {"shapes.top1": 0.3}).promoted
     infinite = bare_version(client, "nan-test")
-    assert tracking.promote("nan-test", infinite, {"shapes.top1": float("inf")}).alias == ""
-    assert str(tracking.alias_holder(client, "nan-test", "champion").version) == finite
+    assert registry.promote("nan-test", infinite, {"shapes.top1": float("inf")}).alias == ""
+    assert str(registry.alias_holder(client, "nan-test", "champion").version) == finite
 
-    tracking.promote_by_hand("nan-test", nan_first)  # a person crowned the NaN version (or an older release did)
+    registry.promote_by_hand("nan-test", nan_first)  # a person crowned the NaN version (or an older release did)
     challenger = bare_version(client, "nan-test")
-    decision = tracking.promote("nan-test", challenger, {"shapes.top1": 0.1})
+    decision = registry.promote("nan-test", challenger, {"shapes.top1": 0.1})
     assert decision.promoted and decision.champion_version == nan_first
-    assert str(tracking.alias_holder(client, "nan-test", "champion").version) == challenger
-    reason = client.get_model_version("nan-test", challenger).tags[tracking.PROMOTION_TAG]
+    assert str(registry.alias_holder(client, "nan-test", "champion").version) == challenger
+    reason = client.get_model_version("nan-test", challenger).tags[registry.PROMOTION_TAG]
     assert reason.startswith(f"crowned: champion version {nan_first}'s shapes.top1 is nan, not a finite number")

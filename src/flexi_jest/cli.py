@@ -156,18 +156,18 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def registry_command(args: argparse.Namespace) -> int:
     """promote / rollback on the MLflow registry (MLFLOW_TRACKING_URI); a refusal is one line on stderr."""
-    from flexi_jest import tracking
+    from flexi_jest import registry
 
     try:
         if args.command == "promote":
-            old = tracking.promote_by_hand(args.model, args.version, args.alias)
+            old = registry.promote_by_hand(args.model, args.version, args.alias)
             print(f"{args.model} version {args.version} is now {args.alias!r}"
-                  + (f" (was version {old}; it is now {tracking.PREVIOUS_CHAMPION!r})"
-                     if old and old != str(args.version) and args.alias == tracking.CHAMPION else ""))
+                  + (f" (was version {old}; it is now {registry.PREVIOUS_CHAMPION!r})"
+                     if old and old != str(args.version) and args.alias == registry.CHAMPION else ""))
         else:
-            new, old = tracking.rollback(args.model)
+            new, old = registry.rollback(args.model)
             print(f"{args.model}: champion rolled back from version {old} to version {new} "
-                  f"(version {old} is now {tracking.PREVIOUS_CHAMPION!r})")
+                  f"(version {old} is now {registry.PREVIOUS_CHAMPION!r})")
     except (ConnectionError, LookupError, TimeoutError) as exc:
         print(f"flexi-jest {args.command}: {exc}", file=sys.stderr)
         return 1

@@ -641,7 +641,7 @@ class EvaluateResult(StrictModel):
 
 
 class ChampionRule(StrictModel):
-    """When a new learner version takes `champion` from the current one (tracking.promote)."""
+    """When a new learner version takes `champion` from the current one (registry.promote)."""
 
     metric: str = Field("", description="the eval metric compared, by name (<split>.<metric>, e.g. shapes.top1); "
                         "'' = the evaluation's champion metric (EvaluateConfig.champion_metric, the pipeline's "

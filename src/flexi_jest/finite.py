@@ -1,6 +1,6 @@
 """Finiteness: a diverged model (NaN or infinite weights or embeddings) is refused where it would otherwise pass for
 a trained one: at the end of training, at evaluation (top-k over NaN logits still gives plausible numbers) and in
-promotion (flexi_jest.tracking.promote).
+promotion (flexi_jest.registry.promote).
 
     check_model_finite(model, "reference run runs/ref")   # weights, then the embeddings of a fixed probe batch
     check_embeddings_finite(image_emb, "model m.pt on eval set shapes (images)")

@@ -67,11 +67,13 @@ def _local_path(uri: str) -> Path:
 
 def _bucket_key(uri: str) -> tuple[str, str]:
     """s3://bucket/key -> (bucket, key). Split by hand, not by urlparse: a key's `?`, `#` and tab are part of
-    its name (urlparse would cut the key at a `?` or `#` and drop tabs, so `c?/a.jpg` became `c`)."""
+    its name (urlparse would cut the key at a `?` or `#` and drop tabs, so `c?/a.jpg` became `c`). A run of `/`
+    in the key is one `/`: servers disagree on empty segments (AWS keeps `a//b` apart from `a/b`, SeaweedFS
+    merges them, MinIO refuses the name), so `s3://b/data//pool` names the same objects on every server."""
     bucket, _, key = str(uri).removeprefix("s3://").partition("/")
     if not bucket:
         raise StorageError(f"S3 URI {uri!r} has no bucket; expected s3://bucket/key")
-    return bucket, key.lstrip("/")
+    return bucket, re.sub(r"/{2,}", "/", key).lstrip("/")
 
 
 # ---- remote reads: an overall deadline ------------------------------------------------------------------
@@ -376,7 +378,7 @@ def write_bytes(uri: str, data: bytes) -> None:
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(exc, OSError) and exc.filename is None:  # write()/fsync() name no file (disk full): name it
-            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
         raise
 
 

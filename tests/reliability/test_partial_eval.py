@@ -102,7 +102,7 @@ def test_partial_eval_is_logged_to_mlflow(tmp_path, model_file, monkeypatch):
     missing(split)
     result, run_id = evaluate_stage({"model": model_file, "eval_data": [str(split)], "device": "cpu",
                                      "allow_partial": True}, "tiny", "uniform")
-    run = tracking._mlflow().MlflowClient().get_run(run_id)
+    run = tracking.mlflow_client().get_run(run_id)
     assert run.data.metrics["splits.toy.shortfall"] == 10
     assert run.data.metrics["splits.toy.read_stats.skipped.missing_shard"] == 1
     assert run.data.metrics["splits.toy.read_stats.samples"] == 20

@@ -107,7 +107,7 @@ def earlier_run(outputs: dict[str, str], storage_root: str = ROOT, kfp_run_id: s
 def test_a_planted_pipe_tag_is_refused_on_a_rerun_without_running(mlflow_store, tmp_path):
     import mlflow
 
-    from flexi_jest.stages import resolve_earlier_run
+    from flexi_jest.pipeline_support import resolve_earlier_run
     marker = tmp_path / "environment"
     earlier_run({**GOOD, "pool": planted(marker)})
     rerun = tracking.start_pipeline_run("rerun", {}, kfp_run_id="kfp-rerun")
@@ -125,7 +125,7 @@ def test_a_planted_pipe_tag_is_refused_on_a_rerun_without_running(mlflow_store, 
 
 
 def test_a_planted_http_pool_needs_allow_http_on_the_rerun(mlflow_store):
-    from flexi_jest.stages import resolve_earlier_run
+    from flexi_jest.pipeline_support import resolve_earlier_run
     earlier_run({**GOOD, "pool": "https://attacker.example/{0..9}.tar"}, kfp_run_id="kfp-http")
     with pytest.raises(SpecError, match=HTTP):
         resolve_earlier_run("kfp-http", stage="train_learner")
@@ -145,7 +145,7 @@ PLANTS = [  # (tag name, planted value, why it is refused)
 
 
 def test_rerun_tags_must_be_what_the_stages_could_have_written(mlflow_store):
-    from flexi_jest.stages import RecordedOutputError, resolve_earlier_run
+    from flexi_jest.pipeline_support import RecordedOutputError, resolve_earlier_run
     for index, (name, value, reason) in enumerate(PLANTS):
         earlier_run({**GOOD, name: value}, kfp_run_id=f"kfp-plant-{index}")
         with pytest.raises(RecordedOutputError, match=rf"MLflow tag {tracking.OUTPUT_TAG}{name} .*{reason}"):
@@ -158,7 +158,7 @@ def test_good_tags_resolve_and_a_registered_pool_must_match_its_make_data_run(ml
     import mlflow
 
     from flexi_jest.config import MakeDataConfig
-    from flexi_jest.stages import RecordedOutputError, resolve_earlier_run
+    from flexi_jest.pipeline_support import RecordedOutputError, resolve_earlier_run
     good = earlier_run(GOOD, kfp_run_id="kfp-good")
     assert resolve_earlier_run(good, stage="train_learner")["learner"] == GOOD["learner.joint"]
     registered = {"curated": "s3://team-data/curated/{0..3}.tar", "pool": "s3://team-data/laion/",
@@ -200,6 +200,6 @@ def test_the_pipelines_pass_data_access_to_every_stage_that_reads_data_off_by_de
 
         walk(spec["root"]["dag"])
         assert seen, stage
-    from flexi_jest.stages import with_data_access
+    from flexi_jest.pipeline_support import with_data_access
     assert with_data_access({"steps": 3}, "{}") == {"steps": 3}
     assert with_data_access({}, json.dumps({"allow_http": True})) == {"data_access": {"allow_http": True}}

@@ -11,7 +11,7 @@ only (a path, file://, s3://); the trust model is docs/security.md. A stage conf
 A `pipe:` command is split into an argument list (shlex) and run without a shell; a shell or a launcher that
 runs its arguments as a command (sh, bash, env, xargs, python, ...) is refused like any program not named,
 with its own message, and runs only if the list names it. Checks happen where a spec enters: a config's
-validation (check_spec, with the field named), a rerun's MLflow tags (stages.resolve_earlier_run), and again
+validation (check_spec, with the field named), a rerun's MLflow tags (pipeline_support.resolve_earlier_run), and again
 when a spec is resolved or a shard opened (specs.py), under the process's policy, which run_stage sets from
 the stage's config for the whole stage (granted; a program calling the library directly sets it the same way).
 """
