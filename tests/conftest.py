@@ -103,8 +103,9 @@ def s3(s3_backend, request, monkeypatch):
 
 @pytest.fixture(scope="session")
 def img2dataset_dir(tmp_path_factory):
-    """A pool written by img2dataset itself from URLs served on loopback (img2dataset_fixture.py): 3 shards, 58
-    images of varied aspect ratio and 2 broken URLs."""
+    """A pool written by img2dataset itself from URLs served on loopback (img2dataset_fixture.py): 78 images of
+    varied aspect ratio and 3 broken URLs in 5 shards, 00000.tar 18 samples, 00001..00003.tar 20 each and the last,
+    00004.tar, empty (`successes: 0`), as a real pool's last shard often is."""
     from img2dataset_fixture import img2dataset_pool
     return img2dataset_pool(tmp_path_factory.mktemp("img2dataset"))
 

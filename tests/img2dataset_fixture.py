@@ -3,7 +3,8 @@
 The images are the project's shapes scenes, placed on wide and tall canvases (so the reader's aspect-preserving
 crop matters); img2dataset downloads them as a team's pool would be downloaded, into `00000.tar`, ... with
 `000000000.jpg/.txt/.json` members and a `00000_stats.json` beside each shard (resize_mode "no": images keep
-their size).
+their size). The last shard holds only a broken URL, so it is empty (`successes: 0`), as the last shard of a real
+pool often is.
 """
 
 import csv
@@ -45,9 +46,13 @@ def write_images(directory: Path, n: int, seed: int = 0) -> list[tuple[str, str]
     return rows
 
 
-def img2dataset_pool(root: Path, n: int = 58, per_shard: int = 20, broken: int = 2) -> Path:
+def img2dataset_pool(root: Path, n: int = 78, per_shard: int = 20, broken: int = 2) -> Path:
     """Run img2dataset on n served images and `broken` URLs that 404 (img2dataset records them as failures, as in
-    any real pool). Returns the output folder: (n + broken) / per_shard shards with their parquet and stats files."""
+    any real pool), then one more broken URL alone in a last shard. Returns the output folder: (n + broken) /
+    per_shard full shards and an empty last one, with their parquet and stats files (defaults: 00000.tar holds 18
+    samples, 00001..00003.tar 20 each, 00004.tar none)."""
+    if (n + broken) % per_shard:
+        raise ValueError("n + broken must fill whole shards, so that the last shard holds only a broken URL")
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations (imported by img2dataset) asks PyPI otherwise
     from img2dataset import download
 
@@ -63,6 +68,7 @@ def img2dataset_pool(root: Path, n: int = 58, per_shard: int = 20, broken: int =
                 writer.writerow([f"{base}/{name}", caption])
                 if i < broken:
                     writer.writerow([f"{base}/missing{i}.png", "a picture that is not there"])
+            writer.writerow([f"{base}/missing-last.png", "the only URL of the last shard, which fails"])
         out = root / "pool"
         download(url_list=str(url_list), output_folder=str(out), input_format="csv", url_col="url",
                  caption_col="caption", output_format="webdataset", resize_mode="no", processes_count=1,

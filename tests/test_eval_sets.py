@@ -374,3 +374,51 @@ def test_metrics_match_clip_benchmark(reference, layouts, monkeypatch):
         assert getattr(ours["captions"], f"text_to_image_r{k}") == pytest.approx(theirs[f"image_retrieval_recall@{k}"], abs=1e-6)
         assert getattr(ours["captions"], f"image_to_text_r{k}") == pytest.approx(theirs[f"text_retrieval_recall@{k}"], abs=1e-6)
     assert 0 < theirs["image_retrieval_recall@10"] < 1  # neither trivial nor saturated: the comparison says something
+
+
+# ---- hostile layouts (issue 20's probes) -------------------------------------------------------------------------
+
+
+def tiny_imagefolder(root: Path) -> Path:
+    """2 classes of 2 solid-colour PNGs."""
+    for label, colour in (("cat", (200, 0, 0)), ("dog", (0, 0, 200))):
+        (root / label).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (8, 8), colour).save(root / label / f"{label}{i}.png")
+    return root
+
+
+def test_imagefolder_symlink_loops_are_not_followed(tmp_path):
+    """Before, `os.walk(followlinks=True)`: a `cat/l1 -> ..` link turned 4 images into 164 with wrong labels, and
+    two such links hung evaluation. A link to a directory elsewhere (not up the walk) is still followed."""
+    root = tiny_imagefolder(tmp_path / "folder")
+    images = ["cat/cat0.png", "cat/cat1.png", "dog/dog0.png", "dog/dog1.png"]
+    (root / "cat" / "l1").symlink_to("..")
+    assert storage.list_tree(str(root)) == images  # before: 164 paths (the kernel stops the loop at 40 links)
+    (root / "cat" / "l2").symlink_to("..")  # two loops: about 2**40 paths on the old walk
+    (root / "dog" / "self").symlink_to(".")
+    assert storage.list_tree(str(root)) == images
+    opened = open_eval_set(EvalSet(uri=str(root)))
+    assert opened.image_paths == [(image, image.startswith("dog")) for image in images]
+    assert opened.classnames == ["cat", "dog"]
+    elsewhere = tiny_imagefolder(tmp_path / "more")
+    (root / "bird").symlink_to(elsewhere / "dog")  # a class kept elsewhere, linked in: followed, once
+    assert [f for f in storage.list_tree(str(root)) if f.startswith("bird/")] == ["bird/dog0.png", "bird/dog1.png"]
+
+
+@pytest.mark.parametrize("content, why", [(b"abc\n", "b'abc\\\\n'"), (b"1000000000\n", "b'1000000000\\\\n'"),
+                                         (b"0", "b'0'"), (b"-3", "b'-3'"), (b"", "b''"), (b"\xff\xfe", "xff")])
+def test_clip_benchmark_nshards_txt_is_validated(tmp_path, content, why):
+    """Before, `abc` gave a bare ValueError naming neither the file nor the set, and 1000000000 built a list of that
+    length."""
+    root = tmp_path / "wds"
+    (root / "test").mkdir(parents=True)
+    with wds.TarWriter(str(root / "test" / "0.tar")) as sink:
+        sink.write({"__key__": "k0", "png": b"not read here", "cls": b"0"})
+    (root / "test" / "nshards.txt").write_bytes(content)
+    (root / "classnames.txt").write_text("cat\n")
+    with pytest.raises(EvalSetError, match=rf"eval set '{root}': .*test/nshards.txt must hold a positive shard count "
+                                           rf"of at most 100000, got .*{why}"):
+        open_eval_set(EvalSet(uri=str(root)))
+    (root / "test" / "nshards.txt").write_text("1\n")
+    assert open_eval_set(EvalSet(uri=str(root))).layout == "clip_benchmark"

@@ -9,7 +9,7 @@ from PIL import Image
 
 from flexi_jest.data.loader import StreamLoader, merge_states, shard_of
 from flexi_jest.data.sample import Sample
-from flexi_jest.data.shards import write_split
+from flexi_jest.data.shards import UnreadableSplitError, write_split
 from flexi_jest.data.transforms import ImageTransform, decode_image
 
 
@@ -97,3 +97,63 @@ def test_preprocessing_keeps_the_aspect_ratio_and_seeds_random_crops_by_key():
     crop = ImageTransform(16, "random_resized", scale=(0.2, 0.5), seed=1)
     a, b = decode_image(png(noise), crop, "k1"), decode_image(png(noise), crop, "k2")
     assert torch.equal(a, decode_image(png(noise), crop, "k1")) and not torch.equal(a, b)
+
+
+def img2dataset_shard(root, stem: str, keys: list[str]) -> str:
+    """A shard as img2dataset writes one (`stem.tar`, `stem_stats.json` with its successes); keys=[]: an empty
+    shard (every URL of it failed), the usual last shard of a real pool."""
+    import json
+
+    from webdataset import TarWriter
+    buffer = io.BytesIO()
+    with TarWriter(buffer) as writer:
+        for i, key in enumerate(keys):
+            writer.write({"__key__": key, "jpg": png(Image.new("RGB", (12, 8), (i, 9, 9))), "txt": f"caption {key}".encode()})
+    (root / f"{stem}.tar").write_bytes(buffer.getvalue())
+    (root / f"{stem}_stats.json").write_text(json.dumps({"successes": len(keys), "failed_to_download": 0 if keys else 3}))
+    return str(root / f"{stem}.tar")
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_an_empty_shard_is_never_drawn_so_a_pool_with_one_trains(tmp_path, workers):
+    """The resampled stream draws with replacement: before, a run of draws of the one empty shard ended training
+    ('no usable sample in a whole pass'). Seed 16 draws the empty shard first, several times in a row, for stream
+    0 of the `::` join (asserted below on the old draw rule, so the test keeps its teeth)."""
+    full = img2dataset_shard(tmp_path, "00001", [f"k{i:02d}" for i in range(6)])
+    empty = img2dataset_shard(tmp_path, "00003", [])
+    old_draws = [shard_of(visit * 2, 2, "resampled", 16) for visit in range(4)]
+    assert old_draws[:3] == [1, 1, 1], old_draws  # the old rule: the empty shard (index 1) three times in a row
+    with StreamLoader(f"{full}::{empty}", 4, streams=2, seed=16, image_size=8, workers=workers) as loader:
+        for _ in range(5):
+            assert len(loader.next_batch()) == 4
+        assert all(loader._visit_shard(s, v) == 0 for s in range(2) for v in range(1, 20))
+    brace = str(tmp_path / "{00001..00003}.tar")
+    img2dataset_shard(tmp_path, "00002", [f"m{i:02d}" for i in range(6)])
+    with StreamLoader(brace, 8, streams=4, seed=4, image_size=8) as loader:
+        batches = [keys(loader.next_batch()) for _ in range(4)]
+        assert {loader._visit_shard(s, v) for s in range(4) for v in range(1, 30)} == {0, 1}
+    assert {k[0] for batch in batches for k in batch} == {"k", "m"}
+
+
+def test_the_liveness_rule_counts_distinct_shards_not_visits(tmp_path):
+    """Without counts (no *_stats.json) an empty shard is drawn like any other: before, two draws of it in a row
+    failed a two-shard stream; now the stream fails only once each shard has been read without a usable sample."""
+    full = img2dataset_shard(tmp_path, "00001", [f"k{i:02d}" for i in range(6)])
+    empty = img2dataset_shard(tmp_path, "00003", [])
+    for stats in tmp_path.glob("*_stats.json"):
+        stats.unlink()
+    with StreamLoader(f"{full}::{empty}", 4, streams=2, seed=16, image_size=8) as loader:
+        assert loader.live == [0, 1]  # counts unknown: both drawn
+        for _ in range(5):
+            assert len(loader.next_batch()) == 4
+        assert [loader._visit_shard(0, v) for v in (1, 2, 3)] == [1, 1, 1]  # the empty shard thrice in a row
+    other = img2dataset_shard(tmp_path, "00004", [])
+    (tmp_path / "00004_stats.json").unlink()
+    with StreamLoader(f"{empty}::{other}", 2, streams=1, seed=0, image_size=8) as loader:
+        with pytest.raises(UnreadableSplitError, match=r"no usable sample in a whole pass .*each of its 2 shards"):
+            loader.next_batch()
+        assert len(loader._lanes[0].bad_shards) == 2
+    img2dataset_shard(tmp_path, "00003", [])  # its stats file again: successes 0
+    img2dataset_shard(tmp_path, "00004", [])
+    with pytest.raises(UnreadableSplitError, match=r"every shard of .* is empty by its sample counts.*00003.tar, 00004.tar"):
+        StreamLoader(f"{empty}::{other}", 2, streams=1)

@@ -656,11 +656,16 @@ def test_submit_sends_the_compiled_pipeline_to_the_given_host(monkeypatch, capsy
         module.main(["submit", "--host", "h", "--param", "no_such=1"])
 
 
-@pytest.mark.slow  # a second whole pipeline (minutes on 2 cores), on a pool img2dataset wrote (about a minute)
-@BOTH_S3
-def test_whole_pipeline_on_registered_img2dataset_data(mlflow_server, img2dataset_dir, s3, tmp_path, monkeypatch):
-    """source 'register': the pool on S3 (moto) as img2dataset wrote it, curated and eval as brace pattern and single
-    tar; every stage reads the specs, nothing is written into the data, the learner is promoted."""
+@pytest.mark.slow  # a whole pipeline per case (minutes each on 2 cores), on a pool img2dataset wrote (a minute)
+@pytest.mark.parametrize("s3_backend, pool", [("moto", "{laion}/{{00002..00004}}.tar"),
+                                              ("seaweedfs", "{laion}/00002.tar::{laion}/00004.tar")],
+                         ids=["moto-brace", "seaweedfs-join"])  # each server, each pool form, once (not 4 runs)
+def test_whole_pipeline_on_registered_img2dataset_data(mlflow_server, img2dataset_dir, s3, tmp_path, monkeypatch, pool):
+    """source 'register': the pool on S3 (moto, SeaweedFS) as img2dataset wrote it, its last shard empty
+    (`successes: 0`), given as a brace pattern and as a `::` join; curated and eval single tars (eval local). Every
+    stage reads the specs, nothing is written into the data, every learner trains and the learner is promoted.
+    Before, every learner failed ('no usable sample in a whole pass', 3 shard visits) on the brace pattern, and
+    the join at once."""
     from flexi_jest import storage
     from pipelines.flexi_jest_pp import run_local
     url, _ = mlflow_server
@@ -670,15 +675,16 @@ def test_whole_pipeline_on_registered_img2dataset_data(mlflow_server, img2datase
     monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
     summary = run_local(str(tmp_path), {
         **SMALL, "data_config": "{}", "run_name": "pp-registered", "data_source": "register",
-        "curated_uri": f"{s3}/laion/{{00000..00001}}.tar", "pool_uri": f"{s3}/laion",
-        "eval_uri": str(img2dataset_dir / "00002.tar"), "steps": 2})
+        "curated_uri": f"{s3}/laion/00000.tar", "pool_uri": pool.format(laion=f"{s3}/laion"),
+        "eval_uri": str(img2dataset_dir / "00001.tar"), "steps": 2})
     assert sorted(row["method"] for row in summary["rows"]) == ["joint", "offline-filter", "reference", "uniform"]
     assert all(row["i2t_r1"] is not None for row in summary["rows"])  # an image-caption set: retrieval
     assert summary["decision"] in ("champion", "challenger") and summary["learner_version"]
     assert sorted(storage.list_names(f"{s3}/laion")) == before  # nothing written into the team's data
     registrations = list(tmp_path.rglob("registration.json"))
     assert len(registrations) == 1
-    assert json.loads(registrations[0].read_text())["splits"]["pool"]["num_samples"] == 58
+    registered = json.loads(registrations[0].read_text())["splits"]["pool"]
+    assert registered["num_samples"] == 40 and registered["empty_shards"] == [f"{s3}/laion/00004.tar"]
 
 
 def test_run_local_keeps_one_cache_per_code_digest(tmp_path):

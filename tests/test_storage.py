@@ -195,3 +195,16 @@ def test_s3_keys_keep_every_character_of_their_name(s3):
     assert storage.list_names(f"{s3}/odd/what?") == ["a.jpg", "b.jpg"]
     storage.remove(f"{s3}/odd/c#1.tar")
     assert not storage.exists(f"{s3}/odd/c#1.tar") and storage.exists(f"{s3}/odd/c#2.tar")
+
+
+@BOTH_S3
+def test_an_s3_uri_with_a_double_slash_names_the_same_objects_on_every_server(s3):
+    """`s3://b/data//pool` is `s3://b/data/pool`: servers disagree on an empty key segment (AWS and moto keep
+    `data//pool/x` apart from `data/pool/x`, SeaweedFS merges them, so its listing of `data//pool` was empty while
+    reads worked; MinIO refuses the name), so the key's runs of `/` are one `/` on every server."""
+    storage.write_bytes(f"{s3}/data//pool/x.tar", b"x")
+    storage.write_bytes(f"{s3}/data/pool/y.tar", b"y")
+    for pool in (f"{s3}/data//pool", f"{s3}/data/pool", f"{s3}//data///pool/"):
+        assert storage.list_names(pool, ".tar") == ["x.tar", "y.tar"]
+        assert storage.list_tree(pool) == ["x.tar", "y.tar"]
+        assert storage.read_bytes(storage.join(pool, "x.tar")) == b"x" and storage.exists(storage.join(pool, "y.tar"))

@@ -78,9 +78,10 @@ Device = Annotated[str, AfterValidator(_known_device)]
 class ReadStatsSummary(StrictModel):
     """What reading a split did (shards.ReadStats, frozen into a result): every sample not used, by reason.
 
-    Reasons that lose samples: missing_image, empty_caption, non_utf8_caption, bad_image, bad_meta,
-    corrupt_member, bad_label (an eval .cls that is not a class index); reasons that damage a shard (and lose
-    what it held): missing_shard, corrupt_shard, short_shard, checksum_mismatch. Duplicate keys (the same key again in the split) are kept and counted.
+    Reasons that lose samples: missing_image, empty_caption, non_utf8_caption, bad_caption (NUL bytes),
+    bad_image, bad_meta, corrupt_member, oversized_member (a member over its size cap, never read), bad_label (an
+    eval .cls that is not a class index); reasons that damage a shard (and lose what it held): missing_shard,
+    corrupt_shard, short_shard, checksum_mismatch, oversized_shard (a compressed shard expanding past its limit). Duplicate keys (the same key again in the split) are kept and counted.
     """
 
     samples: int = Field(0, description="samples read, decoded and used")
@@ -262,6 +263,9 @@ class MakeDataConfig(ConfigModel):
     check_images: Int = Field(32, ge=1, description="register: images decoded per split")
     count_max_shards: Int = Field(64, ge=0, description=(
         "register: a split with unknown counts and at most this many shards is counted by reading it"))
+    allow_eval_overlap: bool = Field(False, description=(
+        "register: accept an eval split that shares images (identical bytes) with curated or pool in the shards "
+        "read; refused by default, since evaluating on training data inflates the metric promotion compares"))
     seed: Int = 0
     image_size: Int = Field(32, gt=0)
     curated_size: Int = Field(2000, ge=1)
@@ -299,7 +303,8 @@ class MakeDataResult(StrictModel):
     noise_counts: dict[str, int]
     seconds: float
     checks: dict[str, dict[str, Any]] = Field(default_factory=dict, description=(
-        "register: per split, what was checked (shards read, images decoded, image sizes, skipped samples)"))
+        "register: per split, what was checked (shards read, images decoded, image sizes, skipped samples, empty shards); "
+        "'overlap': the keys and images each pair of splits shares in the shards read"))
 
 
 # ---- shared training settings ---------------------------------------------------------------------------

@@ -67,11 +67,13 @@ def _local_path(uri: str) -> Path:
 
 def _bucket_key(uri: str) -> tuple[str, str]:
     """s3://bucket/key -> (bucket, key). Split by hand, not by urlparse: a key's `?`, `#` and tab are part of
-    its name (urlparse would cut the key at a `?` or `#` and drop tabs, so `c?/a.jpg` became `c`)."""
+    its name (urlparse would cut the key at a `?` or `#` and drop tabs, so `c?/a.jpg` became `c`). A run of `/`
+    in the key is one `/`: servers disagree on empty segments (AWS keeps `a//b` apart from `a/b`, SeaweedFS
+    merges them, MinIO refuses the name), so `s3://b/data//pool` names the same objects on every server."""
     bucket, _, key = str(uri).removeprefix("s3://").partition("/")
     if not bucket:
         raise StorageError(f"S3 URI {uri!r} has no bucket; expected s3://bucket/key")
-    return bucket, key.lstrip("/")
+    return bucket, re.sub(r"/{2,}", "/", key).lstrip("/")
 
 
 # ---- remote reads: an overall deadline ------------------------------------------------------------------
@@ -376,7 +378,7 @@ def write_bytes(uri: str, data: bytes) -> None:
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(exc, OSError) and exc.filename is None:  # write()/fsync() name no file (disk full): name it
-            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
         raise
 
 
@@ -418,16 +420,29 @@ def list_names(uri: str, suffix: str = "") -> list[str]:
 
 def list_tree(uri: str) -> list[str]:
     """Sorted '/'-joined paths, relative to uri, of every file under the directory (or S3 prefix) uri, at
-    any depth (hidden files and folders skipped). A local directory's empty sub-folders do not appear."""
+    any depth (hidden files and folders skipped). A local directory's empty sub-folders do not appear.
+
+    Locally, a symlink to a directory is followed (as torchvision's ImageFolder follows them) unless it leads back
+    to the directory itself or one of the directories above it on the way down (`class/l1 -> ..`): such a loop
+    would list the same files again under ever longer names, without end, and is skipped."""
     if not is_s3(uri):
         root = _local_path(uri)
         if not root.is_dir():
             raise StorageError(f"not a directory: {uri}")
         found = []
-        for directory, folders, files in os.walk(root, followlinks=True):
-            folders[:] = [f for f in folders if not f.startswith(".")]
-            relative = Path(directory).relative_to(root)
-            found += [(relative / name).as_posix() for name in files if not name.startswith(".")]
+        pending = [(root, Path(), frozenset({os.path.realpath(root)}))]  # (directory, relative name, real ancestors)
+        while pending:
+            directory, relative, ancestors = pending.pop()
+            with os.scandir(directory) as entries:
+                for entry in entries:
+                    if entry.name.startswith("."):
+                        continue
+                    if not entry.is_dir():  # follows symlinks; a file, or a broken link (its reader says so)
+                        found.append((relative / entry.name).as_posix())
+                        continue
+                    real = os.path.realpath(entry.path)
+                    if real not in ancestors:  # a link back up the walk is a loop: not followed
+                        pending.append((Path(entry.path), relative / entry.name, ancestors | {real}))
         return sorted(found)
     bucket, prefix = _bucket_key(uri)
     prefix = prefix.rstrip("/") + "/" if prefix else ""

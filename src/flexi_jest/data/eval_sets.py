@@ -34,7 +34,7 @@ from torch import Tensor
 from flexi_jest import storage
 from flexi_jest.config import EVAL_SET_NAME, EvalSet
 from flexi_jest.data.manifest import read_manifest
-from flexi_jest.data.shards import IMAGE_EXTENSIONS, ReadStats, decode_meta, iter_tar
+from flexi_jest.data.shards import IMAGE_EXTENSIONS, ReadStats, caption_text, decode_meta, iter_tar, unusable_raw
 from flexi_jest.data.specs import Shard, SpecError, resolve, scheme
 
 CLASSNAMES_FILE = "classnames.txt"
@@ -165,14 +165,14 @@ class OpenedEvalSet:
         .txt in CLIP_benchmark's retrieval sets. A sample without .txt is kept, captionless, except in the
         project's own splits, which pair every image with a caption."""
         key = raw["__key__"]
+        if unusable_raw(raw, stats):  # a member over its size cap (shards.MEMBER_CAPS), never read
+            return None
         image_bytes = next((raw[ext] for ext in IMAGE_EXTENSIONS if ext in raw), None)
         if not isinstance(image_bytes, bytes):
             stats.record("missing_image", f"{raw.get('__url__', '')}: {key}")
             return None
-        try:
-            text = raw["txt"].decode("utf-8") if "txt" in raw else ""
-        except UnicodeDecodeError as exc:
-            stats.record("non_utf8_caption", f"{key}: {exc}")
+        text = caption_text(raw["txt"], key, stats) if "txt" in raw else ""
+        if text is None:  # not UTF-8, or NUL bytes
             return None
         captions = [line.strip() for line in text.splitlines()] if self.multi_caption else [text.strip()]
         captions = [c for c in captions if c]
@@ -331,7 +331,7 @@ def _open_clip_benchmark(spec: EvalSet, uri: str, files: list[str]) -> OpenedEva
     names = sorted((f.split("/", 1)[1] for f in files if f.startswith(f"{spec.split}/") and f.endswith(".tar")
                     and f.count("/") == 1), key=_natural_key)
     if f"{spec.split}/nshards.txt" in files:  # the exporter's count: the shards must all be there
-        nshards = int(storage.read_bytes(storage.join(split_dir, "nshards.txt")).decode().strip())
+        nshards = read_nshards(spec.uri, storage.join(split_dir, "nshards.txt"))
         expected = [f"{i}.tar" for i in range(nshards)]
         missing = [n for n in expected if n not in names]
         if missing:
@@ -343,6 +343,21 @@ def _open_clip_benchmark(spec: EvalSet, uri: str, files: list[str]) -> OpenedEva
     classnames, source, templates = _side_files(spec, uri)
     return OpenedEvalSet(spec, "clip_benchmark", classnames, templates or DEFAULT_TEMPLATES, source,
                          shards=[Shard(storage.join(split_dir, n)) for n in names], multi_caption=_is_retrieval_set(uri))
+
+
+MAX_NSHARDS = 100_000  # far more shards than any eval set has (ImageNet-1k's val set: 50 of 1,000 images)
+
+
+def read_nshards(set_uri: str, uri: str) -> int:
+    """CLIP_benchmark's nshards.txt: a positive integer (ASCII digits), at most MAX_NSHARDS; else an EvalSetError
+    naming the file and the set."""
+    raw = storage.read_bytes(uri)
+    text = raw.strip()
+    nshards = int(text) if re.fullmatch(rb"[0-9]{1,12}", text) else None
+    if nshards is None or not 1 <= nshards <= MAX_NSHARDS:
+        raise EvalSetError(f"eval set {set_uri!r}: {uri} must hold a positive shard count of at most {MAX_NSHARDS}, "
+                           f"got {raw[:40]!r}")
+    return nshards
 
 
 def _open_imagefolder(spec: EvalSet, uri: str, files: list[str]) -> OpenedEvalSet:

@@ -4,7 +4,9 @@ A dataset (a spec, specs.py) is read as `streams` independent, deterministic str
 makes its k-th *visit* to shard `shard_of(k * streams + s)`:
 
   - mode "resampled" (the pool's default, as open_clip's --dataset-resampled): shards drawn with replacement,
-    no epochs; a pool may be far larger than any run;
+    no epochs; a pool may be far larger than any run. A shard whose sample count (manifest or img2dataset's
+    `*_stats.json`, specs.py) is 0 has zero weight: img2dataset's last shard is often empty (every URL of it
+    failed), and drawing it again and again would only cost reads;
   - mode "epoch" (curated data): global visit g reads the shard at position g % n of epoch g // n's
     permutation, so every epoch reads every shard once.
 
@@ -16,6 +18,11 @@ so each sample is decoded once, on one rank, and the batch is the same for any w
 and the batch depends on the world size). The state is each stream's (visit, offset); a resumed stream re-reads its current shard, skips
 `offset` raw samples without decoding them and continues exactly where it stopped.
 
+Liveness: a stream fails (UnreadableSplitError, with the read stats) once every shard it may draw has been read
+whole, empty or without one usable sample, since its last usable sample. The rule counts distinct shards, not
+visits: drawing with replacement, n visits need not cover n shards, and a pool with one empty shard of unknown
+count would otherwise fail by chance.
+
 Decoding runs in `workers` processes (0: in the caller): the reading thread hands groups of raw samples to the
 pool in stream order and takes the results back in the same order, so parallel decoding changes nothing in
 the stream. Images come back uint8 [3, S, S] (transforms.py); nothing here touches a device.
@@ -26,7 +33,7 @@ import random
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Literal
+from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
 
 from flexi_jest.data.shards import ReadStats, UnreadableSplitError, decode_sample, iter_tar
 from flexi_jest.data.specs import DatasetSpec, resolve
@@ -43,10 +50,14 @@ def _seeded(*parts: int) -> random.Random:
     return random.Random("/".join(str(p) for p in parts))
 
 
-def shard_of(visit: int, num_shards: int, mode: Mode, seed: int) -> int:
-    """The shard index of global visit `visit`: resampled (with replacement) or epoch-wise permuted."""
+def shard_of(visit: int, num_shards: int, mode: Mode, seed: int, live: Sequence[int] | None = None) -> int:
+    """The shard index of global visit `visit`: resampled (with replacement) or epoch-wise permuted.
+
+    live: the shard indices resampling draws from, uniformly (default: all; the loader leaves out the shards known
+    to be empty); with every shard live the draws are those of range(num_shards). Epoch mode visits every shard."""
     if mode == "resampled":
-        return _seeded(seed, 1, visit).randrange(num_shards)
+        choices = range(num_shards) if live is None else live
+        return choices[_seeded(seed, 1, visit).randrange(len(choices))]
     epoch, position = divmod(visit, num_shards)
     order = list(range(num_shards))
     _seeded(seed, 2, epoch).shuffle(order)
@@ -82,7 +93,7 @@ class _Lane:
     pending: deque | None = None  # of (Future | decoded, [(key, *position) of each raw], extras)
     ready: deque | None = None  # (sample | None, key, *position) decoded, not yet consumed
     usable: bool = False  # a usable sample in the current visit
-    bad_shards: set | None = None  # shards read whole, without a usable sample, since the last usable one
+    bad_shards: set | None = None  # shards read whole (or empty), without a usable sample, since the last usable one
 
 
 class StreamLoader:
@@ -101,6 +112,10 @@ class StreamLoader:
                  workers: int = 0, attach: Attach | None = None, rank: int = 0, world: int = 1,
                  max_consecutive_bad: int = 10_000):
         self.spec = spec if isinstance(spec, DatasetSpec) else resolve(spec)
+        self.live = [i for i, shard in enumerate(self.spec.shards) if shard.num_samples != 0]  # count 0: never drawn
+        if not self.live:
+            raise UnreadableSplitError(f"every shard of {self.spec.spec!r} is empty by its sample counts (manifest or "
+                                       f"*_stats.json): {', '.join(s.name for s in self.spec.shards[:5])}")
         if streams % world:
             raise ValueError(f"data streams ({streams}) must be divisible by the number of processes ({world})")
         if batch_size % world:
@@ -148,7 +163,13 @@ class StreamLoader:
         return (visit - 1) * self.streams + stream
 
     def _visit_shard(self, stream: int, visit: int) -> int:
-        return shard_of(self._global_visit(stream, visit), len(self.spec.shards), self.mode, self.seed)
+        return shard_of(self._global_visit(stream, visit), len(self.spec.shards), self.mode, self.seed,
+                        self.live if len(self.live) < len(self.spec.shards) else None)
+
+    @property
+    def drawable(self) -> int:
+        """Shards a stream may visit: the live ones when resampling, every one in epoch mode."""
+        return len(self.live) if self.mode == "resampled" else len(self.spec.shards)
 
     def _visit_raws(self, stream: int, visit: int) -> list[dict[str, Any]]:
         """Raw samples of stream's visit-th visit (1-based), in the visit's order."""
@@ -161,19 +182,23 @@ class StreamLoader:
         _seeded(self.seed, 3, global_visit).shuffle(raws)
         return raws
 
-    def _raw_iter(self, stream: int, visit: int, offset: int) -> Iterator[tuple[dict[str, Any], tuple]]:
-        """(raw, (visit, offset after it, last of its visit, whole visit read)) from the stream's position on."""
+    def _raw_iter(self, stream: int, visit: int, offset: int, bad_shards: set
+                  ) -> Iterator[tuple[dict[str, Any], tuple]]:
+        """(raw, (visit, offset after it, last of its visit, whole visit read)) from the stream's position on.
+
+        bad_shards: the lane's shards read without a usable sample (next_batch adds those with bad samples); an
+        empty visit adds its shard here, and the stream fails when the set holds every shard it may draw."""
         if visit == 0:
             visit, offset = 1, 0
-        empty_visits = 0
         while True:
             raws = self._visit_raws(stream, visit)
             for i in range(offset, len(raws)):
                 yield raws[i], (visit, i + 1, i + 1 == len(raws), offset == 0)
-            empty_visits = 0 if raws else empty_visits + 1
-            if empty_visits >= len(self.spec.shards):
-                self._unreadable(f"no usable sample in a whole pass over {self.spec.spec!r} ({empty_visits} shard "
-                                 "visits without one sample)")
+            if not raws:
+                bad_shards.add(self._visit_shard(stream, visit))
+                if len(bad_shards) >= self.drawable:
+                    self._unreadable(f"no usable sample in a whole pass over {self.spec.spec!r} (each of its "
+                                     f"{self.drawable} shards read whole, the last of them empty)")
             visit, offset = visit + 1, 0
 
     def _unreadable(self, what: str) -> None:
@@ -214,8 +239,9 @@ class StreamLoader:
     def _lane(self, stream: int) -> _Lane:
         if stream not in self._lanes:
             visit, offset = self._positions[stream]
-            self._lanes[stream] = _Lane(stream, visit, offset, self._raw_iter(stream, visit, offset), deque(), deque(),
-                                        bad_shards=set())
+            lane = _Lane(stream, visit, offset, None, deque(), deque(), bad_shards=set())
+            lane.raws = self._raw_iter(stream, visit, offset, lane.bad_shards)  # shares the lane's set
+            self._lanes[stream] = lane
         return self._lanes[stream]
 
     def _note_key(self, key: str, stream: int, visit: int) -> None:
@@ -262,13 +288,13 @@ class StreamLoader:
                                          "(max_consecutive_bad_samples)")
                 if last:  # a pass: every shard read whole without a usable sample, since the last usable one
                     if lane.usable:
-                        lane.bad_shards = set()
+                        lane.bad_shards.clear()  # shared with the lane's _raw_iter: cleared, not replaced
                     elif whole:
                         lane.bad_shards.add(self._visit_shard(stream, visit))
                     lane.usable = False
-                    if len(lane.bad_shards) == len(self.spec.shards):
+                    if len(lane.bad_shards) >= self.drawable:
                         self._unreadable(f"no usable sample in a whole pass over {self.spec.spec!r} (each of its "
-                                         f"{len(self.spec.shards)} shards read whole)")
+                                         f"{self.drawable} shards read whole)")
         return batch
 
     def close(self) -> None:

@@ -7,22 +7,29 @@ external tars without a manifest is read too; shards named `shard-NNNNNN.tar` wi
 an interrupted write, refused (IncompleteSplitError). The manifest and its checks: manifest.py.
 
 Reading never crashes on bad bytes and never drops data silently: a missing, corrupt or truncated
-shard, an image that fails to decode, a blank or non-UTF-8 caption, unparsable JSON metadata are
-skipped and counted by reason in ReadStats, a shard yielding fewer samples than its manifest says is
+shard, an image that fails to decode, a blank or non-UTF-8 caption (or one holding NUL bytes), unparsable
+JSON metadata are skipped and counted by reason in ReadStats, a shard yielding fewer samples than its manifest says is
 reported, and duplicate keys are counted. Every stage's result carries these counts (ReadStatsSummary);
 evaluation refuses a split with any of them unless allowed; a stream with no usable sample fails.
+
+Decompression bombs: a member larger than its kind's cap (MEMBER_CAPS: image, caption, JSON, class label) is
+never read into memory (the tar stream skips over it) and its sample is skipped as oversized_member; a compressed
+shard (tarfile's `r|*` un-gzips) whose members add up to more than MAX_EXPANSION times its own bytes is cut there,
+counted as oversized_shard.
 """
 
 import io
 import json
+import re
+import tarfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import Any, BinaryIO, Iterable, Iterator
 
 from PIL import Image
 from webdataset import TarWriter
-from webdataset.tariterators import group_by_keys, tar_file_iterator
+from webdataset.tariterators import base_plus_ext, group_by_keys
 
 from flexi_jest import storage
 from flexi_jest.config import ReadStatsSummary
@@ -34,6 +41,13 @@ from flexi_jest.data.specs import Shard, open_shard, resolve
 from flexi_jest.data.transforms import ImageTransform, decode_image
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
+MiB = 1 << 20
+# the largest member read, by its extension (the last one: key.cls, key.json, ...); anything else: "other".
+# A 100 Mpx PNG is about 40 MiB; a caption, a sample's JSON and a class index are far smaller than their caps.
+MEMBER_CAPS = {**{ext: 64 * MiB for ext in IMAGE_EXTENSIONS}, "txt": 1 * MiB, "json": 1 * MiB, "cls": 1024,
+               "other": 64 * MiB}
+MAX_EXPANSION = 64  # a compressed shard may un-gzip to this many times its bytes (at least MIN_EXPANDED_BYTES)
+MIN_EXPANDED_BYTES = 256 * MiB
 
 
 # ---- writing --------------------------------------------------------------------------------------
@@ -127,7 +141,8 @@ def shard_names(split_dir: str) -> list[str]:
 
 
 # reasons that mean samples were lost (see config.ReadStatsSummary); the rest damage a whole shard
-SAMPLE_REASONS = ("missing_image", "empty_caption", "non_utf8_caption", "bad_image", "bad_meta", "corrupt_member",
+SAMPLE_REASONS = ("missing_image", "empty_caption", "non_utf8_caption", "bad_caption", "bad_image", "bad_meta",
+                  "corrupt_member", "oversized_member",
                   "bad_label")  # bad_label: an eval sample's .cls that is not a class index (eval_sets.py)
 
 
@@ -181,6 +196,39 @@ class ReadStats:
                                 errors=list(self.errors))
 
 
+def member_cap(name: str) -> int:
+    """The largest size (bytes) read of a tar member named `name` (MEMBER_CAPS, by its last extension)."""
+    extension = name.rsplit("/", 1)[-1].rsplit(".", 1)[-1].lower() if "." in name else ""
+    return MEMBER_CAPS.get(extension, MEMBER_CAPS["other"])
+
+
+def tar_members(fileobj: BinaryIO, uri: str, compressed_bytes: int, stats: ReadStats,
+                oversized: dict[str, str]) -> Iterator[dict[str, Any]]:
+    """{fname, data} of each regular member of a tar stream (gzip etc. undone by tarfile's `r|*`), in order, as
+    webdataset's tar_file_iterator yields them, except that a member over its cap (member_cap) is skipped unread
+    and noted in `oversized` (its sample's key -> why), and a shard that expands past MAX_EXPANSION times its
+    compressed_bytes is cut (oversized_shard). Raises tarfile / OSError errors on damage (the caller counts them)."""
+    limit = max(MAX_EXPANSION * compressed_bytes, MIN_EXPANDED_BYTES)
+    expanded = 0
+    with tarfile.open(fileobj=fileobj, mode="r|*") as stream:
+        for info in stream:
+            expanded += info.size
+            if expanded > limit:
+                stats.record("oversized_shard", f"{uri}: its members add up to more than {limit} bytes "
+                             f"({MAX_EXPANSION}x its {compressed_bytes}): the rest of the shard is not read")
+                return
+            if not info.isreg() or re.match(r"__[^/]*__($|/)", info.name):
+                continue
+            cap = member_cap(info.name)
+            if info.size > cap:
+                key, _ = base_plus_ext(info.name)  # as group_by_keys groups members into samples
+                if key is not None:
+                    oversized.setdefault(key, f"{info.name}: {info.size} bytes, over the {cap} bytes read of such a member")
+                continue
+            yield {"fname": info.name, "data": stream.extractfile(info).read()}
+            stream.members = []  # a stream read keeps no index of what it passed
+
+
 def iter_tar(shard: Shard, stats: ReadStats) -> Iterator[dict[str, Any]]:
     """Raw samples (dicts of member bytes, with __key__, __url__, __shard__) of one shard, robust to corruption:
     never raises on its bytes.
@@ -188,10 +236,12 @@ def iter_tar(shard: Shard, stats: ReadStats) -> Iterator[dict[str, Any]]:
     The shard is read whole (a file, an S3 object, an http(s) response or a pipe: command's output) and checked
     against the manifest's sha256 when it has one. A truncated or corrupt tar yields what it holds up to the
     damage; the damage is recorded, and so is a checksum mismatch or a shard yielding fewer samples than its
-    count (the manifest's, or img2dataset's *_stats.json) says.
+    count (the manifest's, or img2dataset's *_stats.json) says. A sample with a member over its cap
+    (member_cap) carries `__oversized__` (why), and decoding skips it as oversized_member.
     """
     uri = shard.url
     yielded = 0
+    oversized: dict[str, str] = {}
 
     def on_member_error(exc: Exception) -> bool:
         stats.record("corrupt_member", f"{uri}: {exc}")
@@ -207,7 +257,7 @@ def iter_tar(shard: Shard, stats: ReadStats) -> Iterator[dict[str, Any]]:
         if shard.sha256 and storage.sha256_bytes(data) != shard.sha256:
             stats.record("checksum_mismatch", f"{uri}: contents differ from the manifest's sha256")
         try:
-            for member in tar_file_iterator(io.BytesIO(data), handler=on_member_error):
+            for member in tar_members(io.BytesIO(data), uri, len(data), stats, oversized):
                 member["__url__"] = uri
                 yield member
         except Exception as exc:  # noqa: BLE001 - any failure to parse bytes already in memory is damage
@@ -215,10 +265,37 @@ def iter_tar(shard: Shard, stats: ReadStats) -> Iterator[dict[str, Any]]:
 
     for raw in group_by_keys(members(), handler=on_member_error):
         raw["__shard__"] = uri
+        if raw["__key__"] in oversized:
+            raw["__oversized__"] = oversized.pop(raw["__key__"])
         yielded += 1
         yield raw
+    for key, why in oversized.items():  # every member of the sample over its cap: nothing else to group
+        yielded += 1
+        yield {"__key__": key, "__url__": uri, "__shard__": uri, "__oversized__": why}
     if shard.num_samples is not None and yielded < shard.num_samples:
         stats.record("short_shard", f"{uri}: {yielded} of {shard.num_samples} samples readable")
+
+
+def unusable_raw(raw: dict[str, Any], stats: ReadStats) -> bool:
+    """True (counted as oversized_member) when a member of the raw sample was over its cap and left unread."""
+    if "__oversized__" in raw:
+        stats.record("oversized_member", f"{raw.get('__url__', '')}: {raw['__key__']}: {raw['__oversized__']}")
+        return True
+    return False
+
+
+def caption_text(data: bytes, key: str, stats: ReadStats) -> str | None:
+    """A caption member's text, or None, counted: non_utf8_caption (not UTF-8: never guessed at with replacement
+    characters) or bad_caption (NUL bytes: binary, not text; a run of them is what a bomb's padding reads as)."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        stats.record("non_utf8_caption", f"{key}: {exc}")
+        return None
+    if "\x00" in text:
+        stats.record("bad_caption", f"{key}: holds NUL bytes ({text[:20]!r}...)")
+        return None
+    return text
 
 
 def iter_shard(split_dir: str, name: str, stats: ReadStats, expected: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
@@ -249,15 +326,16 @@ def decode_sample(raw: dict[str, Any], image_size: int | None, stats: ReadStats,
     A caption must be UTF-8 text (a non-UTF-8 one is skipped as non_utf8_caption, not guessed at with
     replacement characters) and not blank; the JSON metadata, when present, must parse to an object."""
     key = raw["__key__"]
+    if unusable_raw(raw, stats):
+        return None
     image_bytes = next((raw[ext] for ext in IMAGE_EXTENSIONS if ext in raw), None)
     if not isinstance(image_bytes, bytes):
         stats.record("missing_image", key)
         return None
-    try:
-        caption = raw.get("txt", b"").decode("utf-8").strip()
-    except UnicodeDecodeError as exc:
-        stats.record("non_utf8_caption", f"{key}: {exc}")
+    caption = caption_text(raw.get("txt", b""), key, stats)
+    if caption is None:
         return None
+    caption = caption.strip()
     if not caption:
         stats.record("empty_caption", key)
         return None
