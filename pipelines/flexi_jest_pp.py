@@ -13,13 +13,14 @@ and budget so that every run shows JEST against a baseline.
 """
 
 import argparse
-import functools
+import dataclasses
 import hashlib
 import inspect
 import json
 import os
 import sys
 import time
+import types
 from pathlib import Path
 from typing import Any, List
 
@@ -47,11 +48,31 @@ FLEXI_TINY = json.dumps({k: v for k, v in METHOD_PRESETS["flexi-jest"].items() i
 LEARNER = {name: field.default for name, field in TrainLearnerConfig.model_fields.items()}
 
 
-def on_gpu_pool(task: dsl.PipelineTask, accelerator_type: Any, accelerator_count: Any) -> dsl.PipelineTask:
+@dataclasses.dataclass(frozen=True)
+class ClusterSettings:
+    """How a pipeline is built, passed to every function that builds it (make_pipeline). accelerators: for a
+    cluster (GPU requests, the GPU node pool, the services' Secrets and endpoints); False for KFP local
+    execution, which cannot resolve them. learner_nodes > 1 (compile --learner-nodes): the main learner trains
+    as a PyTorchJob of learner_nodes x gpus_per_node GPUs."""
+
+    accelerators: bool = True
+    learner_nodes: int = 1
+    gpus_per_node: int = 1
+
+    @property
+    def multinode(self) -> bool:
+        return self.accelerators and self.learner_nodes > 1
+
+
+CLUSTER, LOCAL = ClusterSettings(), ClusterSettings(accelerators=False)
+
+
+def on_gpu_pool(settings: ClusterSettings, task: dsl.PipelineTask, accelerator_type: Any,
+                accelerator_count: Any) -> dsl.PipelineTask:
     """Ask for accelerators and schedule onto the GPU node pool. KFP local execution cannot resolve
     accelerator settings given as pipeline parameters, and runs on this machine's devices anyway, so the
-    pipeline built for it (make_pipeline(accelerators=False)) leaves them out."""
-    if not ACCELERATORS:
+    pipeline built for it (settings LOCAL) leaves them out."""
+    if not settings.accelerators:
         return task
     task.set_accelerator_type(accelerator_type).set_accelerator_limit(accelerator_count)
     key, _, value = GPU_NODE_SELECTOR.partition("=")
@@ -60,16 +81,14 @@ def on_gpu_pool(task: dsl.PipelineTask, accelerator_type: Any, accelerator_count
     return task
 
 
-ACCELERATORS = True
-LEARNER_NODES, GPUS_PER_NODE = 1, 1  # > 1 node: the main learner trains as a PyTorchJob (compile --learner-nodes)
 # where the PyTorchJob runs: the namespace of k8s/base, with the S3 Secret and the runner's Role
 JOB_NAMESPACE = os.environ.get("FLEXI_JEST_JOB_NAMESPACE", "flexi-jest")
 
 
-def multinode_settings() -> str:
+def multinode_settings(settings: ClusterSettings) -> str:
     """What the learner task needs to launch its PyTorchJob (flexi_jest.pytorchjob.run_pytorchjob), as JSON."""
     key, _, value = GPU_NODE_SELECTOR.partition("=")
-    return json.dumps({"gpus_per_node": GPUS_PER_NODE, "image": GPU_IMAGE, "node_selector": {key: value},
+    return json.dumps({"gpus_per_node": settings.gpus_per_node, "image": GPU_IMAGE, "node_selector": {key: value},
                        "namespace": JOB_NAMESPACE,
                        "toleration_key": GPU_TOLERATION_KEY, "secret_name": S3_SECRET,
                        "tracking_uri": CLUSTER_ENV["MLFLOW_TRACKING_URI"], "s3_endpoint": S3_ENDPOINT})
@@ -98,39 +117,37 @@ CLUSTER_ENV = {
 }
 
 
-def with_cluster_services(definition):
-    """The definition, then, for a cluster (ACCELERATORS), the S3 and MLflow Secrets as env vars and the endpoints
-    on every container task it made; local execution cannot resolve Kubernetes settings and uses this machine's env."""
-    @functools.wraps(definition)
-    def definition_on_cluster(*args, **kwargs):
-        definition(*args, **kwargs)
-        if not ACCELERATORS:
-            return
-        for task in pipeline_context.Pipeline.get_default_pipeline().tasks.values():
-            if task.component_spec.implementation.container is None:  # importers run no container
-                continue
-            kubernetes.use_secret_as_env(task, secret_name=S3_SECRET, secret_key_to_env=S3_SECRET_KEYS)
-            kubernetes.use_secret_as_env(task, secret_name=MLFLOW_SECRET, secret_key_to_env=MLFLOW_SECRET_KEYS)
-            for name, value in CLUSTER_ENV.items():
-                task.set_env_variable(name, value)
-    return definition_on_cluster
+def add_cluster_services(settings: ClusterSettings) -> None:
+    """For a cluster (settings.accelerators), the S3 and MLflow Secrets as env vars and the endpoints on every
+    container task of the pipeline being built; local execution cannot resolve Kubernetes settings and uses this
+    machine's env."""
+    if not settings.accelerators:
+        return
+    for task in pipeline_context.Pipeline.get_default_pipeline().tasks.values():
+        if task.component_spec.implementation.container is None:  # importers run no container
+            continue
+        kubernetes.use_secret_as_env(task, secret_name=S3_SECRET, secret_key_to_env=S3_SECRET_KEYS)
+        kubernetes.use_secret_as_env(task, secret_name=MLFLOW_SECRET, secret_key_to_env=MLFLOW_SECRET_KEYS)
+        for name, value in CLUSTER_ENV.items():
+            task.set_env_variable(name, value)
 
 
-def train_evaluate_promote(*, learner_config, eval_config, profile, method, score, filter_ratio, n_chunks, steps,
-                           learning_rate, super_batch_size, model_name, storage_root, experiment, accelerator_type,
-                           accelerator_count, pool, cache, eval_split, reference, reference_json, parent_run_id,
+def train_evaluate_promote(settings: ClusterSettings, *, learner_config, eval_config, profile, method, score,
+                           filter_ratio, n_chunks, steps, learning_rate, super_batch_size, model_name, storage_root,
+                           experiment, accelerator_type, accelerator_count, pool, cache, eval_split, reference, reference_json, parent_run_id,
                            promotion_config, eval_sets, champion_metric, data_access) -> dsl.PipelineTask:
     """Stages 4-6, shared by the full pipeline and the single-stage rerun: the learner, its zero-shot
     evaluation, their tracking and the learner's promotion through the MLflow registry; returns the evaluation."""
-    multinode = ACCELERATORS and LEARNER_NODES > 1
+    multinode = settings.multinode
     task = train_learner(config_json=learner_config, profile=profile, method=method, score=score,
                          filter_ratio=filter_ratio, n_chunks=n_chunks, steps=steps, learning_rate=learning_rate,
                          super_batch_size=super_batch_size, model_name=model_name, storage_root=storage_root,
                          experiment=experiment, pool=pool, cache=cache, eval_split=eval_split, reference=reference,
-                         nodes=LEARNER_NODES if multinode else 1, multinode_json=multinode_settings() if multinode else "{}",
+                         nodes=settings.learner_nodes if multinode else 1,
+                         multinode_json=multinode_settings(settings) if multinode else "{}",
                          data_access=data_access)
     # several nodes: this task only launches and watches the PyTorchJob, so it needs no GPU itself
-    learner = (task if multinode else on_gpu_pool(task, accelerator_type, accelerator_count)).set_retry(2)
+    learner = (task if multinode else on_gpu_pool(settings, task, accelerator_type, accelerator_count)).set_retry(2)
     evaluation = zero_shot_eval(config_json=eval_config, profile=profile, method=method, experiment=experiment,
                                 model=learner.outputs["model"], eval_split=eval_split, eval_sets=eval_sets,
                                 champion_metric=champion_metric, data_access=data_access)
@@ -152,6 +169,7 @@ def close_run_tracking(experiment) -> dsl.PipelineTask:
 
 
 def flexi_jest_pp_definition(
+    settings: ClusterSettings,
     dataset: str = "shapes",
     data_source: str = "generate",
     curated_uri: str = "",
@@ -212,18 +230,19 @@ def flexi_jest_pp_definition(
         data = prepare_data(config_json=data_config, profile=profile, dataset=dataset, storage_root=storage_root,
                             experiment=experiment, source=data_source, curated_uri=curated_uri, pool_uri=pool_uri,
                             eval_uri=eval_uri, data_access=data_access).after(tracking)
-        reference = on_gpu_pool(reference_finetune(
+        reference = on_gpu_pool(settings, reference_finetune(
             config_json=reference_config, profile=profile, storage_root=storage_root, experiment=experiment,
             curated=data.outputs["curated"], batch_size=batch_size, init_checkpoint=init_checkpoint,
             data_access=data_access), accelerator_type, accelerator_count)
-        cache = on_gpu_pool(cache_reference_scores(
+        cache = on_gpu_pool(settings, cache_reference_scores(
             config_json=cache_config, profile=profile, experiment=experiment, storage_root=storage_root,
             reference=reference.outputs["model"], pool=data.outputs["pool"], data_access=data_access),
             accelerator_type, accelerator_count)
         track_stages(parent_run_id=parent_run_id, first=data.outputs["Output"], second=reference.outputs["Output"],
                      third=cache.outputs["Output"]).set_caching_options(False)
         evaluation = train_evaluate_promote(
-            learner_config=learner_config, eval_config=eval_config, profile=profile, method=method, score=score,
+            settings, learner_config=learner_config, eval_config=eval_config, profile=profile, method=method,
+            score=score,
             filter_ratio=filter_ratio, n_chunks=n_chunks, steps=steps, learning_rate=learning_rate,
             super_batch_size=super_batch_size, model_name=model_name, storage_root=storage_root,
             experiment=experiment, accelerator_type=accelerator_type, accelerator_count=accelerator_count,
@@ -232,7 +251,7 @@ def flexi_jest_pp_definition(
             promotion_config=promotion_config, eval_sets=eval_sets, champion_metric=champion_metric,
             data_access=data_access)
         with dsl.ParallelFor(baseline_methods) as baseline:
-            baseline_learner = on_gpu_pool(train_learner(
+            baseline_learner = on_gpu_pool(settings, train_learner(
                 config_json=baseline_config, profile=profile, method=baseline, score=score, filter_ratio=filter_ratio,
                 n_chunks=n_chunks, steps=steps, learning_rate=learning_rate, super_batch_size=super_batch_size,
                 model_name=model_name, storage_root=storage_root, experiment=experiment,
@@ -267,120 +286,120 @@ RERUN_STAGES = {  # --from-stage of a rerun -> what it runs, after resolving the
 }
 
 
-def rerun_definition(stage: str):
+# the full pipeline's parameters a rerun has no stage for: the data's and the baselines'
+FULL_PIPELINE_ONLY = ("dataset", "data_source", "curated_uri", "pool_uri", "eval_uri", "baseline_methods",
+                      "baseline_budget", "data_config", "baseline_config")
+
+
+def rerun_parameters(stage: str) -> list[inspect.Parameter]:
+    """A rerun's parameters, derived from the full pipeline's (one source): from_run first, then the full
+    pipeline's knobs less FULL_PIPELINE_ONLY, with run_name's default naming the rerun."""
+    parameters = [inspect.Parameter("from_run", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=str)]
+    for parameter in PIPELINE_PARAMETERS:
+        if parameter.name == "run_name":
+            parameter = parameter.replace(default=f"flexi-jest-rerun-{stage}")
+        if parameter.name not in FULL_PIPELINE_ONLY:
+            parameters.append(parameter)
+    return parameters
+
+
+def rerun_definition(settings: ClusterSettings, stage: str, **params: Any) -> None:
     """The single-stage rerun from `stage` (RERUN_STAGES): the earlier run's outputs upstream of it are resolved
     from its MLflow parent run (from_run: its KFP run ID or MLflow parent run id, one argument), and the stage
-    and those after it run. Knobs as in the full pipeline; those of stages a rerun skips are ignored."""
-
-    def definition(
-        from_run: str,
-        profile: str = "tiny",
-        method: str = LEARNER["method"],
-        score: str = LEARNER["score"],
-        filter_ratio: float = LEARNER["filter_ratio"],
-        n_chunks: int = LEARNER["n_chunks"],
-        steps: int = 0,
-        learning_rate: float = 0.0,
-        super_batch_size: int = 0,
-        model_name: str = "",
-        batch_size: int = 0,
-        init_checkpoint: str = "",
-        storage_root: str = "",
-        experiment: str = "flexi-jest",
-        run_name: str = f"flexi-jest-rerun-{stage}",
-        reference_config: str = "{}",
-        cache_config: str = "{}",
-        learner_config: str = FLEXI_TINY,
-        eval_config: str = "{}",
-        eval_sets: List[str] = [],
-        champion_metric: str = "",
-        promotion_config: str = "{}",
-        accelerator_type: str = "nvidia.com/gpu",
-        accelerator_count: str = "1",
-        data_access: str = "{}",
-    ):
-        with dsl.ExitHandler(close_run_tracking(experiment)):
-            tracking = open_run_tracking(run_name=run_name, experiment=experiment, dataset="(from run)",
-                                         profile=profile, method=method, score=score, filter_ratio=filter_ratio,
-                                         n_chunks=n_chunks, steps=steps, storage_root=storage_root)
-            parent_run_id = tracking.outputs["Output"]
-            earlier = resolve_run(from_run=from_run, parent_run_id=parent_run_id, stage=stage,
-                                  data_access=data_access).set_caching_options(False)
-            reference, reference_json = earlier.outputs["reference"], earlier.outputs["reference_json"]
-            cache = earlier.outputs["cache"]
-            if stage == "train_reference":
-                trained = on_gpu_pool(reference_finetune(
-                    config_json=reference_config, profile=profile, storage_root=storage_root, experiment=experiment,
-                    curated=earlier.outputs["curated"], batch_size=batch_size, init_checkpoint=init_checkpoint,
-                    data_access=data_access), accelerator_type, accelerator_count)
-                reference, reference_json = trained.outputs["model"], trained.outputs["Output"]
-            if stage in ("train_reference", "cache_reference"):
-                cached = on_gpu_pool(cache_reference_scores(
-                    config_json=cache_config, profile=profile, experiment=experiment, storage_root=storage_root,
-                    reference=reference, pool=earlier.outputs["pool"], data_access=data_access), accelerator_type,
-                    accelerator_count)
-                track_stages(parent_run_id=parent_run_id, first=reference_json if stage == "train_reference" else "",
-                             second=cached.outputs["Output"]).set_caching_options(False)
-                cache = cached.outputs["cache"]
-            if stage == "evaluate":
-                evaluation = zero_shot_eval(config_json=eval_config, profile=profile, method=method,
-                                            experiment=experiment, model=earlier.outputs["learner"],
-                                            eval_split=earlier.outputs["eval_split"], eval_sets=eval_sets,
-                                            champion_metric=champion_metric, data_access=data_access)
-                track_stages(parent_run_id=parent_run_id, first=evaluation.outputs["Output"]).set_caching_options(False)
-                promote_model(evaluation_json=evaluation.outputs["Output"], learner_json=earlier.outputs["learner_json"],
-                              reference_json=reference_json, parent_run_id=parent_run_id, experiment=experiment,
-                              promotion_config=promotion_config).set_caching_options(False)
-            else:
-                evaluation = train_evaluate_promote(
-                    learner_config=learner_config, eval_config=eval_config, profile=profile, method=method, score=score,
-                    filter_ratio=filter_ratio, n_chunks=n_chunks, steps=steps, learning_rate=learning_rate,
-                    super_batch_size=super_batch_size, model_name=model_name, storage_root=storage_root,
-                    experiment=experiment, accelerator_type=accelerator_type, accelerator_count=accelerator_count,
-                    pool=earlier.outputs["pool"], cache=cache, eval_split=earlier.outputs["eval_split"],
-                    reference=reference, reference_json=reference_json, parent_run_id=parent_run_id,
-                    promotion_config=promotion_config, eval_sets=eval_sets, champion_metric=champion_metric,
-                    data_access=data_access)
-            compare_methods(main=evaluation.outputs["Output"], baselines=[],
-                            parent_run_id=parent_run_id).set_caching_options(False)
-
-    definition.__name__ = f"rerun_from_{stage}"
-    definition.__doc__ = (f"Single-stage rerun from {stage}: {RERUN_STAGES[stage]}, on an earlier run's outputs "
-                          "resolved from its MLflow parent run (from_run: its KFP run ID or MLflow parent run id). "
-                          "The knobs as in the full pipeline (those of stages this rerun skips are ignored).")
-    return definition
+    and those after it run. params: rerun_parameters(stage), the knobs as in the full pipeline; those of stages a
+    rerun skips are ignored."""
+    k = types.SimpleNamespace(**params)
+    with dsl.ExitHandler(close_run_tracking(k.experiment)):
+        tracking = open_run_tracking(run_name=k.run_name, experiment=k.experiment, dataset="(from run)",
+                                     profile=k.profile, method=k.method, score=k.score, filter_ratio=k.filter_ratio,
+                                     n_chunks=k.n_chunks, steps=k.steps, storage_root=k.storage_root)
+        parent_run_id = tracking.outputs["Output"]
+        earlier = resolve_run(from_run=k.from_run, parent_run_id=parent_run_id, stage=stage,
+                              data_access=k.data_access).set_caching_options(False)
+        reference, reference_json = earlier.outputs["reference"], earlier.outputs["reference_json"]
+        cache = earlier.outputs["cache"]
+        if stage == "train_reference":
+            trained = on_gpu_pool(settings, reference_finetune(
+                config_json=k.reference_config, profile=k.profile, storage_root=k.storage_root,
+                experiment=k.experiment,
+                curated=earlier.outputs["curated"], batch_size=k.batch_size, init_checkpoint=k.init_checkpoint,
+                data_access=k.data_access), k.accelerator_type, k.accelerator_count)
+            reference, reference_json = trained.outputs["model"], trained.outputs["Output"]
+        if stage in ("train_reference", "cache_reference"):
+            cached = on_gpu_pool(settings, cache_reference_scores(
+                config_json=k.cache_config, profile=k.profile, experiment=k.experiment, storage_root=k.storage_root,
+                reference=reference, pool=earlier.outputs["pool"], data_access=k.data_access), k.accelerator_type,
+                k.accelerator_count)
+            track_stages(parent_run_id=parent_run_id, first=reference_json if stage == "train_reference" else "",
+                         second=cached.outputs["Output"]).set_caching_options(False)
+            cache = cached.outputs["cache"]
+        if stage == "evaluate":
+            evaluation = zero_shot_eval(config_json=k.eval_config, profile=k.profile, method=k.method,
+                                        experiment=k.experiment, model=earlier.outputs["learner"],
+                                        eval_split=earlier.outputs["eval_split"], eval_sets=k.eval_sets,
+                                        champion_metric=k.champion_metric, data_access=k.data_access)
+            track_stages(parent_run_id=parent_run_id, first=evaluation.outputs["Output"]).set_caching_options(False)
+            promote_model(evaluation_json=evaluation.outputs["Output"], learner_json=earlier.outputs["learner_json"],
+                          reference_json=reference_json, parent_run_id=parent_run_id, experiment=k.experiment,
+                          promotion_config=k.promotion_config).set_caching_options(False)
+        else:
+            evaluation = train_evaluate_promote(
+                settings, learner_config=k.learner_config, eval_config=k.eval_config, profile=k.profile,
+                method=k.method, score=k.score,
+                filter_ratio=k.filter_ratio, n_chunks=k.n_chunks, steps=k.steps, learning_rate=k.learning_rate,
+                super_batch_size=k.super_batch_size, model_name=k.model_name, storage_root=k.storage_root,
+                experiment=k.experiment, accelerator_type=k.accelerator_type, accelerator_count=k.accelerator_count,
+                pool=earlier.outputs["pool"], cache=cache, eval_split=earlier.outputs["eval_split"],
+                reference=reference, reference_json=reference_json, parent_run_id=parent_run_id,
+                promotion_config=k.promotion_config, eval_sets=k.eval_sets, champion_metric=k.champion_metric,
+                data_access=k.data_access)
+        compare_methods(main=evaluation.outputs["Output"], baselines=[],
+                        parent_run_id=parent_run_id).set_caching_options(False)
 
 
-def make_pipeline(definition, name: str, description: str, accelerators: bool, learner_nodes: int = 1,
-                  gpus_per_node: int = 1):
-    """A pipeline from its definition, with (cluster) or without (local execution) accelerator settings; on a
-    cluster, learner_nodes > 1 trains the main learner as a PyTorchJob of learner_nodes x gpus_per_node GPUs."""
-    global ACCELERATORS, LEARNER_NODES, GPUS_PER_NODE
-    ACCELERATORS, LEARNER_NODES, GPUS_PER_NODE = accelerators, learner_nodes, gpus_per_node
-    try:
-        return dsl.pipeline(name=name, description=description)(with_cluster_services(definition))
-    finally:
-        ACCELERATORS, LEARNER_NODES, GPUS_PER_NODE = True, 1, 1
+def make_pipeline(definition, name: str, description: str, settings: ClusterSettings,
+                  parameters: list[inspect.Parameter], *bound: Any):
+    """A pipeline of `parameters` (KFP compiles the pipeline function's signature), built by
+    definition(settings, *bound, **arguments) for a cluster or for local execution (settings), with the cluster's
+    services on every task (add_cluster_services)."""
+    signature = inspect.Signature(parameters)
+
+    def pipeline_function(*args: Any, **kwargs: Any) -> None:  # KFP passes the parameters positionally
+        definition(settings, *bound, **signature.bind(*args, **kwargs).arguments)
+        add_cluster_services(settings)
+
+    pipeline_function.__name__ = definition.__name__ if not bound else f"rerun_from_{bound[0]}"
+    pipeline_function.__doc__ = definition.__doc__
+    pipeline_function.__signature__ = signature
+    return dsl.pipeline(name=name, description=description)(pipeline_function)
 
 
-DEFINITIONS = [  # --from-stage, definition, name, description
-    ("prepare_data", flexi_jest_pp_definition, "flexi-jest-pp",
+# the full pipeline's parameters: flexi_jest_pp_definition's after the settings
+PIPELINE_PARAMETERS = list(inspect.signature(flexi_jest_pp_definition).parameters.values())[1:]
+DEFINITIONS = [  # --from-stage, definition, its parameters, what it binds after the settings, name, description
+    ("prepare_data", flexi_jest_pp_definition, PIPELINE_PARAMETERS, (), "flexi-jest-pp",
      "Flexi-JEST++: joint example selection with a FlexiViT learner"),
-    *((stage, rerun_definition(stage), f"flexi-jest-pp-rerun-{stage.replace('_', '-')}",
+    *((stage, rerun_definition, rerun_parameters(stage), (stage,), f"flexi-jest-pp-rerun-{stage.replace('_', '-')}",
        f"Flexi-JEST++ rerun from {stage} on an earlier run's outputs: {what}") for stage, what in RERUN_STAGES.items()),
 ]
-PIPELINES = {  # --from-stage -> (cluster pipeline, local pipeline)
-    stage: (make_pipeline(definition, name, description, True), make_pipeline(definition, name, description, False))
-    for stage, definition, name, description in DEFINITIONS
-}
+
+
+def build(from_stage: str, settings: ClusterSettings):
+    """The pipeline from `from_stage` (prepare_data: the whole pipeline) under settings."""
+    _, definition, parameters, bound, name, description = next(d for d in DEFINITIONS if d[0] == from_stage)
+    return make_pipeline(definition, name, description, settings, parameters, *bound)
+
+
+PIPELINES = {stage: (build(stage, CLUSTER), build(stage, LOCAL)) for stage, *_ in DEFINITIONS}  # (cluster, local)
 
 
 def cluster_pipeline(from_stage: str = "prepare_data", learner_nodes: int = 1, gpus_per_node: int = 1):
     """The pipeline for a cluster; with learner_nodes > 1 its main learner is a multi-node PyTorchJob."""
     if learner_nodes <= 1:
         return PIPELINES[from_stage][0]
-    _, definition, name, description = next(d for d in DEFINITIONS if d[0] == from_stage)
-    return make_pipeline(definition, name, description, True, learner_nodes, gpus_per_node)
+    return build(from_stage, ClusterSettings(learner_nodes=learner_nodes, gpus_per_node=gpus_per_node))
+
+
 flexi_jest_pp, flexi_jest_pp_local = PIPELINES["prepare_data"]
 
 
