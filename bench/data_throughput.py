@@ -96,7 +96,8 @@ def paper_device_bytes(worlds: list[int]) -> list[dict]:
         train = sub_batch // world * pixels
         rows.append({"world": world, "super_batch": super_batch, "sub_batch": sub_batch,
                      "uint8_superbatch_share_gb": share / 1e9, "train_share_uint8_plus_fp32_gb": train * 5 / 1e9,
-                     "per_rank_gb": (share + train * 5) / 1e9, "before_fp32_whole_superbatch_gb": super_batch * pixels * 4 / 1e9})
+                     "per_rank_gb": (share + train * 5) / 1e9,
+                     "before_fp32_whole_superbatch_gb": super_batch * pixels * 4 / 1e9})
     return rows
 
 

@@ -20,7 +20,6 @@ import platform
 
 import torch
 import torch.nn.functional as F
-
 from timing import timed  # bench/timing.py
 
 from flexi_jest import flops
@@ -61,7 +60,8 @@ def measure(preset: str, super_batch: int, filter_ratio: float, repeats: int, de
     for name, patch in (("scoring", base), ("scoring_flexi", flexi)):
         seconds = timed(score(patch), repeats, device, warmup=2)
         work = super_batch * flops.pair_forward_flops(cfg, patch)
-        out[name] = {"seconds": seconds, "images_per_second": super_batch / seconds, "tflops_per_second": work / seconds / 1e12}
+        out[name] = {"seconds": seconds, "images_per_second": super_batch / seconds,
+                     "tflops_per_second": work / seconds / 1e12}
 
     def train(patch_sizes: list[int]):
         def run():
@@ -75,7 +75,8 @@ def measure(preset: str, super_batch: int, filter_ratio: float, repeats: int, de
     for name, patch_sizes in (("training", [base]), ("training_mixed", [base, flexi])):
         seconds = timed(train(patch_sizes), repeats, device, warmup=2)
         work = flops.training_step_flops(cfg, sub_batch, patch_sizes)
-        out[name] = {"seconds": seconds, "images_per_second": sub_batch / seconds, "tflops_per_second": work / seconds / 1e12}
+        out[name] = {"seconds": seconds, "images_per_second": sub_batch / seconds,
+                     "tflops_per_second": work / seconds / 1e12}
 
     g = torch.Generator(device=device).manual_seed(0)
 
@@ -88,13 +89,14 @@ def measure(preset: str, super_batch: int, filter_ratio: float, repeats: int, de
                     repeats, device, warmup=2)
     out["selection"] = {"seconds": seconds}
 
-    for variant, scoring, training in (("jest", "scoring", "training"), ("flexi_jest", "scoring_flexi", "training_mixed")):
+    for variant, scoring, training in (("jest", "scoring", "training"),
+                                       ("flexi_jest", "scoring_flexi", "training_mixed")):
         parts = {"scoring": out[scoring]["seconds"], "selection": seconds, "training": out[training]["seconds"]}
         step = sum(parts.values())
         out[f"{variant}_step"] = {"seconds": step, "share": {k: v / step for k, v in parts.items()},
                                   "trained_images_per_second": sub_batch / step}
     out["uniform_step_images_per_second"] = out["training"]["images_per_second"]
-    del model, optimizer, images, tokens
+    model = optimizer = images = tokens = net = None  # free them (the closures above hold the same cells)
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return out

@@ -31,7 +31,9 @@ def main() -> None:
         print(f"| {name} | {last_step:.0f} | {final:.3f} | {value_at(uniform, last_step):.3f} | "
               f"{peak[1]:.3f} ({peak[0]:.0f}) |")
     print()
-    print("| method | steps | its final top-1 | uniform's steps to that top-1 | iterations ratio (uniform's / the method's) |")
+    print(
+        "| method | steps | its final top-1 | uniform's steps to that top-1 | iterations ratio (uniform's / the "
+        "method's) |")
     print("|---|---:|---:|---:|---:|")
     for name, curve in curves.items():
         last_step, final = curve[-1]

@@ -63,15 +63,24 @@ from typing import Any
 import torch
 
 from flexi_jest import efficiency, flops
+from flexi_jest.checkpoint import load_model
 from flexi_jest.config import (
-    METHOD_PRESETS, MODEL_PRESETS, CacheReferenceConfig, CacheReferenceResult, MakeDataConfig, ModelConfig, NoiseConfig,
-    OptimConfig, TrainLearnerConfig, TrainReferenceConfig, TrainResult,
+    METHOD_PRESETS,
+    MODEL_PRESETS,
+    CacheReferenceConfig,
+    CacheReferenceResult,
+    MakeDataConfig,
+    ModelConfig,
+    NoiseConfig,
+    OptimConfig,
+    TrainLearnerConfig,
+    TrainReferenceConfig,
+    TrainResult,
 )
 from flexi_jest.data.make import make_data
-from flexi_jest.flops import learner_step_flops  # noqa: F401  (re-exported: tests/test_bench.py)
-from flexi_jest.checkpoint import load_model
 from flexi_jest.data.noise import SAMPLE_KINDS
 from flexi_jest.evaluate import evaluate_model
+from flexi_jest.flops import learner_step_flops  # noqa: F401  (re-exported: tests/test_bench.py)
 from flexi_jest.reference_cache import ReferenceCache, cache_reference
 from flexi_jest.train import train_learner, train_reference
 
@@ -156,7 +165,8 @@ def summarize(runs: dict[str, list[dict[str, Any]]], metric: str) -> dict[str, A
     steps, mean total FLOPs, final retrieval R@1, what it trained on (noise kinds, hard negatives, scores), its
     pool repetition, and its ratios against the offline filter when it ran."""
     curves = {name: [r["curve"] for r in rs] for name, rs in runs.items()}
-    step_curves = {name: [r["steps_curve"] for r in rs] for name, rs in runs.items() if all("steps_curve" in r for r in rs)}
+    step_curves = {name: [r["steps_curve"] for r in rs] for name,
+                   rs in runs.items() if all("steps_curve" in r for r in rs)}
     shares = {name: rs[0].get("reference_share_flops", 0.0) for name, rs in runs.items()}
     summary = efficiency.summarize(curves, metric, shares, step_curves=step_curves)
     for name, rs in runs.items():
@@ -164,7 +174,8 @@ def summarize(runs: dict[str, list[dict[str, Any]]], metric: str) -> dict[str, A
             steps=rs[0]["steps"], total_flops=statistics.mean(r["total_flops"] for r in rs),
             learner_flops=statistics.mean(r["total_flops"] - r.get("reference_share_flops", 0.0) for r in rs),
             final_retrieval_r1=statistics.mean(r.get("final_r1", math.nan) for r in rs),
-            noisy_fraction_selected=statistics.mean(r["selection"].get("noisy_fraction_selected", math.nan) for r in rs),
+            noisy_fraction_selected=statistics.mean(
+                r["selection"].get("noisy_fraction_selected", math.nan) for r in rs),
             trained_on=trained_on(rs))
         if "repetition" in rs[0]:
             summary["methods"][name]["repetition"] = rs[0]["repetition"]
@@ -191,8 +202,8 @@ def plot(runs: dict[str, list[dict[str, Any]]], summary: dict[str, Any], out: Pa
 
 def finished_run(out_dir: Path, steps: int, data: dict[str, Any] | None = None) -> TrainResult | None:
     """The result of a run this benchmark already finished (same directory, same steps, and the same `data`
-    fields of its config: pool, reference cache, optimiser): a rerun of the benchmark after an interruption continues where
-    it stopped instead of training again; a run on other data is trained again."""
+    fields of its config: pool, reference cache, optimiser): a rerun of the benchmark after an interruption
+    continues where it stopped instead of training again; a run on other data is trained again."""
     path = out_dir / "result.json"
     if not path.exists():
         return None
@@ -316,7 +327,8 @@ def regime_plan(args: argparse.Namespace, methods: list[str], overrides: dict[st
                              f"{CAPPED_REFERENCE_SHARE:.0%} of uniform's budget, i.e. {most} steps at batch "
                              f"{REFERENCE_BATCH}")
         if reference_steps < 1:
-            raise SystemExit(f"--uniform-steps {args.uniform_steps}: 10 % of that budget is less than one reference step")
+            raise SystemExit(
+                f"--uniform-steps {args.uniform_steps}: 10 % of that budget is less than one reference step")
     pool = args.pool
     if not pool:  # sized for every method of the regime's run, so that the sweep's uniform runs share its pool
         needed = 0.0
@@ -361,7 +373,8 @@ def run_experiment(args: argparse.Namespace, out: Path, methods: list[str], nois
     eval_data = [validation_split(args, out)] if args.sweep else [str(data_dir / "eval")]
     base = dict(pool=str(data_dir / "pool"), reference_cache=cache.cache_dir, reference_sha256=cache.reference_sha256,
                 reference_training_flops=reference.flops.reference_training, reference_caching_flops=cache.flops,
-                model=model, super_batch_size=args.super_batch, filter_ratio=BASE_FILTER, n_chunks=args.chunks, progress=False,
+                model=model, super_batch_size=args.super_batch, filter_ratio=BASE_FILTER, n_chunks=args.chunks,
+                progress=False,
                 eval_data=eval_data, eval_max_samples=args.eval_size, log_every=10, checkpoint_every=10**6,
                 optim=args.optim)
     base.update(overrides)
@@ -388,7 +401,8 @@ def run_experiment(args: argparse.Namespace, out: Path, methods: list[str], nois
             metric = f"{args.dataset}.top1"
             r1 = efficiency.curve(result.metrics_path, f"{args.dataset}.image_to_text_r1")
             runs.setdefault(name, []).append({
-                "seed": seed, "steps": steps, "total_flops": result.total_flops, "seconds": time.perf_counter() - started,
+                "seed": seed, "steps": steps, "total_flops": result.total_flops,
+                "seconds": time.perf_counter() - started,
                 "curve": efficiency.curve(result.metrics_path, metric),
                 "steps_curve": efficiency.curve(result.metrics_path, metric, "step"), "selection": result.selection,
                 "final_r1": r1[-1][1] if r1 else math.nan, "repetition": repetition(probe, steps, cache.num_samples),
@@ -400,7 +414,8 @@ def run_experiment(args: argparse.Namespace, out: Path, methods: list[str], nois
     summary = summarize(runs, f"{args.dataset}.top1")
     summary.update(
         budget_flops=budget, reference_share_flops=reference_share, noise_rate=noise_rate, overrides=dict(overrides),
-        regime=args.regime, model=args.model, pool_size=cache.num_samples, reference_training_share=reference.flops.reference_training / budget,
+        regime=args.regime, model=args.model, pool_size=cache.num_samples,
+        reference_training_share=reference.flops.reference_training / budget,
         reference_caching_share=cache.flops / budget, reference_share_of_budget=reference_share / budget,
         cache_patch=args.cache_patch or model.patch_size, eval_size=args.eval_size,
         budget_accounting="learner" if learner_budget else "charged", **reference_info,
@@ -408,7 +423,8 @@ def run_experiment(args: argparse.Namespace, out: Path, methods: list[str], nois
     if "uniform" in runs and len(summary["methods"]["uniform"]["mean_curve"]) >= 2:
         gain = efficiency.gain_over_last(summary["methods"]["uniform"]["mean_curve"], 0.2)
         summary["uniform_plateau"] = {
-            "rule": f"uniform's seed-mean top-1 rose by less than {args.plateau_points} over the last 20 % of its budget",
+            "rule": f"uniform's seed-mean top-1 rose by less than {args.plateau_points} over the last 20 % of its "
+                    f"budget",
             "gain_over_last_20_percent": gain, "plateaued": gain < args.plateau_points}
     (out / tag).mkdir(parents=True, exist_ok=True)
     summary["plots"] = plot(runs, summary, out / tag, f"{args.dataset}, pool noise {noise_rate:.0%} ({tag})")
@@ -423,7 +439,8 @@ def batch_diagnostic(args: argparse.Namespace, out: Path, pool_size: int) -> dic
     question: at a fixed number of examples seen, does JEST's per-iteration gain grow with the sub-batch?
     Methods: those of this invocation among uniform and joint learnability (both when it names neither)."""
     sub = round(args.super_batch * (1 - BASE_FILTER))
-    methods = [m for m in ("uniform", "joint-learnability") if m in args.methods_list] or ["uniform", "joint-learnability"]
+    methods = [m for m in ("uniform",
+                           "joint-learnability") if m in args.methods_list] or ["uniform", "joint-learnability"]
     saved = (args.super_batch, args.budget_super_batch, args.uniform_steps, args.pool)
     steps = max(1, round(args.uniform_steps * args.diagnostic_fraction))
     report = {}
@@ -468,11 +485,13 @@ def sweep(args: argparse.Namespace, out: Path) -> dict[str, Any]:
             args.super_batch = default_super
         best[knob] = max(scored, key=lambda item: item[0])[1]
     return {"rows": rows, "best": best, "metric": f"{args.dataset}.top1 on the validation split (seed "
-            f"{args.validation_seed}), never the eval split", "budget": "uniform's at --uniform-steps at the default batch"}
+            f"{args.validation_seed}), never the eval split",
+            "budget": "uniform's at --uniform-steps at the default batch"}
 
 
 def sweep_table(result: dict[str, Any]) -> str:
-    lines = ["| knob | lr | warmup | weight decay | batch | steps | validation top-1 |", "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| knob | lr | warmup | weight decay | batch | steps | validation top-1 |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
         lines.append(f"| {r['knob']} | {r['lr']:g} | {r['warmup_steps']} | {r['weight_decay']:g} | {r['batch']} | "
                      f"{r['steps']} | {r['validation_top1']:.3f} ± {r['validation_top1_std']:.3f} |")
@@ -491,17 +510,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "trained to saturation and cached, not charged), an unrepeated pool; capped: uniform's "
                         "budget, the reference at most 10 %% of it and charged")
     parser.add_argument("--dataset", default="shapes", choices=["shapes", "emoji"])
-    parser.add_argument("--model", default="tiny", choices=["tiny", "small"], help="the learner's and reference's preset")
+    parser.add_argument("--model", default="tiny", choices=["tiny", "small"],
+                        help="the learner's and reference's preset")
     parser.add_argument("--methods", default=None, help=f"comma-separated from {sorted(METHODS)} (default: all but the "
                         "filter-ratio variants; paper and capped regimes: their own lists)")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--noise", type=float, default=0.6, help="pool noise rate")
-    parser.add_argument("--jest-steps", type=int, default=300, help="default regime's budget: joint learnability's steps")
+    parser.add_argument("--jest-steps", type=int, default=300,
+                        help="default regime's budget: joint learnability's steps")
     parser.add_argument("--uniform-steps", type=int, default=6000, help="paper regime's budget: uniform's steps")
     parser.add_argument("--super-batch", type=int, default=640, help="super-batch at filter 80 %% (sub-batch: a fifth)")
     parser.add_argument("--chunks", type=int, default=16, help="n_chunks of joint selection (at most the sub-batch)")
     parser.add_argument("--reference-steps", type=int, default=None,
-                        help="default 300; paper regime: --reference-epochs; capped: the most within 10 %% of the budget")
+                        help="default 300; paper regime: --reference-epochs; capped: the most within 10 %% of the "
+                             "budget")
     parser.add_argument("--reference-epochs", type=float, default=10.0,
                         help="paper regime: epochs of the curated split the reference trains (the paper's ~10)")
     parser.add_argument("--reference-lr", type=float, default=None, help="the reference's lr (default: the learners')")
@@ -522,7 +544,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--curated", type=int, default=None, help="curated samples (default 2000; paper regime 20000)")
     parser.add_argument("--pool", type=int, default=None, help="pool samples (default 20000; paper regime: 0 = enough "
                         "for --max-repetition)")
-    parser.add_argument("--max-repetition", type=float, default=2.0, help="paper regime: pool draws per sample, at most")
+    parser.add_argument("--max-repetition", type=float, default=2.0,
+                        help="paper regime: pool draws per sample, at most")
     parser.add_argument("--samples-per-shard", type=int, default=1000)
     parser.add_argument("--eval-size", type=int, default=None, help="eval images (default 500; paper regime 5000)")
     parser.add_argument("--eval-points", type=int, default=10)
@@ -549,7 +572,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.optim = OptimConfig()
     if args.hparams:
         chosen = json.loads(Path(args.hparams).read_text())["best"]
-        args.optim = OptimConfig(lr=chosen["lr"], warmup_steps=chosen["warmup_steps"], weight_decay=chosen["weight_decay"])
+        args.optim = OptimConfig(lr=chosen["lr"], warmup_steps=chosen["warmup_steps"],
+                                 weight_decay=chosen["weight_decay"])
         args.super_batch = round(chosen["batch"] / (1 - BASE_FILTER))
     if args.lr:
         args.optim = args.optim.model_copy(update={"lr": args.lr})
@@ -588,8 +612,8 @@ def main() -> None:
         return
     experiments = args.experiments.split(",")
     if "prepare" in experiments:  # data, reference and cache, before parallel invocations share them
-        plan = regime_plan(args, methods, {}) if args.regime in REGIME_METHODS else {"pool": args.pool,
-                                                                                   "reference_steps": args.reference_steps}
+        plan = (regime_plan(args, methods, {}) if args.regime in REGIME_METHODS
+                else {"pool": args.pool, "reference_steps": args.reference_steps})
         data_dir = make_splits(args, out, args.noise, plan["pool"])
         report["prepare"] = reference_and_cache(args, out, data_dir, plan["reference_steps"])[2]
         if args.regime == "paper":

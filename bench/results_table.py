@@ -46,14 +46,16 @@ def evidence_table(experiment: dict) -> str:
     """The regime's questions per method: steps (iterations) and total FLOPs to uniform's final top-1, the
     ratios charged and amortised, the same against the offline filter, and the pool's repetition."""
     shares = (f"reference training {experiment['reference_training_share']:.1%} and caching pass "
-              f"{experiment['reference_caching_share']:.1%} of the budget (cache at patch {experiment['cache_patch']}); "
+              f"{experiment['reference_caching_share']:.1%} of the budget (cache at patch "
+              f"{experiment['cache_patch']}); "
               f"pool {experiment['pool_size']:,}, drawn at most {experiment['pool_repetition_max']:.2f}× per sample")
     lines = [shares]
     plateau = experiment.get("uniform_plateau")
     if plateau:
         lines.append(f"uniform's plateau rule ({plateau['rule']}): gain {plateau['gain_over_last_20_percent']:+.3f}, "
                      f"{'plateaued' if plateau['plateaued'] else 'NOT plateaued'}")
-    lines += ["", "| method | steps | repetition | steps to target | iterations ratio vs uniform | FLOPs ratio vs uniform "
+    lines += ["",
+              "| method | steps | repetition | steps to target | iterations ratio vs uniform | FLOPs ratio vs uniform "
               "(charged) | amortised | vs offline-filter: iterations | FLOPs (charged) | amortised |",
               "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, m in experiment["methods"].items():
@@ -89,8 +91,10 @@ def ablation_table(report: dict) -> str:
         got = experiment["methods"]
         joint, flexi = got.get("joint-learnability"), got.get("flexi-jest")
         lines.append(f"| {name} | " + " | ".join(final(got.get(m)) for m in methods) + " | "
-                     + " | ".join([ratio(joint, "flops_ratio_vs_uniform"), ratio(joint, "flops_ratio_vs_uniform_learner_only"),
-                                   ratio(flexi, "flops_ratio_vs_uniform"), ratio(flexi, "flops_ratio_vs_uniform_learner_only")])
+                     + " | ".join([ratio(joint, "flops_ratio_vs_uniform"),
+                                   ratio(joint, "flops_ratio_vs_uniform_learner_only"),
+                                   ratio(flexi, "flops_ratio_vs_uniform"),
+                                   ratio(flexi, "flops_ratio_vs_uniform_learner_only")])
                      + " |")
     return "\n".join(lines)
 
@@ -104,7 +108,8 @@ def spread(values: list[float | None]) -> str:
     if not got:
         return "never"
     sd = statistics.stdev(got) if len(got) > 1 else 0.0
-    return f"{statistics.mean(got):,.0f} ± {sd:,.0f}" + ("" if len(got) == len(values) else f" ({len(got)}/{len(values)})")
+    return f"{statistics.mean(got):,.0f} ± {sd:,.0f}" + (
+        "" if len(got) == len(values) else f" ({len(got)}/{len(values)})")
 
 
 def difference(a: dict, b: dict) -> tuple[float, float]:
@@ -125,7 +130,8 @@ def reference_lines(experiment: dict) -> list[str]:
         f"({experiment['reference_training_share']:.0%} of uniform's learner budget)",
         f"- reference caching pass over the pool: {experiment['reference_caching_flops'] / 1e9:,.0f} GFLOP "
         f"({experiment['reference_caching_share']:.0%}; at patch {experiment['cache_patch']})",
-        f"- saturation ({saturation.get('rule', '?')}): validation gain {saturation.get('gain_over_last_20_percent', 0):+.3f}, "
+        f"- saturation ({saturation.get('rule', '?')}): validation gain "
+        f"{saturation.get('gain_over_last_20_percent', 0):+.3f}, "
         f"{'saturated' if saturation.get('saturated') else 'NOT saturated'}; validation top-1 by epoch: "
         + ", ".join(f"{top1:.3f}" for _, top1 in experiment.get("reference_validation_curve", [])),
         f"- pool {experiment['pool_size']:,}, drawn at most {experiment['pool_repetition_max']:.2f}× per sample; eval "
@@ -149,8 +155,10 @@ def paper_tables(experiment: dict) -> str:
         lines.append(f"- uniform's plateau rule ({plateau['rule']}): gain {plateau['gain_over_last_20_percent']:+.3f}, "
                      f"{'plateaued' if plateau['plateaued'] else 'NOT plateaued'}")
     lines += ["", f"**Learner FLOPs (reference cached: the paper's count).** Target: uniform's final top-1, "
-              f"{experiment['target']:.3f}; budget {experiment['budget_flops'] / 1e9:,.0f} GFLOP of learner FLOPs each.",
-              "", "| method | steps | final top-1 (mean ± sd) | steps to target (mean ± sd over seeds) | iterations ratio "
+              f"{experiment['target']:.3f}; budget {experiment['budget_flops'] / 1e9:,.0f} GFLOP of learner FLOPs "
+              "each.",
+              "",
+              "| method | steps | final top-1 (mean ± sd) | steps to target (mean ± sd over seeds) | iterations ratio "
               "| learner GFLOP to target | learner FLOPs ratio | vs offline filter: iterations | learner FLOPs |",
               "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, m in methods.items():
@@ -173,10 +181,11 @@ def paper_tables(experiment: dict) -> str:
             if name == baseline:
                 return "–"
             return "never" if runs is None or not reached else f"{runs} run{'s' if runs > 1 else ''}"
+        filter_reached = vs_charged.get("flops_to_target") is not None
         lines.append(f"| {name} | {fmt_flops(charged['flops_to_target'])} | {times(charged['flops_ratio'])} | "
                      f"{even(m.get('break_even_runs'), charged['flops_to_target'] is not None, 'uniform')} | "
                      f"{times(vs_charged.get('flops_ratio'))} | "
-                     f"{even(vs.get('break_even_runs'), vs_charged.get('flops_to_target') is not None, 'offline-filter')} |")
+                     f"{even(vs.get('break_even_runs'), filter_reached, 'offline-filter')} |")
     lines += ["", "**Differences in final top-1** (mean over seeds; s.e. of the difference over seeds; "
               "significant: |difference| > 2 s.e.)", "", "| method | − uniform | significant | − offline filter | "
               "significant |", "|---|---:|---|---:|---|"]
@@ -200,7 +209,8 @@ def paper_tables(experiment: dict) -> str:
         every = parts.get("all", {})
         noisy = lambda part: 1 - parts.get(part, {}).get("selected_clean", math.nan) - parts.get(  # noqa: E731
             part, {}).get("selected_hard_negative", math.nan)
-        score = (f"{every.get('score_selected_mean', math.nan):+.3f} / {every.get('score_superbatch_mean', math.nan):+.3f}"
+        score = (
+            f"{every.get('score_selected_mean', math.nan):+.3f} / {every.get('score_superbatch_mean', math.nan):+.3f}"
                  if every.get("score_selected_mean") == every.get("score_selected_mean") else "–")
         lines.append(f"| {name} | " + " | ".join(f"{every.get(f'selected_{k}', math.nan):.3f}" for k in kinds)
                      + f" | {noisy('first_fifth'):.3f} → {noisy('last_fifth'):.3f} | {score} |")
@@ -224,21 +234,25 @@ def diagnostic_tables(report: dict) -> str:
             diff, se = difference(joint, main["methods"]["uniform"])
             learner = accounting(joint, "learner") if "accountings" in joint else {}
             lines.append(f"| {epochs:g} | {experiment['reference_top1']:.3f} | {joint['final_metric']:.3f} ± "
-                         f"{joint['final_metric_std']:.3f} | {diff:+.3f} ± {se:.3f} | {'yes' if abs(diff) > 2 * se else 'no'}"
+                         f"{joint['final_metric_std']:.3f} | {diff:+.3f} ± {se:.3f} | "
+                         f"{'yes' if abs(diff) > 2 * se else 'no'}"
                          f" | {times(learner.get('steps_ratio'))} | {times(learner.get('flops_ratio'))} |")
     if report.get("batch_diagnostic"):
         fraction = report["args"].get("diagnostic_fraction", 1.0)
         lines += ["", f"**Sub-batch size** (the same examples seen, {fraction:g} of the main experiment's: uniform's "
                   "steps scaled by the sub-batch; learner FLOPs about equal)", "",
-                  "| sub-batch | uniform steps | uniform top-1 | joint steps | joint top-1 | uniform's steps to joint's "
-                  "final top-1 / joint's (iterations gain) | learner FLOPs ratio |", "|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| sub-batch | uniform steps | uniform top-1 | joint steps | joint top-1 | uniform's steps to "
+                  "joint's "
+                  "final top-1 / joint's (iterations gain) | learner FLOPs ratio |",
+                  "|---:|---:|---:|---:|---:|---:|---:|"]
         for label, experiment in report["batch_diagnostic"].items():
             uniform, joint = experiment["methods"]["uniform"], experiment["methods"]["joint-learnability"]
             runs_path = report.get("runs_paths", {}).get(label)
             gain = iterations_gain(runs_path) if runs_path else "–"
             lines.append(f"| {label.rsplit('_', 1)[-1]} | {uniform['steps']} | {uniform['final_metric']:.3f} ± "
                          f"{uniform['final_metric_std']:.3f} | {joint['steps']} | {joint['final_metric']:.3f} ± "
-                         f"{joint['final_metric_std']:.3f} | {gain} | {times(accounting(joint, 'learner')['flops_ratio'])} |")
+                         f"{joint['final_metric_std']:.3f} | {gain} | "
+                         f"{times(accounting(joint, 'learner')['flops_ratio'])} |")
     return "\n".join(lines)
 
 

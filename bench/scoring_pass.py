@@ -27,7 +27,6 @@ import os
 import platform
 
 import torch
-
 from timing import timed  # bench/timing.py
 
 from flexi_jest import flops

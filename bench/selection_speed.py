@@ -28,7 +28,6 @@ import time
 
 import torch
 import torch.nn.functional as F
-
 from timing import timed  # bench/timing.py
 
 from flexi_jest.config import MODEL_PRESETS, OptimConfig
@@ -98,14 +97,17 @@ def measure_preset(preset: str, args: argparse.Namespace, device: torch.device, 
             args.repeats, device)
         work = selection_flops(batch, n_select, args.chunks, [cfg.embed_dim, cfg.embed_dim])
         row.update(embedding_path_seconds=seconds, embedding_path_flops=work,
-                   embedding_path_flops_per_second=work / seconds, embedding_path_fraction_of_peak=work / seconds / peak)
+                   embedding_path_flops_per_second=work / seconds,
+                   embedding_path_fraction_of_peak=work / seconds / peak)
         matrix_bytes = 4 * batch * batch + 4 * 4 * 4096 * batch  # fp32 [B, B] + four [4096, B] row-chunk temporaries
         available = (torch.cuda.mem_get_info(device)[0] if device.type == "cuda"
                      else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
         if batch <= args.matrix_max and matrix_bytes < 0.5 * available:
             scores = score_matrix("learnability", learner, reference)
-            row["score_matrix_seconds"] = timed(lambda: score_matrix("learnability", learner, reference), args.repeats, device)
-            row["joint_select_seconds"] = timed(lambda: joint_select(scores, n_select, args.chunks, generator), args.repeats, device)
+            row["score_matrix_seconds"] = timed(lambda: score_matrix("learnability", learner, reference), args.repeats,
+                                                device)
+            row["joint_select_seconds"] = timed(lambda: joint_select(scores, n_select, args.chunks, generator),
+                                                args.repeats, device)
             del scores
         else:
             row["matrix_path_skipped"] = (f"B > --matrix-max {args.matrix_max}" if batch > args.matrix_max else

@@ -87,7 +87,8 @@ def reference_finetune(config_json: str, profile: str, storage_root: str, experi
 
     values = with_knobs(with_data_access(json.loads(config_json), data_access), batch_size=batch_size,
                         init_checkpoint=init_checkpoint)
-    values.update(data=curated.metadata["uri"], out_dir=output_location(storage_root, model.uri, model.path, "reference"))
+    values.update(data=curated.metadata["uri"],
+                  out_dir=output_location(storage_root, model.uri, model.path, "reference"))
     result, run_id = train_reference_stage(values, profile, "", experiment)
     model.metadata.update({"uri": result.checkpoint, "sha256": result.checkpoint_sha256,
                            "total_flops": result.total_flops})
@@ -129,7 +130,8 @@ def cache_reference_scores(config_json: str, profile: str, experiment: str,
 def train_learner(config_json: str, profile: str, method: str, score: str, filter_ratio: float, n_chunks: int,
                   steps: int, storage_root: str, experiment: str,
                   pool: Input[Dataset], cache: Input[Dataset], eval_split: Input[Dataset], reference: Input[Model],
-                  model: Output[Model], metrics: Output[Metrics], nodes: int = 1, multinode_json: str = "{}", learning_rate: float = 0.0,
+                  model: Output[Model], metrics: Output[Metrics], nodes: int = 1, multinode_json: str = "{}",
+                  learning_rate: float = 0.0,
                   super_batch_size: int = 0, model_name: str = "", budget: str = "steps", main_config_json: str = "",
                   main_method: str = "", main_score: str = "", data_access: str = "{}") -> str:
     """JEST / Flexi-JEST (or a baseline) learner; checkpoints beside its output, so a retried task resumes.
@@ -145,7 +147,12 @@ def train_learner(config_json: str, profile: str, method: str, score: str, filte
     import json
 
     from flexi_jest.pipeline_support import (
-        baseline_values, learner_reference, output_location, stage_output, with_data_access, with_eval_points,
+        baseline_values,
+        learner_reference,
+        output_location,
+        stage_output,
+        with_data_access,
+        with_eval_points,
         with_knobs,
     )
     from flexi_jest.stages import train_learner_stage
@@ -169,7 +176,8 @@ def train_learner(config_json: str, profile: str, method: str, score: str, filte
         from flexi_jest.device import share_cpu_threads
         share_cpu_threads()
     result, run_id = train_learner_stage(values, profile, "", experiment, multinode)
-    model.metadata.update({"uri": result.checkpoint, "sha256": result.checkpoint_sha256, "method": method, "total_flops": result.total_flops, "world_size": result.world_size})
+    model.metadata.update({"uri": result.checkpoint, "sha256": result.checkpoint_sha256, "method": method,
+                           "total_flops": result.total_flops, "world_size": result.world_size})
     with open(model.path, "w") as f:
         f.write(result.model_dump_json())
     metrics.log_metric("final_loss", result.final_loss)
@@ -301,7 +309,8 @@ def resolve_run(from_run: str, parent_run_id: str, stage: str, curated: Output[D
         uri = resolved.get(name, "")
         artifact.metadata.update({"uri": uri, "from_run": resolved["parent_run_id"]})
         with open(artifact.path, "w") as f:
-            json.dump(trained if name == "learner" and trained else {"uri": uri, "from_run": resolved["parent_run_id"]}, f)
+            json.dump(
+                trained if name == "learner" and trained else {"uri": uri, "from_run": resolved["parent_run_id"]}, f)
     reference.metadata["sha256"] = resolved.get("reference_sha256", "")
     if trained:
         learner.metadata["sha256"] = trained["checkpoint_sha256"]

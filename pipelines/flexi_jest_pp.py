@@ -27,16 +27,24 @@ from typing import Any, List
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for `components`
 
 from kfp import compiler, dsl, kubernetes  # noqa: E402
-
-from kfp.dsl import Dataset, Model, pipeline_context  # noqa: E402
+from kfp.dsl import pipeline_context  # noqa: E402
 
 from components.image import GPU_IMAGE  # noqa: E402
+from components.stages import (  # noqa: E402
+    cache_reference_scores,
+    close_tracking,
+    compare_methods,
+    open_tracking,
+    prepare_data,
+    promote_model,
+    reference_finetune,
+    resolve_run,
+    track_stages,
+    train_learner,
+    zero_shot_eval,
+)
 from flexi_jest.config import METHOD_PRESETS, TrainLearnerConfig  # noqa: E402
 from flexi_jest.device import SHARED_CPU_ENV  # noqa: E402
-from components.stages import (  # noqa: E402
-    cache_reference_scores, close_tracking, compare_methods, open_tracking, prepare_data, promote_model,
-    reference_finetune, resolve_run, track_stages, train_learner, zero_shot_eval,
-)
 
 # GPU node pool scheduling for the training stages, read at compile time.
 GPU_NODE_SELECTOR = os.environ.get("FLEXI_JEST_GPU_NODE_SELECTOR", "flexi-jest/node-pool=gpu")  # key=value
@@ -134,7 +142,8 @@ def add_cluster_services(settings: ClusterSettings) -> None:
 
 def train_evaluate_promote(settings: ClusterSettings, *, learner_config, eval_config, profile, method, score,
                            filter_ratio, n_chunks, steps, learning_rate, super_batch_size, model_name, storage_root,
-                           experiment, accelerator_type, accelerator_count, pool, cache, eval_split, reference, reference_json, parent_run_id,
+                           experiment, accelerator_type, accelerator_count, pool, cache, eval_split, reference,
+                           reference_json, parent_run_id,
                            promotion_config, eval_sets, champion_metric, data_access) -> dsl.PipelineTask:
     """Stages 4-6, shared by the full pipeline and the single-stage rerun: the learner, its zero-shot
     evaluation, their tracking and the learner's promotion through the MLflow registry; returns the evaluation."""
@@ -247,7 +256,8 @@ def flexi_jest_pp_definition(
             super_batch_size=super_batch_size, model_name=model_name, storage_root=storage_root,
             experiment=experiment, accelerator_type=accelerator_type, accelerator_count=accelerator_count,
             pool=data.outputs["pool"], cache=cache.outputs["cache"], eval_split=data.outputs["eval_split"],
-            reference=reference.outputs["model"], reference_json=reference.outputs["Output"], parent_run_id=parent_run_id,
+            reference=reference.outputs["model"], reference_json=reference.outputs["Output"],
+            parent_run_id=parent_run_id,
             promotion_config=promotion_config, eval_sets=eval_sets, champion_metric=champion_metric,
             data_access=data_access)
         with dsl.ParallelFor(baseline_methods) as baseline:
@@ -273,7 +283,8 @@ def flexi_jest_pp_definition(
         track_stages(parent_run_id=parent_run_id, first=reference_evaluation.outputs["Output"],
                      learners=dsl.Collected(baseline_learner.outputs["Output"]),
                      evaluations=dsl.Collected(baseline_evaluation.outputs["Output"])).set_caching_options(False)
-        compare_methods(main=evaluation.outputs["Output"], baselines=dsl.Collected(baseline_evaluation.outputs["Output"]),
+        compare_methods(main=evaluation.outputs["Output"],
+                        baselines=dsl.Collected(baseline_evaluation.outputs["Output"]),
                         parent_run_id=parent_run_id,
                         reference=reference_evaluation.outputs["Output"]).set_caching_options(False)
 
@@ -429,7 +440,8 @@ def parse_params(pairs: list[str], pipeline=None) -> dict[str, Any]:
     return params
 
 
-def compile_pipeline(out: str, from_stage: str = "prepare_data", learner_nodes: int = 1, gpus_per_node: int = 1) -> None:
+def compile_pipeline(out: str, from_stage: str = "prepare_data", learner_nodes: int = 1,
+                     gpus_per_node: int = 1) -> None:
     pipeline = cluster_pipeline(from_stage, learner_nodes, gpus_per_node)
     compiler.Compiler().compile(pipeline, package_path=out)
     print(f"compiled {pipeline.name} to {out}")
@@ -447,7 +459,8 @@ def summarize(tracking_uri: str, parent_run_id: str, workdir: Path) -> dict[str,
     client = mlflow.MlflowClient()
     parent = find_pipeline_run(parent_run_id)
     if parent is None:
-        raise SystemExit(f"no MLflow pipeline run {parent_run_id!r} in {tracking_uri}: the pipeline did not start tracking")
+        raise SystemExit(
+            f"no MLflow pipeline run {parent_run_id!r} in {tracking_uri}: the pipeline did not start tracking")
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     comparison = json.loads(Path(client.download_artifacts(parent.info.run_id, "method_comparison.json",
                                                            str(workdir))).read_text())
@@ -522,10 +535,12 @@ def docker_runner(params: dict[str, Any]):
 def local_parent_run_id(pipeline_root: Path, pipeline_name: str, since: float) -> str:
     """The MLflow parent run id of the local pipeline run started at `since`: open_tracking's `tracking`
     artifact (KFP local execution names the run <pipeline name>-<timestamp> and does not hand out its run ID)."""
-    found = sorted((path.stat().st_mtime, path) for path in pipeline_root.glob(f"{pipeline_name}-*/open-tracking/tracking")
+    found = sorted((path.stat().st_mtime,
+                    path) for path in pipeline_root.glob(f"{pipeline_name}-*/open-tracking/tracking")
                    if path.stat().st_mtime >= since)
     if not found:
-        raise SystemExit(f"the pipeline wrote no open-tracking artifact under {pipeline_root}: it did not start tracking")
+        raise SystemExit(
+            f"the pipeline wrote no open-tracking artifact under {pipeline_root}: it did not start tracking")
     return json.loads(found[-1][1].read_text())["mlflow_run_id"]
 
 
@@ -582,8 +597,10 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines = [f"pipeline finished in {summary['seconds']:.1f} s; MLflow parent run {summary['parent_run_id']} "
              f"(rerun a stage on its outputs: --from-run {summary['parent_run_id']} [--from-stage STAGE])",
              f"from KFP's cache: {', '.join(summary['cached_stages']) or 'nothing'}",
-             f"MLflow store: {summary['tracking_uri']}  (browse: mlflow ui --backend-store-uri {summary['tracking_uri']})",
-             f"registered model: flexi-jest-learner version {summary['learner_version']} -> alias '{summary['decision']}'",
+             f"MLflow store: {summary['tracking_uri']}  (browse: mlflow ui --backend-store-uri "
+             f"{summary['tracking_uri']})",
+             f"registered model: flexi-jest-learner version {summary['learner_version']} -> alias "
+             f"'{summary['decision']}'",
              f"accuracy-vs-FLOPs plot: {summary['plot']}", "",
              f"{'method':<15} {'top1':>7} {'i2t R@1':>8} {'t2i R@1':>8} {'learner GFLOP':>13} {'all GFLOP':>10} "
              f"{'steps to tgt':>12} {'learner ratio':>13} {'all ratio':>10} {'break-even':>10}"]
@@ -595,7 +612,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         runs = row.get("break_even_runs")
         even = "-" if row["method"] == "reference" or row.get("flops_to_target") is None else (
             "never" if runs is None else f"{runs} runs")
-        lines.append(f"{row['method'] or '?':<15} {fmt(row['top1']):>7} {fmt(row['i2t_r1']):>8} {fmt(row['t2i_r1']):>8} "
+        lines.append(
+            f"{row['method'] or '?':<15} {fmt(row['top1']):>7} {fmt(row['i2t_r1']):>8} {fmt(row['t2i_r1']):>8} "
                      f"{giga(row.get('learner_flops')):>13} {giga(row['total_flops']):>10} {steps:>12} "
                      f"{times(row.get('flops_ratio_vs_uniform_learner_only')):>13} "
                      f"{times(row.get('flops_ratio_vs_uniform')):>10} {even:>10}")

@@ -42,7 +42,8 @@ def reference_cache(reference, shapes_data):
                                                 batch_size=128))
 
 
-# ---- S3: moto's S3-compatible server, or SeaweedFS (a real S3 server), on loopback, read through the real minio client --
+# ---- S3: moto's S3-compatible server, or SeaweedFS (a real S3 server), on loopback, read through the real minio client
+# --
 # A test takes `s3` (an empty bucket, s3://NAME, with the environment pointing at its server): on moto unless it is
 # marked @BOTH_S3, which runs it on moto and on SeaweedFS (tests/seaweedfs.py). Keep moto for injected faults (it
 # runs in this process and can be stopped and restarted at will); take both for what a real server must agree with.

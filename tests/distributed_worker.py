@@ -83,7 +83,8 @@ if __name__ == "__main__":
     case, input_path, output_dir = sys.argv[1:4]
     world, _ = init_world("cpu")
     inputs = torch.load(input_path, weights_only=False)
-    outputs = {"selection": selection, "loss": loss, "ddp_step": ddp_step, "stream_share": stream_share}[case](inputs, world)
+    outputs = {"selection": selection, "loss": loss, "ddp_step": ddp_step,
+               "stream_share": stream_share}[case](inputs, world)
     torch.save({"world_size": world.size, **outputs}, f"{output_dir}/rank{world.rank}.pt")
     # every rank done with its collectives before any tears the group down (a rank leaving gloo early aborted
     # its peer at exit now and then: "terminate called without an active exception")

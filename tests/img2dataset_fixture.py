@@ -53,7 +53,8 @@ def img2dataset_pool(root: Path, n: int = 78, per_shard: int = 20, broken: int =
     samples, 00001..00003.tar 20 each, 00004.tar none)."""
     if (n + broken) % per_shard:
         raise ValueError("n + broken must fill whole shards, so that the last shard holds only a broken URL")
-    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations (imported by img2dataset) asks PyPI otherwise
+    # albumentations (imported by img2dataset) asks PyPI otherwise
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     from img2dataset import download
 
     served = root / "served"

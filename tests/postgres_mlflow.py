@@ -80,8 +80,10 @@ def postgres(workdir: Path) -> Iterator[str]:
     log = workdir / "postgres.log"
     subprocess.run(prefix + [initdb, "-D", str(data / "db"), "-U", "mlflow", "--auth=trust", "-E", "UTF8",
                              "--no-locale"], check=True, capture_output=True, text=True)
-    started = subprocess.run(prefix + [pg_ctl, "-D", str(data / "db"), "-l", str(data / "server.log"), "-w", "-t", "120",
-                                       "-o", f"-h 127.0.0.1 -p {port} -k {data}", "start"], capture_output=True, text=True)
+    started = subprocess.run(prefix + [pg_ctl, "-D", str(data / "db"), "-l", str(data / "server.log"), "-w", "-t",
+                                       "120",
+                                       "-o", f"-h 127.0.0.1 -p {port} -k {data}", "start"], capture_output=True,
+                                       text=True)
     if started.returncode != 0:
         server_log = (data / "server.log").read_text() if (data / "server.log").exists() else ""
         shutil.rmtree(data, ignore_errors=True)

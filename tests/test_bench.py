@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from learning_efficiency import learner_step_flops, summarize  # noqa: E402
 import learning_efficiency  # noqa: E402
+from learning_efficiency import learner_step_flops, summarize  # noqa: E402
 
 from flexi_jest.config import TrainLearnerConfig  # noqa: E402
 
@@ -25,8 +25,9 @@ def test_bench_summary_adds_its_own_figures():
     assert summary["target"] == pytest.approx(0.4)  # the seed-mean curve's final value
     assert summary["methods"]["uniform"]["final_metric_std"] == pytest.approx(0.1)
     assert summary["methods"]["uniform"]["flops_ratio_vs_uniform"] == pytest.approx(1.0)
-    assert summary["methods"]["jest"]["flops_to_target"] == 2 and summary["methods"]["jest"]["flops_ratio_vs_uniform"] == 2
-    assert summary["methods"]["bad"]["flops_to_target"] is None and summary["methods"]["bad"]["flops_ratio_vs_uniform"] is None
+    jest, bad = summary["methods"]["jest"], summary["methods"]["bad"]
+    assert jest["flops_to_target"] == 2 and jest["flops_ratio_vs_uniform"] == 2
+    assert bad["flops_to_target"] is None and bad["flops_ratio_vs_uniform"] is None
     assert math.isnan(summary["methods"]["uniform"]["noisy_fraction_selected"])
     assert summary["methods"]["jest"]["steps"] == 10 and summary["methods"]["uniform"]["total_flops"] == 4
 
@@ -36,9 +37,11 @@ def test_step_flops_match_what_training_counts(shapes_data, reference_cache, tmp
     from flexi_jest.train import train_learner
     for fields in ({"method": "uniform"}, {"method": "offline-filter"}, {"method": "joint"},
                    {"method": "independent", "score": "hard_learner"},
-                   {"method": "joint", "score": "easy_reference", "scoring_patch_size": 16, "train_patch_sizes": [8, 16]}):
+                   {"method": "joint", "score": "easy_reference", "scoring_patch_size": 16,
+                    "train_patch_sizes": [8, 16]}):
         cfg = TrainLearnerConfig(pool=shapes_data.splits["pool"].path, reference_cache=reference_cache.cache_dir,
-                                 out_dir=str(tmp_path / str(len(str(fields)))), model=TEST_MODEL, super_batch_size=40, n_chunks=4,
+                                 out_dir=str(tmp_path / str(len(str(fields)))), model=TEST_MODEL, super_batch_size=40,
+                                 n_chunks=4,
                                  steps=2, progress=False, **fields)
         result = train_learner(cfg)
         learner_flops = result.flops.learner_scoring + result.flops.learner_training
@@ -66,7 +69,8 @@ def test_learning_efficiency_bench_end_to_end_at_toy_size(tmp_path):
     toy size; its figures come from the documented runs (docs/results.md). A rerun resumes every finished run."""
     import subprocess
     import sys
-    command = [sys.executable, "bench/learning_efficiency.py", "--seeds", "1", "--jest-steps", "4", "--super-batch", "40", "--chunks", "4",
+    command = [sys.executable, "bench/learning_efficiency.py", "--seeds", "1", "--jest-steps", "4", "--super-batch",
+               "40", "--chunks", "4",
                "--reference-steps", "3", "--curated", "100", "--pool", "400", "--eval-size", "50", "--eval-points", "2",
                "--methods", "uniform,joint-learnability,flexi-jest", "--out", str(tmp_path)]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=600)
@@ -98,7 +102,8 @@ def test_capped_regime_plan_keeps_the_reference_small_and_the_pool_unrepeated():
     plan = learning_efficiency.regime_plan(args, args.methods_list, {})
     model = learning_efficiency.model_config(args)
     reference_step = flops.training_step_flops(model, learning_efficiency.REFERENCE_BATCH, [model.patch_size])
-    assert plan["reference_steps"] * reference_step <= 0.1 * plan["budget"] < (plan["reference_steps"] + 1) * reference_step
+    assert plan["reference_steps"] * reference_step <= 0.1 * plan["budget"] < (
+        plan["reference_steps"] + 1) * reference_step
     base = dict(pool="unused", reference_cache="unused", model=model, super_batch_size=80, filter_ratio=0.8)
     worst = 0.0
     for name in args.methods_list:
@@ -124,7 +129,8 @@ def test_paper_regime_plan_trains_the_reference_for_its_epochs_and_every_learner
     no method, filter+jest's kept fifth included, draws a sample more than --max-repetition times."""
     from flexi_jest import flops
     args = learning_efficiency.parse_args(["--regime", "paper", "--uniform-steps", "500", "--super-batch", "80",
-                                           "--samples-per-shard", "100", "--curated", "1280", "--reference-epochs", "3"])
+                                           "--samples-per-shard", "100", "--curated", "1280", "--reference-epochs",
+                                           "3"])
     assert args.methods_list == learning_efficiency.PAPER_METHODS and "filter+jest" in args.methods_list
     assert args.eval_size == 5000
     plan = learning_efficiency.regime_plan(args, args.methods_list, {})
@@ -149,7 +155,8 @@ def test_a_finished_run_is_reused_only_on_the_same_steps_and_data(tmp_path):
                          final_loss=1.0, seconds=1.0, images_per_second=1.0, flops=FlopsBreakdown(), total_flops=1.0,
                          metrics_path="metrics.jsonl")
     (tmp_path / "result.json").write_text(result.model_dump_json())
-    (tmp_path / "run_config.json").write_text(json.dumps({"sha256": "x", "config": {"pool": "p1", "reference_cache": "c1"}}))
+    (tmp_path / "run_config.json").write_text(json.dumps({"sha256": "x",
+                                                          "config": {"pool": "p1", "reference_cache": "c1"}}))
     data = {"pool": "p1", "reference_cache": "c1"}
     assert learning_efficiency.finished_run(tmp_path, 7, data).steps == 7
     assert learning_efficiency.finished_run(tmp_path, 8, data) is None

@@ -34,7 +34,8 @@ def test_config_file_profile_and_overrides_compose(tmp_path, capsys):
     assert cfg["method"] == "independent" and cfg["optim"]["lr"] == 0.01 and cfg["optim"]["warmup_steps"] == 5
     assert main(["train-learner", "--profile", "paper", "--set", "reference_cache=/x", "--print-config"]) == 0
     paper = json.loads(capsys.readouterr().out)
-    assert paper["model"]["vision_width"] == 768 and paper["super_batch_size"] * (1 - paper["filter_ratio"]) == pytest.approx(32768)
+    assert paper["model"]["vision_width"] == 768 and paper["super_batch_size"] * (
+        1 - paper["filter_ratio"]) == pytest.approx(32768)
 
 
 def test_console_script_runs_a_stage(tmp_path):

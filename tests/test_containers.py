@@ -109,7 +109,8 @@ def image(clone, tmp_path_factory):
     log = tmp_path_factory.mktemp("build") / "build.log"
     started = time.perf_counter()
     with open(log, "w") as out:
-        done = subprocess.run(["bash", "scripts/build-images.sh", "cpu"], cwd=clone, stdout=out, stderr=subprocess.STDOUT,
+        done = subprocess.run(["bash", "scripts/build-images.sh", "cpu"], cwd=clone, stdout=out,
+                              stderr=subprocess.STDOUT,
                               env=dict(os.environ, FLEXI_JEST_IMAGE=IMAGE), timeout=3600)
     seconds = time.perf_counter() - started
     if done.returncode == 3:  # the script's "not enough disk" (it names the space needed and found)
@@ -163,7 +164,8 @@ def servers(gateway, tmp_path_factory):
     s3 = ThreadedMotoServer(ip_address=gateway, port=s3_port, verbose=False)
     s3.start()
     endpoint = f"http://{gateway}:{s3_port}"
-    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id=KEYS["AWS_ACCESS_KEY_ID"],
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                          aws_access_key_id=KEYS["AWS_ACCESS_KEY_ID"],
                           aws_secret_access_key=KEYS["AWS_SECRET_ACCESS_KEY"])
     for bucket in (BUCKET, MLFLOW_BUCKET):
         client.create_bucket(Bucket=bucket)
@@ -195,7 +197,8 @@ def container_run(clone, image, docker_host, servers, tmp_path_factory):
     env.pop("FLEXI_JEST_GPU_IMAGE", None)
     since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 1))
     command = [sys.executable, "pipelines/flexi_jest_pp.py", "run-local", "--runner", "docker", "--workdir",
-               str(workdir), "--param", f"storage_root=s3://{BUCKET}/containers", "--param", "run_name=pp-in-containers"]
+               str(workdir), "--param", f"storage_root=s3://{BUCKET}/containers", "--param",
+               "run_name=pp-in-containers"]
     for param in SMALL:
         command += ["--param", param]
     started = time.perf_counter()
@@ -267,13 +270,15 @@ def test_image_runs_as_non_root_and_holds_no_credentials(image):
                             capture_output=True, text=True, timeout=120).stdout.strip()
     assert whoami == "10001"
     env = info["Config"].get("Env", [])
-    leaked = [item for item in env if re.search(r"SECRET|PASSWORD|TOKEN|ACCESS_KEY|CREDENTIAL", item.split("=")[0], re.I)]
+    leaked = [item for item in env if re.search(r"SECRET|PASSWORD|TOKEN|ACCESS_KEY|CREDENTIAL", item.split("=")[0],
+                                                re.I)]
     assert not leaked, f"credential-like variables in the image's env: {leaked}"
     history = subprocess.run([*PODMAN, "history", "--no-trunc", "--format", "{{.CreatedBy}}", image], check=True,
                              capture_output=True, text=True).stdout
     assert not CREDENTIAL.search(history.encode()), "a layer's command holds a credential"
     assert "pip-build-ca" not in history and "/etc/pip.conf" not in history
-    mount = subprocess.run([*PODMAN, "image", "mount", image], check=True, capture_output=True, text=True).stdout.strip()
+    mount = subprocess.run([*PODMAN, "image", "mount", image], check=True, capture_output=True,
+                           text=True).stdout.strip()
     try:
         found = []
         for directory, _, files in os.walk(mount):
@@ -284,14 +289,16 @@ def test_image_runs_as_non_root_and_holds_no_credentials(image):
                 if name in CREDENTIAL_FILES and not in_packages and not relative.startswith("usr/share"):
                     if path.is_symlink() or path.stat().st_size:  # podman 4.3 leaves build mounts' empty mount points
                         found.append(f"/{relative}/{name}")
-                elif not in_packages and relative.split(os.sep)[0] in ("etc", "home", "root", "workspace", "tmp", "opt"):
+                elif not in_packages and relative.split(
+                    os.sep)[0] in ("etc", "home", "root", "workspace", "tmp", "opt"):
                     if path.is_file() and not path.is_symlink() and path.stat().st_size < 1 << 20:
                         if CREDENTIAL.search(path.read_bytes()):
                             found.append(f"/{relative}/{name}")
         assert not found, f"credential-like files in the image: {found}"
         for leftover in ("etc/pip.conf", "etc/pip-build-ca.crt", "opt/pypi", "opt/pypi-more", "opt/wheels"):
             path = Path(mount, leftover)  # scripts/build-images.sh's read-only build mounts: nothing of them stays
-            assert not path.exists() or (path.is_dir() and not any(path.iterdir())) or path.stat().st_size == 0, leftover
+            assert not path.exists() or (
+                path.is_dir() and not any(path.iterdir())) or path.stat().st_size == 0, leftover
     finally:
         subprocess.run([*PODMAN, "image", "unmount", image], capture_output=True)
 

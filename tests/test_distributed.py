@@ -25,7 +25,8 @@ WORKER = Path(__file__).parent / "distributed_worker.py"
 def torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     """Two local processes under torchrun (a free port is picked by --standalone)."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(Path.cwd() / "src"), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(Path.cwd() / "src"), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=cwd)
     assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc
@@ -93,7 +94,8 @@ def test_cross_rank_loss_and_gradients_equal_one_process(tmp_path, chunk):
     full.backward()
     assert torch.allclose(sum(o["share"] for o in outputs), full, atol=1e-5)
     assert torch.allclose(torch.cat([o["image_grad"] for o in outputs]), image.grad, atol=1e-6)
-    assert torch.allclose(torch.cat([o["text_grad"] for o in outputs]), text.grad, atol=1e-6)  # via the gather's backward
+    # via the gather's backward
+    assert torch.allclose(torch.cat([o["text_grad"] for o in outputs]), text.grad, atol=1e-6)
     assert torch.allclose(sum(o["scale_grad"] for o in outputs), scale.grad, atol=1e-5)
     assert torch.allclose(sum(o["bias_grad"] for o in outputs), bias.grad, atol=1e-6)
 
@@ -120,6 +122,7 @@ def test_two_processes_decode_each_sample_once_and_hold_only_their_share(tmp_pat
     """Each rank decodes its rows of the super-batch (uint8, never the whole batch); the selected sub-batch's rows
     reach the rank that trains on them; together the ranks see exactly one process's super-batch."""
     from PIL import Image
+
     from flexi_jest.data.loader import StreamLoader
     from flexi_jest.data.sample import Sample
     from flexi_jest.data.shards import write_split
@@ -165,7 +168,8 @@ def assert_same_model(a_path: str, b_path: str, atol: float = 1e-4) -> None:
         for patch in (8, 16):
             assert torch.allclose(a.encode_image(images, patch), b.encode_image(images, patch), atol=atol), patch
         assert torch.allclose(a.encode_text(tokens), b.encode_text(tokens), atol=atol)
-        assert torch.allclose(a.logit_scale, b.logit_scale, atol=atol) and torch.allclose(a.logit_bias, b.logit_bias, atol=atol)
+        assert torch.allclose(a.logit_scale, b.logit_scale,
+                              atol=atol) and torch.allclose(a.logit_bias, b.logit_bias, atol=atol)
 
 
 def history(out_dir: Path) -> list[dict]:
@@ -224,7 +228,8 @@ def test_learner_on_two_processes_matches_one_and_checkpoints_resume_across_worl
     # ... and one written by one process on two
     copy_checkpoint(tmp_path / "one", tmp_path / "one_then_two", step=2)
     torchrun(["-m", "flexi_jest.cli", "train-learner", "--config", str(write_config(
-        tmp_path / "one_then_two.json", learner_cfg(shapes_data, reference_cache, tmp_path / "one_then_two")))], tmp_path)
+        tmp_path / "one_then_two.json", learner_cfg(shapes_data, reference_cache, tmp_path / "one_then_two")))],
+        tmp_path)
     assert [h["step"] for h in history(tmp_path / "one_then_two")] == [1, 2, 3, 4]
     assert_same_model(one.checkpoint, str(tmp_path / "one_then_two" / "model.pt"))
 

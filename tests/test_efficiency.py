@@ -10,7 +10,8 @@ from flexi_jest import efficiency
 def test_curve_reads_the_evaluations_of_a_run(tmp_path):
     path = tmp_path / "metrics.jsonl"
     records = [{"step": 1, "loss": 2.0, "total_flops": 10.0},
-               {"step": 2, "loss": 1.5, "total_flops": 20.0, "eval": {"shapes.top1": 0.25, "shapes.image_to_text_r1": 0.1}},
+               {"step": 2, "loss": 1.5, "total_flops": 20.0,
+                "eval": {"shapes.top1": 0.25, "shapes.image_to_text_r1": 0.1}},
                {"step": 3, "loss": 1.0, "total_flops": 30.0},
                {"step": 4, "loss": 0.9, "total_flops": 40.0, "eval": {"shapes.top1": 0.5}}]
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -106,6 +107,7 @@ def test_shared_cpu_threads_take_a_share_of_the_cores_only_when_asked():
     import os
 
     import torch
+
     from flexi_jest.device import share_cpu_threads
 
     before = torch.get_num_threads()

@@ -2,10 +2,10 @@
 the project's splits; several named sets per call; and our metrics against CLIP_benchmark's own on the same
 model and data.
 
-The fixtures are made from the generated shapes eval split (the session's briefly trained reference scores above zero on them):
-the CLIP_benchmark classification set is written by clip_benchmark's own exporter (`convert_dataset`), the
-retrieval set in the layout its `build_wds_dataset` reads (several captions a sample, one a line;
-dataset_type.txt 'retrieval'), the ImageFolder as torchvision's ImageFolder reads it.
+The fixtures are made from the generated shapes eval split (the session's briefly trained reference scores above
+zero on them): the CLIP_benchmark classification set is written by clip_benchmark's own exporter
+(`convert_dataset`), the retrieval set in the layout its `build_wds_dataset` reads (several captions a sample, one
+a line; dataset_type.txt 'retrieval'), the ImageFolder as torchvision's ImageFolder reads it.
 """
 
 import io
@@ -23,13 +23,11 @@ from flexi_jest.checkpoint import load_model
 from flexi_jest.cli import main as cli_main
 from flexi_jest.config import EvalSet, EvaluateConfig, EvaluateResult, SplitMetrics
 from flexi_jest.data.eval_sets import EvalSetError, assign_names, fill_template, open_eval_set
+from flexi_jest.data.shards import iter_split
 from flexi_jest.data.transforms import ImageTransform
-from flexi_jest.data.shards import iter_split, write_split
-from flexi_jest.data.sample import Sample
 from flexi_jest.device import to_model_input
 from flexi_jest.evaluate import evaluate, evaluate_model
 from flexi_jest.models import Tokenizer
-
 
 # ---- fixtures: one labelled, captioned set in every layout ---------------------------------------------------
 
@@ -166,7 +164,8 @@ def test_unnamed_sets_under_one_parent_get_distinct_names(layouts, tmp_path):
     assert assign_names(sets) == ["a", "b"]  # both used to be reported as 'pool', one overwriting the other
     twice = [open_eval_set(EvalSet.parse(str(layouts["tars"]))) for _ in range(3)]
     assert assign_names(twice) == ["a", "pool-a", f"{layouts['tars'].parent.parent.name}-pool-a"]
-    named = [open_eval_set(EvalSet.parse(f"a={layouts['tars_sibling']}")), open_eval_set(EvalSet.parse(str(layouts['tars'])))]
+    named = [open_eval_set(EvalSet.parse(f"a={layouts['tars_sibling']}")),
+             open_eval_set(EvalSet.parse(str(layouts['tars'])))]
     assert assign_names(named) == ["a", "pool-a"]  # a user's name wins; the derived one steps aside
     split = [open_eval_set(EvalSet.parse(str(layouts["wds_classification"] / "test")))]
     assert assign_names(split) == ["wds_shapes-test"]  # a folder called 'test' is named with its parent
@@ -246,7 +245,8 @@ def test_plain_tars_with_labels_need_class_names(reference, eval_samples, tmp_pa
     scored = evaluate_model(model, [str(root)])["labelled"]
     assert scored.top1 is not None and scored.classification_skipped is None
     (root / "00000_stats.json").write_text(json.dumps({"successes": 40}))  # img2dataset's count beside its shard
-    pattern = evaluate_model(model, [f"{root}/{{00000..00000}}.tar"])["labelled"]  # a brace pattern, named by its folder
+    # a brace pattern, named by its folder
+    pattern = evaluate_model(model, [f"{root}/{{00000..00000}}.tar"])["labelled"]
     assert pattern.layout == "webdataset" and pattern.expected_samples == 40 and pattern.shortfall == 0
     assert pattern.top1 == scored.top1
     (root / "classnames.txt").write_text("\n".join(manifest["classes"][:3]))
@@ -371,8 +371,10 @@ def test_metrics_match_clip_benchmark(reference, layouts, monkeypatch):
         "cpu", amp=False, recall_k_list=[1, 5, 10])
     for k in (1, 5, 10):  # CLIP_benchmark: image_retrieval = text queries -> images; text_retrieval = image -> texts
         assert ours["captions"].text_to_image_r1 is not None
-        assert getattr(ours["captions"], f"text_to_image_r{k}") == pytest.approx(theirs[f"image_retrieval_recall@{k}"], abs=1e-6)
-        assert getattr(ours["captions"], f"image_to_text_r{k}") == pytest.approx(theirs[f"text_retrieval_recall@{k}"], abs=1e-6)
+        assert getattr(ours["captions"],
+                       f"text_to_image_r{k}") == pytest.approx(theirs[f"image_retrieval_recall@{k}"], abs=1e-6)
+        assert getattr(ours["captions"],
+                       f"image_to_text_r{k}") == pytest.approx(theirs[f"text_retrieval_recall@{k}"], abs=1e-6)
     assert 0 < theirs["image_retrieval_recall@10"] < 1  # neither trivial nor saturated: the comparison says something
 
 

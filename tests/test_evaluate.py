@@ -27,7 +27,8 @@ def test_retrieval_recall_perfect_and_shuffled():
 def test_retrieval_counts_a_duplicate_caption_as_a_hit():
     image = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     text = torch.tensor([[0.0, 1.0], [1.0, 0.0]])  # swapped...
-    assert retrieval_recall(image, text, ["same", "same"], ks=(1,))["image_to_text_r1"] == 1.0  # ...but identical captions
+    # ...but identical captions
+    assert retrieval_recall(image, text, ["same", "same"], ks=(1,))["image_to_text_r1"] == 1.0
     assert retrieval_recall(image, text, ["a", "b"], ks=(1,))["image_to_text_r1"] == 0.0
 
 

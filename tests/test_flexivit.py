@@ -165,7 +165,8 @@ def test_a_timm_tower_at_its_base_patch_is_open_clips_forward(timm_clips, name):
         expected = theirs.encode_image(images, normalize=True)
         for patch in (None, 8):
             torch.testing.assert_close(ours.encode_image(images, patch), expected)  # fp32 tolerance
-    print(f"{name} base patch, max abs diff of embeddings: {(ours.encode_image(images) - expected).abs().max().item():.3g}")
+    difference = (ours.encode_image(images) - expected).abs().max().item()
+    print(f"{name} base patch, max abs diff of embeddings: {difference:.3g}")
 
 
 @pytest.mark.parametrize("name", TIMM_CLIPS)
@@ -186,7 +187,8 @@ def test_a_timm_tower_at_another_patch_is_timms_own_model_built_at_that_patch(ti
     with torch.no_grad():
         expected = theirs.visual.head(resized(images))
         flexible = ours.image_features(images, patch)
-    print(f"{name} patch {patch} vs timm's model at that patch: max abs diff {(flexible - expected).abs().max().item():.3g}")
+    difference = (flexible - expected).abs().max().item()
+    print(f"{name} patch {patch} vs timm's model at that patch: max abs diff {difference:.3g}")
     torch.testing.assert_close(flexible, expected)  # fp32 tolerance (measured: 0, bit for bit)
 
 
@@ -195,7 +197,8 @@ def test_a_timm_towers_tokens_and_gradients_at_any_patch(timm_clips):
     model = DualEncoder(ModelConfig(name="test-tiny-timm-registers")).train()
     images = torch.randn(2, 3, 32, 32)
     for patch in (4, 8, 16, 32):  # a class token and 2 register tokens, then the patches
-        assert embed_patches_timm(model.visual, model.kernel_resampler, images, patch).shape == (2, 3 + (32 // patch) ** 2, 48)
+        assert embed_patches_timm(model.visual, model.kernel_resampler, images,
+                                  patch).shape == (2, 3 + (32 // patch) ** 2, 48)
     model.image_features(images, 16).sum().backward()
     trunk = model.visual.trunk
     for parameter in (trunk.patch_embed.proj.weight, trunk.pos_embed, trunk.cls_token, trunk.reg_token):
@@ -210,6 +213,7 @@ def test_siglip_vit_b16_image_tower_runs_flexibly_and_is_open_clips_at_patch_16(
     (The whole model is refused: its text side needs a Hugging Face tokenizer from the hub.)"""
     import open_clip
     from open_clip.model import _build_vision_tower
+
     from flexi_jest.models import flexivit
     config = open_clip.get_model_config("ViT-B-16-SigLIP")
     torch.manual_seed(0)

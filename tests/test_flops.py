@@ -31,7 +31,8 @@ def test_image_flops_match_flop_counter(cfg, patch):
     batch = 3
     images = torch.randn(batch, 3, cfg.image_size, cfg.image_size)
     # the kernel resampling is per call, not per image: excluded from per-image FLOPs
-    counted = counted_forward_flops(lambda: model.image_features(images, patch), exclude="PatchEmbedResamplerFixedOrigSize")
+    counted = counted_forward_flops(lambda: model.image_features(images, patch),
+                                    exclude="PatchEmbedResamplerFixedOrigSize")
     assert counted == batch * flops.image_forward_flops(cfg, patch)
 
 
@@ -41,7 +42,8 @@ def test_a_named_open_clip_models_flops_match_flop_counter():
     model = DualEncoder(cfg).eval()
     images = torch.randn(1, 3, cfg.image_size, cfg.image_size)
     for patch in (16, 32):
-        counted = counted_forward_flops(lambda: model.image_features(images, patch), exclude="PatchEmbedResamplerFixedOrigSize")
+        counted = counted_forward_flops(lambda: model.image_features(images, patch),
+                                        exclude="PatchEmbedResamplerFixedOrigSize")
         assert counted == flops.image_forward_flops(cfg, patch)
     tokens = torch.randint(0, 1000, (1, cfg.context_length))
     assert counted_forward_flops(lambda: model.encode_text(tokens)) == flops.text_forward_flops(cfg)
@@ -136,7 +138,8 @@ def test_a_timm_towers_flops_match_flop_counter(timm_clips, name):
         with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
             model.image_features(images, patch)
         counts = {module: sum(by_op.values()) for module, by_op in counter.get_flop_counts().items()}
-        assert counts["Global"] - counts.get("PatchEmbedResamplerFixedOrigSize", 0) == 2 * flops.image_forward_flops(cfg, patch)
+        assert counts["Global"] - counts.get("PatchEmbedResamplerFixedOrigSize",
+                                             0) == 2 * flops.image_forward_flops(cfg, patch)
         patches = (cfg.image_size // patch) ** 2
         assert counts.get("AttentionPoolLatent", 0) == (2 * flops.map_pool_flops(patches, cfg.vision_width)
                                                         if cfg.vision_map_pool else 0)
@@ -154,7 +157,8 @@ def test_siglip_vit_b16_flops_match_flop_counter():
     cfg = ModelConfig(name="ViT-B-16-SigLIP")
     with torch.device("meta"):
         model = build_open_clip(cfg)
-    assert model.text.pool_type == "last" and model.text.attn_mask is None and model.text.text_projection.bias is not None
+    assert model.text.pool_type == "last" and model.text.attn_mask is None
+    assert model.text.text_projection.bias is not None
     images = torch.empty(1, 3, 224, 224, device="meta")
     assert counted_forward_flops(lambda: image_features(model.visual, kernel_resampler(model.visual), images, 16)) == \
         flops.image_forward_flops(cfg, 16)

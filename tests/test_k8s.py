@@ -33,7 +33,8 @@ OVERLAYS = ["local", "gke"]
 TEST_CREDENTIALS = {
     "minio.env": {"AWS_ACCESS_KEY_ID": "test-access-key", "AWS_SECRET_ACCESS_KEY": "test-secret-key-0123"},
     "postgres.env": {"POSTGRES_PASSWORD": "test-postgres-password"},
-    "mlflow.env": {"MLFLOW_TRACKING_USERNAME": "test-mlflow-admin", "MLFLOW_TRACKING_PASSWORD": "test-mlflow-password-0123"},
+    "mlflow.env": {"MLFLOW_TRACKING_USERNAME": "test-mlflow-admin",
+                   "MLFLOW_TRACKING_PASSWORD": "test-mlflow-password-0123"},
     "mlflow-server.env": {"MLFLOW_FLASK_SERVER_SECRET_KEY": "test-flask-secret-key"},
 }
 S3_SECRET = "flexi-jest-s3"
@@ -218,8 +219,10 @@ def test_mlflow_server_uses_postgres_and_minio(overlay):
     postgres_service = find(documents, "Service", "postgres")
     store = urlparse(env["MLFLOW_BACKEND_STORE_URI"]["value"])
     assert store.scheme == "postgresql"
-    assert store.hostname == postgres_service["metadata"]["name"] and store.port == postgres_service["spec"]["ports"][0]["port"]
-    assert store.username == postgres_env["POSTGRES_USER"]["value"] and store.path == "/" + postgres_env["POSTGRES_DB"]["value"]
+    assert store.hostname == postgres_service["metadata"]["name"]
+    assert store.port == postgres_service["spec"]["ports"][0]["port"]
+    assert store.username == postgres_env["POSTGRES_USER"]["value"]
+    assert store.path == "/" + postgres_env["POSTGRES_DB"]["value"]
     assert store.password == "$(POSTGRES_PASSWORD)", "the password is substituted from the Secret, never written"
     names = [item["name"] for item in mlflow["env"]]
     assert names.index("POSTGRES_PASSWORD") < names.index("MLFLOW_BACKEND_STORE_URI"), "$(VAR) needs VAR defined first"
@@ -230,7 +233,8 @@ def test_mlflow_server_uses_postgres_and_minio(overlay):
     minio_service = find(documents, "Service", "minio")
     s3_port = next(p["port"] for p in minio_service["spec"]["ports"] if p["name"] == "s3")
     assert env["MLFLOW_S3_ENDPOINT_URL"]["value"] == f"http://{minio_service['metadata']['name']}:{s3_port}"
-    assert secret_ref(mlflow, "AWS_ACCESS_KEY_ID") == secret_ref(minio, "MINIO_ROOT_USER") == (S3_SECRET, "AWS_ACCESS_KEY_ID")
+    assert secret_ref(mlflow,
+                      "AWS_ACCESS_KEY_ID") == secret_ref(minio, "MINIO_ROOT_USER") == (S3_SECRET, "AWS_ACCESS_KEY_ID")
     assert secret_ref(mlflow, "AWS_SECRET_ACCESS_KEY") == secret_ref(minio, "MINIO_ROOT_PASSWORD") == (
         S3_SECRET, "AWS_SECRET_ACCESS_KEY")
     destination = urlparse(mlflow["args"][mlflow["args"].index("--artifacts-destination") + 1])
@@ -275,14 +279,16 @@ def mlflow_script_env(documents: list[dict], credentials: dict[str, str]) -> tup
            "MLFLOW_FLASK_SERVER_SECRET_KEY": credentials["MLFLOW_FLASK_SERVER_SECRET_KEY"],
            "POSTGRES_PASSWORD": credentials["POSTGRES_PASSWORD"],
            "MLFLOW_BACKEND_STORE_URI": f"postgresql://mlflow:{credentials['POSTGRES_PASSWORD']}@postgres:5432/mlflow",
-           "AWS_ACCESS_KEY_ID": credentials["AWS_ACCESS_KEY_ID"], "AWS_SECRET_ACCESS_KEY": credentials["AWS_SECRET_ACCESS_KEY"]}
+           "AWS_ACCESS_KEY_ID": credentials["AWS_ACCESS_KEY_ID"],
+           "AWS_SECRET_ACCESS_KEY": credentials["AWS_SECRET_ACCESS_KEY"]}
     return mlflow["command"][2], mlflow["command"][3:] + mlflow["args"], env
 
 
 def placeholders() -> dict[str, str]:
     values = {}
     for example in (K8S / "base").glob("*.env.example"):
-        values.update(line.split("=", 1) for line in example.read_text().splitlines() if "=" in line and not line.startswith("#"))
+        values.update(line.split("=", 1) for line in example.read_text().splitlines()
+                      if "=" in line and not line.startswith("#"))
     return values
 
 
@@ -309,7 +315,8 @@ def test_mlflow_start_script_runs_the_auth_app_with_real_credentials(overlay, tm
     assert (tmp_path / "auth.ini").stat().st_mode & 0o077 == 0, "the config (database password) is private"
 
 
-@pytest.mark.parametrize("name", ["MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY",
+@pytest.mark.parametrize("name", ["MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
+                                  "MLFLOW_FLASK_SERVER_SECRET_KEY",
                                   "POSTGRES_PASSWORD", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"])
 def test_mlflow_start_script_refuses_a_change_me_placeholder(overlay, tmp_path, name):
     _, documents = overlay
@@ -352,8 +359,10 @@ def test_rbac_lets_the_pipeline_runner_manage_pytorchjobs(overlay):
     assert {"create", "get", "delete"} <= granted[("", "configmaps")]  # the job's config
     assert all("*" not in verbs for verbs in granted.values()) and ("", "secrets") not in granted
     binding = find(documents, "RoleBinding", "flexi-jest-pipeline-runner")
-    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role["metadata"]["name"]}
-    assert {"kind": "ServiceAccount", "name": account["metadata"]["name"], "namespace": "flexi-jest"} in binding["subjects"]
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                                  "name": role["metadata"]["name"]}
+    assert {"kind": "ServiceAccount", "name": account["metadata"]["name"],
+            "namespace": "flexi-jest"} in binding["subjects"]
 
 
 def test_overlays_size_storage_for_their_cluster(kubectl, k8s_copy):
@@ -385,8 +394,10 @@ def test_settings_are_the_pipelines_defaults(overlay, cluster_pipeline_module):
     settings = find(documents, "ConfigMap", "flexi-jest-settings")["data"]
     module = cluster_pipeline_module
     assert settings == {
-        **module.CLUSTER_ENV, "FLEXI_JEST_S3_SECRET": module.S3_SECRET, "FLEXI_JEST_MLFLOW_SECRET": module.MLFLOW_SECRET,
-        "FLEXI_JEST_GPU_NODE_SELECTOR": module.GPU_NODE_SELECTOR, "FLEXI_JEST_GPU_TOLERATION": module.GPU_TOLERATION_KEY}
+        **module.CLUSTER_ENV, "FLEXI_JEST_S3_SECRET": module.S3_SECRET,
+        "FLEXI_JEST_MLFLOW_SECRET": module.MLFLOW_SECRET,
+        "FLEXI_JEST_GPU_NODE_SELECTOR": module.GPU_NODE_SELECTOR,
+        "FLEXI_JEST_GPU_TOLERATION": module.GPU_TOLERATION_KEY}
     # and they name the services this overlay deploys
     for key, service, port in (("FLEXI_JEST_S3_ENDPOINT", "minio", 9000), ("MLFLOW_TRACKING_URI", "mlflow", 5000)):
         assert settings[key] == f"http://{service}.flexi-jest.svc.cluster.local:{port}"
@@ -506,7 +517,8 @@ BREAKAGES = {
         .update(command=["flexi-jest", "train-learner", "--config", "/etc/flexi-jest/config.json"]),
     "literal S3 key": lambda job: job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0][
         "env"].__setitem__(1, {"name": "AWS_SECRET_ACCESS_KEY", "value": "plain-text"}),
-    "no node selector": lambda job: job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"].pop("nodeSelector"),
+    "no node selector": lambda job: job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"].pop(
+        "nodeSelector"),
     "nprocPerNode auto": lambda job: job["spec"].update(nprocPerNode="auto"),
     "config not mounted": lambda job: job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
         ["volumeMounts"].pop(0),
@@ -524,7 +536,8 @@ def test_structural_check_rejects_a_broken_pytorchjob(breakage):
 
 def test_pytorchjob_manifest_is_the_rendered_template(template):
     config_json = (K8S / "pytorchjob" / "config.json").read_text()
-    assert pytorchjob_manifest(config_json=config_json, **TEMPLATE_INPUTS) == find(template, "PyTorchJob", "flexi-jest-learner")
+    assert pytorchjob_manifest(config_json=config_json,
+                               **TEMPLATE_INPUTS) == find(template, "PyTorchJob", "flexi-jest-learner")
     assert pytorchjob_config_map(TEMPLATE_INPUTS["name"], config_json, TEMPLATE_INPUTS["namespace"]) == find(
         template, "ConfigMap", "flexi-jest-learner-config")
 
@@ -546,7 +559,8 @@ def test_worker_replicas_are_patchable_and_match_the_function(kubectl, tmp_path)
 def test_pytorchjob_manifest_scales_with_nodes_and_gpus():
     job = pytorchjob_manifest(config_json="{}", **{**TEMPLATE_INPUTS, "nodes": 3, "gpus_per_node": 4})
     replicas = job["spec"]["pytorchReplicaSpecs"]
-    assert job["spec"]["nprocPerNode"] == "4" and replicas["Master"]["replicas"] == 1 and replicas["Worker"]["replicas"] == 2
+    assert job["spec"]["nprocPerNode"] == "4"
+    assert replicas["Master"]["replicas"] == 1 and replicas["Worker"]["replicas"] == 2
     for replica in replicas.values():
         resources = replica["template"]["spec"]["containers"][0]["resources"]
         assert resources["limits"]["nvidia.com/gpu"] == 4 and resources["requests"]["cpu"] == "16"
@@ -584,7 +598,8 @@ def test_pytorchjob_module_does_not_import_the_kubernetes_client():
 
 
 def reload_pipeline(environment: dict[str, str]):
-    """pipelines.flexi_jest_pp re-imported under `environment` for CLUSTER_ENV_NAMES (its settings are read at import)."""
+    """pipelines.flexi_jest_pp re-imported under `environment` for CLUSTER_ENV_NAMES (its settings are read at
+    import)."""
     saved = {name: os.environ.pop(name, None) for name in CLUSTER_ENV_NAMES}
     os.environ.update(environment)
     try:
@@ -679,6 +694,7 @@ def test_mlflow_start_script_serves_only_authenticated_requests(tmp_path, monkey
     import urllib.request
 
     import mlflow
+
     from test_storage import free_port
 
     deployment = next(d for d in yaml.safe_load_all((K8S / "base" / "mlflow.yaml").read_text())
@@ -689,7 +705,8 @@ def test_mlflow_start_script_serves_only_authenticated_requests(tmp_path, monkey
     env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "TMPDIR": str(tmp_path), "HOME": str(tmp_path),
            "MLFLOW_AUTH_ADMIN_USERNAME": user, "MLFLOW_AUTH_ADMIN_PASSWORD": password,
            "MLFLOW_FLASK_SERVER_SECRET_KEY": REAL["MLFLOW_FLASK_SERVER_SECRET_KEY"],
-           "POSTGRES_PASSWORD": "unused-here", "AWS_ACCESS_KEY_ID": "unused-here", "AWS_SECRET_ACCESS_KEY": "unused-here",
+           "POSTGRES_PASSWORD": "unused-here", "AWS_ACCESS_KEY_ID": "unused-here",
+           "AWS_SECRET_ACCESS_KEY": "unused-here",
            "MLFLOW_BACKEND_STORE_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "MLFLOW_DISABLE_TELEMETRY": "true",
            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no huey workers (tests/conftest.py)
     log = open(tmp_path / "server.log", "w")

@@ -92,7 +92,8 @@ def test_preprocessing_keeps_the_aspect_ratio_and_seeds_random_crops_by_key():
     assert center.shape == (3, 16, 16) and center.dtype == torch.uint8
     assert center[2].float().mean() > 200 and center[0].float().mean() < 60  # the middle, not a squashed strip
     same = Image.new("RGB", (16, 16), (1, 2, 3))  # at the model's size: unchanged (the generated data)
-    assert torch.equal(decode_image(png(same), ImageTransform(16)), torch.tensor([1, 2, 3]).view(3, 1, 1).expand(3, 16, 16))
+    assert torch.equal(decode_image(png(same), ImageTransform(16)),
+                       torch.tensor([1, 2, 3]).view(3, 1, 1).expand(3, 16, 16))
     noise = Image.fromarray(torch.randint(0, 255, (48, 80, 3), dtype=torch.uint8).numpy())
     crop = ImageTransform(16, "random_resized", scale=(0.2, 0.5), seed=1)
     a, b = decode_image(png(noise), crop, "k1"), decode_image(png(noise), crop, "k2")
@@ -108,9 +109,11 @@ def img2dataset_shard(root, stem: str, keys: list[str]) -> str:
     buffer = io.BytesIO()
     with TarWriter(buffer) as writer:
         for i, key in enumerate(keys):
-            writer.write({"__key__": key, "jpg": png(Image.new("RGB", (12, 8), (i, 9, 9))), "txt": f"caption {key}".encode()})
+            writer.write({"__key__": key, "jpg": png(Image.new("RGB", (12, 8), (i, 9, 9))),
+                          "txt": f"caption {key}".encode()})
     (root / f"{stem}.tar").write_bytes(buffer.getvalue())
-    (root / f"{stem}_stats.json").write_text(json.dumps({"successes": len(keys), "failed_to_download": 0 if keys else 3}))
+    (root / f"{stem}_stats.json").write_text(json.dumps({"successes": len(keys),
+                                                         "failed_to_download": 0 if keys else 3}))
     return str(root / f"{stem}.tar")
 
 
@@ -155,5 +158,6 @@ def test_the_liveness_rule_counts_distinct_shards_not_visits(tmp_path):
         assert len(loader._lanes[0].bad_shards) == 2
     img2dataset_shard(tmp_path, "00003", [])  # its stats file again: successes 0
     img2dataset_shard(tmp_path, "00004", [])
-    with pytest.raises(UnreadableSplitError, match=r"every shard of .* is empty by its sample counts.*00003.tar, 00004.tar"):
+    with pytest.raises(UnreadableSplitError,
+                       match=r"every shard of .* is empty by its sample counts.*00003.tar, 00004.tar"):
         StreamLoader(f"{empty}::{other}", 2, streams=1)

@@ -26,7 +26,8 @@ def test_an_open_clip_model_by_name():
                                                            "method": "uniform"}).model
     assert (cfg.name, cfg.image_size, cfg.patch_size, cfg.vision_width, cfg.vision_heads, cfg.embed_dim,
             cfg.context_length) == ("ViT-S-16", 224, 16, 384, 6, 384, 77)
-    assert cfg.mean == pytest.approx(open_clip.OPENAI_DATASET_MEAN) and cfg.std == pytest.approx(open_clip.OPENAI_DATASET_STD)
+    assert cfg.mean == pytest.approx(
+        open_clip.OPENAI_DATASET_MEAN) and cfg.std == pytest.approx(open_clip.OPENAI_DATASET_STD)
     assert ModelConfig.model_validate(cfg.model_dump()) == cfg  # a model file's config reads back
 
 
@@ -89,7 +90,8 @@ def timm_clips(tmp_path_factory):
 def test_a_timm_towers_sizes_are_read_from_timm(timm_clips):
     cfg = ModelConfig(name="test-tiny-siglip-timm")
     assert (cfg.image_size, cfg.patch_size, cfg.vision_width, cfg.vision_depth, cfg.vision_heads, cfg.embed_dim,
-            cfg.vision_prefix_tokens, cfg.vision_map_pool, cfg.vision_projection) == (32, 8, 48, 2, 3, 48, 0, True, False)
+            cfg.vision_prefix_tokens, cfg.vision_map_pool,
+            cfg.vision_projection) == (32, 8, 48, 2, 3, 48, 0, True, False)
     registers = ModelConfig(name="test-tiny-timm-registers")
     assert (registers.vision_prefix_tokens, registers.vision_map_pool, registers.vision_projection) == (3, False, True)
     assert ModelConfig.model_validate(cfg.model_dump()) == cfg  # a model file's config reads back

@@ -70,7 +70,8 @@ class FakeCluster:
 
 
 def set_state(job: dict, state: str, message: str = "") -> None:
-    job.setdefault("status", {}).setdefault("conditions", []).append({"type": state, "status": "True", "message": message})
+    job.setdefault("status", {}).setdefault("conditions",
+                                            []).append({"type": state, "status": "True", "message": message})
 
 
 def write_result(out_dir: str, **fields) -> None:
@@ -144,8 +145,9 @@ def test_a_retried_task_waits_for_its_running_job_and_replaces_a_failed_one(s3):
 
 def test_the_runner_role_allows_every_request_the_launcher_makes(s3):  # noqa: F811
     """Every call of a launch (create), a retry (read, replace, delete) is granted by k8s/base/rbac.yaml's Role."""
-    import yaml
     from pathlib import Path
+
+    import yaml
 
     out_dir = f"{s3}/runs/rbac"
     name = job_name(out_dir)

@@ -62,7 +62,8 @@ def test_the_knobs_of_a_rerun_are_typed_pipeline_parameters(tmp_path):
                 "super_batch_size": "NUMBER_INTEGER", "filter_ratio": "NUMBER_DOUBLE", "n_chunks": "NUMBER_INTEGER",
                 "method": "STRING", "score": "STRING", "model_name": "STRING", "init_checkpoint": "STRING"}
     for stage, knobs in (("prepare_data", expected),
-                         ("train_learner", {k: v for k, v in expected.items() if k not in ("batch_size", "init_checkpoint")})):
+                         ("train_learner", {k: v for k,
+                                            v in expected.items() if k not in ("batch_size", "init_checkpoint")})):
         out = tmp_path / f"{stage}.yaml"
         main(["compile", "--from-stage", stage, "--out", str(out)])
         inputs = next(yaml.safe_load_all(out.read_text()))["root"]["inputDefinitions"]["parameters"]
@@ -96,6 +97,7 @@ def mlflow_server(tmp_path_factory):
     import sys
 
     from moto.server import ThreadedMotoServer
+
     from conftest import free_port
     from postgres_mlflow import wait_for_health
 
@@ -260,8 +262,10 @@ def test_components_run_alone(pipeline_run, tmp_path, monkeypatch):
 
     @dsl.pipeline(name="cache-alone")
     def cache_alone():
-        pool = dsl.importer(artifact_uri=str(data_dir / "pool"), artifact_class=Dataset, metadata={"uri": str(data_dir / "pool")})
-        reference = dsl.importer(artifact_uri=str(reference_file), artifact_class=Model, metadata={"uri": str(reference_file)})
+        pool = dsl.importer(artifact_uri=str(data_dir / "pool"), artifact_class=Dataset,
+                            metadata={"uri": str(data_dir / "pool")})
+        reference = dsl.importer(artifact_uri=str(reference_file), artifact_class=Model,
+                                 metadata={"uri": str(reference_file)})
         cache_reference_scores(config_json=json.dumps({"out_dir": str(tmp_path / "cache")}), reference=reference.output,
                                pool=pool.output, **common)
 
@@ -325,7 +329,8 @@ def test_cached_stages_take_content_only(tmp_path):
                 component = spec["components"][task["componentRef"]["name"]]
                 inputs = task.get("inputs", {}).get("parameters", {})
                 sources = {key: value.get("componentInputParameter") or value.get("taskOutputParameter", {}).get(
-                    "producerTask") or str(value.get("runtimeValue", {}).get("constant")) for key, value in inputs.items()}
+                    "producerTask") or str(value.get("runtimeValue", {}).get("constant")) for key,
+                    value in inputs.items()}
                 if "dag" in component:
                     inner = {key for key, source in sources.items()
                              if source in channels_from_tracking or source == "open-tracking"}
@@ -424,7 +429,8 @@ def test_rerun_of_the_learner_takes_one_argument_the_earlier_run(pipeline_run, t
         assert tags[f"flexi_jest.output.{name}"] == earlier[f"flexi_jest.output.{name}"], name
     learner = client.get_run(tags["flexi_jest.stage_run.train-learner.joint"])
     assert learner.data.params["pool"] == earlier["flexi_jest.output.pool"] and learner.data.params["steps"] == "2"
-    assert len(client.search_model_versions("name = 'flexi-jest-reference'")) == 1, "the reference is not registered again"
+    assert len(
+        client.search_model_versions("name = 'flexi-jest-reference'")) == 1, "the reference is not registered again"
 
     runs = {r.data.tags["flexi_jest.stage"]: r for r in client.search_runs(
         [client.get_experiment_by_name("flexi-jest").experiment_id],

@@ -15,7 +15,11 @@ from flexi_jest.export import CONFIG_FILE, WEIGHTS_FILE, export_open_clip
 from flexi_jest.models import DualEncoder, Tokenizer
 from flexi_jest.models.pretrained import CheckpointMismatch, cached_pretrained_file, load_pretrained
 from flexi_jest.train import (
-    accumulated_loss_backward, build_loader, multi_patch_loss, train_learner, train_reference,
+    accumulated_loss_backward,
+    build_loader,
+    multi_patch_loss,
+    train_learner,
+    train_reference,
 )
 
 # A CLIP-class open_clip config (text tower inline, class-token pooling, quick_gelu), tiny, registered with
@@ -46,7 +50,8 @@ def first_batch_loss(theirs, cfg, data: str, batch_size: int, tokenizer=None) ->
     its captions tokenized by `tokenizer` (default: the project's Tokenizer of the stage's model)."""
     with build_loader(cfg, data, cfg.data_mode, batch_size, World()) as loader:
         batch = loader.next_batch()
-    images = to_model_input(torch.stack([s["image"] for s in batch]), torch.device("cpu"), cfg.model.mean, cfg.model.std)
+    images = to_model_input(torch.stack([s["image"] for s in batch]), torch.device("cpu"), cfg.model.mean,
+                            cfg.model.std)
     tokens = (tokenizer or Tokenizer(cfg.model))([s["caption"] for s in batch])
     with torch.no_grad():
         image, text = theirs.encode_image(images, normalize=True), theirs.encode_text(tokens, normalize=True)
@@ -84,7 +89,8 @@ def test_a_named_open_clip_model_imports_exactly_and_exports_to_open_clip(tiny_c
     export_open_clip(ours, str(tmp_path / "export"))
     # the export's config carries the SigLIP bias a CLIP config lacks; by name, open_clip is told to add it
     by_folder, _, _ = open_clip.create_model_and_transforms(f"local-dir:{tmp_path / 'export'}")
-    by_name, _, _ = open_clip.create_model_and_transforms(tiny_clip_name, pretrained=str(tmp_path / "export" / WEIGHTS_FILE),
+    by_name, _, _ = open_clip.create_model_and_transforms(tiny_clip_name,
+                                                          pretrained=str(tmp_path / "export" / WEIGHTS_FILE),
                                                           init_logit_bias=-10.0)
     with torch.no_grad():
         for loaded in (by_folder.eval(), by_name.eval()):
@@ -144,7 +150,8 @@ def test_open_clip_loads_a_trained_models_export_with_the_same_embeddings(refere
     texts = ["a small red triangle", "a large blue circle"]
     with torch.no_grad():
         image_diff = (theirs.encode_image(their_input, normalize=True) - ours.encode_image(our_input)).abs().max()
-        text_diff = (theirs.encode_text(tokenizer(texts), normalize=True) - ours.encode_text(Tokenizer(ours.cfg)(texts))).abs().max()
+        text_diff = (theirs.encode_text(tokenizer(texts),
+                                        normalize=True) - ours.encode_text(Tokenizer(ours.cfg)(texts))).abs().max()
     print(f"export max abs diff: image {image_diff.item():.3g}, text {text_diff.item():.3g}")
     assert image_diff < 1e-5 and text_diff == 0
 
@@ -168,7 +175,8 @@ def test_precision_is_a_config_field():
     cpu = torch.device("cpu")
     assert not autocast(cpu, "fp32")._enabled and not autocast(cpu, "amp")._enabled and autocast(cpu, "bf16")._enabled
     with autocast(cpu, "bf16"):
-        assert DualEncoder(MODEL_PRESETS["tiny"]).encode_text(torch.zeros(1, 16, dtype=torch.long)).dtype == torch.bfloat16
+        assert DualEncoder(
+            MODEL_PRESETS["tiny"]).encode_text(torch.zeros(1, 16, dtype=torch.long)).dtype == torch.bfloat16
     with pytest.raises(ValueError, match="precision"):
         TrainReferenceConfig(precision="fp16")
 
@@ -215,7 +223,8 @@ def test_a_timm_tower_model_imports_trains_and_exports_to_open_clip_exactly(timm
             expected_image, expected_text = trained.encode_image(images), trained.encode_text(tokens)
             for loaded in (by_folder.eval(), by_name.eval()):
                 image = loaded.encode_image(images, normalize=True)
-                print(f"{name} export, max abs diff of image embeddings: {(image - expected_image).abs().max().item():.3g}")
+                difference = (image - expected_image).abs().max().item()
+                print(f"{name} export, max abs diff of image embeddings: {difference:.3g}")
                 torch.testing.assert_close(image, expected_image)
                 assert torch.equal(loaded.encode_text(tokens, normalize=True), expected_text)
 
@@ -243,7 +252,8 @@ def test_a_model_with_a_hugging_face_tokenizer_trains_and_exports_to_open_clip_e
     trained.eval()
     texts = [sample["caption"] for _, sample in zip(range(6), iter_split(shapes_data.splits["curated"].path, 32))]
     tokens = Tokenizer(trained.cfg)(texts)
-    assert torch.equal(tokens, their_tokenizer(texts)) and not tokens.eq(2).any()  # no <unk>: the vocabulary covers them
+    # no <unk>: the vocabulary covers them
+    assert torch.equal(tokens, their_tokenizer(texts)) and not tokens.eq(2).any()
     by_name = open_clip.create_model(name, pretrained=f"{reference.open_clip_dir}/{WEIGHTS_FILE}").eval()
     by_folder = open_clip.create_model(f"local-dir:{reference.open_clip_dir}").eval()
     folder_tokenizer = open_clip.get_tokenizer(f"local-dir:{reference.open_clip_dir}")

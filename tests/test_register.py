@@ -12,15 +12,21 @@ from webdataset import TarWriter
 from conftest import BOTH_S3, TEST_MODEL
 from flexi_jest import storage
 from flexi_jest.config import (
-    CacheReferenceConfig, EvaluateConfig, MakeDataConfig, TrainLearnerConfig, TrainReferenceConfig, validated_stage_config,
+    CacheReferenceConfig,
     ConfigError,
+    EvaluateConfig,
+    MakeDataConfig,
+    TrainLearnerConfig,
+    TrainReferenceConfig,
+    validated_stage_config,
 )
 from flexi_jest.data.make import make_data
 from flexi_jest.data.shapes import generate
 from flexi_jest.data.specs import SpecError
 
 
-def write_img2dataset_layout(root: str, shards: int = 3, per_shard: int = 16, seed: int = 0, empty_last: bool = True) -> str:
+def write_img2dataset_layout(root: str, shards: int = 3, per_shard: int = 16, seed: int = 0,
+                             empty_last: bool = True) -> str:
     """The layout img2dataset writes (00000.tar with 000000000.jpg/.txt/.json, 00000_stats.json beside it), by hand:
     fast enough for the default test run (tests marked slow build it with img2dataset itself). empty_last: one
     more shard, empty, with `successes: 0`, as img2dataset writes when every URL of a shard failed."""
@@ -38,7 +44,8 @@ def write_img2dataset_layout(root: str, shards: int = 3, per_shard: int = 16, se
                 jpg = io.BytesIO()
                 wide.save(jpg, format="JPEG", quality=90)
                 writer.write({"__key__": key, "jpg": jpg.getvalue(), "txt": sample.caption.encode(),
-                              "json": json.dumps({"key": key, "status": "success", "caption": sample.caption}).encode()})
+                              "json": json.dumps({"key": key, "status": "success",
+                                                  "caption": sample.caption}).encode()})
         storage.write_bytes(storage.join(root, f"{s:05d}.tar"), buffer.getvalue())
         storage.write_bytes(storage.join(root, f"{s:05d}_stats.json"),
                             json.dumps({"successes": count, "failed_to_download": per_shard - count}).encode())
@@ -94,7 +101,8 @@ def test_register_checks_records_and_never_writes_into_the_data(tmp_path, capsys
     registration = json.loads((tmp_path / "run" / "data" / "registration.json").read_text())
     assert [s["url"] for s in registration["splits"]["pool"]["shards"]] == [f"{data}/{i:05d}.tar" for i in range(4)]
     # img2dataset's empty last shard, by name: in the result, in registration.json and on stdout
-    assert result.checks["pool"]["empty_shards"] == [f"{data}/00003.tar"] == registration["splits"]["pool"]["empty_shards"]
+    empty = [f"{data}/00003.tar"]
+    assert result.checks["pool"]["empty_shards"] == empty == registration["splits"]["pool"]["empty_shards"]
     assert result.checks["curated"]["empty_shards"] == [f"{team}/curated/00002.tar"]
     printed = capsys.readouterr().out
     assert f"warning: pool: 1 empty shard (no sample; training never draws it): {data}/00003.tar" in printed
@@ -132,7 +140,8 @@ def test_an_eval_split_sharing_images_with_training_data_is_refused_unless_allow
     promotion uses."""
     team = write_team_data(str(tmp_path / "team"))
     pool = f"{team}/laion"
-    with pytest.raises(SpecError, match=r"curated and eval share 48 images \(identical bytes\) in the shards read, e\.g\. "
+    with pytest.raises(SpecError,
+                       match=r"curated and eval share 48 images \(identical bytes\) in the shards read, e\.g\. "
                                         r"000000000 = 000000000.*; pool and eval share 48 images.*"
                                         r"set allow_eval_overlap: true"):
         make_data(register_config(team, str(tmp_path / "a"), curated=pool, eval=pool))
@@ -141,7 +150,8 @@ def test_an_eval_split_sharing_images_with_training_data_is_refused_unless_allow
     allowed = make_data(register_config(team, str(tmp_path / "b"), curated=pool, eval=pool, allow_eval_overlap=True))
     assert allowed.checks["overlap"]["curated_and_pool"]["shared_images"] == 48
     printed = capsys.readouterr().out
-    assert "warning: curated and pool share 48 images" in printed and "warning: pool and eval share 48 images" in printed
+    assert "warning: curated and pool share 48 images" in printed
+    assert "warning: pool and eval share 48 images" in printed
     registration = json.loads((tmp_path / "b" / "registration.json").read_text())
     assert registration["overlap"]["pool_and_eval"]["shared_images"] == 48
 
@@ -200,7 +210,8 @@ def img2dataset_config(root: str, out_dir: str, **overrides) -> MakeDataConfig:
     return MakeDataConfig(source="register", out_dir=out_dir, **{**specs, **overrides})
 
 
-@pytest.mark.slow  # img2dataset starts processes that import pandas, pyarrow and wandb: about a minute on 2 shared cores
+# img2dataset starts processes that import pandas, pyarrow and wandb: about a minute on 2 shared cores
+@pytest.mark.slow
 @BOTH_S3
 def test_an_img2dataset_pool_local_and_on_s3_runs_through_every_stage(img2dataset_dir, s3, tmp_path):
     local = make_data(img2dataset_config(str(img2dataset_dir), str(tmp_path / "local")))

@@ -53,11 +53,11 @@ def bare_version(client, name: str) -> str:
     except mlflow.exceptions.MlflowException:
         pass
     run = client.create_run("0")
-    return str(client.create_model_version(name, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id).version)
+    return str(client.create_model_version(name, source=f"{run.info.artifact_uri}/model",
+                                           run_id=run.info.run_id).version)
 
 
 def test_champion_rule_metric_direction_and_margin(registry_uri, capsys):
-    import mlflow
 
     from flexi_jest.config import ChampionRule
     client = tracking.mlflow_client()
@@ -81,7 +81,6 @@ def test_champion_rule_metric_direction_and_margin(registry_uri, capsys):
 def test_a_challenger_is_not_crowned_on_a_metric_the_champion_lacks(registry_uri, capsys):
     """The issue's case: promote(..., "other_eval.top1", 0.0) crowned a model with 0.0, which then held both
     aliases. Now the champion keeps its title, and the reason is on the version's tags and printed."""
-    import mlflow
 
     from flexi_jest.config import ChampionRule
     client = tracking.mlflow_client()

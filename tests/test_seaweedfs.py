@@ -43,7 +43,8 @@ def test_a_server_that_never_answers_times_out_and_is_stopped(tmp_path, monkeypa
 
 def test_stop_kills_a_server_that_ignores_sigterm_after_the_grace(tmp_path):
     ignoring = subprocess.Popen([sys.executable, "-c", "import signal, sys, time; signal.signal(signal.SIGTERM, "
-                                 "signal.SIG_IGN); print('ready', flush=True); time.sleep(600)"], stdout=subprocess.PIPE)
+                                 "signal.SIG_IGN); print('ready', flush=True); time.sleep(600)"],
+                                 stdout=subprocess.PIPE)
     assert ignoring.stdout.readline() == b"ready\n"
     server = SeaweedServer(ignoring, "http://127.0.0.1:1", tmp_path, tmp_path / "log")
     started = time.monotonic()

@@ -5,8 +5,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flexi_jest.selection import (
-    chunk_sizes, easy_reference, gumbel_top_k, hard_learner, independent_select, joint_select, learnability,
-    score_matrix, select, uniform_select,
+    chunk_sizes,
+    easy_reference,
+    gumbel_top_k,
+    hard_learner,
+    independent_select,
+    joint_select,
+    learnability,
+    score_matrix,
+    select,
+    uniform_select,
 )
 
 
@@ -161,7 +169,8 @@ def test_selection_from_embeddings_equals_selection_from_the_matrix(score, seed)
 def test_independent_select_accepts_own_scores():
     scores = random_scores(30)
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
-    assert torch.equal(independent_select(scores, 10, "sample", g1), independent_select(scores.diagonal(), 10, "sample", g2))
+    assert torch.equal(independent_select(scores, 10, "sample", g1),
+                       independent_select(scores.diagonal(), 10, "sample", g2))
 
 
 # ---- the offline filter ---------------------------------------------------------------------------------

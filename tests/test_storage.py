@@ -9,8 +9,8 @@ import pytest
 
 from conftest import BOTH_S3, free_port
 from flexi_jest import storage
-from flexi_jest.data.sample import Sample
 from flexi_jest.data.loader import StreamLoader
+from flexi_jest.data.sample import Sample
 from flexi_jest.data.shards import ReadStats, iter_split, write_split
 
 
@@ -52,7 +52,8 @@ def test_s3_round_trip(s3):
 @BOTH_S3
 def test_s3_multipart_upload(s3, tmp_path):
     big = tmp_path / "big.bin"
-    big.write_bytes(bytes(range(256)) * (6 * 1024 * 1024 // 256 * 2))  # 12 MiB: two 6 MiB parts... minio uses 5 MiB+ parts
+    # 12 MiB: two 6 MiB parts... minio uses 5 MiB+ parts
+    big.write_bytes(bytes(range(256)) * (6 * 1024 * 1024 // 256 * 2))
     storage.upload_file(big, f"{s3}/big.bin")
     assert storage.sha256_file(f"{s3}/big.bin") == storage.sha256_bytes(big.read_bytes())
 
@@ -115,7 +116,8 @@ def test_error_mapping_for_credentials_and_transient_failures():
 def test_a_real_server_rejecting_the_credentials_is_a_clear_error_at_once(s3, monkeypatch):
     storage.write_bytes(f"{s3}/k", b"x")
     monkeypatch.setattr(storage, "BACKOFF_SECONDS", 60.0)  # a retry would take minutes: none is made
-    for key, secret, code in [("flexi-jest-tests", "wrong", "SignatureDoesNotMatch"), ("nobody", "x", "InvalidAccessKeyId")]:
+    for key, secret, code in [("flexi-jest-tests", "wrong",
+                               "SignatureDoesNotMatch"), ("nobody", "x", "InvalidAccessKeyId")]:
         monkeypatch.setenv("AWS_ACCESS_KEY_ID", key)
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
         for action in (lambda: storage.read_bytes(f"{s3}/k"), lambda: storage.exists(f"{s3}/k"),
@@ -178,7 +180,8 @@ def test_stages_read_and_write_s3_uris(s3):
     assert storage.exists(f"{s3}/reference/model.pt") and storage.exists(f"{s3}/reference/checkpoints/latest.json")
     cache = cache_reference(CacheReferenceConfig(reference=reference.checkpoint, pool=f"{s3}/data/pool"))
     assert cache.cache_dir.startswith(f"{s3}/data/pool/refcache-") and cache.num_samples == 60
-    assert ReferenceCache(cache.cache_dir, f"{s3}/data/pool", reference.checkpoint_sha256).load_shard(f"{s3}/data/pool/shard-000001.tar")[1].shape[0] == 30
+    assert ReferenceCache(cache.cache_dir, f"{s3}/data/pool",
+                          reference.checkpoint_sha256).load_shard(f"{s3}/data/pool/shard-000001.tar")[1].shape[0] == 30
 
 
 @BOTH_S3

@@ -51,7 +51,8 @@ def test_promotion_moves_champion_only_to_a_better_model(mlflow_store):
     assert str(client.get_model_version_by_alias("promo-test", "previous-champion").version) == str(first)
     assert client.get_model_version("promo-test", first).tags["previous-champion"] == f"until version {better}"
     assert str(client.get_model_version_by_alias("promo-test", "challenger").version) == str(worse)
-    assert mlflow.pyfunc.load_model("models:/promo-test@champion").metadata.get_input_schema().input_names() == ["image", "text"]
+    assert mlflow.pyfunc.load_model(
+        "models:/promo-test@champion").metadata.get_input_schema().input_names() == ["image", "text"]
 
 
 
@@ -131,9 +132,8 @@ def test_the_registered_model_embeds_in_a_fresh_process_without_flexi_jest(mlflo
 
 
 def test_promote_refuses_in_one_line_when_the_server_is_unreachable(monkeypatch, capsys):
-    from test_storage import free_port
-
     from flexi_jest.cli import main
+    from test_storage import free_port
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
     for argv in (["promote", "--version", "1"], ["rollback"]):
         assert main(argv) == 1
@@ -182,7 +182,8 @@ def test_a_cached_stage_is_recorded_on_the_next_pipeline_run_without_moving(mlfl
     assert tracking.record_stage("kfp-b", "make-data", stage, {"pool": "s3://b/pool"}) is True
     assert client.get_run(stage).data.tags["mlflow.parentRunId"] == first
     children = client.search_runs([client.get_run(second).info.experiment_id], f"tags.mlflow.parentRunId = '{second}'")
-    assert [(c.info.run_name, c.data.tags["flexi_jest.reused_run_id"]) for c in children] == [("make-data (cached)", stage)]
+    assert [(c.info.run_name,
+             c.data.tags["flexi_jest.reused_run_id"]) for c in children] == [("make-data (cached)", stage)]
     outputs = tracking.recorded_outputs("kfp-b")
     assert outputs["pool"] == "s3://b/pool" and outputs["make-data.mlflow_run_id"] == stage
     assert outputs["parent_run_id"] == second and tracking.recorded_outputs(second) == outputs
@@ -235,7 +236,8 @@ def test_pipeline_learners_evaluate_during_training():
     values = with_eval_points("train-learner", {"steps": 50, "reference_cache": "c"}, "tiny", "s3://b/eval")
     assert values["eval_data"] == ["s3://b/eval"] and values["eval_every"] == 10
     assert with_eval_points("train-learner", {"steps": 3, "reference_cache": "c"}, "tiny", "e")["eval_every"] == 1
-    kept = with_eval_points("train-learner", {"eval_every": 7, "eval_data": ["mine"], "reference_cache": "c"}, "tiny", "e")
+    kept = with_eval_points("train-learner", {"eval_every": 7, "eval_data": ["mine"], "reference_cache": "c"}, "tiny",
+                            "e")
     assert kept["eval_every"] == 7 and kept["eval_data"] == ["mine"]  # the user's own settings win
 
 
@@ -256,7 +258,8 @@ def test_comparison_is_logged_on_the_pipeline_run(mlflow_store):
                              image_to_text_r5=0.5, image_to_text_r10=1.0, text_to_image_r1=0.1, text_to_image_r5=0.5,
                              text_to_image_r10=1.0)
         return {"method": method, "total_flops": history[-1][0], "metrics_path": str(path), "reference_share": share,
-                "steps": len(history) - 1, "result": EvaluateResult(model="m.pt", splits={"shapes": split}).model_dump()}
+                "steps": len(history) - 1,
+                "result": EvaluateResult(model="m.pt", splits={"shapes": split}).model_dump()}
 
     summary = compare_stage([evaluation("joint", 0.6, [(10.0, 0.3), (20.0, 0.55)], share=4.0),
                              evaluation("uniform", 0.4, [(5.0, 0.1), (10.0, 0.2), (15.0, 0.3), (20.0, 0.38)])],

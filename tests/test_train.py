@@ -118,10 +118,13 @@ def test_missing_cache_is_a_clear_error(shapes_data, reference_cache, tmp_path):
 def test_missing_cache_entry_names_the_sample(shapes_data, reference, tmp_path):
     pool = tmp_path / "pool"
     shutil.copytree(shapes_data.splits["pool"].path, pool, ignore=shutil.ignore_patterns("refcache-*"))
-    cache = cache_reference(CacheReferenceConfig(reference=reference.checkpoint, pool=str(pool), out_dir=str(tmp_path / "c")))
+    cache = cache_reference(CacheReferenceConfig(reference=reference.checkpoint, pool=str(pool),
+                                                 out_dir=str(tmp_path / "c")))
     # drop one key from a sidecar, keeping the manifest's checksums consistent, as a partial cache would be
     import io
+
     import numpy as np
+
     from flexi_jest import storage
     from flexi_jest.reference_cache import MANIFEST_DIGEST, manifest_digest
     manifest_path = tmp_path / "c" / "manifest.json"

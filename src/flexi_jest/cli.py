@@ -22,7 +22,12 @@ from pydantic import BaseModel, ValidationError
 
 from flexi_jest import __version__
 from flexi_jest.config import (
-    METHOD_PRESETS, PROFILES, STAGE_CONFIGS, deep_merge, format_validation_error, stage_config,
+    METHOD_PRESETS,
+    PROFILES,
+    STAGE_CONFIGS,
+    deep_merge,
+    format_validation_error,
+    stage_config,
 )
 from flexi_jest.run_identity import StaleOutputError
 from flexi_jest.stages import run_stage
@@ -101,7 +106,8 @@ def build_config(stage: str, args: argparse.Namespace) -> BaseModel:
 DEMO_METHODS = {name: METHOD_PRESETS[name] for name in ("uniform", "jest", "flexi-jest")}
 
 
-def run_demo(workdir: str, dataset: str, profile: str, methods: list[str], learner_steps: int | None) -> list[dict[str, Any]]:
+def run_demo(workdir: str, dataset: str, profile: str, methods: list[str],
+             learner_steps: int | None) -> list[dict[str, Any]]:
     """make data -> train reference -> cache it -> train each learner -> evaluate; returns the table rows."""
     from flexi_jest.data.make import make_data
     from flexi_jest.evaluate import evaluate
@@ -114,13 +120,16 @@ def run_demo(workdir: str, dataset: str, profile: str, methods: list[str], learn
     made = make_data(stage_config("make-data", profile, {"dataset": dataset, "out_dir": data}))
     print(f"      {', '.join(f'{k}: {v.num_samples}' for k, v in made.splits.items())}; pool noise {made.noise_counts}")
     print("[2/5] train-reference on the curated split", flush=True)
-    reference = train_reference(stage_config("train-reference", profile, {"data": f"{data}/curated", "out_dir": f"{root}/reference"}))
+    reference = train_reference(stage_config("train-reference", profile,
+                                             {"data": f"{data}/curated", "out_dir": f"{root}/reference"}))
     print("[3/5] cache-reference over the pool", flush=True)
-    cache = cache_reference(stage_config("cache-reference", profile, {"reference": reference.checkpoint, "pool": f"{data}/pool"}))
+    cache = cache_reference(stage_config("cache-reference", profile,
+                                         {"reference": reference.checkpoint, "pool": f"{data}/pool"}))
     rows = []
     for i, name in enumerate(methods):
         print(f"[4/5] train-learner {name} ({i + 1}/{len(methods)})", flush=True)
-        values = {"pool": f"{data}/pool", "reference_cache": cache.cache_dir, "reference_sha256": cache.reference_sha256,
+        values = {"pool": f"{data}/pool", "reference_cache": cache.cache_dir,
+                  "reference_sha256": cache.reference_sha256,
                   "out_dir": f"{root}/learner-{name}", "reference_training_flops": reference.flops.reference_training,
                   "reference_caching_flops": cache.flops, **DEMO_METHODS[name]}
         if learner_steps:
@@ -135,16 +144,19 @@ def run_demo(workdir: str, dataset: str, profile: str, methods: list[str], learn
                      "total_flops": learner.total_flops, "top1": metrics.top1, "i2t_r1": metrics.image_to_text_r1,
                      "t2i_r1": metrics.text_to_image_r1,
                      "noisy_selected": learner.selection.get("noisy_fraction_selected", float("nan"))})
-    reference_eval = evaluate(stage_config("evaluate", profile, {"model": reference.checkpoint, "eval_data": [f"{data}/eval"]}))
+    reference_eval = evaluate(stage_config("evaluate", profile,
+                                           {"model": reference.checkpoint, "eval_data": [f"{data}/eval"]}))
     ref_metrics = reference_eval.splits[dataset]
     rows.append({"method": "reference", "steps": reference.steps, "seconds": reference.seconds,
                  "learner_flops": 0.0, "total_flops": reference.total_flops, "top1": ref_metrics.top1,
-                 "i2t_r1": ref_metrics.image_to_text_r1, "t2i_r1": ref_metrics.text_to_image_r1, "noisy_selected": float("nan")})
+                 "i2t_r1": ref_metrics.image_to_text_r1, "t2i_r1": ref_metrics.text_to_image_r1,
+                 "noisy_selected": float("nan")})
     return rows
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    header = f"{'method':<12} {'steps':>6} {'time s':>7} {'learner GFLOP':>14} {'total GFLOP':>12} {'top1':>6} {'i2t R@1':>8} {'t2i R@1':>8} {'noisy sel.':>10}"
+    header = (f"{'method':<12} {'steps':>6} {'time s':>7} {'learner GFLOP':>14} {'total GFLOP':>12} {'top1':>6} "
+              f"{'i2t R@1':>8} {'t2i R@1':>8} {'noisy sel.':>10}")
     lines = [header, "-" * len(header)]
     for r in rows:
         top1 = f"{r['top1']:.3f}" if r["top1"] is not None else "-"
@@ -200,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--workdir", default="runs/demo")
     demo.add_argument("--dataset", default="shapes", choices=["shapes", "emoji", "digits"])
     demo.add_argument("--profile", default="tiny", choices=sorted(PROFILES))
-    demo.add_argument("--methods", default="uniform,jest,flexi-jest", help=f"comma-separated, from {sorted(DEMO_METHODS)}")
+    demo.add_argument("--methods", default="uniform,jest,flexi-jest",
+                      help=f"comma-separated, from {sorted(DEMO_METHODS)}")
     demo.add_argument("--learner-steps", type=int, default=None)
     args = parser.parse_args(argv)
 

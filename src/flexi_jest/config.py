@@ -12,12 +12,18 @@ import re
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
-    AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError, field_validator,
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationError,
+    field_validator,
     model_validator,
 )
 
 from flexi_jest.data.access import DataAccess, spec_problem
-
 
 DATA_ACCESS_DESCRIPTION = ("what this stage's dataset specs may reach besides storage: pipe: commands "
                            "(pipe_commands: the programs allowed) and http(s) (allow_http) are off unless enabled "
@@ -81,7 +87,8 @@ class ReadStatsSummary(StrictModel):
     Reasons that lose samples: missing_image, empty_caption, non_utf8_caption, bad_caption (NUL bytes),
     bad_image, bad_meta, corrupt_member, oversized_member (a member over its size cap, never read), bad_label (an
     eval .cls that is not a class index); reasons that damage a shard (and lose what it held): missing_shard,
-    corrupt_shard, short_shard, checksum_mismatch, oversized_shard (a compressed shard expanding past its limit). Duplicate keys (the same key again in the split) are kept and counted.
+    corrupt_shard, short_shard, checksum_mismatch, oversized_shard (a compressed shard expanding past its limit).
+    Duplicate keys (the same key again in the split) are kept and counted.
     """
 
     samples: int = Field(0, description="samples read, decoded and used")
@@ -159,7 +166,8 @@ class ModelConfig(ConfigModel):
             raise ValueError(f"vision_width {self.vision_width} must be divisible by vision_heads {self.vision_heads}")
         if self.text_width % self.text_heads:
             raise ValueError(f"text_width {self.text_width} must be divisible by text_heads {self.text_heads}")
-        if self.name is None and (self.vision_prefix_tokens, self.vision_map_pool, self.vision_projection) != (1, False, True):
+        if self.name is None and (self.vision_prefix_tokens, self.vision_map_pool,
+                                  self.vision_projection) != (1, False, True):
             raise ValueError("vision_prefix_tokens, vision_map_pool and vision_projection describe a named open_clip "
                              "model's image tower; the project's own config (no name) has 1 class token, average "
                              "pooling and a projection")
@@ -303,7 +311,8 @@ class MakeDataResult(StrictModel):
     noise_counts: dict[str, int]
     seconds: float
     checks: dict[str, dict[str, Any]] = Field(default_factory=dict, description=(
-        "register: per split, what was checked (shards read, images decoded, image sizes, skipped samples, empty shards); "
+        "register: per split, what was checked (shards read, images decoded, image sizes, skipped samples, empty "
+        "shards); "
         "'overlap': the keys and images each pair of splits shares in the shards read"))
 
 
@@ -339,7 +348,8 @@ class TrainingConfig(ConfigModel):
     data_streams: Int = Field(8, ge=1, description=(
         "independent sample streams the data is read as (data/loader.py); fixed for a run: the number of processes "
         "must divide it, and a checkpoint resumes only with the same value"))
-    data_workers: Int = Field(0, ge=0, description="decoding processes per training process; 0: decode in its reading thread")
+    data_workers: Int = Field(0, ge=0,
+                              description="decoding processes per training process; 0: decode in its reading thread")
     train_crop: Literal["center", "random_resized"] = Field("center", description=(
         "training images: 'center' (resize the shorter side, centre crop; the generated data passes unchanged) or "
         "'random_resized' (open_clip's RandomResizedCrop, scale 0.9-1.0, seeded per sample)"))
@@ -392,7 +402,8 @@ class TrainResult(StrictModel):
     out_dir: str
     checkpoint: str = Field(description="the final model file (weights + model config)")
     checkpoint_sha256: str
-    open_clip_dir: str = Field("", description="the model as an open_clip checkpoint (export.py): config JSON + weights")
+    open_clip_dir: str = Field("",
+                               description="the model as an open_clip checkpoint (export.py): config JSON + weights")
     steps: int
     final_loss: float
     seconds: float
@@ -423,11 +434,13 @@ class TrainReferenceConfig(TrainingConfig):
 
 class CacheReferenceConfig(ConfigModel):
     reference: str = Field("runs/reference/model.pt", description="the frozen reference's model file")
-    pool: str = Field("runs/data/pool", description="the pool whose samples are embedded: a dataset spec (data/specs.py)")
+    pool: str = Field("runs/data/pool",
+                      description="the pool whose samples are embedded: a dataset spec (data/specs.py)")
     out_dir: str | None = Field(None, description=(
         "cache directory; default: pool/refcache-<sha12> for generated data, else refcache-<sha12> beside the "
         "reference's model file (never inside a user's dataset)"))
-    patch_size: Int | None = Field(None, ge=1, description="patch size of the reference's image forward; default its base")
+    patch_size: Int | None = Field(None, ge=1,
+                                   description="patch size of the reference's image forward; default its base")
     batch_size: Int = Field(256, ge=1)
     device: Device = "auto"
     data_access: DataAccess = Field(default_factory=DataAccess, description=DATA_ACCESS_DESCRIPTION)
@@ -456,7 +469,8 @@ class TrainLearnerConfig(TrainingConfig):
     out_dir: str = "runs/learner"
     pool: str = Field("runs/data/pool", description="the pool: a dataset spec (data/specs.py)")
     data_mode: Literal["epoch", "resampled"] = Field("resampled", description="'resampled': shards drawn with "
-                                                     "replacement, no epochs (a pool); 'epoch': every shard once per epoch")
+                                                     "replacement, no epochs (a pool); 'epoch': every shard once per "
+                                                     "epoch")
     reference_cache: str | None = Field(None, description="cache directory from cache-reference; needed unless uniform")
     reference_sha256: str | None = Field(None, description="if set, the cache must have been made by this reference")
     method: Literal["uniform", "independent", "joint", "offline-filter"] = Field("joint", description=(
@@ -475,11 +489,13 @@ class TrainLearnerConfig(TrainingConfig):
         "with several processes: 'global' gathers the super-batch's embeddings and selects over all of it "
         "(equal to one process); 'local' selects within each rank's shard, without the gather"))
     super_batch_size: Int = Field(640, ge=2, description="B; the sub-batch is round(B * (1 - filter_ratio))")
-    scoring_patch_size: Int | None = Field(None, ge=1, description="learner patch size when scoring; default model.patch_size")
+    scoring_patch_size: Int | None = Field(None, ge=1,
+                                           description="learner patch size when scoring; default model.patch_size")
     scoring_precision: Literal["fp32", "amp", "bf16"] | None = Field(None, description=(
         "precision of the learner's scoring forward (no gradient); None: the training precision. 'bf16' on a CPU "
         "with bf16 instructions scores 1.5x faster than fp32 (bench/scoring_pass.py)"))
-    reference_training_flops: Float = Field(0.0, ge=0, description="the reference's training FLOPs, counted once in the total")
+    reference_training_flops: Float = Field(0.0, ge=0,
+                                            description="the reference's training FLOPs, counted once in the total")
     reference_caching_flops: Float = Field(0.0, ge=0, description="the reference's pass over the pool, counted once")
 
     @property
@@ -498,12 +514,14 @@ class TrainLearnerConfig(TrainingConfig):
         if self.prefilter_keep_ratio is not None and self.reference_cache is None:
             raise ValueError("reference_cache is required with prefilter_keep_ratio (it filters by the reference's "
                              "cached cosines)")
-        if self.method not in ("uniform", "offline-filter") and self.reference_cache is None and self.score != "hard_learner":
+        if self.method not in ("uniform",
+                               "offline-filter") and self.reference_cache is None and self.score != "hard_learner":
             raise ValueError(f"reference_cache is required for method={self.method!r} with score={self.score!r}")
         sub_batch = self.sub_batch_size
         if sub_batch < 2:
             raise ValueError(
-                f"super_batch_size: {self.super_batch_size} with filter_ratio {self.filter_ratio} leaves a sub-batch of "
+                f"super_batch_size: {self.super_batch_size} with filter_ratio {self.filter_ratio} leaves a sub-batch "
+                f"of "
                 f"{sub_batch} (round(super_batch_size * (1 - filter_ratio))); the sigmoid loss needs at least 2 pairs")
         if self.method == "joint" and self.n_chunks > sub_batch:
             raise ValueError(

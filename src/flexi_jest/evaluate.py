@@ -30,14 +30,19 @@ from flexi_jest import storage
 from flexi_jest.checkpoint import load_model
 from flexi_jest.config import EvalSet, EvaluateConfig, EvaluateResult, SplitMetrics
 from flexi_jest.data.eval_sets import (
-    CLASSNAMES_FILE, EvalSample, EvalSetError, OpenedEvalSet, assign_names, fill_template,
+    CLASSNAMES_FILE,
+    EvalSample,
+    EvalSetError,
+    OpenedEvalSet,
+    assign_names,
+    fill_template,
     open_eval_set,
 )
 from flexi_jest.data.shards import PartialReadError, ReadStats
 from flexi_jest.data.transforms import ImageTransform
+from flexi_jest.device import autocast, resolve_device, to_model_input
 from flexi_jest.finite import check_embeddings_finite
 from flexi_jest.models import DualEncoder, Tokenizer
-from flexi_jest.device import autocast, resolve_device, to_model_input
 
 
 @torch.no_grad()
@@ -109,7 +114,8 @@ def zero_shot_classifier(
     return F.normalize(per_class.mean(1), dim=-1)
 
 
-def classification_accuracy(image_emb: Tensor, labels: Tensor, classifier: Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[str, float]:
+def classification_accuracy(image_emb: Tensor, labels: Tensor, classifier: Tensor,
+                            ks: tuple[int, ...] = (1, 5)) -> dict[str, float]:
     """Top-k accuracy. image_emb [N, d], labels [N] (class indices), classifier [C, d]."""
     logits = image_emb @ classifier.T  # [N, C]
     ranked = logits.topk(min(max(ks), classifier.shape[0]), dim=1).indices  # [N, k]
@@ -226,7 +232,8 @@ def evaluate_model(
     opened = [open_eval_set(EvalSet.parse(item)) for item in eval_sets]
     results: dict[str, SplitMetrics] = {}
     for name, eval_set in zip(assign_names(opened), opened):
-        embedded = embed_eval_set(model, tokenizer, eval_set, patch_size, batch_size, device, max_samples, allow_partial)
+        embedded = embed_eval_set(model, tokenizer, eval_set, patch_size, batch_size, device, max_samples,
+                                  allow_partial)
         for kind in ("image", "text"):
             check_embeddings_finite(embedded[f"{kind}_emb"], f"{model_name} on eval set {name!r} ({eval_set.uri}), "
                                                              f"{kind} embeddings")
@@ -249,14 +256,16 @@ def champion(result: EvaluateResult, metric: str | None = None) -> tuple[str, fl
         metric = f"{name}.top1" if split.top1 is not None else f"{name}.image_to_text_r1"
     name, _, field = metric.rpartition(".")
     if name not in result.splits:
-        raise ValueError(f"champion_metric {metric!r}: no eval set named {name!r}; the sets are {sorted(result.splits)}")
+        raise ValueError(
+            f"champion_metric {metric!r}: no eval set named {name!r}; the sets are {sorted(result.splits)}")
     split = result.splits[name]
     if field not in SplitMetrics.model_fields:
         raise ValueError(f"champion_metric {metric!r}: no metric {field!r}; e.g. top1, top5, mean_per_class_recall, "
                          "image_to_text_r1, text_to_image_r1")
     value = getattr(split, field)
     if value is None or isinstance(value, str) or field in ("num_samples", "num_classes", "num_texts"):
-        skipped = split.classification_skipped if field in ("top1", "top5", "mean_per_class_recall") else split.retrieval_skipped
+        skipped = split.classification_skipped if field in ("top1", "top5",
+                                                            "mean_per_class_recall") else split.retrieval_skipped
         raise ValueError(f"champion_metric {metric!r}: {name} has no {field}" + (f" ({skipped})" if skipped else ""))
     return metric, float(value)
 

@@ -1,6 +1,7 @@
 """Export a trained model as an open_clip checkpoint: a folder that open_clip loads without flexi-jest.
 
-    <dir>/open_clip_config.json         {"model_cfg": <open_clip model config>, "preprocess_cfg": {mean, std, size, ...}}
+    <dir>/open_clip_config.json         {"model_cfg": <open_clip model config>,
+                                         "preprocess_cfg": {mean, std, size, ...}}
     <dir>/open_clip_pytorch_model.bin   the open_clip state_dict (tensors only: torch.load(weights_only=True) reads it)
     <dir>/tokenizer.json ...            a Hugging Face tokenizer's files, for a model that has one (ViT-B-16-SigLIP):
                                         open_clip.get_tokenizer("local-dir:<dir>") reads them from the folder

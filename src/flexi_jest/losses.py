@@ -86,7 +86,8 @@ def sigmoid_loss(
         rows = image_emb[start : start + chunk_size]
         offset = row_offset + start
         if torch.is_grad_enabled():
-            block_sum = checkpoint(_block_loss_sum, rows, text_emb, logit_scale, logit_bias, offset, use_reentrant=False)
+            block_sum = checkpoint(_block_loss_sum, rows, text_emb, logit_scale, logit_bias, offset,
+                                   use_reentrant=False)
         else:
             block_sum = _block_loss_sum(rows, text_emb, logit_scale, logit_bias, offset)
         total = total + block_sum

@@ -17,7 +17,6 @@ from pydantic import BaseModel
 from flexi_jest import storage
 from flexi_jest.config import TrainResult, validated_stage_config
 
-
 # the pipeline's typed knobs that keep the config's own value at 0 / "" (the others always apply), and the
 # config field each one sets
 KNOB_FIELDS = {"learning_rate": "optim.lr", "steps": "steps", "super_batch_size": "super_batch_size",
@@ -244,7 +243,8 @@ def check_recorded_outputs(resolved: dict[str, str], earlier, client, data_acces
 
     def where(name: str) -> str:
         stage_tag = name.endswith(".mlflow_run_id")
-        tag = f"{tracking.STAGE_TAG}{name.removesuffix('.mlflow_run_id')}" if stage_tag else f"{tracking.OUTPUT_TAG}{name}"
+        tag = (f"{tracking.STAGE_TAG}{name.removesuffix('.mlflow_run_id')}" if stage_tag
+               else f"{tracking.OUTPUT_TAG}{name}")
         return f"MLflow tag {tag} of pipeline run {run_id}"
 
     registered = _registered_specs(client, resolved)
@@ -293,7 +293,8 @@ def resolve_earlier_run(from_run: str, parent_run_id: str = "", stage: str = "tr
     missing = [name for name in RERUN_INPUTS[stage] if name not in resolved]
     if missing:
         raise LookupError(f"pipeline run {from_run!r} (MLflow run {resolved['parent_run_id']}) recorded no "
-                          f"{', '.join(missing)}, which a rerun from {stage} needs: did its stages up to {stage} finish?")
+                          f"{', '.join(missing)}, which a rerun from {stage} needs: did its stages up to {stage} "
+                          f"finish?")
     client = tracking.mlflow_client()
     check_recorded_outputs(resolved, earlier, client, data_access)
     if parent_run_id:

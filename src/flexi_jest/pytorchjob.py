@@ -93,7 +93,8 @@ def pytorchjob_manifest(name: str, config_json: str, image: str, nodes: int, gpu
         "apiVersion": "kubeflow.org/v1",
         "kind": "PyTorchJob",
         "metadata": {"name": name, "namespace": namespace,
-                     "labels": {"app.kubernetes.io/name": "flexi-jest-learner", "app.kubernetes.io/part-of": "flexi-jest"}},
+                     "labels": {"app.kubernetes.io/name": "flexi-jest-learner",
+                                "app.kubernetes.io/part-of": "flexi-jest"}},
         "spec": {
             "nprocPerNode": str(gpus_per_node),
             # failed pods restart (restartPolicy) and resume from the learner's checkpoints in out_dir

@@ -33,12 +33,12 @@ from torch import Tensor
 from flexi_jest import storage
 from flexi_jest.checkpoint import load_model
 from flexi_jest.config import CacheReferenceConfig, CacheReferenceResult
-from flexi_jest.device import resolve_device, to_model_input
-from flexi_jest.flops import offline_filter_flops, pair_forward_flops
-from flexi_jest.models import Tokenizer
 from flexi_jest.data.manifest import read_manifest
 from flexi_jest.data.shards import IMAGE_EXTENSIONS, ReadStats, decode_sample, iter_tar
 from flexi_jest.data.specs import resolve
+from flexi_jest.device import resolve_device, to_model_input
+from flexi_jest.flops import offline_filter_flops, pair_forward_flops
+from flexi_jest.models import Tokenizer
 from flexi_jest.selection import offline_keep_mask, pair_cosines
 
 CACHE_MANIFEST = "manifest.json"
@@ -167,7 +167,8 @@ def write_cache(
         sidecar = f"shard-{index:06d}.npz"
         storage.write_bytes(storage.join(cache_dir, sidecar), data)
         shards[shard.url] = {
-            "file": sidecar, "num_samples": len(keys), "sha256": storage.sha256_bytes(data), "skipped_keys": skipped_keys,
+            "file": sidecar, "num_samples": len(keys), "sha256": storage.sha256_bytes(data),
+            "skipped_keys": skipped_keys,
             "content_sha256": storage.sha256_bytes(content.tobytes()),  # the shard's fingerprint, pool manifest or not
         }
     manifest = {
@@ -260,7 +261,8 @@ class ReferenceCache:
         if pool_dir is not None:
             current = _pool_fingerprint(pool_dir)
             if current and current != self.manifest["pool_shards"]:
-                raise CacheError(f"reference cache {cache_dir} was made for different shards than {pool_dir}: re-run cache-reference")
+                raise CacheError(f"reference cache {cache_dir} was made for different shards than {pool_dir}: "
+                                 "re-run cache-reference")
         self.logit_scale = torch.tensor(self.manifest["logit_scale"])
         self.logit_bias = torch.tensor(self.manifest["logit_bias"])
         self._key_shard: dict[str, str] = {}  # key -> shard, over the sidecars loaded so far
@@ -284,7 +286,8 @@ class ReferenceCache:
         for field in ("logit_scale", "logit_bias"):
             value = manifest.get(field)
             if not isinstance(value, (int, float)) or not np.isfinite(value):
-                raise CacheError(f"reference cache {self.cache_dir}: {uri} has {field} = {value!r}, not a finite number")
+                raise CacheError(
+                    f"reference cache {self.cache_dir}: {uri} has {field} = {value!r}, not a finite number")
         for entry in manifest["shards"].values():
             try:
                 storage.confined(self.cache_dir, entry["file"], uri)
@@ -312,12 +315,14 @@ class ReferenceCache:
                              f"text_emb, content_sha256): {exc!r}") from exc
         n, dim = entry["num_samples"], self.manifest["embed_dim"]
         expected = {"keys": (n,), "image_emb": (n, dim), "text_emb": (n, dim), "content_sha256": (n, 32)}
-        for name, array in (("keys", keys), ("image_emb", image_emb), ("text_emb", text_emb), ("content_sha256", content)):
+        for name, array in (("keys", keys), ("image_emb", image_emb), ("text_emb", text_emb),
+                            ("content_sha256", content)):
             if array.shape != expected[name]:
                 raise CacheError(f"reference cache {self.cache_dir}: {uri} has {name} of shape {array.shape}, the "
                                  f"manifest says {expected[name]} (num_samples {n}, embed_dim {dim})")
         if not (np.isfinite(image_emb).all() and np.isfinite(text_emb).all()):
-            bad = [str(k) for k, ok in zip(keys, np.isfinite(image_emb).all(1) & np.isfinite(text_emb).all(1)) if not ok]
+            bad = [str(k) for k, ok in zip(keys,
+                                           np.isfinite(image_emb).all(1) & np.isfinite(text_emb).all(1)) if not ok]
             raise CacheError(f"reference cache {self.cache_dir}: shard {shard_name} ({uri}) holds non-finite (NaN/inf) "
                              f"embeddings for {len(bad)} samples ({bad[:5]}); re-run cache-reference")
         index: dict[str, int] = {}
@@ -325,7 +330,8 @@ class ReferenceCache:
             other = shard_name if key in index else self._key_shard.get(key, shard_name)
             if other != shard_name or key in index:
                 raise CacheError(f"reference cache {self.cache_dir}: key {key!r} is in shard {other} and in shard "
-                                 f"{shard_name}; keys must be unique, re-run cache-reference on a pool with unique keys")
+                                 f"{shard_name}; keys must be unique, re-run cache-reference on a pool with unique "
+                                 "keys")
             index[key] = row
             self._key_shard[key] = shard_name
         return index, image_emb, text_emb, content
@@ -359,7 +365,8 @@ class ReferenceCache:
 
 
     def pool_cosines(self) -> tuple[list[str], Tensor]:
-        """Every cached sample's key and the reference's image-text cosine similarity, in shard order: ([N], [N] fp32)."""
+        """Every cached sample's key and the reference's image-text cosine similarity, in shard order:
+        ([N], [N] fp32)."""
         keys: list[str] = []
         cosines: list[Tensor] = []
         for shard_name in self.manifest["shards"]:
@@ -375,8 +382,8 @@ class OfflineFilter:
     """The offline filter's side of the training stream: keep the top keep_ratio of the pool by the reference's
     cached image-text cosine, drop (and count) the rest as shards are read.
 
-    Use as StreamLoader's `attach` hook (data/loader.py): filter(shard_name, raw_samples) yields the kept raw samples. The
-    decision is a fixed function of the sample's key, so a resumed stream drops the same samples.
+    Use as StreamLoader's `attach` hook (data/loader.py): filter(shard_name, raw_samples) yields the kept raw
+    samples. The decision is a fixed function of the sample's key, so a resumed stream drops the same samples.
     Fields: threshold (the lowest kept cosine, the (1 - keep_ratio) quantile of the pool's), pool_size, kept,
     dropped (samples dropped so far by the stream, all epochs), flops (the cosines: 6 d FLOPs a sample)."""
 
@@ -421,7 +428,8 @@ def reference_share(cache_dir: str, reference_sha256: str) -> dict[str, Any]:
     (a CacheError naming both when they differ), and the reference's FLOPs (training, from the result.json
     beside its model file when there is one, and the caching pass), counted once."""
     if not reference_sha256:
-        raise ValueError(f"reference_share({cache_dir!r}): the reference's sha256 is required, to check the cache against")
+        raise ValueError(
+            f"reference_share({cache_dir!r}): the reference's sha256 is required, to check the cache against")
     manifest = ReferenceCache(cache_dir, expected_reference_sha256=reference_sha256).manifest
     training_flops = 0.0
     reference = manifest.get("reference")

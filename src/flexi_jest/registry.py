@@ -18,7 +18,6 @@ from pydantic import BaseModel
 from flexi_jest import tracking
 from flexi_jest.config import EvaluateResult
 
-
 LEARNER_MODEL = "flexi-jest-learner"
 REFERENCE_MODEL = "flexi-jest-reference"
 LEGACY_METRIC_TAG = "eval_metric"  # "<metric>=<value>": read only, on versions promoted before 8453f28

@@ -94,7 +94,8 @@ def check_out_dir(cfg: BaseModel, checkpoint_config: dict[str, Any] | None = Non
         raise StaleOutputError(f"{out_dir} holds a result of an unknown config (no {RUN_CONFIG}): use another "
                                "out_dir, or overwrite (--overwrite / overwrite: true) to start afresh")
     if config_sha256(old) != config_sha256(new):
-        raise StaleOutputError(f"{out_dir} holds a checkpoint or result of a different config ({describe_difference(old, new)}): "
+        raise StaleOutputError(
+            f"{out_dir} holds a checkpoint or result of a different config ({describe_difference(old, new)}): "
                                "use another out_dir, or overwrite (--overwrite / overwrite: true) to start afresh")
     if storage.exists(storage.join(out_dir, "result.json")) and storage.exists(storage.join(out_dir, "model.pt")):
         return "finished"

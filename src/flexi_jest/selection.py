@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from flexi_jest.losses import pair_logits, sigmoid_pair_losses
+from flexi_jest.losses import sigmoid_pair_losses
 
 SelectionMethod = Literal["uniform", "independent", "joint", "offline-filter"]
 ScoreName = Literal["learnability", "hard_learner", "easy_reference"]
@@ -67,7 +67,8 @@ def score_matrix(
         if score != "easy_reference":
             learner_block = sigmoid_pair_losses(learner[0][start:stop], learner[1], learner[2], learner[3], start)
         if score != "hard_learner":
-            reference_block = sigmoid_pair_losses(reference[0][start:stop], reference[1], reference[2], reference[3], start)
+            reference_block = sigmoid_pair_losses(reference[0][start:stop], reference[1], reference[2], reference[3],
+                                                  start)
         out[start:stop] = score_fn(learner_block, reference_block)
         del learner_block, reference_block
     return out

@@ -14,7 +14,11 @@ from pydantic import BaseModel, ValidationError
 
 from flexi_jest import storage
 from flexi_jest.config import (
-    CacheReferenceResult, EvaluateResult, MakeDataResult, TrainResult, validated_stage_config,
+    CacheReferenceResult,
+    EvaluateResult,
+    MakeDataResult,
+    TrainResult,
+    validated_stage_config,
 )
 
 
@@ -99,14 +103,16 @@ def _tracked(stage: str, values: dict[str, Any], profile: str, pipeline_run: str
     return cfg, result, run.info.run_id
 
 
-def make_data_stage(values: dict[str, Any], profile: str, pipeline_run: str = "", experiment: str = "flexi-jest") -> tuple[MakeDataResult, str]:
+def make_data_stage(values: dict[str, Any], profile: str, pipeline_run: str = "",
+                    experiment: str = "flexi-jest") -> tuple[MakeDataResult, str]:
     _, result, run_id = _tracked("make-data", values, profile, pipeline_run, experiment)
     return result, run_id
 
 
 def training_lineage(cfg, result: TrainResult) -> tuple[dict[str, Any], dict[str, str]]:
     """(lineage, datasets) of a trained model: what it was trained on and how, for the registry."""
-    lineage: dict[str, Any] = {"model_sha256": result.checkpoint_sha256, "model": cfg.model.name or cfg.model.model_dump(),
+    lineage: dict[str, Any] = {"model_sha256": result.checkpoint_sha256,
+                               "model": cfg.model.name or cfg.model.model_dump(),
                                "init_checkpoint": cfg.init_checkpoint, "flops": result.flops.model_dump(),
                                "total_flops": result.total_flops, "steps": result.steps}
     if hasattr(cfg, "pool"):  # the learner
@@ -125,13 +131,15 @@ def _log_model(cfg, result: TrainResult) -> None:
     tracking.log_model(model, *training_lineage(cfg, result))
 
 
-def train_reference_stage(values: dict[str, Any], profile: str, pipeline_run: str = "", experiment: str = "flexi-jest") -> tuple[TrainResult, str]:
+def train_reference_stage(values: dict[str, Any], profile: str, pipeline_run: str = "",
+                          experiment: str = "flexi-jest") -> tuple[TrainResult, str]:
     """Train the reference and log it as an MLflow model (registered later as flexi-jest-reference)."""
     _, result, run_id = _tracked("train-reference", values, profile, pipeline_run, experiment, _log_model)
     return result, run_id
 
 
-def cache_reference_stage(values: dict[str, Any], profile: str, pipeline_run: str = "", experiment: str = "flexi-jest") -> tuple[CacheReferenceResult, str]:
+def cache_reference_stage(values: dict[str, Any], profile: str, pipeline_run: str = "",
+                          experiment: str = "flexi-jest") -> tuple[CacheReferenceResult, str]:
     _, result, run_id = _tracked("cache-reference", values, profile, pipeline_run, experiment)
     return result, run_id
 
@@ -152,7 +160,8 @@ def train_learner_stage(values: dict[str, Any], profile: str, pipeline_run: str 
 
 
 def evaluate_stage(values: dict[str, Any], profile: str, method: str, training: dict[str, Any] | None = None,
-                   pipeline_run: str = "", experiment: str = "flexi-jest", report_path: str | None = None) -> tuple[EvaluateResult, str]:
+                   pipeline_run: str = "", experiment: str = "flexi-jest",
+                   report_path: str | None = None) -> tuple[EvaluateResult, str]:
     """Evaluate a model; with its training result, also report the eval metric against total FLOPs."""
     from flexi_jest import reports, tracking
 
@@ -228,7 +237,8 @@ def compare_stage(evaluations: list[dict[str, Any]], pipeline_run: str = "", exp
 
 
 def promote_stage(learner_run_id: str, evaluation: dict[str, Any], pipeline_run: str = "",
-                  experiment: str = "flexi-jest", reference_run_id: str | None = None, rule: dict[str, Any] | None = None):
+                  experiment: str = "flexi-jest", reference_run_id: str | None = None,
+                  rule: dict[str, Any] | None = None):
     """Register the learner (and the reference) in the MLflow registry, once each; `champion` moves only to a
     better learner under the champion rule (config.ChampionRule, from `rule`): registry.promote_learner."""
     from flexi_jest import registry

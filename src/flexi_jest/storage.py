@@ -165,7 +165,8 @@ class Deadline:
 def s3_endpoint() -> str:
     endpoint = os.environ.get("FLEXI_JEST_S3_ENDPOINT") or os.environ.get("MLFLOW_S3_ENDPOINT_URL")
     if not endpoint:
-        raise StorageError("s3:// storage needs FLEXI_JEST_S3_ENDPOINT (or MLFLOW_S3_ENDPOINT_URL) set to the S3/MinIO endpoint")
+        raise StorageError(
+            "s3:// storage needs FLEXI_JEST_S3_ENDPOINT (or MLFLOW_S3_ENDPOINT_URL) set to the S3/MinIO endpoint")
     return endpoint
 
 
@@ -401,7 +402,8 @@ def list_names(uri: str, suffix: str = "") -> list[str]:
         path = _local_path(uri)
         if not path.is_dir():
             raise StorageError(f"not a directory: {uri}")
-        return sorted(p.name for p in path.iterdir() if p.is_file() and p.name.endswith(suffix) and not p.name.startswith("."))
+        return sorted(
+            p.name for p in path.iterdir() if p.is_file() and p.name.endswith(suffix) and not p.name.startswith("."))
     bucket, prefix = _bucket_key(uri)
     prefix = prefix.rstrip("/") + "/" if prefix else ""
     client = s3_client()

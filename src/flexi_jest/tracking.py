@@ -308,7 +308,8 @@ def pipeline_run_or_fail(run_ref: str, experiment: str | None = None):
     run = find_pipeline_run(run_ref, experiment)
     if run is None:
         where = f" in experiment {experiment!r}" if experiment else ""
-        raise LookupError(f"no MLflow pipeline run with KFP run ID or MLflow run id {run_ref!r}{where} at {tracking_uri()}")
+        raise LookupError(
+            f"no MLflow pipeline run with KFP run ID or MLflow run id {run_ref!r}{where} at {tracking_uri()}")
     return run
 
 
@@ -384,7 +385,8 @@ def outputs_of(parent: Any) -> dict[str, str]:
 
 
 @contextmanager
-def stage_run(parent_run_id: str | None, stage: str, config: BaseModel, experiment: str = DEFAULT_EXPERIMENT) -> Iterator[Any]:
+def stage_run(parent_run_id: str | None, stage: str, config: BaseModel,
+              experiment: str = DEFAULT_EXPERIMENT) -> Iterator[Any]:
     """A run for one stage, nested under the pipeline's parent run if given (a pipeline's cached stages are
     attached afterwards by record_stage); logs the config as params and artifact. Closed on the way out
     (tracked_run): FINISHED, or FAILED with the error tagged, also when the server stopped answering mid-stage."""
@@ -456,7 +458,8 @@ def model_signature():
     from mlflow.types.schema import Array
 
     return ModelSignature(
-        inputs=Schema([ColSpec(DataType.string, "image", required=False), ColSpec(DataType.string, "text", required=False)]),
+        inputs=Schema([ColSpec(DataType.string, "image", required=False),
+                       ColSpec(DataType.string, "text", required=False)]),
         outputs=Schema([ColSpec(Array(DataType.double), "image_embedding", required=False),
                         ColSpec(Array(DataType.double), "text_embedding", required=False)]),
     )
@@ -528,6 +531,7 @@ def check_reachable(timeout: float = 5.0) -> None:
     try:
         urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout)
     except OSError as exc:
-        raise ConnectionError(f"the MLflow tracking server at {uri} is unreachable ({getattr(exc, 'reason', exc)})") from None
+        raise ConnectionError(
+            f"the MLflow tracking server at {uri} is unreachable ({getattr(exc, 'reason', exc)})") from None
 
 

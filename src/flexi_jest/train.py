@@ -28,17 +28,38 @@ from tqdm import tqdm
 
 from flexi_jest import flops, storage
 from flexi_jest.checkpoint import (
-    load_latest_checkpoint, model_state, remove_orphaned_temp_files, restore_rng_states, rng_states, save_checkpoint,
+    load_latest_checkpoint,
+    model_state,
+    remove_orphaned_temp_files,
+    restore_rng_states,
+    rng_states,
+    save_checkpoint,
     save_model,
 )
-from flexi_jest.config import FlopsBreakdown, OptimConfig, TrainingConfig, TrainLearnerConfig, TrainReferenceConfig, TrainResult
+from flexi_jest.config import (
+    FlopsBreakdown,
+    OptimConfig,
+    TrainingConfig,
+    TrainLearnerConfig,
+    TrainReferenceConfig,
+    TrainResult,
+)
 from flexi_jest.data.loader import StreamLoader, merge_states
 from flexi_jest.data.noise import CLEAN_KINDS, SAMPLE_KINDS, kind_shares, sample_kind
 from flexi_jest.data.transforms import ImageTransform
 from flexi_jest.device import autocast, to_model_input
 from flexi_jest.distributed import (
-    World, barrier, broadcast_object, check_divisible, exchange_rows, gather_objects, gather_rows, gather_rows_with_grad,
-    init_world, shard, sum_over_ranks,
+    World,
+    barrier,
+    broadcast_object,
+    check_divisible,
+    exchange_rows,
+    gather_objects,
+    gather_rows,
+    gather_rows_with_grad,
+    init_world,
+    shard,
+    sum_over_ranks,
 )
 from flexi_jest.evaluate import evaluate_model
 from flexi_jest.export import export_open_clip
@@ -59,7 +80,8 @@ def build_optimizer(model: DualEncoder, cfg: OptimConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig,
+                    steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warmup over warmup_steps, then cosine decay to zero at `steps`."""
     warmup = min(cfg.warmup_steps, max(steps - 1, 0))
 
@@ -97,7 +119,8 @@ def multi_patch_loss(
     net: the module whose forward runs the towers (the DDP wrapper of model), default model."""
     batch = batch or images.shape[0]
     rows = shard(batch, world)
-    image_emb, text_emb = (model if net is None else net)(images, tokens, patch_sizes, patch_groups(batch, patch_sizes, rows))
+    image_emb, text_emb = (model if net is None else net)(images, tokens, patch_sizes,
+                                                          patch_groups(batch, patch_sizes, rows))
     text_emb = gather_rows_with_grad(text_emb, world)
     return sigmoid_loss(image_emb, text_emb, model.logit_scale, model.logit_bias, loss_chunk_size,
                         row_offset=rows.start, normalizer=batch)
@@ -392,7 +415,8 @@ def train_loss(model: DualEncoder, net: torch.nn.Module, cfg: TrainingConfig, im
         return accumulated_loss_backward(model, images, tokens, cfg.train_patch_sizes, cfg.micro_batch_size,
                                          cfg.loss_chunk_size, lambda: autocast(device, cfg.precision), net), True
     with autocast(device, cfg.precision):
-        return multi_patch_loss(model, images, tokens, cfg.train_patch_sizes, cfg.loss_chunk_size, world, batch, net), False
+        return multi_patch_loss(model, images, tokens, cfg.train_patch_sizes, cfg.loss_chunk_size, world, batch,
+                                net), False
 
 
 # ---- the reference --------------------------------------------------------------------------------------------
@@ -524,7 +548,8 @@ def train_learner(cfg: TrainLearnerConfig) -> TrainResult:
                           backward_done=done)
 
     base = FlopsBreakdown(reference_training=cfg.reference_training_flops, reference_caching=cfg.reference_caching_flops
-                          + (offline_filter.flops if offline_filter else 0.0))  # the cosines, once, with the caching pass
+                          # the cosines, once, with the caching pass
+                          + (offline_filter.flops if offline_filter else 0.0))
     if not (needs_reference or offline or prefilter):
         base = FlopsBreakdown()
     name = f"learner[{cfg.method}{'' if uniform_draw else '/' + cfg.score}]"

@@ -144,6 +144,7 @@ def test_sample_kinds_and_their_shares():
     """What a learner trained on: a noise record names its kind, a clean sample edited from another is a hard
     negative, a noise kind this module does not write is other_noise; shares over a batch sum to 1."""
     import torch
+
     from flexi_jest.data.noise import SAMPLE_KINDS, kind_shares, sample_kind
 
     metas = [{"noise": "clean"}, {}, {"noise": "blank"}, {"noise": "clean", "hard_negative_of": "k1"},

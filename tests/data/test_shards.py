@@ -5,9 +5,9 @@ import tarfile
 import pytest
 from PIL import Image
 
-from flexi_jest.data.sample import Sample
 from flexi_jest.data.loader import StreamLoader
 from flexi_jest.data.manifest import read_manifest
+from flexi_jest.data.sample import Sample
 from flexi_jest.data.shards import ReadStats, iter_split, shard_names, write_split
 
 

@@ -10,8 +10,8 @@ from conftest import TEST_MODEL
 from flexi_jest import storage
 from flexi_jest.checkpoint import save_model
 from flexi_jest.models import DualEncoder
-from flexi_jest.reference_cache import CacheError
 from flexi_jest.pipeline_support import learner_reference
+from flexi_jest.reference_cache import CacheError
 
 
 @pytest.fixture(scope="module")

@@ -65,14 +65,16 @@ def test_valid_configs_still_validate():
     # n_chunks only matters to joint selection
     assert validated_stage_config("train-learner", "tiny", {"method": "uniform", "super_batch_size": 40}).n_chunks == 16
     assert validated_stage_config("train-learner", "paper", LEARNER).sub_batch_size == 32768
-    assert validated_stage_config("train-reference", "tiny", {"optim": {"betas": [0.0, 0.999], "lr": 1}}).optim.lr == 1.0
+    assert validated_stage_config("train-reference", "tiny",
+                                  {"optim": {"betas": [0.0, 0.999], "lr": 1}}).optim.lr == 1.0
 
 
 def test_cli_set_values_still_parse_to_ints_and_floats():
     args = type("Args", (), {"config": None, "profile": "tiny",
                              "set": ["steps=7", "optim.lr=1e-3", "optim.betas=[0.8, 0.9]", "train_patch_sizes=[8,16]"]})
     cfg = build_config("train-reference", args)
-    assert cfg.steps == 7 and cfg.optim.lr == 1e-3 and cfg.optim.betas == (0.8, 0.9) and cfg.train_patch_sizes == [8, 16]
+    assert cfg.steps == 7 and cfg.optim.lr == 1e-3 and cfg.optim.betas == (
+        0.8, 0.9) and cfg.train_patch_sizes == [8, 16]
 
 
 def test_cli_rejects_steps_true_with_the_field_named(capsys):

@@ -12,8 +12,8 @@ import tracemalloc
 import zlib
 
 import pytest
-
 from faults import png_bytes
+
 from flexi_jest.data import shards
 from flexi_jest.data.shards import ReadStats, iter_split
 
@@ -64,14 +64,16 @@ def test_an_oversized_member_is_skipped_unread_and_counted(tmp_path, member):
     assert keys == ["good1", "good2"], stats.summary()
     assert shards.MEMBER_CAPS[member.rsplit(".", 1)[1]] == size - 1
     assert stats.skipped["oversized_member"] == 1 and stats.skipped["bad_caption"] == 1, stats.summary()
-    assert any(f"{member}: {size} bytes, over the {size - 1} bytes read" in error for error in stats.errors), stats.errors
+    assert any(
+        f"{member}: {size} bytes, over the {size - 1} bytes read" in error for error in stats.errors), stats.errors
     assert "oversized_member" in shards.SAMPLE_REASONS and stats.lost_samples() == 2
 
 
 def test_a_shard_expanding_past_its_limit_is_cut(tmp_path, monkeypatch):
     """Many members, each under its cap, that together un-gzip to far more than the shard's bytes."""
     path = tmp_path / "00000.tar"
-    padding = [(f"k{i:03d}.{ext}", 1 << 20 if ext == "png" else b"padding") for i in range(40) for ext in ("png", "txt")]
+    padding = [(f"k{i:03d}.{ext}",
+                1 << 20 if ext == "png" else b"padding") for i in range(40) for ext in ("png", "txt")]
     gzip_tar(path, [("good.png", png_bytes()), ("good.txt", b"a square"), *padding])
     monkeypatch.setattr(shards, "MIN_EXPANDED_BYTES", 8 << 20, raising=False)
     stats = ReadStats()

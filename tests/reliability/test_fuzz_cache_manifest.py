@@ -12,18 +12,18 @@ import shutil
 
 import pytest
 import torch
+from faults import FUZZ_EXAMPLES, colour_samples, draw_damaged_bytes, fuzz_settings, no_hang
 from hypothesis import given
 from hypothesis import strategies as st
+from test_fuzz_manifests import json_values
 
 from conftest import TEST_MODEL
-from faults import FUZZ_EXAMPLES, colour_samples, draw_damaged_bytes, fuzz_settings, no_hang
 from flexi_jest import reference_cache, storage
 from flexi_jest.checkpoint import save_model
 from flexi_jest.config import CacheReferenceConfig
 from flexi_jest.data.shards import write_split
 from flexi_jest.models import DualEncoder
 from flexi_jest.reference_cache import CacheError, ReferenceCache, cache_reference
-from test_fuzz_manifests import json_values
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,10 @@ samples it yields. The reference-cache manifest parser: see test_fuzz_cache_mani
 
 import json
 
+from faults import colour_samples, draw_damaged_bytes, fuzz_settings, no_hang
 from hypothesis import given
 from hypothesis import strategies as st
 
-from faults import colour_samples, draw_damaged_bytes, fuzz_settings, no_hang
 from flexi_jest import storage
 from flexi_jest.data.shards import ReadStats, ShardError, iter_split, read_manifest, write_split
 

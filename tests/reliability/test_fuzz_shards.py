@@ -12,10 +12,10 @@ FLEXI_JEST_FUZZ_EXAMPLES=2000 .venv/bin/python -m pytest tests/reliability -k fu
 import gzip
 
 import torch
+from faults import fuzz_settings, no_hang, png_bytes, record, tar_bytes
 from hypothesis import given
 from hypothesis import strategies as st
 
-from faults import fuzz_settings, no_hang, png_bytes, record, tar_bytes
 from flexi_jest import storage
 from flexi_jest.data.shards import ReadStats, decode_sample, iter_shard, iter_split
 

@@ -6,9 +6,9 @@ external tars (other names) without a manifest is still read.
 """
 
 import pytest
+from faults import colour_samples
 
 from conftest import TEST_MODEL
-from faults import colour_samples
 from flexi_jest.data.loader import StreamLoader
 from flexi_jest.data.manifest import IncompleteSplitError
 from flexi_jest.data.shards import iter_split, shard_names, write_split

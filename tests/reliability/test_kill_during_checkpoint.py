@@ -126,7 +126,8 @@ def test_repeated_kills_at_random_points_then_resume(shapes_data, tmp_path):
             reached = wait_for(lambda: bool(temp_files(out_dir)), process)
         else:
             target = done + rng.randint(0, 1)
-            reached = wait_for(lambda: latest.exists() and json.loads(latest.read_text() or "{}").get("step", 0) >= target,
+            reached = wait_for(
+                lambda: latest.exists() and json.loads(latest.read_text() or "{}").get("step", 0) >= target,
                                process)
             time.sleep(rng.uniform(0.0, 0.5))
         if not reached or process.poll() is not None:

@@ -7,9 +7,9 @@ the result carries the read stats and the shortfall, which log_result turns into
 
 import pytest
 import torch
+from faults import colour_samples, random_bytes, record, truncate, write_raw_split
 
 from conftest import TEST_MODEL
-from faults import colour_samples, random_bytes, record, truncate, write_raw_split
 from flexi_jest.checkpoint import save_model
 from flexi_jest.config import EvaluateConfig
 from flexi_jest.data.shards import PartialReadError, write_split

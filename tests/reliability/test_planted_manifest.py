@@ -11,8 +11,8 @@ from PIL import Image
 
 from flexi_jest import storage
 from flexi_jest.config import CacheReferenceConfig
-from flexi_jest.data.sample import Sample
 from flexi_jest.data.manifest import UnsafeShardNameError
+from flexi_jest.data.sample import Sample
 from flexi_jest.data.shards import iter_split, shard_names, write_split
 from flexi_jest.data.specs import resolve
 from flexi_jest.reference_cache import MANIFEST_DIGEST, CacheError, ReferenceCache, cache_reference, manifest_digest

@@ -7,8 +7,9 @@ with U+FFFD; unparsable JSON metadata is skipped and counted (bad_meta); a key r
 pass is kept and counted (duplicate_keys).
 """
 
-from conftest import TEST_MODEL
 from faults import record, write_raw_split
+
+from conftest import TEST_MODEL
 from flexi_jest.config import CacheReferenceConfig, TrainReferenceConfig
 from flexi_jest.data.loader import StreamLoader
 from flexi_jest.data.shards import ReadStats, iter_split

@@ -14,13 +14,13 @@ import sys
 import time
 
 import pytest
-
 from faults import colour_samples, no_hang, record, tar_bytes
+from loopback import Gateway, Trickler
+
 from flexi_jest import storage
 from flexi_jest.data.access import DataAccess, granted
 from flexi_jest.data.shards import ReadStats, iter_tar, write_split
 from flexi_jest.data.specs import Shard, SpecError, open_shard, resolve
-from loopback import Gateway, Trickler
 
 DEADLINE = 2.0
 SLACK = 4.0  # the deadline plus this is still "bounded": a loaded 2-core machine schedules late
@@ -102,7 +102,7 @@ def test_a_pipe_command_writing_200kb_to_stderr_does_not_deadlock(short_deadline
 
 def test_a_pipe_command_that_never_ends_is_killed_at_the_deadline(short_deadlines):
     started = time.monotonic()
-    with no_hang(15), pytest.raises(TimeoutError, match=rf"pipe:sleep 60: no complete answer within 2 s"):
+    with no_hang(15), pytest.raises(TimeoutError, match=r"pipe:sleep 60: no complete answer within 2 s"):
         with open_shard("pipe:sleep 60") as stream:
             stream.read()
     assert time.monotonic() - started < DEADLINE + SLACK

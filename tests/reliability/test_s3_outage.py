@@ -10,8 +10,8 @@ the same port; moto keeps its objects in this process, as a restarted MinIO keep
 import socket
 
 import pytest
-
 from faults import colour_samples
+
 from flexi_jest import storage
 from flexi_jest.data.manifest import IncompleteSplitError, read_manifest
 from flexi_jest.data.shards import ReadStats, iter_split, write_split

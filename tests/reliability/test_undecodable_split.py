@@ -12,9 +12,9 @@ import sys
 import time
 
 import pytest
+from faults import png_bytes, record, write_raw_split
 
 from conftest import TEST_MODEL
-from faults import png_bytes, record, write_raw_split
 from flexi_jest.data.loader import StreamLoader
 from flexi_jest.data.shards import UnreadableSplitError
 

@@ -11,8 +11,8 @@ before any stage reads it. Each planted command would create a file: the tests a
 import json
 
 import pytest
-
 from faults import record, write_raw_split
+
 from flexi_jest import tracking
 from flexi_jest.config import ConfigError, validated_stage_config
 from flexi_jest.data.access import SpecError
@@ -98,7 +98,8 @@ GOOD = {"pool": f"{ROOT}/run-1/prepare-data/data/pool", "eval_split": f"{ROOT}/r
 def earlier_run(outputs: dict[str, str], storage_root: str = ROOT, kfp_run_id: str = "kfp-earlier") -> str:
     """A pipeline's parent run as open_tracking makes it (its storage_root a param), with outputs as tags."""
     import mlflow
-    run = tracking.start_pipeline_run("earlier", {"method": "joint", "storage_root": storage_root}, kfp_run_id=kfp_run_id)
+    run = tracking.start_pipeline_run("earlier", {"method": "joint", "storage_root": storage_root},
+                                      kfp_run_id=kfp_run_id)
     for name, value in outputs.items():
         mlflow.MlflowClient().set_tag(run, f"{tracking.OUTPUT_TAG}{name}", value)
     return run

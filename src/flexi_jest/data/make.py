@@ -45,7 +45,8 @@ def make_data(cfg: MakeDataConfig) -> MakeDataResult:
             info["templates"] = list(module.TEMPLATES)
         split_dir = storage.join(cfg.out_dir, split)
         manifest = write_split(samples, split_dir, cfg.samples_per_shard, cfg.image_format, info)
-        splits[split] = SplitInfo(path=split_dir, num_samples=manifest["num_samples"], num_shards=len(manifest["shards"]))
+        splits[split] = SplitInfo(path=split_dir, num_samples=manifest["num_samples"],
+                                  num_shards=len(manifest["shards"]))
         if split == "pool":
             noise_counts = manifest["noise_counts"]
     result = MakeDataResult(dataset=cfg.dataset, out_dir=cfg.out_dir, splits=splits, noise_counts=noise_counts,

@@ -90,4 +90,5 @@ def check_not_interrupted(split_dir: str, names: list[str]) -> None:
         raise IncompleteSplitError(
             f"split {split_dir} has shards written by flexi-jest ({names[0]}, ...) but no {MANIFEST}, which is "
             "written last: the write was interrupted and the split may be incomplete. Re-run the stage that "
-            f"wrote it (make-data) to rewrite the split; if these are external tars, rename them (not shard-NNNNNN.tar)")
+            "wrote it (make-data) to rewrite the split; if these are external tars, rename them (not "
+            "shard-NNNNNN.tar)")

@@ -34,7 +34,12 @@ from webdataset.tariterators import base_plus_ext, group_by_keys
 from flexi_jest import storage
 from flexi_jest.config import ReadStatsSummary
 from flexi_jest.data.manifest import (
-    FORMAT, MANIFEST, ShardError, check_not_interrupted, read_manifest, shard_uri,
+    FORMAT,
+    MANIFEST,
+    ShardError,
+    check_not_interrupted,
+    read_manifest,
+    shard_uri,
 )
 from flexi_jest.data.sample import Sample
 from flexi_jest.data.specs import Shard, open_shard, resolve
@@ -223,7 +228,8 @@ def tar_members(fileobj: BinaryIO, uri: str, compressed_bytes: int, stats: ReadS
             if info.size > cap:
                 key, _ = base_plus_ext(info.name)  # as group_by_keys groups members into samples
                 if key is not None:
-                    oversized.setdefault(key, f"{info.name}: {info.size} bytes, over the {cap} bytes read of such a member")
+                    oversized.setdefault(key,
+                                         f"{info.name}: {info.size} bytes, over the {cap} bytes read of such a member")
                 continue
             yield {"fname": info.name, "data": stream.extractfile(info).read()}
             stream.members = []  # a stream read keeps no index of what it passed
@@ -298,7 +304,8 @@ def caption_text(data: bytes, key: str, stats: ReadStats) -> str | None:
     return text
 
 
-def iter_shard(split_dir: str, name: str, stats: ReadStats, expected: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
+def iter_shard(split_dir: str, name: str, stats: ReadStats,
+               expected: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
     """iter_tar of the shard `name` of a split directory; expected: its manifest entry (num_samples, sha256)."""
     expected = expected or {}
     yield from iter_tar(Shard(shard_uri(split_dir, name), expected.get("num_samples"), expected.get("sha256")), stats)

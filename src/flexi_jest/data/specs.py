@@ -2,7 +2,8 @@
 
 A spec is one string; several specs are joined by `::` (webdataset's convention). Each part is:
 
-    runs/data/pool                       a directory or prefix (local, file://, s3://): its *.tar, or its manifest's shards
+    runs/data/pool                       a directory or prefix (local, file://, s3://): its *.tar, or its
+                                         manifest's shards
     pool/{00000..00099}.tar              a brace pattern (expanded by webdataset / braceexpand); every shard must exist
     s3://bucket/pool/00007.tar           a single tar
     https://host/pool/{000..009}.tar     http(s) URLs (each checked with a HEAD request)    [data_access.allow_http]
@@ -134,7 +135,8 @@ def _part_shards(spec: str, part: str, check: bool, counts: bool) -> list[Shard]
                 if not entries:
                     raise ShardError(f"no shards in {part}: its {MANIFEST} lists none")
                 # shard_uri: a manifest's names stay inside its directory
-                return [Shard(shard_uri(part, name), e.get("num_samples"), e.get("sha256")) for name, e in entries.items()]
+                return [Shard(shard_uri(part, name), e.get("num_samples"),
+                              e.get("sha256")) for name, e in entries.items()]
             names = storage.list_names(part, ".tar")
             if not names:
                 raise SpecError(f"dataset spec {spec!r}: no .tar shards under {part}")

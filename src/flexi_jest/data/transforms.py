@@ -20,8 +20,7 @@ from typing import Literal
 import torch
 from PIL import Image
 from torch import Tensor
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import v2
+from torchvision.transforms import InterpolationMode, v2
 
 Crop = Literal["center", "random_resized"]
 OPEN_CLIP_SCALE = (0.9, 1.0)  # open_clip's RandomResizedCrop scale for training

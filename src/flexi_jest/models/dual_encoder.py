@@ -61,7 +61,8 @@ class DualEncoder(nn.Module):
         return self.clip.encode_text(tokens, normalize=True)
 
     def forward(
-        self, images: Tensor, tokens: Tensor, patch_size: int | list[int] | None = None, group_sizes: list[int] | None = None
+        self, images: Tensor, tokens: Tensor, patch_size: int | list[int] | None = None,
+        group_sizes: list[int] | None = None
     ) -> tuple[Tensor, Tensor]:
         """(image_emb [B, d], text_emb [B, d]). With a list of patch sizes, consecutive groups of
         group_sizes images (which sum to B) are encoded at each patch size (Flexi-JEST's mixed training)."""
@@ -71,7 +72,8 @@ class DualEncoder(nn.Module):
             raise ValueError(f"group_sizes {group_sizes} must give one count per patch size {patch_size}, "
                              f"summing to the batch {images.shape[0]}")
         parts = torch.split(images, group_sizes)
-        image_emb = torch.cat([self.encode_image(part, patch) for part, patch in zip(parts, patch_size) if part.shape[0]])
+        image_emb = torch.cat([self.encode_image(part, patch) for part,
+                               patch in zip(parts, patch_size) if part.shape[0]])
         return image_emb, self.encode_text(tokens)
 
 

@@ -157,7 +157,8 @@ def timm_trunk_problems(visual: nn.Module, image_size: Any, embed_dim: int) -> l
         problems.append(f"an image head of {others or 'two linear maps'} (timm_pool / timm_proj: at most one linear "
                         f"projection after timm's pooling is supported)")
     elif (linears[0].out_features if linears else width) != embed_dim:
-        problems.append(f"image features of width {width} but embed_dim {embed_dim} (timm_proj 'none' needs them equal)")
+        problems.append(
+            f"image features of width {width} but embed_dim {embed_dim} (timm_proj 'none' needs them equal)")
     return problems
 
 

@@ -73,7 +73,8 @@ def local_checkpoint(source: str, name: str | None) -> Iterator[str]:
     if cached is None:
         tags = open_clip.list_pretrained_tags_by_model(name) if name else []
         raise FileNotFoundError(f"init checkpoint {source!r} is neither a file nor a pretrained tag of "
-                                f"{name or 'a project model (no open_clip name)'}" + (f" (tags: {tags})" if tags else ""))
+                                f"{name or 'a project model (no open_clip name)'}" + (
+                                    f" (tags: {tags})" if tags else ""))
     yield cached
 
 
