@@ -610,8 +610,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         giga = lambda v: f"{v / 1e9:.1f}" if v else "-"  # noqa: E731
         steps = f"{row['steps_to_target']:.0f}" if row.get("steps_to_target") is not None else "-"
         runs = row.get("break_even_runs")
-        even = "-" if row["method"] == "reference" or row.get("flops_to_target") is None else (
-            "never" if runs is None else f"{runs} runs")
+        even = "-" if row["method"] in ("reference", "uniform") or row.get("flops_to_target") is None else (
+            "never" if runs is None else f"{runs} run{'s' if runs > 1 else ''}")
         lines.append(
             f"{row['method'] or '?':<15} {fmt(row['top1']):>7} {fmt(row['i2t_r1']):>8} {fmt(row['t2i_r1']):>8} "
                      f"{giga(row.get('learner_flops')):>13} {giga(row['total_flops']):>10} {steps:>12} "
