@@ -126,3 +126,15 @@ def _forget_mlflow_active_experiment(monkeypatch):
     fluent = sys.modules.get("mlflow.tracking.fluent")
     if fluent is not None:
         fluent._active_experiment_id = None
+
+
+def bare_version(client, name: str) -> str:
+    """A registry version of an empty run (the promotion logic reads only aliases and tags)."""
+    import mlflow
+    try:
+        client.create_registered_model(name)
+    except mlflow.exceptions.MlflowException:
+        pass
+    run = client.create_run("0")
+    return str(client.create_model_version(name, source=f"{run.info.artifact_uri}/model",
+                                           run_id=run.info.run_id).version)

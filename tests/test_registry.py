@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from conftest import bare_version
 from flexi_jest import registry, tracking
 
 # PostgreSQL, an mlflow server on it and two promoter processes: about four minutes on the loaded 2-core machine
@@ -43,18 +44,6 @@ def test_the_registry_lives_in_postgresql(registry_uri, registry_server):
         assert cursor.fetchone()[0].startswith("15")
     finally:
         connection.close()
-
-
-def bare_version(client, name: str) -> str:
-    """A registry version of an empty run (the promotion logic reads only aliases and tags)."""
-    import mlflow
-    try:
-        client.create_registered_model(name)
-    except mlflow.exceptions.MlflowException:
-        pass
-    run = client.create_run("0")
-    return str(client.create_model_version(name, source=f"{run.info.artifact_uri}/model",
-                                           run_id=run.info.run_id).version)
 
 
 def test_champion_rule_metric_direction_and_margin(registry_uri, capsys):

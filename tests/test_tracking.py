@@ -2,7 +2,7 @@
 
 import pytest
 
-from conftest import TEST_MODEL
+from conftest import TEST_MODEL, bare_version
 from flexi_jest import registry, tracking
 from flexi_jest.models import DualEncoder
 
@@ -289,18 +289,6 @@ def test_comparison_is_logged_on_the_pipeline_run(mlflow_store):
         compare_stage([], parent)
     with pytest.raises(LookupError, match="no MLflow pipeline run with KFP run ID or MLflow run id 'absent'"):
         compare_stage([evaluation("joint", 0.6, [(1.0, 0.6)])], "absent")
-
-
-def bare_version(client, name: str) -> str:
-    """A registry version of an empty run (promotion reads only aliases and tags)."""
-    import mlflow
-    try:
-        client.create_registered_model(name)
-    except mlflow.exceptions.MlflowException:
-        pass
-    run = client.create_run("0")
-    source = f"{run.info.artifact_uri}/model"
-    return str(client.create_model_version(name, source=source, run_id=run.info.run_id).version)
 
 
 def test_a_non_finite_metric_is_refused_and_a_non_finite_champion_is_replaced(mlflow_store):
