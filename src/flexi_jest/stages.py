@@ -217,6 +217,8 @@ def compare_stage(evaluations: list[dict[str, Any]], pipeline_run: str = "", exp
             by_step = efficiency.curve(path, metric, "step") if recorded else []
             step_curves[name] = [[p for p in by_step if p[0] < steps] + [(steps, final)]]
     summary = efficiency.summarize(curves, metric, shares, baseline, step_curves)
+    for name, (by_step,) in step_curves.items():  # the steps each learner trained (the last point of its curve)
+        summary["methods"][name]["steps"] = by_step[-1][0]
     if reference is not None:
         summary["reference"] = {"final_metric": float(reference["result"]["splits"][split][key]),
                                 "training_flops": float(reference.get("total_flops", 0.0))}
