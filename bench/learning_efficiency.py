@@ -357,11 +357,11 @@ def selection_parts(metrics_path: str) -> dict[str, dict[str, float]]:
 def run_experiment(args: argparse.Namespace, out: Path, methods: list[str], noise_rate: float,
                    overrides: dict[str, Any], tag: str,
                    reuse: dict[str, list[dict[str, Any]]] | None = None,
-                   reference_steps: int | None = None) -> dict[str, Any]:
+                   reference_steps: int | None = None, write: bool = True) -> dict[str, Any]:
     """Data at this noise rate -> reference -> cache -> every method x seed at one FLOP budget.
     `reuse`: runs of another experiment that are identical here (same data and budget), not rerun.
     `reference_steps`: train the reference for these steps instead of the regime's (the reference-strength
-    diagnostic)."""
+    diagnostic). `write=False`: only train, and return {"runs": {method: [run, ...]}} (no summary, no files)."""
     model = model_config(args)
     plan = regime_plan(args, methods, overrides) if args.regime in REGIME_METHODS else None
     pool_size = plan["pool"] if plan else args.pool
@@ -411,6 +411,8 @@ def run_experiment(args: argparse.Namespace, out: Path, methods: list[str], nois
             print(f"[{tag}] {name} seed {seed}: {steps} steps, {result.total_flops / 1e9:.0f} GFLOP, "
                   f"top1 {runs[name][-1]['curve'][-1][1]:.3f}, {time.perf_counter() - started:.0f} s", file=sys.stderr)
     runs = {name: runs[name] for name in methods if name in runs}
+    if not write:
+        return {"runs": runs}
     summary = summarize(runs, f"{args.dataset}.top1")
     summary.update(
         budget_flops=budget, reference_share_flops=reference_share, noise_rate=noise_rate, overrides=dict(overrides),
@@ -430,6 +432,34 @@ def run_experiment(args: argparse.Namespace, out: Path, methods: list[str], nois
     summary["plots"] = plot(runs, summary, out / tag, f"{args.dataset}, pool noise {noise_rate:.0%} ({tag})")
     (out / tag / "runs.json").write_text(json.dumps(runs, indent=1))
     return summary
+
+
+def stored_runs(args: argparse.Namespace, out: Path, methods: list[str]) -> dict[str, list[dict[str, Any]]]:
+    """The runs of --reuse-runs for the methods of this invocation, checked first: the first seed of the first
+    stored method is trained again here (or read back, when this --out already holds it) and its eval curve must
+    equal the stored one, else the stored runs came from other data, another reference or other code and are
+    refused. Only methods stored with this invocation's --seeds seeds are reused; the rest are trained."""
+    path = Path(args.reuse_runs)
+    stored = {name: runs for name, runs in json.loads(path.read_text()).items()
+              if name in methods and len(runs) == args.seeds}
+    if not stored:
+        raise SystemExit(f"--reuse-runs {path}: no method of {methods} stored with {args.seeds} seeds")
+    name = next(iter(stored))
+    seeds, args.seeds = args.seeds, 1
+    try:
+        check = run_experiment(args, out, [name], args.noise, {}, "main", write=False)
+    finally:
+        args.seeds = seeds
+    again, kept = check["runs"][name][0], stored[name][0]
+    same = again["steps"] == kept["steps"] and len(again["curve"]) == len(kept["curve"]) and all(
+        math.isclose(a, b, rel_tol=1e-9) and math.isclose(x, y, abs_tol=1e-9)
+        for (a, x), (b, y) in zip(again["curve"], kept["curve"]))
+    if not same:
+        raise SystemExit(f"--reuse-runs {path}: {name} seed 0 trained again gives {again['curve'][-1]} at "
+                         f"{again['steps']} steps, the stored run {kept['curve'][-1]} at {kept['steps']}: the stored "
+                         "runs are from other data, reference or code, so none is reused")
+    print(f"[main] reusing {sorted(stored)} from {path}: {name} seed 0 reproduced its stored curve", file=sys.stderr)
+    return stored
 
 
 def batch_diagnostic(args: argparse.Namespace, out: Path, pool_size: int) -> dict[str, Any]:
@@ -558,6 +588,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sweep-batch", type=int, nargs="+", default=[64, 128, 256])
     parser.add_argument("--validation-seed", type=int, default=1)
     parser.add_argument("--hparams", default=None, help="a --sweep's sweep.json: every method uses its chosen values")
+    parser.add_argument("--reuse-runs", default=None,
+                        help="a runs.json of an earlier invocation on the same data, reference and code (e.g. "
+                             "docs/results/paper-count.runs.json): its methods are taken as finished in the main "
+                             "experiment, once the first seed of its first method, trained again, reproduces its "
+                             "stored curve")
     parser.add_argument("--out", default="runs/bench/learning_efficiency")
     args = parser.parse_args(argv)
     paper = args.regime in REGIME_METHODS  # the paper and the capped regimes share their data rules
@@ -620,10 +655,12 @@ def main() -> None:
             for epochs in args.diagnostic_epochs if "reference" in experiments else []:
                 reference_and_cache(args, out, data_dir, round(epochs * args.curated / REFERENCE_BATCH))
     if "main" in experiments:
-        report["main"] = run_experiment(args, out, methods, args.noise, {}, "main")
+        reuse = stored_runs(args, out, methods) if args.reuse_runs else None
+        report["main"] = run_experiment(args, out, methods, args.noise, {}, "main", reuse=reuse)
     main_seeds, args.seeds = args.seeds, args.diagnostic_seeds or args.seeds
     if "reference" in experiments:  # JEST's gain as the reference trains longer (the main experiment: the longest)
-        uniform = json.loads((out / "main" / "runs.json").read_text()).get("uniform")  # the same runs: reused
+        main_runs = out / "main" / "runs.json"
+        uniform = json.loads(main_runs.read_text()).get("uniform") if main_runs.exists() else None  # reused
         uniform = uniform if uniform and len(uniform) == main_seeds else None
         report["reference_diagnostic"] = {
             f"epochs_{epochs:g}": run_experiment(

@@ -92,6 +92,37 @@ def test_learning_efficiency_bench_end_to_end_at_toy_size(tmp_path):
     assert {path: path.stat().st_mtime_ns for path in finished} == finished, "a rerun trains nothing again"
 
 
+def test_reuse_runs_takes_stored_methods_once_one_stored_run_reproduces(tmp_path):
+    """--reuse-runs: a second --out trains only the methods the stored runs.json lacks, after training the first
+    stored run again and finding its curve unchanged; a stored curve that the code does not reproduce (other
+    data, reference or code) refuses the whole file, naming the run."""
+    import subprocess
+    import sys
+    toy = [sys.executable, "bench/learning_efficiency.py", "--seeds", "1", "--jest-steps", "3", "--super-batch", "40",
+           "--chunks", "4", "--reference-steps", "2", "--curated", "100", "--pool", "300", "--eval-size", "40",
+           "--eval-points", "2"]
+    first = subprocess.run([*toy, "--methods", "uniform,joint-learnability", "--out", str(tmp_path / "a")],
+                           capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    stored = tmp_path / "a" / "main" / "runs.json"
+    command = [*toy, "--methods", "uniform,joint-learnability,independent-learnability", "--reuse-runs", str(stored),
+               "--out", str(tmp_path / "b")]
+    second = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "uniform seed 0 reproduced its stored curve" in second.stderr
+    trained = sorted(p.parent.parent.name for p in (tmp_path / "b" / "main").rglob("result.json"))
+    assert trained == ["independent-learnability", "uniform"]  # joint came from the stored file
+    methods = json.loads(second.stdout)["main"]["methods"]
+    assert methods["joint-learnability"]["final_metric"] == \
+        json.loads(first.stdout)["main"]["methods"]["joint-learnability"]["final_metric"]
+    runs = json.loads(stored.read_text())
+    runs["uniform"][0]["curve"][-1][1] += 0.01  # a curve this code does not give
+    stored.write_text(json.dumps(runs))
+    refused = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert refused.returncode != 0 and "uniform seed 0 trained again gives" in refused.stderr
+    assert "none is reused" in refused.stderr
+
+
 def test_capped_regime_plan_keeps_the_reference_small_and_the_pool_unrepeated():
     """--regime capped: the reference's training within 10 % of uniform's budget, and a pool large enough that
     no method draws a sample (the offline filter: a kept sample) more than --max-repetition times."""
