@@ -310,7 +310,7 @@ RUNNER_ENV = {"MLFLOW_TRACKING_URI": "http://10.88.0.1:5000", "FLEXI_JEST_S3_END
 def test_docker_runner_runs_as_uid_10001_with_only_the_services_and_keys(monkeypatch):
     from kfp import local
 
-    from pipelines.flexi_jest_pp import CONTAINER_ENV, docker_runner
+    from pipelines.runner import CONTAINER_ENV, docker_runner
     for name, value in RUNNER_ENV.items():
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("FLEXI_JEST_SOMETHING_ELSE", "stays here")
@@ -331,7 +331,7 @@ def test_docker_runner_runs_as_uid_10001_with_only_the_services_and_keys(monkeyp
     ({"storage_root": ""}, "storage_root=s3://"),
 ], ids=["sqlite", "loopback-mlflow", "loopback-s3", "no-s3", "local-storage"])
 def test_docker_runner_refuses_what_a_container_cannot_reach(monkeypatch, change, message):
-    from pipelines.flexi_jest_pp import docker_runner
+    from pipelines.runner import docker_runner
     monkeypatch.delenv("MLFLOW_S3_ENDPOINT_URL", raising=False)
     for name, value in RUNNER_ENV.items():
         monkeypatch.setenv(name, change.get(name, value))
@@ -343,7 +343,7 @@ def test_docker_runner_lets_a_quiet_component_and_a_busy_podman_be(monkeypatch):
     """docker-py's 60 s read timeout would cut a component's log stream after a minute without output."""
     import docker
 
-    from pipelines.flexi_jest_pp import DOCKER_API_TIMEOUT_S, docker_runner
+    from pipelines.runner import DOCKER_API_TIMEOUT_S, docker_runner
     for name, value in RUNNER_ENV.items():
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("DOCKER_HOST", "unix:///nonexistent/podman.sock")

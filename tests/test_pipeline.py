@@ -23,7 +23,7 @@ SMALL = {
 def test_compile_produces_ir_that_kfp_loads_back(tmp_path):
     from kfp import components
 
-    from pipelines.flexi_jest_pp import main
+    from pipelines.cli import main
     out = tmp_path / "pp.yaml"
     assert main(["compile", "--out", str(out)]) == 0
     loaded = components.load_component_from_file(str(out))
@@ -56,7 +56,7 @@ def test_the_knobs_of_a_rerun_are_typed_pipeline_parameters(tmp_path):
     learner's Pydantic config's; a typed knob overrides the stage's JSON config, 0 / "" keep its value."""
     from flexi_jest.config import ConfigError, TrainLearnerConfig
     from flexi_jest.pipeline_support import with_knobs
-    from pipelines.flexi_jest_pp import main
+    from pipelines.cli import main
 
     expected = {"learning_rate": "NUMBER_DOUBLE", "steps": "NUMBER_INTEGER", "batch_size": "NUMBER_INTEGER",
                 "super_batch_size": "NUMBER_INTEGER", "filter_ratio": "NUMBER_DOUBLE", "n_chunks": "NUMBER_INTEGER",
@@ -140,7 +140,7 @@ def open_clip_reference_checkpoint(path: Path) -> Path:
 def pipeline_run(tmp_path_factory, mlflow_server):
     """The whole pipeline once, tracked on the real MLflow server (artifacts and models go to its S3 store)."""
 
-    from pipelines.flexi_jest_pp import run_local
+    from pipelines.runner import run_local
     url, _ = mlflow_server
     workdir = tmp_path_factory.mktemp("pipeline")
     init = open_clip_reference_checkpoint(workdir / "open_clip_init.pt")
@@ -362,7 +362,7 @@ def test_rerun_with_one_learner_knob_changed_takes_upstream_stages_from_the_cach
     retrains the learners; both wall times are printed (the README's figure)."""
     import mlflow
 
-    from pipelines.flexi_jest_pp import run_local
+    from pipelines.runner import run_local
 
     workdir, first = pipeline_run
     reference_file = next((workdir / "kfp").rglob("reference-finetune/reference/model.pt"))
@@ -403,7 +403,7 @@ def test_rerun_of_the_learner_takes_one_argument_the_earlier_run(pipeline_run, t
     import mlflow
 
     from flexi_jest.pipeline_support import resolve_earlier_run
-    from pipelines.flexi_jest_pp import run_local
+    from pipelines.runner import run_local
 
     workdir, first = pipeline_run
     data_dir = next((workdir / "kfp").rglob("prepare-data/data"))
@@ -451,7 +451,7 @@ def test_rerun_of_the_evaluation_resolves_the_earlier_runs_learner(pipeline_run,
     through promotion, with nothing trained; the one argument is the earlier run's MLflow parent run id."""
     import mlflow
 
-    from pipelines.flexi_jest_pp import run_local
+    from pipelines.runner import run_local
 
     workdir, first = pipeline_run
     data_dir = next((workdir / "kfp").rglob("prepare-data/data"))
@@ -485,7 +485,7 @@ def test_rerun_from_the_reference_or_its_cache_resolves_the_data(pipeline_run, s
     evaluation and promotion."""
     import mlflow
 
-    from pipelines.flexi_jest_pp import run_local
+    from pipelines.runner import run_local
 
     workdir, first = pipeline_run
     with with_tracking_uri(first["tracking_uri"]):
@@ -633,7 +633,7 @@ def test_mlflow_ui_shows_the_champion_in_a_real_browser(pipeline_run, tmp_path):
 def test_submit_sends_the_compiled_pipeline_to_the_given_host(monkeypatch, capsys):
     import kfp
 
-    from pipelines import flexi_jest_pp as module
+    from pipelines import cli as module
     calls = {}
 
     class FakeClient:
@@ -673,7 +673,7 @@ def test_whole_pipeline_on_registered_img2dataset_data(mlflow_server, img2datase
     Before, every learner failed ('no usable sample in a whole pass', 3 shard visits) on the brace pattern, and
     the join at once."""
     from flexi_jest import storage
-    from pipelines.flexi_jest_pp import run_local
+    from pipelines.runner import run_local
     url, _ = mlflow_server
     for path in img2dataset_dir.iterdir():
         storage.upload_file(path, f"{s3}/laion/{path.name}")
@@ -698,7 +698,7 @@ def test_whole_pipeline_on_registered_img2dataset_data(mlflow_server, img2datase
 def test_run_local_keeps_one_cache_per_code_digest(tmp_path):
     """KFP's cache key holds a component's own source, not the library it calls: run-local's cache is per
     digest of src/flexi_jest and components/, so a library change never reuses a stage computed by older code."""
-    from pipelines.flexi_jest_pp import code_digest
+    from pipelines.runner import code_digest
     for part in ("src/flexi_jest/data", "components"):
         (tmp_path / part).mkdir(parents=True)
     (tmp_path / "src/flexi_jest/losses.py").write_text("SCALE = 10\n")
