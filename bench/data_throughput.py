@@ -31,8 +31,9 @@ from webdataset import TarWriter
 from flexi_jest import storage
 from flexi_jest.config import MODEL_PRESETS, PROFILES, ModelConfig, OptimConfig
 from flexi_jest.data.loader import StreamLoader
+from flexi_jest.losses import multi_patch_loss
 from flexi_jest.models import DualEncoder
-from flexi_jest.train import build_optimizer, multi_patch_loss
+from flexi_jest.train import build_optimizer
 
 
 def jpeg_shards(root: str, images: int, per_shard: int, seed: int = 0) -> None:

@@ -25,9 +25,10 @@ from timing import timed  # bench/timing.py
 from flexi_jest import flops
 from flexi_jest.config import MODEL_PRESETS, OptimConfig
 from flexi_jest.device import autocast, resolve_device
+from flexi_jest.losses import multi_patch_loss
 from flexi_jest.models import DualEncoder
 from flexi_jest.selection import joint_select_from_embeddings
-from flexi_jest.train import build_optimizer, multi_patch_loss
+from flexi_jest.train import build_optimizer
 
 DEFAULT_SUPER_BATCH = {"tiny": 10240, "small": 5120, "vit_b16": 1280}
 

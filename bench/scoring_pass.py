@@ -32,8 +32,9 @@ from timing import timed  # bench/timing.py
 from flexi_jest import flops
 from flexi_jest.config import MODEL_PRESETS, OptimConfig
 from flexi_jest.device import autocast, resolve_device
+from flexi_jest.losses import multi_patch_loss
 from flexi_jest.models import DualEncoder
-from flexi_jest.train import build_optimizer, multi_patch_loss
+from flexi_jest.train import build_optimizer
 
 
 def measure(preset: str, super_batch: int, filter_ratio: float, repeats: int, device: torch.device) -> dict:

@@ -33,9 +33,10 @@ from timing import timed  # bench/timing.py
 from flexi_jest.config import MODEL_PRESETS, OptimConfig
 from flexi_jest.device import resolve_device
 from flexi_jest.flops import training_step_flops
+from flexi_jest.losses import multi_patch_loss
 from flexi_jest.models import DualEncoder
 from flexi_jest.selection import chunk_sizes, joint_select, joint_select_from_embeddings, score_matrix
-from flexi_jest.train import build_optimizer, multi_patch_loss
+from flexi_jest.train import build_optimizer
 
 SOFTPLUS_FLOPS = 3  # per element: exp, add, log (log1p(exp(x))); counted as one FLOP each
 GUMBEL_FLOPS = 4  # per element and chunk: two logs, a negation, the add to the logits

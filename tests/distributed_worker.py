@@ -42,8 +42,8 @@ def loss(inputs: dict, world) -> dict:
 
 def ddp_step(inputs: dict, world) -> dict:
     """One DDP backward of the training loss (mixed patch sizes) on the rank's share of a batch."""
+    from flexi_jest.losses import multi_patch_loss
     from flexi_jest.models import DualEncoder
-    from flexi_jest.train import multi_patch_loss
     model = DualEncoder(inputs["model_config"])
     model.load_state_dict(inputs["state_dict"])
     net = torch.nn.parallel.DistributedDataParallel(model)

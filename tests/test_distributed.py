@@ -15,9 +15,9 @@ from conftest import TEST_MODEL
 from flexi_jest.checkpoint import load_model
 from flexi_jest.config import TrainLearnerConfig, TrainReferenceConfig
 from flexi_jest.distributed import World, check_divisible, shard
-from flexi_jest.losses import sigmoid_loss
+from flexi_jest.losses import multi_patch_loss, patch_groups, sigmoid_loss
 from flexi_jest.selection import joint_select_from_embeddings
-from flexi_jest.train import multi_patch_loss, patch_groups, train_learner, train_reference
+from flexi_jest.train import train_learner, train_reference
 
 WORKER = Path(__file__).parent / "distributed_worker.py"
 

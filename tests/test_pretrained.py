@@ -12,15 +12,10 @@ from flexi_jest.config import MODEL_PRESETS, ModelConfig, TrainLearnerConfig, Tr
 from flexi_jest.device import autocast, to_model_input
 from flexi_jest.distributed import World
 from flexi_jest.export import CONFIG_FILE, WEIGHTS_FILE, export_open_clip
+from flexi_jest.losses import accumulated_loss_backward, multi_patch_loss
 from flexi_jest.models import DualEncoder, Tokenizer
 from flexi_jest.models.pretrained import CheckpointMismatch, cached_pretrained_file, load_pretrained
-from flexi_jest.train import (
-    accumulated_loss_backward,
-    build_loader,
-    multi_patch_loss,
-    train_learner,
-    train_reference,
-)
+from flexi_jest.train import build_loader, train_learner, train_reference
 
 # A CLIP-class open_clip config (text tower inline, class-token pooling, quick_gelu), tiny, registered with
 # open_clip as any model config is, so the named-model path is tested without building a 100M-parameter ViT.

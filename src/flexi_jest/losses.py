@@ -1,4 +1,4 @@
-"""Sigmoid (SigLIP) loss, per pair and summed, as JEST needs it.
+"""Sigmoid (SigLIP) loss, per pair and summed, as JEST needs it, and a model's training loss over a batch.
 
 For L2-normalised image embeddings x [B, d] and text embeddings y [B, d]:
 
@@ -10,12 +10,19 @@ For L2-normalised image embeddings x [B, d] and text embeddings y [B, d]:
 The per-pair matrix is what JEST scores; the summed loss is what the learner trains on.
 """
 
+import contextlib
 import math
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
+
+from flexi_jest.distributed import World, gather_rows_with_grad, shard
+
+if TYPE_CHECKING:  # models/ imports this module's constants
+    from flexi_jest.models import DualEncoder
 
 LOGIT_SCALE_INIT = math.log(10.0)  # t' : temperature t = exp(t') = 10 at init (SigLIP)
 LOGIT_BIAS_INIT = -10.0  # b
@@ -92,3 +99,73 @@ def sigmoid_loss(
             block_sum = _block_loss_sum(rows, text_emb, logit_scale, logit_bias, offset)
         total = total + block_sum
     return total / batch
+
+
+# ---- a model's training loss over a batch (the towers' forward included) ----------------------------------
+
+
+def split_sizes(batch: int, parts: int) -> list[int]:
+    return [batch // parts + (1 if i < batch % parts else 0) for i in range(parts)]
+
+
+def patch_groups(batch: int, patch_sizes: list[int], rows: slice) -> list[int]:
+    """How many of `rows` (a slice of a batch of `batch`, split evenly over patch_sizes by position)
+    train at each patch size: a rank's share of a mixed-resolution batch, [count per patch size]."""
+    counts, start = [], 0
+    for size in split_sizes(batch, len(patch_sizes)):
+        counts.append(max(0, min(start + size, rows.stop) - max(start, rows.start)))
+        start += size
+    return counts
+
+
+def multi_patch_loss(
+    model: "DualEncoder", images: Tensor, tokens: Tensor, patch_sizes: list[int], loss_chunk_size: int | None = None,
+    world: World = World(), batch: int | None = None, net: torch.nn.Module | None = None,
+) -> Tensor:
+    """Sigmoid loss of a batch whose images are split evenly over patch_sizes. images [b, 3, H, W], tokens [b, L].
+
+    Distributed: images/tokens are this rank's rows shard(batch, world) of the batch; its images meet every
+    rank's texts and the rank's share of the loss is returned (the shares sum to the batch's loss).
+    net: the module whose forward runs the towers (the DDP wrapper of model), default model."""
+    batch = batch or images.shape[0]
+    rows = shard(batch, world)
+    image_emb, text_emb = (model if net is None else net)(images, tokens, patch_sizes,
+                                                          patch_groups(batch, patch_sizes, rows))
+    text_emb = gather_rows_with_grad(text_emb, world)
+    return sigmoid_loss(image_emb, text_emb, model.logit_scale, model.logit_bias, loss_chunk_size,
+                        row_offset=rows.start, normalizer=batch)
+
+
+def accumulated_loss_backward(
+    model: "DualEncoder", images: Tensor, tokens: Tensor, patch_sizes: list[int], micro_batch: int,
+    loss_chunk_size: int | None = None, autocast_context: Callable[[], Any] = contextlib.nullcontext,
+    net: torch.nn.Module | None = None,
+) -> Tensor:
+    """The sigmoid loss of a batch of b pairs (images split evenly over patch_sizes, as multi_patch_loss),
+    with its gradients accumulated into the model's parameters micro_batch pairs at a time; returns the
+    loss (detached). images [b, 3, H, W], tokens [b, L].
+
+    The SigLIP loss couples every image with every text, so it cannot be split by micro-batch: the
+    embeddings of all micro-batches are computed first without grad, the loss over the whole batch gives
+    the gradient of each embedding (and of the logit scale and bias), then each micro-batch's forward is
+    recomputed with grad and back-propagates its embeddings' gradient (as open_clip's accum_freq does).
+    The towers are deterministic (no dropout), so the gradients equal the single-batch ones."""
+    batch = images.shape[0]
+    forward = model if net is None else net
+    slices = [slice(start, min(start + micro_batch, batch)) for start in range(0, batch, micro_batch)]
+
+    def embed(rows: slice) -> tuple[Tensor, Tensor]:
+        with autocast_context():
+            return forward(images[rows], tokens[rows], patch_sizes, patch_groups(batch, patch_sizes, rows))
+
+    with torch.no_grad():
+        parts = [embed(rows) for rows in slices]
+    image_emb = torch.cat([p[0] for p in parts]).float().requires_grad_()
+    text_emb = torch.cat([p[1] for p in parts]).float().requires_grad_()
+    loss = sigmoid_loss(image_emb, text_emb, model.logit_scale, model.logit_bias, loss_chunk_size)
+    loss.backward()  # d loss / d embeddings; the scale's and bias's gradients, once
+    for rows in slices:
+        image_part, text_part = embed(rows)
+        torch.autograd.backward([image_part, text_part],
+                                [image_emb.grad[rows].to(image_part.dtype), text_emb.grad[rows].to(text_part.dtype)])
+    return loss.detach()

@@ -12,12 +12,9 @@ Runs checkpoint every `checkpoint_every` steps and resume exactly: same weights 
 Under torchrun (several processes) the same loops run data-parallel with DDP: see distributed.py.
 """
 
-import contextlib
 import json
 import math
-import queue
 import random
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -44,7 +41,7 @@ from flexi_jest.config import (
     TrainReferenceConfig,
     TrainResult,
 )
-from flexi_jest.data.loader import StreamLoader, merge_states
+from flexi_jest.data.loader import Prefetcher, StreamLoader, merge_states
 from flexi_jest.data.noise import CLEAN_KINDS, SAMPLE_KINDS, kind_shares, sample_kind
 from flexi_jest.data.transforms import ImageTransform
 from flexi_jest.device import autocast, to_model_input
@@ -56,7 +53,6 @@ from flexi_jest.distributed import (
     exchange_rows,
     gather_objects,
     gather_rows,
-    gather_rows_with_grad,
     init_world,
     shard,
     sum_over_ranks,
@@ -64,7 +60,7 @@ from flexi_jest.distributed import (
 from flexi_jest.evaluate import evaluate_model
 from flexi_jest.export import export_open_clip
 from flexi_jest.finite import check_model_finite
-from flexi_jest.losses import sigmoid_loss
+from flexi_jest.losses import accumulated_loss_backward, multi_patch_loss
 from flexi_jest.models import DualEncoder, Tokenizer
 from flexi_jest.models.pretrained import load_pretrained
 from flexi_jest.reference_cache import CacheError, OfflineFilter, ReferenceCache
@@ -94,73 +90,6 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig,
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def split_sizes(batch: int, parts: int) -> list[int]:
-    return [batch // parts + (1 if i < batch % parts else 0) for i in range(parts)]
-
-
-def patch_groups(batch: int, patch_sizes: list[int], rows: slice) -> list[int]:
-    """How many of `rows` (a slice of a batch of `batch`, split evenly over patch_sizes by position)
-    train at each patch size: a rank's share of a mixed-resolution batch, [count per patch size]."""
-    counts, start = [], 0
-    for size in split_sizes(batch, len(patch_sizes)):
-        counts.append(max(0, min(start + size, rows.stop) - max(start, rows.start)))
-        start += size
-    return counts
-
-
-def multi_patch_loss(
-    model: DualEncoder, images: Tensor, tokens: Tensor, patch_sizes: list[int], loss_chunk_size: int | None = None,
-    world: World = World(), batch: int | None = None, net: torch.nn.Module | None = None,
-) -> Tensor:
-    """Sigmoid loss of a batch whose images are split evenly over patch_sizes. images [b, 3, H, W], tokens [b, L].
-
-    Distributed: images/tokens are this rank's rows shard(batch, world) of the batch; its images meet every
-    rank's texts and the rank's share of the loss is returned (the shares sum to the batch's loss).
-    net: the module whose forward runs the towers (the DDP wrapper of model), default model."""
-    batch = batch or images.shape[0]
-    rows = shard(batch, world)
-    image_emb, text_emb = (model if net is None else net)(images, tokens, patch_sizes,
-                                                          patch_groups(batch, patch_sizes, rows))
-    text_emb = gather_rows_with_grad(text_emb, world)
-    return sigmoid_loss(image_emb, text_emb, model.logit_scale, model.logit_bias, loss_chunk_size,
-                        row_offset=rows.start, normalizer=batch)
-
-
-def accumulated_loss_backward(
-    model: DualEncoder, images: Tensor, tokens: Tensor, patch_sizes: list[int], micro_batch: int,
-    loss_chunk_size: int | None = None, autocast_context: Callable[[], Any] = contextlib.nullcontext,
-    net: torch.nn.Module | None = None,
-) -> Tensor:
-    """The sigmoid loss of a batch of b pairs (images split evenly over patch_sizes, as multi_patch_loss),
-    with its gradients accumulated into the model's parameters micro_batch pairs at a time; returns the
-    loss (detached). images [b, 3, H, W], tokens [b, L].
-
-    The SigLIP loss couples every image with every text, so it cannot be split by micro-batch: the
-    embeddings of all micro-batches are computed first without grad, the loss over the whole batch gives
-    the gradient of each embedding (and of the logit scale and bias), then each micro-batch's forward is
-    recomputed with grad and back-propagates its embeddings' gradient (as open_clip's accum_freq does).
-    The towers are deterministic (no dropout), so the gradients equal the single-batch ones."""
-    batch = images.shape[0]
-    forward = model if net is None else net
-    slices = [slice(start, min(start + micro_batch, batch)) for start in range(0, batch, micro_batch)]
-
-    def embed(rows: slice) -> tuple[Tensor, Tensor]:
-        with autocast_context():
-            return forward(images[rows], tokens[rows], patch_sizes, patch_groups(batch, patch_sizes, rows))
-
-    with torch.no_grad():
-        parts = [embed(rows) for rows in slices]
-    image_emb = torch.cat([p[0] for p in parts]).float().requires_grad_()
-    text_emb = torch.cat([p[1] for p in parts]).float().requires_grad_()
-    loss = sigmoid_loss(image_emb, text_emb, model.logit_scale, model.logit_bias, loss_chunk_size)
-    loss.backward()  # d loss / d embeddings; the scale's and bias's gradients, once
-    for rows in slices:
-        image_part, text_part = embed(rows)
-        torch.autograd.backward([image_part, text_part],
-                                [image_emb.grad[rows].to(image_part.dtype), text_emb.grad[rows].to(text_part.dtype)])
-    return loss.detach()
-
-
 @dataclass
 class StepOutput:
     loss: Tensor  # scalar with graph: this rank's share of the step's loss (the loss itself on one process)
@@ -182,49 +111,6 @@ def build_loader(cfg: TrainingConfig, spec: str, mode: str, batch_size: int, wor
     return StreamLoader(spec, batch_size, streams=cfg.data_streams, mode=mode, seed=cfg.seed, image_size=size,
                         transform=transform, workers=cfg.data_workers, attach=attach, rank=world.rank, world=world.size,
                         max_consecutive_bad=cfg.max_consecutive_bad_samples)
-
-
-class Prefetcher:
-    """Reads the next batch in a background thread while the current step computes.
-
-    Yields (batch, stream_state_after_batch): a checkpoint stores the state that belongs to the
-    last batch *trained on*, not to the batch already prefetched, so resume stays exact. An error
-    in the reader is re-raised in the training thread.
-    """
-
-    def __init__(self, stream: StreamLoader):
-        self.stream = stream
-        self.queue: queue.Queue = queue.Queue(maxsize=1)
-        self.stopped = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        try:
-            while not self.stopped.is_set():
-                batch = self.stream.next_batch()
-                self._put((batch, self.stream.state_dict(), None))
-        except BaseException as exc:  # handed to the training thread
-            self._put((None, None, exc))
-
-    def _put(self, item) -> None:
-        while not self.stopped.is_set():
-            try:
-                self.queue.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
-
-    def next(self) -> tuple[list[dict[str, Any]], dict[str, int]]:
-        batch, state, error = self.queue.get()
-        if error is not None:
-            self.close()
-            raise error
-        return batch, state
-
-    def close(self) -> None:
-        self.stopped.set()
-        self.thread.join(timeout=10)
 
 
 def run_training(
@@ -443,8 +329,138 @@ def train_reference(cfg: TrainReferenceConfig) -> TrainResult:
 # ---- the learner ------------------------------------------------------------------------------------------------
 
 
+class LearnerStep:
+    """One learner step on this rank's rows of the drawn batch (docs/method.md#the-learner-step): score the
+    super-batch (the learner's embeddings at the scoring patch, no grad, and the reference's cached ones), select
+    the sub-batch, train on it. Uniform and the offline filter draw the sub-batch itself and skip the first two.
+
+    Its one piece of state across steps is `dropped_seen`, the offline filter's drop count at the last step (the
+    stream reads one batch ahead, so each step reports the drops since the previous one). Called as a StepFn:
+    step(net, mine, generator) -> StepOutput, `mine` this rank's rows shard(draw, world) of the batch, decoded on
+    this rank only (uint8 on the host); the selected rows travel (uint8) to the ranks that train on them, so no
+    rank holds the whole super-batch on its device."""
+
+    def __init__(self, cfg: TrainLearnerConfig, model: DualEncoder, tokenizer: Tokenizer, device: torch.device,
+                 world: World, cache: ReferenceCache | None, offline_filter: OfflineFilter | None):
+        self.cfg, self.model, self.tokenizer, self.device, self.world = cfg, model, tokenizer, device, world
+        self.cache, self.offline_filter = cache, offline_filter
+        self.needs_reference = cfg.method not in ("uniform", "offline-filter") and cfg.score != "hard_learner"
+        self.uses_learner = cfg.score != "easy_reference"
+        self.uniform_draw = cfg.method in ("uniform", "offline-filter")
+        self.sub_batch = cfg.sub_batch_size
+        self.draw = self.sub_batch if self.uniform_draw else cfg.super_batch_size  # pairs drawn per step
+        self.scoring_rows = shard(self.draw, world)
+        self.local_scope = world.distributed and cfg.selection_scope == "local"
+        self.scoring_patch = cfg.scoring_patch_size or cfg.model.patch_size
+        # collectives run on the device with NCCL, on the host with gloo
+        self.comm_device = device if world.distributed and device.type == "cuda" else torch.device("cpu")
+        self.flops = {"learner_scoring": 0 if self.uniform_draw else flops.scoring_step_flops(
+                          cfg.model, self.draw, self.scoring_patch, self.sub_batch, cfg.method, self.uses_learner,
+                          cache.manifest["embed_dim"] if cache else None),
+                      "learner_training": flops.training_step_flops(cfg.model, self.sub_batch, cfg.train_patch_sizes)}
+        self.dropped_seen = 0
+
+    def __call__(self, net: torch.nn.Module, mine: list[dict[str, Any]], generator: torch.Generator) -> StepOutput:
+        images_u8 = torch.stack([s["image"] for s in mine])  # [B / world, 3, H, W] uint8
+        tokens = self.tokenizer([s["caption"] for s in mine])  # [B / world, L]
+        kinds = gather_rows(torch.tensor([sample_kind(s["meta"]) for s in mine], dtype=torch.uint8,
+                                         device=self.comm_device), self.world).cpu()  # [B]: an index into SAMPLE_KINDS
+        stats = self.filter_stats()
+        if self.uniform_draw:  # the drawn batch is the sub-batch: every rank trains on its own rows
+            chosen = torch.arange(self.draw)
+        else:
+            learner, reference = self.score(images_u8, tokens, mine)
+            chosen, selection_stats = self.select(learner, reference, generator)
+            stats.update(selection_stats)
+        stats.update(composition(kinds, chosen))
+        loss, done = self.train(net, images_u8, tokens, chosen)
+        return StepOutput(loss, self.sub_batch, self.flops, stats, backward_done=done)
+
+    def filter_stats(self) -> dict[str, float]:
+        """The offline filter's threshold, its drops since the last step and its kept share ({} without one)."""
+        f = self.offline_filter
+        if f is None:
+            return {}
+        dropped, self.dropped_seen = f.dropped - self.dropped_seen, f.dropped
+        return {"offline_threshold": f.threshold, "offline_dropped": float(dropped),
+                "offline_kept_fraction": f.kept / f.pool_size}
+
+    def score(self, images_u8: Tensor, tokens: Tensor, mine: list[dict[str, Any]]) -> tuple[tuple | None, tuple | None]:
+        """(learner, reference): each (image_emb [B', d], text_emb [B', d], logit_scale, logit_bias) or None when
+        the score does not use it. B' is the super-batch B (global selection: gathered from every rank) or this
+        rank's rows of it (local scope)."""
+        cfg, model, device, world, comm = self.cfg, self.model, self.device, self.world, self.comm_device
+        learner = reference = None
+        if self.uses_learner:  # this rank scores its rows of the super-batch
+            with torch.no_grad(), autocast(device, cfg.scoring_precision or cfg.precision):
+                pixels = to_model_input(images_u8, device, cfg.model.mean, cfg.model.std)
+                image_emb = model.encode_image(pixels, self.scoring_patch).float()
+                text_emb = model.encode_text(tokens.to(device)).float()
+            if not self.local_scope:  # global selection: every rank sees the whole super-batch's embeddings
+                image_emb, text_emb = gather_rows(image_emb, world), gather_rows(text_emb, world)
+            learner = (image_emb, text_emb, model.logit_scale.detach(), model.logit_bias.detach())
+        if self.needs_reference:
+            missing = [s["key"] for s in mine if "ref_image_emb" not in s]
+            if missing:
+                raise CacheError(f"samples {missing[:5]} have no reference-cache entry; re-run cache-reference")
+            ref_image = torch.stack([s["ref_image_emb"] for s in mine]).to(comm)
+            ref_text = torch.stack([s["ref_text_emb"] for s in mine]).to(comm)
+            if not self.local_scope:
+                ref_image, ref_text = gather_rows(ref_image, world), gather_rows(ref_text, world)
+            reference = (ref_image.to(device).float(), ref_text.to(device).float(),
+                         self.cache.logit_scale.to(device), self.cache.logit_bias.to(device))
+        return learner, reference
+
+    def select(self, learner, reference, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
+        """(chosen [b] indices into the super-batch, on the host; selection statistics). Global scope: the same
+        selection on every rank (the same embeddings, the same generator state); local: each rank picks its
+        share within its own rows, from its own draws."""
+        world, stats = self.world, {}
+        t0 = time.perf_counter()
+        if self.local_scope:
+            seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+            local_generator = torch.Generator(device=self.device).manual_seed(seed + world.rank)
+            picked, own = self.pick(learner, reference, self.sub_batch // world.size, local_generator)
+            chosen = gather_rows(picked.to(self.comm_device) + self.scoring_rows.start, world).cpu()
+            stats["score_selected_mean"] = own[picked].mean().item()
+        else:
+            chosen, own = self.pick(learner, reference, self.sub_batch, generator)
+            stats["score_selected_mean"] = own[chosen].mean().item()
+            chosen = chosen.cpu()
+        stats["selection_seconds"] = time.perf_counter() - t0
+        stats["score_superbatch_mean"] = own.mean().item()
+        return chosen, stats
+
+    def pick(self, learner, reference, n_select: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """(chosen indices [n_select], own scores [B']) over the embeddings given."""
+        cfg = self.cfg
+        own = own_scores(cfg.score, learner, reference)  # [B']
+        if cfg.method == "joint":  # Algorithm 1 without materialising the [B, B] score matrix
+            return joint_select_from_embeddings(cfg.score, learner, reference, n_select, cfg.n_chunks, generator), own
+        return independent_select(own, n_select, cfg.independent_mode, generator), own
+
+    def train(self, net: torch.nn.Module, images_u8: Tensor, tokens: Tensor, chosen: Tensor) -> tuple[Tensor, bool]:
+        """The training loss of the chosen rows (train_loss), this rank's share of them fetched from the ranks that
+        decoded them (uint8 until here)."""
+        cfg, device, world = self.cfg, self.device, self.world
+        train_images = exchange_rows(images_u8.to(self.comm_device), chosen, world)  # [b / world, 3, H, W]
+        train_tokens = exchange_rows(tokens.to(self.comm_device), chosen, world)  # [b / world, L]
+        return train_loss(self.model, net, cfg, to_model_input(train_images, device, cfg.model.mean, cfg.model.std),
+                          train_tokens.to(device), world, self.sub_batch, device)
+
+
+def composition(kinds: Tensor, chosen: Tensor) -> dict[str, float]:
+    """What a step drew and selected, by data.noise.SAMPLE_KINDS: the noisy share and each kind's share of each.
+    kinds [B] (indices into SAMPLE_KINDS), chosen [b] (indices into the drawn batch)."""
+    noisy = ~torch.isin(kinds, torch.tensor([SAMPLE_KINDS.index(k) for k in CLEAN_KINDS], dtype=kinds.dtype))
+    return {"noisy_fraction_selected": noisy[chosen].float().mean().item(),
+            "noisy_fraction_drawn": noisy.float().mean().item(),
+            **kind_shares(kinds[chosen], "selected"), **kind_shares(kinds, "drawn")}
+
+
 def train_learner(cfg: TrainLearnerConfig) -> TrainResult:
-    """JEST / Flexi-JEST learner training on the pool (see the module docstring; distributed.py for several ranks)."""
+    """JEST / Flexi-JEST learner training on the pool (see the module docstring; distributed.py for several ranks):
+    the reference's cache and the offline filter on the stream, then run_training over LearnerStep."""
     world, device, tokenizer = _prepare(cfg)
     model = build_model(cfg, device)
     offline = cfg.method == "offline-filter"  # uniform over the pool's top offline_keep_ratio by reference cosine
@@ -454,11 +470,9 @@ def train_learner(cfg: TrainLearnerConfig) -> TrainResult:
              if needs_reference or offline or prefilter else None)
     offline_filter = (OfflineFilter(cache, cfg.offline_keep_ratio) if offline
                       else OfflineFilter(cache, cfg.prefilter_keep_ratio) if prefilter else None)
-    sub_batch = cfg.sub_batch_size
-    uniform_draw = cfg.method in ("uniform", "offline-filter")
-    draw = sub_batch if uniform_draw else cfg.super_batch_size
-    check_divisible("super_batch_size", draw, world)
-    check_divisible("the sub-batch (super_batch_size * (1 - filter_ratio))", sub_batch, world)
+    step = LearnerStep(cfg, model, tokenizer, device, world, cache, offline_filter)
+    check_divisible("super_batch_size", step.draw, world)
+    check_divisible("the sub-batch (super_batch_size * (1 - filter_ratio))", step.sub_batch, world)
     if offline or (prefilter and not needs_reference):
         attach = offline_filter
     elif prefilter:
@@ -466,91 +480,11 @@ def train_learner(cfg: TrainLearnerConfig) -> TrainResult:
             return cache.attach(shard_name, offline_filter(shard_name, raws))
     else:
         attach = cache.attach if cache else None
-    stream = build_loader(cfg, cfg.pool, cfg.data_mode, draw, world, attach)
-    scoring_rows = shard(draw, world)
-    local_scope = world.distributed and cfg.selection_scope == "local"
-    scoring_patch = cfg.scoring_patch_size or cfg.model.patch_size
-    train_flops = flops.training_step_flops(cfg.model, sub_batch, cfg.train_patch_sizes)
-    uses_learner = cfg.score != "easy_reference"
-    score_flops = 0 if uniform_draw else flops.scoring_step_flops(
-        cfg.model, draw, scoring_patch, sub_batch, cfg.method, uses_learner,
-        cache.manifest["embed_dim"] if cache else None)
-    # collectives run on the device with NCCL, on the host with gloo
-    comm_device = device if world.distributed and device.type == "cuda" else torch.device("cpu")
-
-    def select(learner, reference, n_select: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        """(chosen indices [n_select], own scores [B']) over the embeddings given."""
-        own = own_scores(cfg.score, learner, reference)  # [B']
-        if cfg.method == "joint":  # Algorithm 1 without materialising the [B, B] score matrix
-            return joint_select_from_embeddings(cfg.score, learner, reference, n_select, cfg.n_chunks, generator), own
-        return independent_select(own, n_select, cfg.independent_mode, generator), own
-
-    dropped_seen = [0]
-
-    def step_fn(net: torch.nn.Module, mine: list[dict[str, Any]], generator: torch.Generator) -> StepOutput:
-        """mine: this rank's rows scoring_rows of the super-batch, decoded on this rank only (uint8 on the host).
-        The rank scores its rows; the selected sub-batch's rows travel (uint8) to the ranks that train on them,
-        so no rank holds the whole super-batch on its device."""
-        images_u8 = torch.stack([s["image"] for s in mine])  # [B / world, 3, H, W] uint8
-        tokens = tokenizer([s["caption"] for s in mine])  # [B / world, L]
-        stats: dict[str, float] = {}
-        kinds = gather_rows(torch.tensor([sample_kind(s["meta"]) for s in mine], dtype=torch.uint8,
-                                         device=comm_device), world).cpu()  # [B]: an index into SAMPLE_KINDS
-        noisy = ~torch.isin(kinds, torch.tensor([SAMPLE_KINDS.index(k) for k in CLEAN_KINDS], dtype=kinds.dtype))
-        if offline_filter:  # the stream's drops since the last step (the reader runs one batch ahead)
-            dropped, dropped_seen[0] = offline_filter.dropped - dropped_seen[0], offline_filter.dropped
-            stats.update(offline_threshold=offline_filter.threshold, offline_dropped=float(dropped),
-                         offline_kept_fraction=offline_filter.kept / offline_filter.pool_size)
-        if uniform_draw:  # the drawn batch is the sub-batch: every rank trains on its own rows
-            chosen = torch.arange(draw)
-        else:
-            learner = reference = None
-            if uses_learner:  # this rank scores its rows of the super-batch
-                with torch.no_grad(), autocast(device, cfg.scoring_precision or cfg.precision):
-                    pixels = to_model_input(images_u8, device, cfg.model.mean, cfg.model.std)
-                    image_emb = model.encode_image(pixels, scoring_patch).float()
-                    text_emb = model.encode_text(tokens.to(device)).float()
-                if not local_scope:  # global selection: every rank sees the whole super-batch's embeddings
-                    image_emb, text_emb = gather_rows(image_emb, world), gather_rows(text_emb, world)
-                learner = (image_emb, text_emb, model.logit_scale.detach(), model.logit_bias.detach())
-            if needs_reference:
-                missing = [s["key"] for s in mine if "ref_image_emb" not in s]
-                if missing:
-                    raise CacheError(f"samples {missing[:5]} have no reference-cache entry; re-run cache-reference")
-                ref_image = torch.stack([s["ref_image_emb"] for s in mine]).to(comm_device)
-                ref_text = torch.stack([s["ref_text_emb"] for s in mine]).to(comm_device)
-                if not local_scope:
-                    ref_image, ref_text = gather_rows(ref_image, world), gather_rows(ref_text, world)
-                reference = (ref_image.to(device).float(), ref_text.to(device).float(),
-                             cache.logit_scale.to(device), cache.logit_bias.to(device))
-            t0 = time.perf_counter()
-            if local_scope:  # each rank picks its share within its own shard, from its own draws
-                seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
-                local_generator = torch.Generator(device=device).manual_seed(seed + world.rank)
-                picked, own = select(learner, reference, sub_batch // world.size, local_generator)
-                chosen = gather_rows(picked.to(comm_device) + scoring_rows.start, world).cpu()
-                stats["score_selected_mean"] = own[picked].mean().item()
-            else:  # the same selection on every rank: the same embeddings and the same generator state
-                chosen, own = select(learner, reference, sub_batch, generator)
-                stats["score_selected_mean"] = own[chosen].mean().item()
-                chosen = chosen.cpu()
-            stats["selection_seconds"] = time.perf_counter() - t0
-            stats["score_superbatch_mean"] = own.mean().item()
-        stats["noisy_fraction_selected"] = noisy[chosen].float().mean().item()
-        stats["noisy_fraction_drawn"] = noisy.float().mean().item()
-        stats.update(kind_shares(kinds[chosen], "selected"), **kind_shares(kinds, "drawn"))
-        # this rank's share of the selected sub-batch, from the ranks that decoded it (uint8 until here)
-        train_images = exchange_rows(images_u8.to(comm_device), chosen, world)  # [b / world, 3, H, W]
-        train_tokens = exchange_rows(tokens.to(comm_device), chosen, world)  # [b / world, L]
-        loss, done = train_loss(model, net, cfg, to_model_input(train_images, device, cfg.model.mean, cfg.model.std),
-                                train_tokens.to(device), world, sub_batch, device)
-        return StepOutput(loss, sub_batch, {"learner_scoring": score_flops, "learner_training": train_flops}, stats,
-                          backward_done=done)
-
+    stream = build_loader(cfg, cfg.pool, cfg.data_mode, step.draw, world, attach)
     base = FlopsBreakdown(reference_training=cfg.reference_training_flops, reference_caching=cfg.reference_caching_flops
                           # the cosines, once, with the caching pass
                           + (offline_filter.flops if offline_filter else 0.0))
     if not (needs_reference or offline or prefilter):
         base = FlopsBreakdown()
-    name = f"learner[{cfg.method}{'' if uniform_draw else '/' + cfg.score}]"
-    return run_training(cfg, model, stream, step_fn, base, device, name, world)
+    name = f"learner[{cfg.method}{'' if step.uniform_draw else '/' + cfg.score}]"
+    return run_training(cfg, model, stream, step, base, device, name, world)

@@ -29,7 +29,9 @@ the stream. Images come back uint8 [3, S, S] (transforms.py); nothing here touch
 """
 
 import multiprocessing
+import queue
 import random
+import threading
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
@@ -320,3 +322,46 @@ def merge_states(states: list[dict[str, Any]]) -> dict[str, Any]:
             positions[stream] = list(state["positions"][stream])
     merged["positions"], merged["mine"] = positions, list(range(len(positions)))
     return merged
+
+
+class Prefetcher:
+    """Reads the next batch in a background thread while the current step computes.
+
+    Yields (batch, stream_state_after_batch): a checkpoint stores the state that belongs to the
+    last batch *trained on*, not to the batch already prefetched, so resume stays exact. An error
+    in the reader is re-raised in the training thread.
+    """
+
+    def __init__(self, stream: StreamLoader):
+        self.stream = stream
+        self.queue: queue.Queue = queue.Queue(maxsize=1)
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            while not self.stopped.is_set():
+                batch = self.stream.next_batch()
+                self._put((batch, self.stream.state_dict(), None))
+        except BaseException as exc:  # handed to the training thread
+            self._put((None, None, exc))
+
+    def _put(self, item) -> None:
+        while not self.stopped.is_set():
+            try:
+                self.queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def next(self) -> tuple[list[dict[str, Any]], dict[str, int]]:
+        batch, state, error = self.queue.get()
+        if error is not None:
+            self.close()
+            raise error
+        return batch, state
+
+    def close(self) -> None:
+        self.stopped.set()
+        self.thread.join(timeout=10)
