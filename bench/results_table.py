@@ -198,6 +198,10 @@ def paper_tables(experiment: dict) -> str:
             diff, se = difference(m, base)
             cells += [f"{diff:+.3f} ± {se:.3f}", "yes" if abs(diff) > 2 * se else "no"]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if "joint-learnability" in methods and "independent-learnability" in methods:  # the paper's ablation
+        diff, se = difference(methods["joint-learnability"], methods["independent-learnability"])
+        lines += ["", f"Joint − independent learnability: {diff:+.3f} ± {se:.3f} "
+                      f"({'significant' if abs(diff) > 2 * se else 'not significant'})."]
     kinds = ["clean", "hard_negative", "mismatched", "uninformative", "corrupted", "blank", "near_duplicate"]
     lines += ["", "**What each method trained on** (share of the selected sub-batches, mean over seeds and steps; "
               "noisy share in the first → last fifth of training; mean own score of the selected examples against "
@@ -228,17 +232,22 @@ def diagnostic_tables(report: dict) -> str:
         lines += ["**Reference strength** (joint learnability, filter 80 %, on references trained for fewer epochs; "
                   "uniform's runs are the main experiment's)", "",
                   "| reference epochs | reference top-1 | joint top-1 (mean ± sd) | − uniform (± s.e.) | significant | "
-                  "iterations ratio | learner FLOPs ratio |", "|---:|---:|---:|---:|---|---:|---:|"]
+                  "uniform's steps to joint's final top-1 / joint's (iterations gain) | joint's noisy share, first → "
+                  "last fifth |", "|---:|---:|---:|---:|---|---:|---:|"]
         for epochs, experiment in sorted(rows, key=lambda r: r[0]):
             joint = experiment["methods"]["joint-learnability"]
             diff, se = difference(joint, main["methods"]["uniform"])
-            learner = accounting(joint, "learner") if "accountings" in joint else {}
-            lines.append(f"| {epochs:g} | {experiment['reference_top1']:.3f} | {joint['final_metric']:.3f} ± "
+            runs_path = report.get("runs_paths", {}).get(f"reference_{epochs:.1f}")
+            gain = iterations_gain(runs_path) if runs_path else "–"
+            parts = joint.get("trained_on", {})
+            noisy = lambda part: 1 - parts.get(part, {}).get("selected_clean", math.nan) - parts.get(  # noqa: E731
+                part, {}).get("selected_hard_negative", math.nan)
+            lines.append(f"| {epochs:.1f} | {experiment['reference_top1']:.3f} | {joint['final_metric']:.3f} ± "
                          f"{joint['final_metric_std']:.3f} | {diff:+.3f} ± {se:.3f} | "
-                         f"{'yes' if abs(diff) > 2 * se else 'no'}"
-                         f" | {times(learner.get('steps_ratio'))} | {times(learner.get('flops_ratio'))} |")
+                         f"{'yes' if abs(diff) > 2 * se else 'no'} | {gain} | "
+                         f"{noisy('first_fifth'):.3f} → {noisy('last_fifth'):.3f} |")
     if report.get("batch_diagnostic"):
-        fraction = report["args"].get("diagnostic_fraction", 1.0)
+        fraction = report.get("batch_diagnostic_fraction", report["args"].get("diagnostic_fraction", 1.0))
         lines += ["", f"**Sub-batch size** (the same examples seen, {fraction:g} of the main experiment's: uniform's "
                   "steps scaled by the sub-batch; learner FLOPs about equal)", "",
                   "| sub-batch | uniform steps | uniform top-1 | joint steps | joint top-1 | uniform's steps to "
@@ -260,6 +269,8 @@ def iterations_gain(runs_path: str) -> str:
     """uniform's steps (seed-mean step curve, linear between evaluations) to reach joint's final top-1, over
     joint's steps: the per-iteration gain whether or not joint reaches uniform's final value."""
     from flexi_jest.efficiency import flops_to_reach, mean_curve
+    if not Path(runs_path).exists():  # a summary kept without its runs (docs/results: the runs are not stored)
+        return "–"
     runs = json.load(open(runs_path))
     uniform = mean_curve([r["steps_curve"] for r in runs["uniform"]])
     joint = mean_curve([r["steps_curve"] for r in runs["joint-learnability"]])
@@ -273,9 +284,15 @@ def main() -> None:
         return
     if report["main"].get("regime") == "paper":
         out = Path(report["args"]["out"])
-        fraction = report["args"].get("diagnostic_fraction", 1.0)
+        fraction = report.get("batch_diagnostic_fraction", report["args"].get("diagnostic_fraction", 1.0))
         report["runs_paths"] = {key: str(out / f"sub-batch{key.rsplit('_', 1)[-1]}-x{fraction:g}" / "runs.json")
                                 for key in report.get("batch_diagnostic", {})}
+        if report.get("reference_diagnostic"):  # each reference's runs.json holds uniform (reused) beside joint
+            report["runs_paths"].update({f"reference_{e['reference_epochs']:.1f}": str(
+                out / f"reference-epochs{key.split('_', 1)[1]}" / "runs.json")
+                for key, e in report["reference_diagnostic"].items()})
+            main_key = f"reference_{report['main']['reference_epochs']:.1f}"
+            report["runs_paths"][main_key] = str(out / "main" / "runs.json")
         print(paper_tables(report["main"]))
         print()
         print(diagnostic_tables(report))
