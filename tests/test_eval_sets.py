@@ -23,11 +23,11 @@ from flexi_jest.checkpoint import load_model
 from flexi_jest.cli import main as cli_main
 from flexi_jest.config import EvalSet, EvaluateConfig, EvaluateResult, SplitMetrics
 from flexi_jest.data.eval_sets import EvalSetError, assign_names, fill_template, open_eval_set
-from flexi_jest.data.shards import iter_split
 from flexi_jest.data.transforms import ImageTransform
 from flexi_jest.device import to_model_input
 from flexi_jest.evaluate import evaluate, evaluate_model
 from flexi_jest.models import Tokenizer
+from readers import read_split
 
 # ---- fixtures: one labelled, captioned set in every layout ---------------------------------------------------
 
@@ -37,7 +37,7 @@ def eval_samples(shapes_data):
     """The generated eval split's samples (image uint8 [3, 32, 32], caption, label) and its manifest."""
     path = shapes_data.splits["eval"].path
     manifest = json.loads(Path(path, "manifest.json").read_text())
-    return [(s["key"], s["image"], s["caption"], s["meta"]["label"]) for s in iter_split(path)], manifest
+    return [(s["key"], s["image"], s["caption"], s["meta"]["label"]) for s in read_split(path)], manifest
 
 
 def to_pil(image: torch.Tensor) -> Image.Image:

@@ -280,9 +280,9 @@ def write_imagefolder(split_dir: Path, root: Path, count: int) -> Path:
     """The first `count` samples of a generated split as class folders of PNGs (torchvision's ImageFolder)."""
     from PIL import Image
 
-    from flexi_jest.data.shards import iter_split
+    from readers import read_split
 
-    for position, sample in enumerate(iter_split(str(split_dir))):
+    for position, sample in enumerate(read_split(str(split_dir))):
         if position == count:
             break
         folder = root / sample["meta"]["label"]

@@ -230,7 +230,7 @@ def test_a_model_with_a_hugging_face_tokenizer_trains_and_exports_to_open_clip_e
     tokenized as open_clip does), and the export loads back into open_clip, by name and as a `local-dir:` folder
     that carries the tokenizer, with the same tokens and embeddings."""
     from flexi_jest.checkpoint import load_model
-    from flexi_jest.data.shards import iter_split
+    from readers import read_split
     from timm_towers import register_hf_tokenizer_clip
     name = register_hf_tokenizer_clip(tmp_path / "configs")
     their_tokenizer = open_clip.get_tokenizer(name)
@@ -245,7 +245,7 @@ def test_a_model_with_a_hugging_face_tokenizer_trains_and_exports_to_open_clip_e
 
     trained, _ = load_model(reference.checkpoint)
     trained.eval()
-    texts = [sample["caption"] for _, sample in zip(range(6), iter_split(shapes_data.splits["curated"].path, 32))]
+    texts = [sample["caption"] for _, sample in zip(range(6), read_split(shapes_data.splits["curated"].path, 32))]
     tokens = Tokenizer(trained.cfg)(texts)
     # no <unk>: the vocabulary covers them
     assert torch.equal(tokens, their_tokenizer(texts)) and not tokens.eq(2).any()

@@ -11,7 +11,8 @@ from conftest import BOTH_S3, free_port
 from flexi_jest import storage
 from flexi_jest.data.loader import StreamLoader
 from flexi_jest.data.sample import Sample
-from flexi_jest.data.shards import ReadStats, iter_split, write_split
+from flexi_jest.data.shards import ReadStats, write_split
+from readers import read_split
 
 
 def test_local_round_trip_and_listing(tmp_path):
@@ -149,15 +150,15 @@ def test_shards_on_s3_read_exactly_like_local_shards(s3, tmp_path):
     samples = [Sample(f"k-{i:03d}", Image.new("RGB", (8, 8), (i, 0, 0)), f"caption {i}", {"i": i}) for i in range(25)]
     write_split(iter(samples), f"{s3}/pool", samples_per_shard=10)
     write_split(iter(samples), str(tmp_path / "pool"), samples_per_shard=10)
-    remote = [(s["key"], s["caption"], s["image"].sum().item()) for s in iter_split(f"{s3}/pool")]
-    local = [(s["key"], s["caption"], s["image"].sum().item()) for s in iter_split(str(tmp_path / "pool"))]
+    remote = [(s["key"], s["caption"], s["image"].sum().item()) for s in read_split(f"{s3}/pool")]
+    local = [(s["key"], s["caption"], s["image"].sum().item()) for s in read_split(str(tmp_path / "pool"))]
     assert remote == local and len(remote) == 25
     with StreamLoader(f"{s3}/pool", 25, streams=1, mode="epoch", seed=1) as stream:
         assert len({s["key"] for s in stream.next_batch()}) == 25
     # a corrupted object on S3 is reported like a local one
     storage.write_bytes(f"{s3}/pool/shard-000001.tar", b"garbage")
     stats = ReadStats()
-    assert len(list(iter_split(f"{s3}/pool", stats=stats))) == 15
+    assert len(list(read_split(f"{s3}/pool", stats=stats))) == 15
     assert stats.skipped["checksum_mismatch"] == 1 and stats.skipped["short_shard"] == 1
 
 

@@ -9,9 +9,9 @@ from conftest import TEST_MODEL
 from flexi_jest.checkpoint import load_model
 from flexi_jest.config import CacheReferenceConfig, TrainLearnerConfig, TrainReferenceConfig
 from flexi_jest.data.noise import SAMPLE_KINDS
-from flexi_jest.data.shards import iter_split
 from flexi_jest.reference_cache import CacheError, ReferenceCache, cache_reference
 from flexi_jest.train import train_learner, train_reference
+from readers import read_split
 
 
 def learner_config(shapes_data, cache, out_dir, **overrides) -> TrainLearnerConfig:
@@ -39,7 +39,7 @@ def test_cache_covers_the_pool_and_matches_a_fresh_forward(reference, reference_
     assert image_emb.dtype.name == "float16" and image_emb.shape == (300, TEST_MODEL.embed_dim)
     model, _ = load_model(reference.checkpoint)
     model.eval()
-    sample = next(iter_split(shapes_data.splits["pool"].path, TEST_MODEL.image_size))
+    sample = next(read_split(shapes_data.splits["pool"].path, TEST_MODEL.image_size))
     from flexi_jest.models import Tokenizer
     with torch.no_grad():
         fresh = model.encode_text(Tokenizer(TEST_MODEL)([sample["caption"]]))[0]
@@ -285,7 +285,7 @@ def test_offline_filter_keeps_fewer_noisy_samples_than_the_pool_holds(shapes_dat
     cache_reference(CacheReferenceConfig(reference=trained.checkpoint, pool=shapes_data.splits["pool"].path,
                                          out_dir=cache_dir, batch_size=128))
     offline = OfflineFilter(ReferenceCache(cache_dir), 0.3)
-    noise = {s["key"]: s["meta"].get("noise", "clean") for s in iter_split(shapes_data.splits["pool"].path)}
+    noise = {s["key"]: s["meta"].get("noise", "clean") for s in read_split(shapes_data.splits["pool"].path)}
     pool_noisy = sum(kind != "clean" for kind in noise.values()) / len(noise)
     kept_noisy = sum(noise[key] != "clean" for key in offline.kept_keys) / offline.kept
     print(f"offline filter 30 %: noisy share kept {kept_noisy:.3f}, pool {pool_noisy:.3f}")

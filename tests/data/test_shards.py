@@ -8,7 +8,9 @@ from PIL import Image
 from flexi_jest.data.loader import StreamLoader
 from flexi_jest.data.manifest import read_manifest
 from flexi_jest.data.sample import Sample
-from flexi_jest.data.shards import ReadStats, iter_split, shard_names, write_split
+from flexi_jest.data.shards import ReadStats, write_split
+from flexi_jest.data.specs import SpecError, resolve
+from readers import read_split
 
 
 def colour_samples(n: int, prefix: str = "s"):
@@ -22,7 +24,7 @@ def test_write_then_read_round_trip(tmp_path):
     assert manifest["num_samples"] == 25
     assert [s["num_samples"] for s in manifest["shards"]] == [10, 10, 5]
     assert read_manifest(str(tmp_path / "split"))["dataset"] == "toy"
-    samples = list(iter_split(str(tmp_path / "split")))
+    samples = list(read_split(str(tmp_path / "split")))
     assert [s["key"] for s in samples] == [f"s-{i:05d}" for i in range(25)]
     assert samples[3]["caption"] == "colour number 3"
     assert samples[3]["meta"] == {"index": 3}
@@ -32,7 +34,7 @@ def test_write_then_read_round_trip(tmp_path):
 
 def test_reader_resizes_to_the_model_size(tmp_path):
     write_split(colour_samples(3), str(tmp_path), samples_per_shard=10)
-    assert all(tuple(s["image"].shape) == (3, 8, 8) for s in iter_split(str(tmp_path), image_size=8))
+    assert all(tuple(s["image"].shape) == (3, 8, 8) for s in read_split(str(tmp_path), image_size=8))
 
 
 def test_plain_directory_of_tars_without_manifest(tmp_path):
@@ -40,8 +42,9 @@ def test_plain_directory_of_tars_without_manifest(tmp_path):
     (tmp_path / "manifest.json").unlink()
     for shard in tmp_path.glob("shard-*.tar"):  # external names (flexi-jest's own without a manifest are refused)
         shard.rename(tmp_path / shard.name.replace("shard-", "web-"))
-    assert shard_names(str(tmp_path)) == ["web-000000.tar", "web-000001.tar", "web-000002.tar"]
-    assert len(list(iter_split(str(tmp_path)))) == 12
+    assert [shard.name for shard in resolve(str(tmp_path)).shards] == [
+        "web-000000.tar", "web-000001.tar", "web-000002.tar"]
+    assert len(list(read_split(str(tmp_path)))) == 12
 
 
 def test_truncated_shard_keeps_what_it_holds_and_is_reported(tmp_path):
@@ -50,7 +53,7 @@ def test_truncated_shard_keeps_what_it_holds_and_is_reported(tmp_path):
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) // 2])  # cut mid-shard
     stats = ReadStats()
-    keys = [s["key"] for s in iter_split(str(tmp_path), stats=stats)]
+    keys = [s["key"] for s in read_split(str(tmp_path), stats=stats)]
     assert keys[:10] == [f"s-{i:05d}" for i in range(10)]
     assert keys[-10:] == [f"s-{i:05d}" for i in range(20, 30)]  # the shard after it is read in full
     assert 10 < len(keys) < 30  # part of the damaged shard survives
@@ -64,7 +67,7 @@ def test_garbage_shard_does_not_crash(tmp_path):
     write_split(colour_samples(20), str(tmp_path), samples_per_shard=10)
     (tmp_path / "shard-000000.tar").write_bytes(b"this is not a tar file at all" * 10)
     stats = ReadStats()
-    keys = [s["key"] for s in iter_split(str(tmp_path), stats=stats)]
+    keys = [s["key"] for s in read_split(str(tmp_path), stats=stats)]
     assert keys == [f"s-{i:05d}" for i in range(10, 20)]
     assert stats.skipped["corrupt_shard"] == 1 and stats.skipped["short_shard"] == 1
 
@@ -88,15 +91,15 @@ def test_undecodable_image_and_empty_caption_are_skipped_and_counted(tmp_path):
         "k5.png": good.getvalue(), "k5.txt": b"also fine", "k5.json": b"{not json",
     })
     stats = ReadStats()
-    samples = list(iter_split(str(tmp_path), stats=stats))
+    samples = list(read_split(str(tmp_path), stats=stats))
     assert [s["key"] for s in samples] == ["k1"]  # k5's metadata (its label, its noise kind) is unreadable
     assert stats.skipped == {"bad_image": 1, "empty_caption": 1, "missing_image": 1, "bad_meta": 1}
     assert "1 samples read" in stats.summary()
 
 
 def test_missing_split_is_a_clear_error(tmp_path):
-    with pytest.raises(Exception, match="not a directory"):
-        list(iter_split(str(tmp_path / "nope")))
+    with pytest.raises(SpecError, match="not a directory"):  # specs.resolve, which every reader calls
+        resolve(str(tmp_path / "nope"))
 
 
 def test_stream_is_deterministic_shuffled_and_resumable(tmp_path):

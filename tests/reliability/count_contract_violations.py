@@ -1,6 +1,10 @@
-"""Count the inputs of the reliability fuzz strategies that break the reader's contract, by exception type,
+"""Count the inputs of the reliability fuzz strategies that break the reader's contract, by reader and exception type,
 for whichever flexi_jest PYTHONPATH selects: how docs/reliability.md measured the failures the fuzz finds in
 an older checkout (there a plain ValueError "corrupt manifest" counts as its own error). Not a test.
+
+Each input is read by the readers production uses (readers.py: the training stream, one epoch; the evaluation
+reader; the reference's caching pass); a checkout without them (before data/loader.py and data/eval_sets.py) is
+read by its shards.iter_split, the reader of that time.
 
     git worktree add --detach /tmp/base <commit>
     PYTHONPATH=/tmp/base/src .venv/bin/python tests/reliability/count_contract_violations.py 1000
@@ -8,6 +12,7 @@ an older checkout (there a plain ValueError "corrupt manifest" counts as its own
 """
 
 import collections
+import importlib.util
 import json
 import pathlib
 import sys
@@ -23,13 +28,9 @@ from flexi_jest import storage  # noqa: E402
 from flexi_jest.data import shards  # noqa: E402
 
 ALLOWED = tuple(error for error in (getattr(shards, "ShardError", None), storage.StorageError) if error)
-for missing in ("ShardError", "UnreadableSplitError"):  # an older checkout: names the test modules import
-    if not hasattr(shards, missing):
-        setattr(shards, missing, type(missing, (Exception,), {}))
 
 from faults import colour_samples  # noqa: E402
-from test_fuzz_manifests import damaged_manifests  # noqa: E402
-from test_fuzz_shards import damaged_shards  # noqa: E402
+from fuzz_inputs import damaged_manifests, damaged_shards  # noqa: E402
 
 found: collections.Counter = collections.Counter()
 inputs: collections.Counter = collections.Counter()
@@ -37,19 +38,50 @@ SETTINGS = settings(max_examples=int(sys.argv[1]), phases=[Phase.generate], data
                     suppress_health_check=list(HealthCheck))
 
 
+def production_readers() -> dict:
+    """name -> read(split) -> (samples read, samples counted as read), and the errors within that reader's contract."""
+    if not all(importlib.util.find_spec(f"flexi_jest.data.{name}") for name in ("loader", "eval_sets", "specs")):
+        def split_read(split):  # an older checkout: the reader of its time
+            stats = shards.ReadStats()
+            return len(list(shards.iter_split(split, 8, stats))), stats.samples
+        return {"iter_split": (split_read, ())}
+    from flexi_jest.data.eval_sets import EvalSetError
+    from flexi_jest.reference_cache import CacheError
+    from readers import cache_pass, cached_keys, eval_read, stream_epoch
+
+    def stream(split):
+        samples, loader = stream_epoch(split, 8)
+        return len(samples), loader.stats.samples - 1  # stream_epoch hands on the next epoch's first sample too
+
+    def evaluation(split):
+        samples, stats = eval_read(split, 8)
+        return len(samples), stats.samples
+
+    def caching(split):
+        cache_dir = tempfile.mkdtemp()
+        manifest = cache_pass(split, cache_dir)
+        return sum(len(keys) for keys in cached_keys(cache_dir).values()), manifest["read_stats"]["samples"]
+
+    return {"stream": (stream, ()), "eval": (evaluation, (EvalSetError,)),
+            "cache": (caching, (CacheError,))}  # CacheError: a key read twice, refused by a cache keyed by sample
+
+
+READERS = production_readers()
+
+
 def read(kind: str, split: pathlib.Path) -> None:
-    stats = shards.ReadStats()
-    try:
-        samples = list(shards.iter_split(str(split), 8, stats))
-        if stats.samples != len(samples):
-            found[f"{kind}: miscounted"] += 1
-    except ALLOWED:
-        pass
-    except ValueError as exc:
-        if not ("corrupt manifest" in str(exc) or "no shards" in str(exc)):
-            found[f"{kind}: {type(exc).__name__}"] += 1
-    except Exception as exc:  # noqa: BLE001 - counted
-        found[f"{kind}: {type(exc).__name__}"] += 1
+    for name, (reader, contract) in READERS.items():
+        try:
+            samples, counted = reader(str(split))
+            if counted != samples:
+                found[f"{kind} ({name}): miscounted"] += 1
+        except ALLOWED + contract:
+            pass
+        except ValueError as exc:
+            if not ("corrupt manifest" in str(exc) or "no shards" in str(exc)):
+                found[f"{kind} ({name}): {type(exc).__name__}"] += 1
+        except Exception as exc:  # noqa: BLE001 - counted
+            found[f"{kind} ({name}): {type(exc).__name__}"] += 1
 
 
 @SETTINGS
@@ -73,5 +105,5 @@ def manifest_bytes(data):
 
 shard_bytes()
 manifest_bytes()
-print(json.dumps({"flexi_jest": flexi_jest.__file__, "inputs": inputs, "failures": sum(found.values()),
-                  "by_type": found}, indent=1))
+print(json.dumps({"flexi_jest": flexi_jest.__file__, "readers": list(READERS), "inputs": inputs,
+                  "failures": sum(found.values()), "by_type": found}, indent=1))

@@ -1,6 +1,8 @@
 """Faults in a reference cache that used to train on silently: an edited manifest field, NaN or wrongly shaped
 embeddings, a truncated manifest, a pool whose captions changed after caching (no pool manifest to notice), and
-duplicate keys. Each is a CacheError naming the cache and what is wrong."""
+duplicate keys. Each is a CacheError naming the cache and what is wrong, from the caching pass (cache_reference), the
+cache's reader (ReferenceCache) or, for a changed sample, the training stream joining the cache's embeddings onto the
+samples it reads (StreamLoader's attach hook, as training uses it)."""
 
 import io
 import json
@@ -15,8 +17,8 @@ import torch
 from flexi_jest import storage
 from flexi_jest.checkpoint import load_model, save_model
 from flexi_jest.config import CacheReferenceConfig
-from flexi_jest.data.shards import ReadStats, iter_shard
 from flexi_jest.reference_cache import MANIFEST_DIGEST, CacheError, ReferenceCache, cache_reference, manifest_digest
+from readers import stream_batch
 
 
 @pytest.fixture
@@ -145,8 +147,13 @@ def pool_without_manifest(shapes_data, tmp_path):
     return pool
 
 
-def attach_all(cache: ReferenceCache, pool, shard: str) -> int:
-    return sum(1 for _ in cache.attach(storage.join(str(pool), shard), iter_shard(str(pool), shard, ReadStats())))
+def attach_all(cache: ReferenceCache, pool, shard: str, samples: int = 300) -> int:
+    """The training stream over one pool shard with the cache's embeddings joined (cache.attach as StreamLoader's
+    attach hook, as training joins them): its first epoch, in one batch of the shard's `samples`, each of which must
+    carry the reference's embeddings; returns how many distinct samples it read."""
+    batch, _ = stream_batch(storage.join(str(pool), shard), samples, attach=cache.attach)
+    assert all(s["ref_image_emb"].shape == s["ref_text_emb"].shape == (cache.manifest["embed_dim"],) for s in batch)
+    return len({s["key"] for s in batch})
 
 
 @pytest.mark.parametrize("member", ["txt", "png"])

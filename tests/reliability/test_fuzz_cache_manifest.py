@@ -13,9 +13,9 @@ import shutil
 import pytest
 import torch
 from faults import FUZZ_EXAMPLES, colour_samples, draw_damaged_bytes, fuzz_settings, no_hang
+from fuzz_inputs import json_values
 from hypothesis import given
 from hypothesis import strategies as st
-from test_fuzz_manifests import json_values
 
 from conftest import TEST_MODEL
 from flexi_jest import reference_cache, storage

@@ -1,5 +1,7 @@
 """Fault: a split manifest or a reference-cache manifest names a file outside its directory (../, an absolute
-path, another scheme). Every such name is refused, with the manifest and the name in the error, before it is read."""
+path, another scheme). Every such name is refused, with the manifest and the name in the error, before it is read:
+a split's by specs.resolve, which every reader calls, and so by the entry points production reads through (the
+training stream, the evaluation reader, the reference's caching pass, registration); a cache's by ReferenceCache."""
 
 import io
 import json
@@ -10,12 +12,16 @@ import pytest
 from PIL import Image
 
 from flexi_jest import storage
-from flexi_jest.config import CacheReferenceConfig
+from flexi_jest.config import CacheReferenceConfig, EvalSet, MakeDataConfig
+from flexi_jest.data.eval_sets import open_eval_set
+from flexi_jest.data.loader import StreamLoader
 from flexi_jest.data.manifest import UnsafeShardNameError
+from flexi_jest.data.register import register_data
 from flexi_jest.data.sample import Sample
-from flexi_jest.data.shards import iter_split, shard_names, write_split
+from flexi_jest.data.shards import write_split
 from flexi_jest.data.specs import resolve
 from flexi_jest.reference_cache import MANIFEST_DIGEST, CacheError, ReferenceCache, cache_reference, manifest_digest
+from readers import cache_pass
 
 ESCAPES = ["../../secret/outside.tar", "../outside.tar", "/tmp/secret/outside.tar", "s3://other-bucket/outside.tar",
            "file:///tmp/secret/outside.tar", "a/../../outside.tar", "./shard.tar", "a//b.tar", "..\\outside.tar"]
@@ -43,11 +49,20 @@ def test_split_manifest_naming_a_file_outside_the_split_is_refused(split_with_se
     manifest = json.loads((split / "manifest.json").read_text())
     manifest["shards"][1]["name"] = name
     (split / "manifest.json").write_text(json.dumps(manifest))
-    for read in (lambda: shard_names(str(split)), lambda: list(iter_split(str(split))),
-                 lambda: resolve(str(split)).shards):  # the dataset spec the training stream reads
+    spec = str(split)
+    readers = {
+        "resolve": lambda: resolve(spec),  # the dataset spec every reader resolves
+        "stream": lambda: StreamLoader(spec, 1, mode="epoch"),
+        "eval": lambda: open_eval_set(EvalSet(uri=spec)),
+        "cache": lambda: cache_pass(spec, spec + "-cache"),
+        "register": lambda: register_data(MakeDataConfig(source="register", out_dir=spec + "-registered",
+                                                         curated=spec, pool=spec, eval=spec)),
+    }
+    for reader, read in readers.items():
         with pytest.raises(UnsafeShardNameError) as error:  # a ShardError and a storage.UnsafeNameError
             read()
-        assert "manifest.json" in str(error.value) and repr(name) in str(error.value)
+        assert "manifest.json" in str(error.value) and repr(name) in str(error.value), reader
+    assert sorted(p.name for p in split.parent.iterdir()) == ["split"]  # no reader wrote anything
 
 
 def test_names_inside_the_directory_are_accepted():

@@ -7,15 +7,16 @@ with U+FFFD; unparsable JSON metadata is skipped and counted (bad_meta); a key r
 pass is kept and counted (duplicate_keys).
 """
 
+import pytest
 from faults import record, write_raw_split
 
 from conftest import TEST_MODEL
 from flexi_jest.config import CacheReferenceConfig, TrainReferenceConfig
 from flexi_jest.data.loader import StreamLoader
-from flexi_jest.data.shards import ReadStats, iter_split
 from flexi_jest.reference_cache import cache_reference
 from flexi_jest.tracking import numeric_metrics
 from flexi_jest.train import train_reference
+from readers import eval_read, stream_batch
 
 
 def mixed_split(path, duplicates: bool = True) -> str:
@@ -30,13 +31,20 @@ def mixed_split(path, duplicates: bool = True) -> str:
     return str(path)
 
 
-def test_non_utf8_caption_bad_meta_and_duplicates_are_counted(tmp_path):
-    stats = ReadStats()
-    samples = list(iter_split(mixed_split(tmp_path), 16, stats))
+@pytest.mark.parametrize("reader", ["stream", "eval"])
+def test_non_utf8_caption_bad_meta_and_duplicates_are_counted(tmp_path, reader):
+    """By the training stream (its first epoch: one batch of the 9 usable samples; each 6-sample shard is decoded
+    whole) and by the evaluation reader; the caching pass: test_training_and_caching_results_carry_read_stats."""
+    if reader == "stream":
+        samples, stats = stream_batch(mixed_split(tmp_path), 9, 16)
+        captions = [s["caption"] for s in samples]
+    else:
+        samples, stats = eval_read(mixed_split(tmp_path), 16)
+        captions = [caption for s in samples for caption in s.captions]
     assert stats.skipped == {"non_utf8_caption": 1, "bad_meta": 1, "bad_image": 1}
     assert stats.duplicate_keys == 2
     assert stats.samples == len(samples) == 9
-    assert all("\ufffd" not in s["caption"] for s in samples)
+    assert len(captions) == 9 and all("\ufffd" not in caption for caption in captions)
     assert "duplicate keys" in stats.summary() and "non_utf8_caption" in stats.summary()
 
 

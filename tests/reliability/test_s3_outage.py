@@ -1,9 +1,10 @@
 """Fault: the S3 endpoint stops in the middle of writing a split (or a reference cache), then comes back.
 
 Expected: the write fails with a clear StorageError naming the endpoint; nothing partial is visible as
-complete (the manifest, written last, is absent, and readers refuse the interrupted split); after the
-endpoint restarts, re-running the same write completes and the output reads whole. The endpoint is a
-real S3 HTTP server (moto, on loopback) spoken to by the real minio client, stopped and restarted on
+complete (the manifest, written last, is absent, and readers refuse the interrupted split: specs.resolve, the
+training stream, the evaluation reader, the reference's caching pass); after the endpoint restarts, re-running the
+same write completes and the output reads whole (the evaluation reader, the training stream's first epoch). The
+endpoint is a real S3 HTTP server (moto, on loopback) spoken to by the real minio client, stopped and restarted on
 the same port; moto keeps its objects in this process, as a restarted MinIO keeps its disk.
 """
 
@@ -13,8 +14,13 @@ import pytest
 from faults import colour_samples
 
 from flexi_jest import storage
+from flexi_jest.config import EvalSet
+from flexi_jest.data.eval_sets import open_eval_set
+from flexi_jest.data.loader import StreamLoader
 from flexi_jest.data.manifest import IncompleteSplitError, read_manifest
-from flexi_jest.data.shards import ReadStats, iter_split, write_split
+from flexi_jest.data.shards import write_split
+from flexi_jest.data.specs import resolve
+from readers import cache_pass, eval_read, stream_batch
 
 
 def free_port() -> int:
@@ -85,14 +91,18 @@ def test_s3_stopped_mid_split_write_then_restarted(endpoint, monkeypatch):
     monkeypatch.setattr(storage, "BACKOFF_SECONDS", 0.01)
     assert storage.list_names(split, ".tar") == ["shard-000000.tar", "shard-000001.tar"]  # the partial write
     assert read_manifest(split) is None  # ... is not complete: no manifest
-    with pytest.raises(IncompleteSplitError, match="write was interrupted"):
-        list(iter_split(split))
+    for read in (lambda: resolve(split), lambda: StreamLoader(split, 1), lambda: open_eval_set(EvalSet(uri=split)),
+                 lambda: cache_pass(split, f"{split}-cache")):
+        with pytest.raises(IncompleteSplitError, match="write was interrupted"):
+            read()
 
     manifest = write_split(colour_samples(40), split, samples_per_shard=10)  # the re-run
     assert manifest["num_samples"] == 40 and read_manifest(split)["num_samples"] == 40
-    stats = ReadStats()
-    assert [s["key"] for s in iter_split(split, stats=stats)] == [f"s-{i:05d}" for i in range(40)]
-    assert stats.complete and stats.samples == 40
+    keys = [f"s-{i:05d}" for i in range(40)]
+    samples, stats = eval_read(split)
+    assert [s.key for s in samples] == keys and stats.complete and stats.samples == 40
+    batch, stats = stream_batch(split, 40)  # the training stream's first epoch, in one batch
+    assert sorted(s["key"] for s in batch) == keys and stats.complete and stats.samples == 40
 
 
 def test_s3_stopped_mid_cache_write_then_restarted(endpoint, monkeypatch, tmp_path):

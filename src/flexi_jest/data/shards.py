@@ -1,10 +1,11 @@
-"""Webdataset tar shards: writing splits and reading them robustly (the training stream: loader.py; which shards a
-dataset is: specs.py).
+"""Webdataset tar shards: writing splits, and the primitives that read a shard robustly (iter_tar, decode_sample),
+which every reader shares: the training stream (loader.py), evaluation (eval_sets.py), the reference's caching pass
+(reference_cache.py) and registration (register.py). Which shards a dataset is: specs.py (resolve).
 
 A split directory holds `shard-000000.tar`, ... (members `key.png|jpg`, `key.txt`, `key.json`) and
 `manifest.json`, written last, with per-shard sample counts and sha256 checksums. A directory of
 external tars without a manifest is read too; shards named `shard-NNNNNN.tar` without a manifest are
-an interrupted write, refused (IncompleteSplitError). The manifest and its checks: manifest.py.
+an interrupted write, refused by specs.resolve (IncompleteSplitError). The manifest and its checks: manifest.py.
 
 Reading never crashes on bad bytes and never drops data silently: a missing, corrupt or truncated
 shard, an image that fails to decode, a blank or non-UTF-8 caption (or one holding NUL bytes), unparsable
@@ -33,16 +34,9 @@ from webdataset.tariterators import base_plus_ext, group_by_keys
 
 from flexi_jest import storage
 from flexi_jest.config import ReadStatsSummary
-from flexi_jest.data.manifest import (
-    FORMAT,
-    MANIFEST,
-    ShardError,
-    check_not_interrupted,
-    read_manifest,
-    shard_uri,
-)
+from flexi_jest.data.manifest import FORMAT, MANIFEST, ShardError
 from flexi_jest.data.sample import Sample
-from flexi_jest.data.specs import Shard, open_shard, resolve
+from flexi_jest.data.specs import Shard, open_shard
 from flexi_jest.data.transforms import ImageTransform, decode_image
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
@@ -127,22 +121,6 @@ class UnreadableSplitError(ShardError):
 
 class PartialReadError(ShardError):
     """Some samples or shards of a split that must be read whole (evaluation) could not be read."""
-
-
-def shard_names(split_dir: str) -> list[str]:
-    """Shard file names of a split, from its manifest or, without one, every *.tar in the directory.
-
-    Shards named as write_split names them (shard-000000.tar, ...) without a manifest are an interrupted
-    write, refused: the manifest is written last, so its absence means the split may be incomplete."""
-    manifest = read_manifest(split_dir)
-    names = [s["name"] for s in manifest["shards"]] if manifest else storage.list_names(split_dir, ".tar")
-    if not manifest:
-        check_not_interrupted(split_dir, names)
-    for name in names:  # a manifest's names stay inside the split (no ../, absolute path or scheme)
-        shard_uri(split_dir, name)
-    if not names:
-        raise ShardError(f"no shards in {split_dir}")
-    return names
 
 
 # reasons that mean samples were lost (see config.ReadStatsSummary); the rest damage a whole shard
@@ -304,13 +282,6 @@ def caption_text(data: bytes, key: str, stats: ReadStats) -> str | None:
     return text
 
 
-def iter_shard(split_dir: str, name: str, stats: ReadStats,
-               expected: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
-    """iter_tar of the shard `name` of a split directory; expected: its manifest entry (num_samples, sha256)."""
-    expected = expected or {}
-    yield from iter_tar(Shard(shard_uri(split_dir, name), expected.get("num_samples"), expected.get("sha256")), stats)
-
-
 def decode_meta(raw: dict[str, Any], stats: ReadStats) -> dict[str, Any] | None:
     """A sample's JSON metadata ({} without one), or None, counted as bad_meta, unless it parses to an object."""
     try:
@@ -363,15 +334,3 @@ def decode_sample(raw: dict[str, Any], image_size: int | None, stats: ReadStats,
             decoded[extra] = raw[extra]
     return decoded
 
-
-def iter_split(spec: str, image_size: int | None = None, stats: ReadStats | None = None,
-               transform: ImageTransform | None = None) -> Iterator[dict[str, Any]]:
-    """Every usable sample of a dataset spec (a split directory, a pattern, ...: specs.py) once, in shard order (for
-    caching and evaluation); stats counts the rest."""
-    stats = stats if stats is not None else ReadStats()
-    for shard in resolve(spec).shards:
-        for raw in iter_tar(shard, stats):
-            stats.note_key(raw["__key__"], shard.url)
-            sample = decode_sample(raw, image_size, stats, transform)
-            if sample is not None:
-                yield sample
