@@ -9,8 +9,8 @@ Caching: the stages KFP may take from its cache (data, reference, reference cach
 take content only: their typed config, their input artifacts (URI, sha256) and the image (the code
 version). Run names, the KFP run ID and MLflow run ids never enter them, so a cloned run with one
 learner knob changed reuses everything upstream. Their MLflow runs are attached to the pipeline's parent
-run by the tracking-only tasks (open_tracking, track_stages, compare_methods, promote_model,
-close_tracking), which are never cached and know the parent by the KFP run ID.
+run by the tracking-only tasks (open_tracking, track_stages, compare, promote, close_tracking), which are
+never cached and know the parent by the KFP run ID.
 """
 
 from typing import List, NamedTuple
@@ -41,10 +41,10 @@ def open_tracking(kfp_run_id: str, run_name: str, experiment: str, dataset: str,
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def prepare_data(config_json: str, profile: str, dataset: str, storage_root: str, experiment: str,
-                 curated: Output[Dataset], pool: Output[Dataset], eval_split: Output[Dataset],
-                 source: str = "generate", curated_uri: str = "", pool_uri: str = "", eval_uri: str = "",
-                 data_access: str = "{}") -> str:
+def make_data(config_json: str, profile: str, dataset: str, storage_root: str, experiment: str,
+              curated: Output[Dataset], pool: Output[Dataset], eval_split: Output[Dataset],
+              source: str = "generate", curated_uri: str = "", pool_uri: str = "", eval_uri: str = "",
+              data_access: str = "{}") -> str:
     """source 'generate': write the curated / pool / eval webdataset shards; 'register': check the user's own
     (curated_uri, pool_uri, eval_uri: dataset specs) and record them under storage_root, reading them only.
     data_access: a JSON config.DataAccess for every stage that reads data ("{}": storage only, no pipe: or http)."""
@@ -75,9 +75,9 @@ def prepare_data(config_json: str, profile: str, dataset: str, storage_root: str
 
 
 @dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
-def reference_finetune(config_json: str, profile: str, storage_root: str, experiment: str,
-                       curated: Input[Dataset], model: Output[Model], metrics: Output[Metrics],
-                       batch_size: int = 0, init_checkpoint: str = "", data_access: str = "{}") -> str:
+def train_reference(config_json: str, profile: str, storage_root: str, experiment: str,
+                    curated: Input[Dataset], model: Output[Model], metrics: Output[Metrics],
+                    batch_size: int = 0, init_checkpoint: str = "", data_access: str = "{}") -> str:
     """Train the reference on the curated split (SigLIP), resuming from its checkpoints on a retry; the typed
     knobs (0 / "": the config's own) override config_json."""
     import json
@@ -103,9 +103,9 @@ def reference_finetune(config_json: str, profile: str, storage_root: str, experi
 
 
 @dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
-def cache_reference_scores(config_json: str, profile: str, experiment: str,
-                           reference: Input[Model], pool: Input[Dataset], cache: Output[Dataset],
-                           storage_root: str = "", data_access: str = "{}") -> str:
+def cache_reference(config_json: str, profile: str, experiment: str,
+                    reference: Input[Model], pool: Input[Dataset], cache: Output[Dataset],
+                    storage_root: str = "", data_access: str = "{}") -> str:
     """One pass of the frozen reference over the pool; the cache is written beside this task's output (under
     storage_root when set), unique per run and task: a rerun never overwrites the cache an earlier run's
     learners read (the config's out_dir, if it sets one, wins)."""
@@ -169,7 +169,7 @@ def train_learner(config_json: str, profile: str, method: str, score: str, filte
                    "method": main_method, "score": main_score, "out_dir": out_dir,
                    **shared} if budget != "steps" else {}
     values = baseline_values(values, main_values, profile, budget)
-    # a few evaluations during training: the accuracy-vs-FLOPs curve compare_methods draws
+    # a few evaluations during training: the accuracy-vs-FLOPs curve the compare stage draws
     values = with_eval_points("train-learner", values, profile, eval_split.metadata["uri"])
     multinode = {**json.loads(multinode_json), "nodes": nodes} if nodes > 1 else None
     if main_method:  # a baseline: it may train beside the others on one machine (run-local)
@@ -190,9 +190,9 @@ def train_learner(config_json: str, profile: str, method: str, score: str, filte
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def zero_shot_eval(config_json: str, profile: str, method: str, experiment: str,
-                   model: Input[Model], eval_split: Input[Dataset], metrics: Output[Metrics], report: Output[HTML],
-                   eval_sets: List[str] = [], champion_metric: str = "", data_access: str = "{}") -> str:
+def evaluate(config_json: str, profile: str, method: str, experiment: str,
+             model: Input[Model], eval_split: Input[Dataset], metrics: Output[Metrics], report: Output[HTML],
+             eval_sets: List[str] = [], champion_metric: str = "", data_access: str = "{}") -> str:
     """Zero-shot classification and retrieval on the pipeline's eval split and on eval_sets ('name=uri', each
     reported under its name); a report with the metric against training FLOPs. champion_metric (e.g.
     'imagenet-val.top1'; "" keeps the config's, by default the eval split's top1) is what promotion compares."""
@@ -236,8 +236,8 @@ def track_stages(parent_run_id: str, first: str = "", second: str = "", third: s
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def compare_methods(main: str, baselines: List[str], parent_run_id: str,
-                    report: Output[HTML], metrics: Output[Metrics], reference: str = "") -> str:
+def compare(main: str, baselines: List[str], parent_run_id: str,
+            report: Output[HTML], metrics: Output[Metrics], reference: str = "") -> str:
     """The learners this run trained side by side: eval metric against total training FLOPs (the benchmark's
     plot), steps and FLOPs to reach the uniform baseline's final metric and the ratios (charged, and with the
     reference amortised), and the reference's own metric (reference: its evaluation); on the MLflow parent run."""
@@ -259,8 +259,8 @@ def compare_methods(main: str, baselines: List[str], parent_run_id: str,
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def promote_model(evaluation_json: str, learner_json: str, reference_json: str, parent_run_id: str,
-                  experiment: str, promotion_config: str = "{}") -> str:
+def promote(evaluation_json: str, learner_json: str, reference_json: str, parent_run_id: str,
+            experiment: str, promotion_config: str = "{}") -> str:
     """Register learner and reference (each once, however often KFP's cache hands them over); move `champion`
     to the learner only if it beats the current champion under the champion rule (promotion_config: a JSON
     config.ChampionRule). reference_json: the reference stage's output, or {"mlflow_run_id": ...} of a
@@ -294,7 +294,7 @@ def resolve_run(from_run: str, parent_run_id: str, stage: str, curated: Output[D
     (flexi_jest.pipeline_support.RERUN_INPUTS): curated, pool, reference cache, eval split, the reference (with its
     registered version) and the run's main learner (its training result as the artifact's file); an output the
     stage does not need and the run did not record has uri "". Recorded on this run's parent run too.
-    reference_json / learner_json: {"mlflow_run_id": ...} of the reference and learner runs for promote_model.
+    reference_json / learner_json: {"mlflow_run_id": ...} of the reference and learner runs for the promote stage.
     The MLflow tags are input: checked first (pipeline_support.check_recorded_outputs; a pipe: or http(s) spec
     refused unless data_access, a JSON config.DataAccess, allows it)."""
     import json

@@ -50,7 +50,7 @@ def parse_params(pairs: list[str], pipeline=None) -> dict[str, Any]:
     return params
 
 
-def submit(host: str, experiment: str, params: dict[str, Any], from_stage: str = "prepare_data", learner_nodes: int = 1,
+def submit(host: str, experiment: str, params: dict[str, Any], from_stage: str = "make_data", learner_nodes: int = 1,
            gpus_per_node: int = 1, service_account: str = "") -> None:
     """Submit to a Kubeflow Pipelines endpoint. A multi-node learner launches a PyTorchJob: run the pipeline under
     a service account allowed to (k8s/base: flexi-jest-pipeline-runner's Role)."""
@@ -88,8 +88,8 @@ def main(argv: list[str] | None = None) -> int:
                          "on this many nodes (storage_root must be s3://...)")
         sub.add_argument("--gpus-per-node", type=int, default=1)
     for sub in (c, r, s):
-        sub.add_argument("--from-stage", default="prepare_data", choices=list(PIPELINES),
-                         help="prepare_data: the whole pipeline; another stage: rerun from it on an earlier run's "
+        sub.add_argument("--from-stage", default="make_data", choices=list(PIPELINES),
+                         help="make_data: the whole pipeline; another stage: rerun from it on an earlier run's "
                               "outputs, given by --from-run (" + "; ".join(f"{k}: {v}" for k, v in RERUN_STAGES.items())
                               + ")")
     for sub in (r, s):
@@ -97,13 +97,13 @@ def main(argv: list[str] | None = None) -> int:
                          "outputs (its KFP run ID or MLflow parent run id), from --from-stage (default: train_learner)")
     args = parser.parse_args(argv)
     from_stage = args.from_stage
-    if getattr(args, "from_run", "") and from_stage == "prepare_data":
+    if getattr(args, "from_run", "") and from_stage == "make_data":
         from_stage = "train_learner"
     pipeline = PIPELINES[from_stage][0]
     params = parse_params(getattr(args, "param", []), pipeline)
     if getattr(args, "from_run", ""):
         params["from_run"] = args.from_run
-    if args.command != "compile" and from_stage != "prepare_data" and not params.get("from_run"):
+    if args.command != "compile" and from_stage != "make_data" and not params.get("from_run"):
         raise SystemExit(f"--from-stage {from_stage} reruns on an earlier run's outputs: give that run with --from-run")
     if args.command == "compile":
         compile_pipeline(args.out, from_stage, args.learner_nodes, args.gpus_per_node)

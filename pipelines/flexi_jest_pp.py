@@ -30,17 +30,17 @@ from kfp.dsl import pipeline_context  # noqa: E402
 
 from components.image import GPU_IMAGE  # noqa: E402
 from components.stages import (  # noqa: E402
-    cache_reference_scores,
+    cache_reference,
     close_tracking,
-    compare_methods,
+    compare,
+    evaluate,
+    make_data,
     open_tracking,
-    prepare_data,
-    promote_model,
-    reference_finetune,
+    promote,
     resolve_run,
     track_stages,
     train_learner,
-    zero_shot_eval,
+    train_reference,
 )
 from flexi_jest.config import METHOD_PRESETS, TrainLearnerConfig  # noqa: E402
 
@@ -155,14 +155,14 @@ def train_evaluate_promote(settings: ClusterSettings, *, learner_config, eval_co
                          data_access=data_access)
     # several nodes: this task only launches and watches the PyTorchJob, so it needs no GPU itself
     learner = (task if multinode else on_gpu_pool(settings, task, accelerator_type, accelerator_count)).set_retry(2)
-    evaluation = zero_shot_eval(config_json=eval_config, profile=profile, method=method, experiment=experiment,
-                                model=learner.outputs["model"], eval_split=eval_split, eval_sets=eval_sets,
-                                champion_metric=champion_metric, data_access=data_access)
+    evaluation = evaluate(config_json=eval_config, profile=profile, method=method, experiment=experiment,
+                          model=learner.outputs["model"], eval_split=eval_split, eval_sets=eval_sets,
+                          champion_metric=champion_metric, data_access=data_access)
     track_stages(parent_run_id=parent_run_id, first=learner.outputs["Output"],
                  second=evaluation.outputs["Output"]).set_caching_options(False)
-    promote_model(evaluation_json=evaluation.outputs["Output"], learner_json=learner.outputs["Output"],
-                  reference_json=reference_json, parent_run_id=parent_run_id, experiment=experiment,
-                  promotion_config=promotion_config).set_caching_options(False)
+    promote(evaluation_json=evaluation.outputs["Output"], learner_json=learner.outputs["Output"],
+            reference_json=reference_json, parent_run_id=parent_run_id, experiment=experiment,
+            promotion_config=promotion_config).set_caching_options(False)
     return evaluation
 
 
@@ -234,14 +234,14 @@ def flexi_jest_pp_definition(
                                      method=method, score=score, filter_ratio=filter_ratio, n_chunks=n_chunks,
                                      steps=steps, storage_root=storage_root)
         parent_run_id = tracking.outputs["Output"]
-        data = prepare_data(config_json=data_config, profile=profile, dataset=dataset, storage_root=storage_root,
-                            experiment=experiment, source=data_source, curated_uri=curated_uri, pool_uri=pool_uri,
-                            eval_uri=eval_uri, data_access=data_access).after(tracking)
-        reference = on_gpu_pool(settings, reference_finetune(
+        data = make_data(config_json=data_config, profile=profile, dataset=dataset, storage_root=storage_root,
+                         experiment=experiment, source=data_source, curated_uri=curated_uri, pool_uri=pool_uri,
+                         eval_uri=eval_uri, data_access=data_access).after(tracking)
+        reference = on_gpu_pool(settings, train_reference(
             config_json=reference_config, profile=profile, storage_root=storage_root, experiment=experiment,
             curated=data.outputs["curated"], batch_size=batch_size, init_checkpoint=init_checkpoint,
             data_access=data_access), accelerator_type, accelerator_count)
-        cache = on_gpu_pool(settings, cache_reference_scores(
+        cache = on_gpu_pool(settings, cache_reference(
             config_json=cache_config, profile=profile, experiment=experiment, storage_root=storage_root,
             reference=reference.outputs["model"], pool=data.outputs["pool"], data_access=data_access),
             accelerator_type, accelerator_count)
@@ -267,12 +267,12 @@ def flexi_jest_pp_definition(
                 reference=reference.outputs["model"], budget=baseline_budget, main_config_json=learner_config,
                 main_method=method, main_score=score, data_access=data_access), accelerator_type,
                 accelerator_count).set_retry(2)
-            baseline_evaluation = zero_shot_eval(
+            baseline_evaluation = evaluate(
                 config_json=eval_config, profile=profile, method=baseline, experiment=experiment,
                 model=baseline_learner.outputs["model"], eval_split=data.outputs["eval_split"], eval_sets=eval_sets,
                 champion_metric=champion_metric, data_access=data_access)
         # the reference's own zero-shot metric beside its learners' (a learner passing it: data-quality bootstrapping)
-        reference_evaluation = zero_shot_eval(
+        reference_evaluation = evaluate(
             config_json=eval_config, profile=profile, method="reference", experiment=experiment,
             model=reference.outputs["model"], eval_split=data.outputs["eval_split"], eval_sets=eval_sets,
             champion_metric=champion_metric, data_access=data_access)
@@ -281,10 +281,10 @@ def flexi_jest_pp_definition(
         track_stages(parent_run_id=parent_run_id, first=reference_evaluation.outputs["Output"],
                      learners=dsl.Collected(baseline_learner.outputs["Output"]),
                      evaluations=dsl.Collected(baseline_evaluation.outputs["Output"])).set_caching_options(False)
-        compare_methods(main=evaluation.outputs["Output"],
-                        baselines=dsl.Collected(baseline_evaluation.outputs["Output"]),
-                        parent_run_id=parent_run_id,
-                        reference=reference_evaluation.outputs["Output"]).set_caching_options(False)
+        compare(main=evaluation.outputs["Output"],
+                baselines=dsl.Collected(baseline_evaluation.outputs["Output"]),
+                parent_run_id=parent_run_id,
+                reference=reference_evaluation.outputs["Output"]).set_caching_options(False)
 
 
 RERUN_STAGES = {  # --from-stage of a rerun -> what it runs, after resolving the earlier run's outputs
@@ -328,14 +328,14 @@ def rerun_definition(settings: ClusterSettings, stage: str, **params: Any) -> No
         reference, reference_json = earlier.outputs["reference"], earlier.outputs["reference_json"]
         cache = earlier.outputs["cache"]
         if stage == "train_reference":
-            trained = on_gpu_pool(settings, reference_finetune(
+            trained = on_gpu_pool(settings, train_reference(
                 config_json=k.reference_config, profile=k.profile, storage_root=k.storage_root,
                 experiment=k.experiment,
                 curated=earlier.outputs["curated"], batch_size=k.batch_size, init_checkpoint=k.init_checkpoint,
                 data_access=k.data_access), k.accelerator_type, k.accelerator_count)
             reference, reference_json = trained.outputs["model"], trained.outputs["Output"]
         if stage in ("train_reference", "cache_reference"):
-            cached = on_gpu_pool(settings, cache_reference_scores(
+            cached = on_gpu_pool(settings, cache_reference(
                 config_json=k.cache_config, profile=k.profile, experiment=k.experiment, storage_root=k.storage_root,
                 reference=reference, pool=earlier.outputs["pool"], data_access=k.data_access), k.accelerator_type,
                 k.accelerator_count)
@@ -343,14 +343,14 @@ def rerun_definition(settings: ClusterSettings, stage: str, **params: Any) -> No
                          second=cached.outputs["Output"]).set_caching_options(False)
             cache = cached.outputs["cache"]
         if stage == "evaluate":
-            evaluation = zero_shot_eval(config_json=k.eval_config, profile=k.profile, method=k.method,
-                                        experiment=k.experiment, model=earlier.outputs["learner"],
-                                        eval_split=earlier.outputs["eval_split"], eval_sets=k.eval_sets,
-                                        champion_metric=k.champion_metric, data_access=k.data_access)
+            evaluation = evaluate(config_json=k.eval_config, profile=k.profile, method=k.method,
+                                  experiment=k.experiment, model=earlier.outputs["learner"],
+                                  eval_split=earlier.outputs["eval_split"], eval_sets=k.eval_sets,
+                                  champion_metric=k.champion_metric, data_access=k.data_access)
             track_stages(parent_run_id=parent_run_id, first=evaluation.outputs["Output"]).set_caching_options(False)
-            promote_model(evaluation_json=evaluation.outputs["Output"], learner_json=earlier.outputs["learner_json"],
-                          reference_json=reference_json, parent_run_id=parent_run_id, experiment=k.experiment,
-                          promotion_config=k.promotion_config).set_caching_options(False)
+            promote(evaluation_json=evaluation.outputs["Output"], learner_json=earlier.outputs["learner_json"],
+                    reference_json=reference_json, parent_run_id=parent_run_id, experiment=k.experiment,
+                    promotion_config=k.promotion_config).set_caching_options(False)
         else:
             evaluation = train_evaluate_promote(
                 settings, learner_config=k.learner_config, eval_config=k.eval_config, profile=k.profile,
@@ -362,8 +362,8 @@ def rerun_definition(settings: ClusterSettings, stage: str, **params: Any) -> No
                 reference=reference, reference_json=reference_json, parent_run_id=parent_run_id,
                 promotion_config=k.promotion_config, eval_sets=k.eval_sets, champion_metric=k.champion_metric,
                 data_access=k.data_access)
-        compare_methods(main=evaluation.outputs["Output"], baselines=[],
-                        parent_run_id=parent_run_id).set_caching_options(False)
+        compare(main=evaluation.outputs["Output"], baselines=[],
+                parent_run_id=parent_run_id).set_caching_options(False)
 
 
 def make_pipeline(definition, name: str, description: str, settings: ClusterSettings,
@@ -386,7 +386,7 @@ def make_pipeline(definition, name: str, description: str, settings: ClusterSett
 # the full pipeline's parameters: flexi_jest_pp_definition's after the settings
 PIPELINE_PARAMETERS = list(inspect.signature(flexi_jest_pp_definition).parameters.values())[1:]
 DEFINITIONS = [  # --from-stage, definition, its parameters, what it binds after the settings, name, description
-    ("prepare_data", flexi_jest_pp_definition, PIPELINE_PARAMETERS, (), "flexi-jest-pp",
+    ("make_data", flexi_jest_pp_definition, PIPELINE_PARAMETERS, (), "flexi-jest-pp",
      "Flexi-JEST++: joint example selection with a FlexiViT learner"),
     *((stage, rerun_definition, rerun_parameters(stage), (stage,), f"flexi-jest-pp-rerun-{stage.replace('_', '-')}",
        f"Flexi-JEST++ rerun from {stage} on an earlier run's outputs: {what}") for stage, what in RERUN_STAGES.items()),
@@ -394,7 +394,7 @@ DEFINITIONS = [  # --from-stage, definition, its parameters, what it binds after
 
 
 def build(from_stage: str, settings: ClusterSettings):
-    """The pipeline from `from_stage` (prepare_data: the whole pipeline) under settings."""
+    """The pipeline from `from_stage` (make_data: the whole pipeline) under settings."""
     _, definition, parameters, bound, name, description = next(d for d in DEFINITIONS if d[0] == from_stage)
     return make_pipeline(definition, name, description, settings, parameters, *bound)
 
@@ -402,14 +402,14 @@ def build(from_stage: str, settings: ClusterSettings):
 PIPELINES = {stage: (build(stage, CLUSTER), build(stage, LOCAL)) for stage, *_ in DEFINITIONS}  # (cluster, local)
 
 
-def cluster_pipeline(from_stage: str = "prepare_data", learner_nodes: int = 1, gpus_per_node: int = 1):
+def cluster_pipeline(from_stage: str = "make_data", learner_nodes: int = 1, gpus_per_node: int = 1):
     """The pipeline for a cluster; with learner_nodes > 1 its main learner is a multi-node PyTorchJob."""
     if learner_nodes <= 1:
         return PIPELINES[from_stage][0]
     return build(from_stage, ClusterSettings(learner_nodes=learner_nodes, gpus_per_node=gpus_per_node))
 
 
-flexi_jest_pp, flexi_jest_pp_local = PIPELINES["prepare_data"]
+flexi_jest_pp, flexi_jest_pp_local = PIPELINES["make_data"]
 
 
 # ---- the command line ------------------------------------------------------------------------------------
@@ -438,7 +438,7 @@ def parse_params(pairs: list[str], pipeline=None) -> dict[str, Any]:
     return params
 
 
-def compile_pipeline(out: str, from_stage: str = "prepare_data", learner_nodes: int = 1,
+def compile_pipeline(out: str, from_stage: str = "make_data", learner_nodes: int = 1,
                      gpus_per_node: int = 1) -> None:
     pipeline = cluster_pipeline(from_stage, learner_nodes, gpus_per_node)
     compiler.Compiler().compile(pipeline, package_path=out)

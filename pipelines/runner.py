@@ -78,7 +78,7 @@ def code_digest(repo: Path = Path(__file__).resolve().parents[1]) -> str:
     return digest.hexdigest()[:12]
 
 
-def run_local(workdir: str, params: dict[str, Any], from_stage: str = "prepare_data",
+def run_local(workdir: str, params: dict[str, Any], from_stage: str = "make_data",
               runner: str = "subprocess", cache: bool = True) -> dict[str, Any]:
     """Run the whole pipeline with KFP local execution: subprocesses in this environment, or (runner "docker")
     each component in its container image (docker_runner). cache: KFP's local cache under workdir/kfp-cache,
@@ -119,7 +119,7 @@ def run_local(workdir: str, params: dict[str, Any], from_stage: str = "prepare_d
 
 def summarize(tracking_uri: str, parent_run_id: str, workdir: Path) -> dict[str, Any]:
     """From MLflow: the parent run, each method's eval metrics and FLOPs, the registered learner, the stages KFP
-    took from its cache, and the methods' comparison (compare_methods: accuracy-vs-FLOPs plot, downloaded into
+    took from its cache, and the methods' comparison (the compare stage: accuracy-vs-FLOPs plot, downloaded into
     workdir, and FLOPs ratios)."""
     import mlflow
 

@@ -41,7 +41,7 @@ S3_SECRET = "flexi-jest-s3"
 MLFLOW_SECRET = "flexi-jest-mlflow"
 GPU_LABEL = ("flexi-jest/node-pool", "gpu")  # pipelines/flexi_jest_pp.py's default FLEXI_JEST_GPU_NODE_SELECTOR
 GPU_TOLERATION = "nvidia.com/gpu"
-GPU_STAGES = ("reference-finetune", "cache-reference-scores", "train-learner")
+GPU_STAGES = ("train-reference", "cache-reference", "train-learner")
 CLUSTER_ENV_NAMES = ("FLEXI_JEST_S3_ENDPOINT", "MLFLOW_S3_ENDPOINT_URL", "MLFLOW_TRACKING_URI", "FLEXI_JEST_S3_SECRET",
                      "FLEXI_JEST_MLFLOW_SECRET")
 TEMPLATE_INPUTS = dict(  # what k8s/pytorchjob/ holds, as pytorchjob_manifest arguments (config_json: its config.json)
@@ -629,7 +629,7 @@ def compiled(pipeline, tmp_path) -> tuple[dict, dict]:
     return executors, platform
 
 
-@pytest.mark.parametrize("stage", ["prepare_data", "train_learner"])
+@pytest.mark.parametrize("stage", ["make_data", "train_learner"])
 def test_cluster_pipeline_mounts_the_s3_secret_and_schedules_gpu_stages(stage, cluster_pipeline_module, tmp_path):
     module = cluster_pipeline_module
     executors, platform = compiled(module.PIPELINES[stage][0], tmp_path)

@@ -40,7 +40,7 @@ def test_compile_produces_ir_that_kfp_loads_back(tmp_path):
     kubernetes = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-train-learner"]
     assert kubernetes["nodeSelector"]["labels"] == {"flexi-jest/node-pool": "gpu"}
     assert kubernetes["tolerations"][0]["key"] == "nvidia.com/gpu"
-    evaluation = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-zero-shot-eval"]
+    evaluation = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-evaluate"]
     assert "nodeSelector" not in evaluation and "tolerations" not in evaluation  # only the S3 secret (test_k8s.py)
     # the image, part of every cached stage's key, is tagged with the package version unless FLEXI_JEST_IMAGE says
     from importlib.metadata import version
@@ -61,7 +61,7 @@ def test_the_knobs_of_a_rerun_are_typed_pipeline_parameters(tmp_path):
     expected = {"learning_rate": "NUMBER_DOUBLE", "steps": "NUMBER_INTEGER", "batch_size": "NUMBER_INTEGER",
                 "super_batch_size": "NUMBER_INTEGER", "filter_ratio": "NUMBER_DOUBLE", "n_chunks": "NUMBER_INTEGER",
                 "method": "STRING", "score": "STRING", "model_name": "STRING", "init_checkpoint": "STRING"}
-    for stage, knobs in (("prepare_data", expected),
+    for stage, knobs in (("make_data", expected),
                          ("train_learner", {k: v for k,
                                             v in expected.items() if k not in ("batch_size", "init_checkpoint")})):
         out = tmp_path / f"{stage}.yaml"
@@ -188,7 +188,7 @@ def test_whole_pipeline_runs_locally_and_promotes(pipeline_run):
 
 
 def test_pipeline_compares_its_methods_on_accuracy_against_flops(pipeline_run):
-    """compare_methods: each learner's curve (evaluations during training + its zero-shot evaluation), FLOPs
+    """compare: each learner's curve (evaluations during training + its zero-shot evaluation), FLOPs
     and steps to uniform's final metric and the ratios, the reference's own metric, the benchmark's plot on the
     MLflow parent run and an HTML report. The baselines train on the JEST learner's learner-FLOP budget."""
     import mlflow
@@ -229,28 +229,28 @@ def test_pipeline_compares_its_methods_on_accuracy_against_flops(pipeline_run):
     assert {"accuracy_vs_flops.png", "method_comparison.json"} <= artifacts
     parent = client.get_run(summary["parent_run_id"])
     assert parent.data.metrics["compare.uniform.flops_ratio_vs_uniform"] == pytest.approx(1.0)
-    html = next(p for p in (workdir / "kfp").rglob("report") if "compare-methods" in str(p)).read_text()
+    html = next(p for p in (workdir / "kfp").rglob("report") if p.parent.name == "compare").read_text()
     assert "<td>joint</td>" in html and "<td>uniform</td>" in html and "<td>offline-filter</td>" in html
     assert "the reference's own shapes.top1" in html and "base64," in html
     assert "compare.reference.final_metric" in parent.data.metrics
 
 
 def test_components_run_alone(pipeline_run, tmp_path, monkeypatch):
-    """prepare_data alone; reference_finetune and cache_reference_scores alone on imported artifacts."""
+    """make_data alone; train_reference and cache_reference alone on imported artifacts."""
     from kfp import dsl, local
     from kfp.dsl import Dataset, Model
 
-    from components.stages import cache_reference_scores, prepare_data, reference_finetune
+    from components.stages import cache_reference, make_data, train_reference
 
     workdir, _ = pipeline_run
-    data_dir = next((workdir / "kfp").rglob("prepare-data/data"))
-    reference_file = next((workdir / "kfp").rglob("reference-finetune/reference/model.pt"))
+    data_dir = next((workdir / "kfp").rglob("make-data/data"))
+    reference_file = next((workdir / "kfp").rglob("train-reference/reference/model.pt"))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "kfp"))
     common = dict(profile="tiny", experiment="alone")
 
-    data = prepare_data(config_json=json.dumps({"curated_size": 20, "pool_size": 30, "eval_size": 10}),
-                        dataset="digits", storage_root="", **common)
+    data = make_data(config_json=json.dumps({"curated_size": 20, "pool_size": 30, "eval_size": 10}),
+                     dataset="digits", storage_root="", **common)
     assert data.outputs["pool"].metadata["num_samples"] == 30
     assert data.outputs["eval_split"].metadata["dataset"] == "digits"
 
@@ -258,7 +258,7 @@ def test_components_run_alone(pipeline_run, tmp_path, monkeypatch):
     def reference_alone():
         curated = dsl.importer(artifact_uri=str(data_dir / "curated"), artifact_class=Dataset,
                                metadata={"uri": str(data_dir / "curated")})
-        reference_finetune(config_json=SMALL["reference_config"], storage_root="", curated=curated.output, **common)
+        train_reference(config_json=SMALL["reference_config"], storage_root="", curated=curated.output, **common)
 
     @dsl.pipeline(name="cache-alone")
     def cache_alone():
@@ -266,8 +266,8 @@ def test_components_run_alone(pipeline_run, tmp_path, monkeypatch):
                             metadata={"uri": str(data_dir / "pool")})
         reference = dsl.importer(artifact_uri=str(reference_file), artifact_class=Model,
                                  metadata={"uri": str(reference_file)})
-        cache_reference_scores(config_json=json.dumps({"out_dir": str(tmp_path / "cache")}), reference=reference.output,
-                               pool=pool.output, **common)
+        cache_reference(config_json=json.dumps({"out_dir": str(tmp_path / "cache")}), reference=reference.output,
+                        pool=pool.output, **common)
 
     reference_alone()
     assert next((tmp_path / "kfp").rglob("reference/model.pt")).stat().st_size > 0
@@ -316,9 +316,8 @@ def test_cached_stages_take_content_only(tmp_path):
 
     from pipelines.flexi_jest_pp import cluster_pipeline
 
-    tracking_tasks = {"open-tracking", "close-tracking", "track-stages", "promote-model", "compare-methods",
-                      "resolve-run"}
-    for stage in ("prepare_data", "train_learner"):
+    tracking_tasks = {"open-tracking", "close-tracking", "track-stages", "promote", "compare", "resolve-run"}
+    for stage in ("make_data", "train_learner"):
         out = tmp_path / f"{stage}.yaml"
         compiler.Compiler().compile(cluster_pipeline(stage), package_path=str(out))
         spec = next(yaml.safe_load_all(out.read_text()))
@@ -351,22 +350,22 @@ def test_cached_stages_take_content_only(tmp_path):
                     assert "pipeline_job" not in source, (name, key, source)
 
         walk(spec["root"]["dag"], set())
-        assert {"train-learner", "zero-shot-eval"} <= seen["cached"]
-        assert {"open-tracking", "close-tracking", "track-stages", "promote-model"} <= seen["uncached"]
+        assert {"train-learner", "evaluate"} <= seen["cached"]
+        assert {"open-tracking", "close-tracking", "track-stages", "promote"} <= seen["uncached"]
 
 
 @pytest.mark.slow  # a second pipeline run (about as long as the first, less the cached stages)
 def test_rerun_with_one_learner_knob_changed_takes_upstream_stages_from_the_cache(pipeline_run, capsys):
-    """run-local caches by default: the same pipeline with only filter_ratio changed reuses prepare_data,
-    reference_finetune and cache_reference_scores (their outputs untouched, their MLflow runs reused), and
+    """run-local caches by default: the same pipeline with only filter_ratio changed reuses make_data,
+    train_reference and cache_reference (their outputs untouched, their MLflow runs reused), and
     retrains the learners; both wall times are printed (the README's figure)."""
     import mlflow
 
     from pipelines.runner import run_local
 
     workdir, first = pipeline_run
-    reference_file = next((workdir / "kfp").rglob("reference-finetune/reference/model.pt"))
-    data_manifest = next((workdir / "kfp").rglob("prepare-data/data/pool/manifest.json"))
+    reference_file = next((workdir / "kfp").rglob("train-reference/reference/model.pt"))
+    data_manifest = next((workdir / "kfp").rglob("make-data/data/pool/manifest.json"))
     before = reference_file.stat().st_mtime_ns, data_manifest.stat().st_mtime_ns
     with with_tracking_uri(first["tracking_uri"]):
         second = run_local(str(workdir), dict(first["params"], filter_ratio=0.5))
@@ -406,7 +405,7 @@ def test_rerun_of_the_learner_takes_one_argument_the_earlier_run(pipeline_run, t
     from pipelines.runner import run_local
 
     workdir, first = pipeline_run
-    data_dir = next((workdir / "kfp").rglob("prepare-data/data"))
+    data_dir = next((workdir / "kfp").rglob("make-data/data"))
     folder = write_imagefolder(data_dir / "eval", tmp_path / "folder", 60)
     with with_tracking_uri(first["tracking_uri"]):
         summary = run_local(str(workdir), {
@@ -454,7 +453,7 @@ def test_rerun_of_the_evaluation_resolves_the_earlier_runs_learner(pipeline_run,
     from pipelines.runner import run_local
 
     workdir, first = pipeline_run
-    data_dir = next((workdir / "kfp").rglob("prepare-data/data"))
+    data_dir = next((workdir / "kfp").rglob("make-data/data"))
     folder = write_imagefolder(data_dir / "eval", tmp_path / "folder", 40)
     with with_tracking_uri(first["tracking_uri"]):
         summary = run_local(str(workdir), {"from_run": first["parent_run_id"], "run_name": "evaluate-rerun",
@@ -518,14 +517,14 @@ def test_rerun_from_the_reference_or_its_cache_resolves_the_data(pipeline_run, s
 def test_a_bad_config_fails_the_component_with_the_field_named(tmp_path, monkeypatch, capfd):
     from kfp import local
 
-    from components.stages import prepare_data
+    from components.stages import make_data
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "kfp"))
     capfd.readouterr()
     with pytest.raises(RuntimeError):
-        prepare_data(config_json='{"pool_size": "lots"}', dataset="shapes", storage_root="", profile="tiny",
-                     experiment="bad")
+        make_data(config_json='{"pool_size": "lots"}', dataset="shapes", storage_root="", profile="tiny",
+                  experiment="bad")
     output = "".join(capfd.readouterr())
     assert "invalid config for make-data" in output and "pool_size" in output and "lots" in output
 
@@ -537,7 +536,7 @@ def test_stages_write_their_data_under_an_s3_storage_root(s3, tmp_path, monkeypa
     local runner, write under storage_root/<run>/<task>/ on the S3 server and hand the s3:// URIs on."""
     from kfp import dsl, local
 
-    from components.stages import cache_reference_scores, prepare_data, reference_finetune
+    from components.stages import cache_reference, make_data, train_reference
     from flexi_jest import storage
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -546,12 +545,12 @@ def test_stages_write_their_data_under_an_s3_storage_root(s3, tmp_path, monkeypa
 
     @dsl.pipeline(name="on-s3")
     def on_s3() -> dsl.Dataset:
-        data = prepare_data(config_json=json.dumps({"curated_size": 32, "pool_size": 40, "eval_size": 10}),
-                            dataset="digits", storage_root=root, **common)
-        reference = reference_finetune(config_json=json.dumps({"steps": 2, "batch_size": 16, "progress": False}),
-                                       storage_root=root, curated=data.outputs["curated"], **common)
-        return cache_reference_scores(config_json="{}", reference=reference.outputs["model"],
-                                      pool=data.outputs["pool"], storage_root=root, **common).outputs["cache"]
+        data = make_data(config_json=json.dumps({"curated_size": 32, "pool_size": 40, "eval_size": 10}),
+                         dataset="digits", storage_root=root, **common)
+        reference = train_reference(config_json=json.dumps({"steps": 2, "batch_size": 16, "progress": False}),
+                                    storage_root=root, curated=data.outputs["curated"], **common)
+        return cache_reference(config_json="{}", reference=reference.outputs["model"],
+                               pool=data.outputs["pool"], storage_root=root, **common).outputs["cache"]
 
     cache = on_s3().output
     assert cache.metadata["uri"].startswith(f"{root}/") and cache.metadata["num_samples"] == 40

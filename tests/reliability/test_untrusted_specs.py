@@ -89,9 +89,9 @@ def mlflow_store(module_store, monkeypatch):
 
 
 ROOT = "s3://team/runs"
-GOOD = {"pool": f"{ROOT}/run-1/prepare-data/data/pool", "eval_split": f"{ROOT}/run-1/prepare-data/data/eval",
-        "curated": f"{ROOT}/run-1/prepare-data/data/curated", "cache": f"{ROOT}/run-1/cache/refcache",
-        "reference": f"{ROOT}/run-1/reference-finetune/reference/model.pt", "reference_sha256": "ab" * 32,
+GOOD = {"pool": f"{ROOT}/run-1/make-data/data/pool", "eval_split": f"{ROOT}/run-1/make-data/data/eval",
+        "curated": f"{ROOT}/run-1/make-data/data/curated", "cache": f"{ROOT}/run-1/cache/refcache",
+        "reference": f"{ROOT}/run-1/train-reference/reference/model.pt", "reference_sha256": "ab" * 32,
         "learner.joint": f"{ROOT}/run-1/train-learner/learner-joint/model.pt", "reference_version": "3"}
 
 
@@ -180,9 +180,8 @@ def test_the_pipelines_pass_data_access_to_every_stage_that_reads_data_off_by_de
     from google.protobuf.json_format import MessageToDict
 
     from pipelines.flexi_jest_pp import PIPELINES
-    readers = {"prepare-data", "reference-finetune", "cache-reference-scores", "train-learner", "zero-shot-eval",
-               "resolve-run"}
-    for stage in ("prepare_data", "train_reference", "evaluate"):
+    readers = {"make-data", "train-reference", "cache-reference", "train-learner", "evaluate", "resolve-run"}
+    for stage in ("make_data", "train_reference", "evaluate"):
         spec = MessageToDict(PIPELINES[stage][0].pipeline_spec)  # the IR `compile` writes (cluster pipeline)
         assert spec["root"]["inputDefinitions"]["parameters"]["data_access"]["defaultValue"] == "{}"
         seen = set()
