@@ -12,7 +12,7 @@ The per-pair matrix is what JEST scores; the summed loss is what the learner tra
 
 import contextlib
 import math
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -20,9 +20,6 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from flexi_jest.distributed import World, gather_rows_with_grad, shard
-
-if TYPE_CHECKING:  # models/ imports this module's constants
-    from flexi_jest.models import DualEncoder
 
 LOGIT_SCALE_INIT = math.log(10.0)  # t' : temperature t = exp(t') = 10 at init (SigLIP)
 LOGIT_BIAS_INIT = -10.0  # b
@@ -119,14 +116,15 @@ def patch_groups(batch: int, patch_sizes: list[int], rows: slice) -> list[int]:
 
 
 def multi_patch_loss(
-    model: "DualEncoder", images: Tensor, tokens: Tensor, patch_sizes: list[int], loss_chunk_size: int | None = None,
+    model: torch.nn.Module, images: Tensor, tokens: Tensor, patch_sizes: list[int], loss_chunk_size: int | None = None,
     world: World = World(), batch: int | None = None, net: torch.nn.Module | None = None,
 ) -> Tensor:
     """Sigmoid loss of a batch whose images are split evenly over patch_sizes. images [b, 3, H, W], tokens [b, L].
 
     Distributed: images/tokens are this rank's rows shard(batch, world) of the batch; its images meet every
     rank's texts and the rank's share of the loss is returned (the shares sum to the batch's loss).
-    net: the module whose forward runs the towers (the DDP wrapper of model), default model."""
+    model: a models.DualEncoder (its towers, logit_scale, logit_bias; not imported here: models/ imports this
+    module). net: the module whose forward runs the towers (the DDP wrapper of model), default model."""
     batch = batch or images.shape[0]
     rows = shard(batch, world)
     image_emb, text_emb = (model if net is None else net)(images, tokens, patch_sizes,
@@ -137,7 +135,7 @@ def multi_patch_loss(
 
 
 def accumulated_loss_backward(
-    model: "DualEncoder", images: Tensor, tokens: Tensor, patch_sizes: list[int], micro_batch: int,
+    model: torch.nn.Module, images: Tensor, tokens: Tensor, patch_sizes: list[int], micro_batch: int,
     loss_chunk_size: int | None = None, autocast_context: Callable[[], Any] = contextlib.nullcontext,
     net: torch.nn.Module | None = None,
 ) -> Tensor:
