@@ -412,32 +412,6 @@ def cluster_pipeline(from_stage: str = "make_data", learner_nodes: int = 1, gpus
 flexi_jest_pp, flexi_jest_pp_local = PIPELINES["make_data"]
 
 
-# ---- the command line ------------------------------------------------------------------------------------
-
-
-def parse_params(pairs: list[str], pipeline=None) -> dict[str, Any]:
-    """["steps=100", "baseline_methods=[\"uniform\"]"] -> pipeline arguments typed by the pipeline's signature
-    (string parameters, the *_config JSON objects included, stay strings; others are parsed as JSON)."""
-    import inspect
-
-    signature = inspect.signature((pipeline or flexi_jest_pp).pipeline_func).parameters
-    params: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        if not sep:
-            raise SystemExit(f"--param expects key=value, got {pair!r}")
-        if key not in signature:
-            raise SystemExit(f"unknown pipeline parameter {key!r}; expected one of {sorted(signature)}")
-        if signature[key].annotation is str:
-            params[key] = raw
-            continue
-        try:
-            params[key] = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise SystemExit(f"--param {key}: {raw!r} is not a JSON value ({exc})") from None
-    return params
-
-
 def compile_pipeline(out: str, from_stage: str = "make_data", learner_nodes: int = 1,
                      gpus_per_node: int = 1) -> None:
     pipeline = cluster_pipeline(from_stage, learner_nodes, gpus_per_node)
