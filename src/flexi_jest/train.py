@@ -464,13 +464,13 @@ def train_learner(cfg: TrainLearnerConfig) -> TrainResult:
     world, device, tokenizer = _prepare(cfg)
     model = build_model(cfg, device)
     offline = cfg.method == "offline-filter"  # uniform over the pool's top offline_keep_ratio by reference cosine
-    needs_reference = cfg.method not in ("uniform", "offline-filter") and cfg.score != "hard_learner"
     prefilter = cfg.prefilter_keep_ratio is not None  # the offline filter first, then selection ('filter+jest')
     cache = (ReferenceCache(cfg.reference_cache, cfg.pool, cfg.reference_sha256)
-             if needs_reference or offline or prefilter else None)
+             if flops.uses_reference(cfg) else None)
     offline_filter = (OfflineFilter(cache, cfg.offline_keep_ratio) if offline
                       else OfflineFilter(cache, cfg.prefilter_keep_ratio) if prefilter else None)
     step = LearnerStep(cfg, model, tokenizer, device, world, cache, offline_filter)
+    needs_reference = step.needs_reference  # the cache's embeddings join each sample
     check_divisible("super_batch_size", step.draw, world)
     check_divisible("the sub-batch (super_batch_size * (1 - filter_ratio))", step.sub_batch, world)
     if offline or (prefilter and not needs_reference):
@@ -484,7 +484,7 @@ def train_learner(cfg: TrainLearnerConfig) -> TrainResult:
     base = FlopsBreakdown(reference_training=cfg.reference_training_flops, reference_caching=cfg.reference_caching_flops
                           # the cosines, once, with the caching pass
                           + (offline_filter.flops if offline_filter else 0.0))
-    if not (needs_reference or offline or prefilter):
+    if cache is None:
         base = FlopsBreakdown()
     name = f"learner[{cfg.method}{'' if step.uniform_draw else '/' + cfg.score}]"
     return run_training(cfg, model, stream, step, base, device, name, world)
