@@ -667,8 +667,9 @@ def test_submit_sends_the_compiled_pipeline_to_the_given_host(monkeypatch, capsy
                          ids=["moto-brace", "seaweedfs-join"])  # each server, each pool form, once (not 4 runs)
 def test_whole_pipeline_on_registered_img2dataset_data(mlflow_server, img2dataset_dir, s3, tmp_path, monkeypatch, pool):
     """source 'register': the pool on S3 (moto, SeaweedFS) as img2dataset wrote it, its last shard empty
-    (`successes: 0`), given as a brace pattern and as a `::` join; curated and eval single tars (eval local). Every
-    stage reads the specs, nothing is written into the data, every learner trains and the learner is promoted.
+    (`successes: 0`), given as a brace pattern and as a `::` join; curated and eval single tars (eval local).
+    Registration resolves each spec once and every later stage reads its shard lists, nothing is written into the
+    data, every learner trains and the learner is promoted.
     Before, every learner failed ('no usable sample in a whole pass', 3 shard visits) on the brace pattern, and
     the join at once."""
     from flexi_jest import storage
@@ -692,6 +693,8 @@ def test_whole_pipeline_on_registered_img2dataset_data(mlflow_server, img2datase
     # the brace pattern holds 00002-00004 (20 + 20 + 0 samples), the join 00002 and 00004 (20 + 0)
     assert registered["num_samples"] == (20 if "::" in pool else 40)
     assert registered["empty_shards"] == [f"{s3}/laion/00004.tar"]
+    listed = json.loads((registrations[0].parent / "pool.shardlist.json").read_text())  # what the later stages read
+    assert [s["url"] for s in listed["shards"]] == [s["url"] for s in registered["shards"]]
 
 
 def test_run_local_keeps_one_cache_per_code_digest(tmp_path):

@@ -94,7 +94,11 @@ def test_register_checks_records_and_never_writes_into_the_data(tmp_path, capsys
     result = make_data(register_config(team, str(tmp_path / "run" / "data")))
     assert {name: s.num_samples for name, s in result.splits.items() if name != "overlap"} == {
         "curated": 32, "pool": 48, "eval": 16}
-    assert result.splits["pool"].path == data and result.checks["pool"]["images_decoded"] == 32
+    # later stages read the training splits as resolved here (one shard list each), evaluation its spec
+    listed = str(tmp_path / "run" / "data" / "pool.shardlist.json")
+    assert result.splits["pool"].path == listed and result.splits["pool"].spec == data
+    assert result.splits["eval"].path == result.splits["eval"].spec == f"{team}/eval/00000.tar"
+    assert result.checks["pool"]["images_decoded"] == 32
     assert result.checks["eval"]["image_sizes"] == [[40, 80]]
     from flexi_jest.tracking import numeric_metrics  # what MLflow logs of the result: no URL in a metric name
     assert not any("/" in name for name in numeric_metrics(result.model_dump()))
@@ -226,3 +230,25 @@ def test_an_img2dataset_pool_local_and_on_s3_runs_through_every_stage(img2datase
     outputs = run_stages(remote, f"{s3}/run")
     assert outputs["cache"].cache_dir.startswith(f"{s3}/run/reference/refcache-") and outputs["cache"].num_samples == 40
     assert outputs["metrics"].splits
+
+
+def test_later_stages_read_the_shards_registered_not_the_data_as_it_is_now(tmp_path):
+    """The spec is resolved once, by registration: a shard that appears in the pool afterwards is not cached or
+    trained on (the cache and the stream would disagree), and one that disappears stops the learner, naming it."""
+    from flexi_jest.reference_cache import cache_reference
+    from flexi_jest.train import train_learner, train_reference
+    team = write_team_data(str(tmp_path / "team"))
+    result = make_data(register_config(team, str(tmp_path / "run" / "data")))
+    later = write_img2dataset_layout(str(tmp_path / "later"), shards=1, seed=5, empty_last=False)
+    Path(f"{team}/laion/00004.tar").write_bytes(Path(f"{later}/00000.tar").read_bytes())
+    Path(f"{team}/laion/00004_stats.json").write_text(json.dumps({"successes": 16}))
+    reference = train_reference(TrainReferenceConfig(data=result.splits["curated"].path, model=TEST_MODEL, steps=1,
+                                                     out_dir=str(tmp_path / "run" / "reference"), batch_size=16,
+                                                     progress=False))
+    cache = cache_reference(CacheReferenceConfig(reference=reference.checkpoint, pool=result.splits["pool"].path))
+    assert cache.num_samples == 48  # the registered 48, not the 64 now in the directory
+    Path(f"{team}/laion/00001.tar").unlink()
+    with pytest.raises(SpecError, match=r"pool.shardlist.json: missing shard .*laion/00001.tar; the data changed"):
+        train_learner(TrainLearnerConfig(pool=result.splits["pool"].path, reference_cache=cache.cache_dir,
+                                         out_dir=str(tmp_path / "run" / "learner"), model=TEST_MODEL,
+                                         super_batch_size=40, filter_ratio=0.8, n_chunks=4, steps=1, progress=False))

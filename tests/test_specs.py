@@ -14,8 +14,9 @@ from webdataset import TarWriter
 
 from conftest import BOTH_S3, free_port
 from flexi_jest import storage
+from flexi_jest.data import specs
 from flexi_jest.data.access import DataAccess, granted
-from flexi_jest.data.specs import SpecError, open_shard, resolve
+from flexi_jest.data.specs import SpecError, open_shard, resolve, write_shard_list
 
 
 def write_tar(uri: str, keys: list[str], stats: bool = True) -> None:
@@ -185,3 +186,82 @@ def test_the_policy_is_restored_after_a_granted_block(tmp_path):
     assert resolve("pipe:cat x.tar", check=False).urls == ["pipe:cat x.tar"]  # listing runs nothing; reading checks
     with pytest.raises(SpecError, match="pipe: specs are off"):
         open_shard("pipe:cat x.tar")
+
+
+# ---- a spec resolved once: shard lists (write_shard_list; registration writes one per training split) -----------
+
+
+def test_a_shard_list_reads_back_what_was_resolved_without_listing_again(shapes_data, tmp_path, monkeypatch):
+    pool = write_pool(str(tmp_path / "pool"))
+    joined = resolve(f"{pool}/{{00000..00001}}.tar::{shapes_data.splits['pool'].path}", num_samples=50)
+    listed = str(tmp_path / "run" / "pool.shardlist.json")
+    write_shard_list(listed, joined)
+    write_tar(storage.join(pool, "00003.tar"), ["000030000"])  # the data changes after registration ...
+    stats = []
+    monkeypatch.setattr(specs, "_stats_count", lambda url: stats.append(url))
+    again = resolve(listed)
+    assert again.shards == joined.shards and again.num_samples == 50  # ... and the list's readers do not see it
+    assert any(s.sha256 for s in again.shards) and any(s.num_samples == 4 and not s.sha256 for s in again.shards)
+    assert stats == []  # no stats file fetched again: the counts come from the list
+    assert resolve(listed, num_samples=7).num_samples == 7  # an explicit count still wins
+    assert resolve(f"{listed}::{pool}/00003.tar").urls == joined.urls + [f"{pool}/00003.tar"]
+
+
+@BOTH_S3
+def test_a_shard_list_on_s3_is_checked_against_one_listing(s3):
+    pool = write_pool(f"{s3}/laion/pool", shards=3)
+    listed = f"{s3}/run/pool.shardlist.json"
+    write_shard_list(listed, resolve(pool))
+    assert resolve(listed).num_samples == 12
+    storage.remove(f"{pool}/00001.tar")
+    with pytest.raises(SpecError, match=r"shard list s3://.*pool.shardlist.json: missing shard s3://.*/00001.tar; "
+                                        "the data changed since the list was written"):
+        resolve(listed)
+    assert len(resolve(listed, check=False).shards) == 3  # unchecked, as for any spec: the read reports it
+
+
+def test_the_urls_in_a_shard_list_pass_the_data_access_policy(tmp_path):
+    pool = write_pool(str(tmp_path / "pool"))
+    marker = tmp_path / "ran"
+    listed = str(tmp_path / "pool.shardlist.json")
+    with granted(DataAccess(pipe_commands=("cat",))):
+        write_shard_list(listed, resolve(f"pipe:cat {pool}/00000.tar::{pool}/00001.tar"))
+        assert tar_keys(resolve(listed).urls[0])[:1] == ["000000000"]
+    with pytest.raises(SpecError, match=r"shard list .*pool.shardlist.json: .*data_access.pipe_commands"):
+        resolve(listed)  # a later stage without the grant may not run what the list names
+    planted = json.loads((tmp_path / "pool.shardlist.json").read_text())
+    planted["shards"][0]["url"] = f"pipe:touch {marker}"
+    (tmp_path / "pool.shardlist.json").write_text(json.dumps(planted))
+    with granted(DataAccess(pipe_commands=("cat",))), pytest.raises(SpecError, match="not among the allowed"):
+        resolve(listed)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("case", ["not json", "wrong format", "no shards", "url not a string", "a list in a list",
+                                  "negative count", "bad sha256", "zero total", "missing file"])
+def test_a_bad_shard_list_fails_in_one_line_naming_it_and_the_field(case, tmp_path):
+    pool = write_pool(str(tmp_path / "pool"))
+    listed = tmp_path / "pool.shardlist.json"
+    write_shard_list(str(listed), resolve(pool))
+    good = json.loads(listed.read_text())
+    entry = good["shards"][0]
+    document, reason = {
+        "not json": ('{"format": ', "is not JSON"),
+        "wrong format": ({**good, "format": "flexi-jest-shards/1"}, "format must be 'flexi-jest-shardlist/1'"),
+        "no shards": ({**good, "shards": []}, "'shards' must be a non-empty list"),
+        "url not a string": ({**good, "shards": [{**entry, "url": 7}]}, r"shards\[0\].url must be a non-empty"),
+        "a list in a list": ({**good, "shards": [{**entry, "url": str(listed)}]}, "is a spec, not a shard"),
+        "negative count": ({**good, "shards": [{**entry, "num_samples": -1}]}, r"shards\[0\].num_samples must be"),
+        "bad sha256": ({**good, "shards": [{**entry, "sha256": "abc"}]}, r"shards\[0\].sha256 must be 64"),
+        "zero total": ({**good, "num_samples": 0}, "'num_samples' must be a positive integer or null"),
+        "missing file": (None, "no such file"),
+    }[case]
+    if document is None:
+        listed.unlink()
+    else:
+        listed.write_text(document if isinstance(document, str) else json.dumps(document))
+    with pytest.raises(SpecError, match=reason) as error:
+        resolve(str(listed))
+    assert "\n" not in str(error.value) and str(listed) in str(error.value)
+    with pytest.raises(ValueError, match="ends in .shardlist.json"):
+        write_shard_list(str(tmp_path / "pool.json"), resolve(pool))

@@ -261,7 +261,7 @@ class MakeDataConfig(ConfigModel):
     dataset: Literal["shapes", "emoji", "digits"] = "shapes"
     out_dir: str = Field("runs/data", description=(
         "generate: the dataset's root, splits in out_dir/{curated,pool,eval}; register: where the registration "
-        "manifest goes (never the user's data)"))
+        "manifest and the training splits' shard lists go (never the user's data)"))
     curated: str | None = Field(None, description="register: the curated dataset's spec, e.g. s3://team/curated/{0000..0099}.tar")
     pool: str | None = Field(None, description="register: the pool's spec, e.g. s3://team/laion/ (img2dataset shards)")
     eval: str | None = Field(None, description="register: the eval set's spec")
@@ -299,7 +299,9 @@ class MakeDataConfig(ConfigModel):
 
 
 class SplitInfo(StrictModel):
-    path: str = Field(description="what later stages read: a directory or any dataset spec")
+    path: str = Field(description="what later stages read: a directory or any dataset spec (a registered training "
+                      "split: the shard list registration resolved it to)")
+    spec: str | None = Field(None, description="the dataset spec the split was registered from; None: generated")
     num_samples: int | None = Field(description="None: unknown (a pool too large to count)")
     num_shards: int
 

@@ -211,9 +211,12 @@ def _storage_roots(client, earlier) -> list[str] | None:
     return roots
 
 
-def _registered_specs(client, resolved: dict[str, str]) -> dict[str, str]:
-    """What the earlier run's make-data stage read or wrote, by tag name (from its params, which cannot change);
-    empty when the run recorded no make-data stage (a rerun's own parent) or it cannot be read."""
+def _registered_specs(client, resolved: dict[str, str]) -> dict[str, tuple[str, ...]]:
+    """What the earlier run's make-data stage read or wrote, by tag name (from its params, which cannot change):
+    a registered training split's shard list (or its spec, as runs before shard lists recorded it); empty when the
+    run recorded no make-data stage (a rerun's own parent) or it cannot be read."""
+    from flexi_jest.data.register import registered_path
+
     run_id = resolved.get("make-data.mlflow_run_id")
     if not run_id:
         return {}
@@ -222,9 +225,10 @@ def _registered_specs(client, resolved: dict[str, str]) -> dict[str, str]:
     except Exception:  # noqa: BLE001 - no stage run to compare with: the tag is checked by kind only
         return {}
     if params.get("source") == "register":
-        return {name: params[split] for name, split in DATASET_OUTPUTS.items() if params.get(split)}
+        return {name: (registered_path(params.get("out_dir", ""), split, params[split]), params[split])
+                for name, split in DATASET_OUTPUTS.items() if params.get(split)}
     if params.get("out_dir"):
-        return {name: storage.join(params["out_dir"], split) for name, split in DATASET_OUTPUTS.items()}
+        return {name: (storage.join(params["out_dir"], split),) for name, split in DATASET_OUTPUTS.items()}
     return {}
 
 
@@ -256,9 +260,10 @@ def check_recorded_outputs(resolved: dict[str, str], earlier, client, data_acces
         if base in DATASET_OUTPUTS and name == base:
             check_spec(value, access, where(name))
             expected = registered.get(name)
-            if expected is not None and value[:500] != expected[:500]:  # params are kept to 500 characters
+            if expected is not None and value[:500] not in {e[:500] for e in expected}:  # params: 500 characters
                 raise RecordedOutputError(f"{where(name)}: {value!r} is not what its make-data stage run "
-                                          f"{resolved['make-data.mlflow_run_id']} read or wrote ({expected!r})")
+                                          f"{resolved['make-data.mlflow_run_id']} read or wrote "
+                                          f"({' or '.join(map(repr, dict.fromkeys(expected)))})")
         elif base in FILE_OUTPUTS:
             problem = _storage_uri_problem(value)
             if problem is None and roots is not None and not any(value.startswith(root) for root in roots):

@@ -35,7 +35,7 @@ from flexi_jest.checkpoint import load_model
 from flexi_jest.config import CacheReferenceConfig, CacheReferenceResult
 from flexi_jest.data.manifest import read_manifest
 from flexi_jest.data.shards import IMAGE_EXTENSIONS, ReadStats, decode_sample, iter_tar
-from flexi_jest.data.specs import resolve
+from flexi_jest.data.specs import DatasetSpec, resolve
 from flexi_jest.device import resolve_device, to_model_input
 from flexi_jest.flops import offline_filter_flops, pair_forward_flops
 from flexi_jest.models import Tokenizer
@@ -89,9 +89,9 @@ def default_cache_dir(pool: str, reference_sha256: str, reference_uri: str | Non
                      "(the cache is never written into a user's dataset)")
 
 
-def _pool_fingerprint(pool: str) -> dict[str, str]:
-    """Each shard's sha256 by URL, where the pool's manifest gives one."""
-    return {s.url: s.sha256 for s in resolve(pool, check=False, counts=False).shards if s.sha256}
+def _pool_fingerprint(pool: DatasetSpec) -> dict[str, str]:
+    """Each shard's sha256 by URL, where the pool's manifest (or shard list) gives one."""
+    return {s.url: s.sha256 for s in pool.shards if s.sha256}
 
 
 @torch.no_grad()
@@ -118,7 +118,8 @@ def write_cache(
     image_size = model.cfg.image_size
     dim = model.cfg.embed_dim
     owner: dict[str, str] = {}  # key -> the shard it was read from: keys must be unique across the pool
-    for index, shard in enumerate(resolve(pool_dir).shards):
+    pool = resolve(pool_dir)  # once: the shards read and the fingerprint recorded are the same list
+    for index, shard in enumerate(pool.shards):
         keys: list[str] = []
         image_embs: list[np.ndarray] = []
         text_embs: list[np.ndarray] = []
@@ -181,7 +182,7 @@ def write_cache(
         "pool": pool_dir,
         "reference": reference_uri,
         "flops": float(sum(s["num_samples"] for s in shards.values()) * pair_forward_flops(model.cfg, patch_size)),
-        "pool_shards": _pool_fingerprint(pool_dir),
+        "pool_shards": _pool_fingerprint(pool),
         "num_samples": sum(s["num_samples"] for s in shards.values()),
         "shards": shards,
         "skipped": dict(stats.skipped),
@@ -246,7 +247,10 @@ def _check_structure(cache_dir: str, uri: str, manifest: dict[str, Any]) -> None
 class ReferenceCache:
     """Read side of the cache: validates the manifest, then joins embeddings onto raw samples by key."""
 
-    def __init__(self, cache_dir: str, pool_dir: str | None = None, expected_reference_sha256: str | None = None):
+    def __init__(self, cache_dir: str, pool: "str | DatasetSpec | None" = None,
+                 expected_reference_sha256: str | None = None):
+        """pool: the pool the cache must have been made for (a spec, or one resolved already: the learner's stream
+        reads the same DatasetSpec), checked against the sha256s the cache recorded."""
         uri = storage.join(cache_dir, CACHE_MANIFEST)
         if not storage.exists(uri):
             raise CacheError(f"no reference cache at {cache_dir} (missing {CACHE_MANIFEST}); run cache-reference first")
@@ -258,10 +262,11 @@ class ReferenceCache:
                 f"reference cache {cache_dir} was made by reference {sha}, not the expected "
                 f"{expected_reference_sha256}: re-run cache-reference with the current reference"
             )
-        if pool_dir is not None:
-            current = _pool_fingerprint(pool_dir)
+        if pool is not None:
+            resolved = pool if isinstance(pool, DatasetSpec) else resolve(pool, check=False, counts=False)
+            current = _pool_fingerprint(resolved)
             if current and current != self.manifest["pool_shards"]:
-                raise CacheError(f"reference cache {cache_dir} was made for different shards than {pool_dir}: "
+                raise CacheError(f"reference cache {cache_dir} was made for different shards than {resolved.spec}: "
                                  "re-run cache-reference")
         self.logit_scale = torch.tensor(self.manifest["logit_scale"])
         self.logit_bias = torch.tensor(self.manifest["logit_bias"])

@@ -43,6 +43,7 @@ from flexi_jest.config import (
 )
 from flexi_jest.data.loader import Prefetcher, StreamLoader, merge_states
 from flexi_jest.data.noise import CLEAN_KINDS, SAMPLE_KINDS, kind_shares, sample_kind
+from flexi_jest.data.specs import DatasetSpec, resolve
 from flexi_jest.data.transforms import ImageTransform
 from flexi_jest.device import autocast, to_model_input
 from flexi_jest.distributed import (
@@ -103,7 +104,8 @@ class StepOutput:
 StepFn = Callable[[torch.nn.Module, list[dict[str, Any]], torch.Generator], StepOutput]  # (net, rank's rows, generator)
 
 
-def build_loader(cfg: TrainingConfig, spec: str, mode: str, batch_size: int, world: World, attach=None) -> StreamLoader:
+def build_loader(cfg: TrainingConfig, spec: "str | DatasetSpec", mode: str, batch_size: int, world: World,
+                 attach=None) -> StreamLoader:
     """The training stream of a stage (data/loader.py): this rank's rows of every batch of batch_size, decoded
     (uint8, the model's image size, cfg.train_crop) in cfg.data_workers processes."""
     size = cfg.model.image_size
@@ -344,9 +346,6 @@ class LearnerStep:
                  world: World, cache: ReferenceCache | None, offline_filter: OfflineFilter | None):
         self.cfg, self.model, self.tokenizer, self.device, self.world = cfg, model, tokenizer, device, world
         self.cache, self.offline_filter = cache, offline_filter
-        self.needs_reference = cfg.method not in ("uniform", "offline-filter") and cfg.score != "hard_learner"
-        self.uses_learner = cfg.score != "easy_reference"
-        self.uniform_draw = cfg.method in ("uniform", "offline-filter")
         self.sub_batch = cfg.sub_batch_size
         self.draw = self.sub_batch if self.uniform_draw else cfg.super_batch_size  # pairs drawn per step
         self.scoring_rows = shard(self.draw, world)
@@ -359,6 +358,22 @@ class LearnerStep:
                           cache.manifest["embed_dim"] if cache else None),
                       "learner_training": flops.training_step_flops(cfg.model, self.sub_batch, cfg.train_patch_sizes)}
         self.dropped_seen = 0
+
+    # what the method asks of a step, read from cfg (never stored beside it)
+    @property
+    def uniform_draw(self) -> bool:
+        """Uniform and the offline filter draw the sub-batch itself: nothing is scored or selected."""
+        return self.cfg.method in ("uniform", "offline-filter")
+
+    @property
+    def needs_reference(self) -> bool:
+        """Selection scores with the reference's cached embeddings (every score but hard_learner)."""
+        return not self.uniform_draw and self.cfg.score != "hard_learner"
+
+    @property
+    def uses_learner(self) -> bool:
+        """Selection scores with the learner's own embeddings (every score but easy_reference)."""
+        return self.cfg.score != "easy_reference"
 
     def __call__(self, net: torch.nn.Module, mine: list[dict[str, Any]], generator: torch.Generator) -> StepOutput:
         images_u8 = torch.stack([s["image"] for s in mine])  # [B / world, 3, H, W] uint8
@@ -465,7 +480,8 @@ def train_learner(cfg: TrainLearnerConfig) -> TrainResult:
     model = build_model(cfg, device)
     offline = cfg.method == "offline-filter"  # uniform over the pool's top offline_keep_ratio by reference cosine
     prefilter = cfg.prefilter_keep_ratio is not None  # the offline filter first, then selection ('filter+jest')
-    cache = (ReferenceCache(cfg.reference_cache, cfg.pool, cfg.reference_sha256)
+    pool = resolve(cfg.pool)  # once: the cache is checked against, and the stream reads, the same shards
+    cache = (ReferenceCache(cfg.reference_cache, pool, cfg.reference_sha256)
              if flops.uses_reference(cfg) else None)
     offline_filter = (OfflineFilter(cache, cfg.offline_keep_ratio) if offline
                       else OfflineFilter(cache, cfg.prefilter_keep_ratio) if prefilter else None)
@@ -480,7 +496,7 @@ def train_learner(cfg: TrainLearnerConfig) -> TrainResult:
             return cache.attach(shard_name, offline_filter(shard_name, raws))
     else:
         attach = cache.attach if cache else None
-    stream = build_loader(cfg, cfg.pool, cfg.data_mode, step.draw, world, attach)
+    stream = build_loader(cfg, pool, cfg.data_mode, step.draw, world, attach)
     base = FlopsBreakdown(reference_training=cfg.reference_training_flops, reference_caching=cfg.reference_caching_flops
                           # the cosines, once, with the caching pass
                           + (offline_filter.flops if offline_filter else 0.0))

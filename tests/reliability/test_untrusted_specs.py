@@ -164,15 +164,25 @@ def test_good_tags_resolve_and_a_registered_pool_must_match_its_make_data_run(ml
     assert resolve_earlier_run(good, stage="train_learner")["learner"] == GOOD["learner.joint"]
     registered = {"curated": "s3://team-data/curated/{0..3}.tar", "pool": "s3://team-data/laion/",
                   "eval": "s3://team-data/eval/0.tar"}
-    with tracking.stage_run(None, "make-data", MakeDataConfig(source="register", **registered)) as stage:
+    config = MakeDataConfig(source="register", out_dir="s3://runs/kfp-registered/data", **registered)
+    with tracking.stage_run(None, "make-data", config) as stage:
         make_data = stage.info.run_id
-    outputs = {**GOOD, "curated": registered["curated"], "pool": registered["pool"], "eval_split": registered["eval"]}
+    # a training split as the stage recorded it: the shard list it wrote under its out_dir; eval: its spec
+    listed = {"curated": "s3://runs/kfp-registered/data/curated.shardlist.json",
+              "pool": "s3://runs/kfp-registered/data/pool.shardlist.json"}
+    outputs = {**GOOD, **listed, "eval_split": registered["eval"]}
     run = earlier_run(outputs, kfp_run_id="kfp-registered")
     mlflow.MlflowClient().set_tag(run, f"{tracking.STAGE_TAG}make-data", make_data)
+    assert resolve_earlier_run("kfp-registered", stage="train_learner")["pool"] == listed["pool"]
+    mlflow.MlflowClient().set_tag(run, f"{tracking.OUTPUT_TAG}pool", "s3://team-data/laion/")  # as runs before lists
     assert resolve_earlier_run("kfp-registered", stage="train_learner")["pool"] == "s3://team-data/laion/"
-    mlflow.MlflowClient().set_tag(run, f"{tracking.OUTPUT_TAG}pool", "s3://team-data/other-pool/")
-    with pytest.raises(RecordedOutputError, match=rf"is not what its make-data stage run {make_data} read or wrote"):
-        resolve_earlier_run("kfp-registered", stage="train_learner")
+    for planted in ("s3://team-data/other-pool/", "s3://runs/kfp-registered/data/eval.shardlist.json",
+                    "s3://elsewhere/data/pool.shardlist.json"):
+        mlflow.MlflowClient().set_tag(run, f"{tracking.OUTPUT_TAG}pool", planted)
+        with pytest.raises(RecordedOutputError, match=rf"is not what its make-data stage run {make_data} read or "
+                                                      r"wrote \('s3://runs/kfp-registered/data/pool.shardlist.json' "
+                                                      r"or 's3://team-data/laion/'\)"):
+            resolve_earlier_run("kfp-registered", stage="train_learner")
 
 
 def test_the_pipelines_pass_data_access_to_every_stage_that_reads_data_off_by_default():

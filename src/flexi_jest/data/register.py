@@ -18,7 +18,12 @@ promotion compares. Shared keys alone, and curated sharing images with pool, are
 restart at 000000000 in every download, so equal keys are no evidence by themselves). Only the shards read are
 compared: the first, the last and some between of a large split.
 
-Later stages read the specs themselves; the result's splits carry them as their paths.
+Each spec is resolved once. The training splits' shards, as resolved here, go to `out_dir/curated.shardlist.json`
+and `out_dir/pool.shardlist.json` (specs.write_shard_list), and the result's splits carry those lists as their paths
+(the spec itself as `spec`): the reference, the caching pass and the learner read the same shards in the same order
+without listing the data again, and a shard removed since is a SpecError naming it. The eval split keeps its spec
+as its path: evaluation opens it as an eval set (eval_sets.py), whose layout, class names and name are found from
+where the data is, which a list of tars would hide.
 """
 
 import hashlib
@@ -33,11 +38,18 @@ from urllib.parse import urlparse
 from flexi_jest import storage
 from flexi_jest.config import MakeDataConfig, MakeDataResult, SplitInfo
 from flexi_jest.data.shards import IMAGE_EXTENSIONS, ReadStats, decode_sample, iter_tar
-from flexi_jest.data.specs import DatasetSpec, SpecError, resolve
+from flexi_jest.data.specs import SHARD_LIST_SUFFIX, DatasetSpec, SpecError, resolve, write_shard_list
 
 REGISTRATION = "registration.json"
 SPLITS = ("curated", "pool", "eval")
+LISTED = ("curated", "pool")  # the splits later stages read as a shard list (the eval split: see the docstring)
 FATAL = ("missing_shard", "corrupt_shard")  # a sampled shard that cannot be read at all fails registration
+
+
+def registered_path(out_dir: str, name: str, spec: str) -> str:
+    """What later stages read for split name registered from spec: out_dir/<name>.shardlist.json for a training
+    split (LISTED), the spec itself for the eval split."""
+    return storage.join(out_dir, f"{name}{SHARD_LIST_SUFFIX}") if name in LISTED else spec
 
 
 def sample_shards(n: int, k: int) -> list[int]:
@@ -63,13 +75,11 @@ class Seen:
             self.images.setdefault(hashlib.sha256(image).digest(), raw["__key__"])
 
 
-def check_split(name: str, spec_text: str, cfg: MakeDataConfig, seen: Seen | None = None
-                ) -> tuple[DatasetSpec, dict[str, Any]]:
-    """Resolve and check one split; returns the spec (with counts) and what was checked (empty_shards: the URLs of
-    the shards with no sample). Raises SpecError naming the spec if it names nothing, holds no sample, a sampled
-    shard cannot be read, a shard counted 0 holds samples, or no sampled image decodes. seen: filled with the keys
-    and image hashes of the samples read."""
-    spec = resolve(spec_text, cfg.num_samples.get(name))
+def check_split(name: str, spec: DatasetSpec, cfg: MakeDataConfig, seen: Seen | None = None) -> dict[str, Any]:
+    """Check one resolved split; returns what was checked (empty_shards: the URLs of the shards with no sample).
+    Raises SpecError naming the spec if it holds no sample, a sampled shard cannot be read, a shard counted 0 holds
+    samples, or no sampled image decodes. seen: filled with the keys and image hashes of the samples read."""
+    spec_text = spec.spec
     where = f"dataset spec {spec_text!r} ({name})"
     counted_empty = [i for i, shard in enumerate(spec.shards) if shard.num_samples == 0]
     if len(counted_empty) == len(spec.shards):
@@ -116,7 +126,7 @@ def check_split(name: str, spec_text: str, cfg: MakeDataConfig, seen: Seen | Non
              "num_empty_shards": len(empty), "empty_shards": empty,
              "image_sizes": sorted(list(size) for size in sizes)[:20], "skipped": dict(stats.skipped),
              "errors": stats.errors[:5]}
-    return spec, check
+    return check
 
 
 def overlaps(seen: dict[str, Seen]) -> dict[str, dict[str, Any]]:
@@ -176,8 +186,9 @@ def _inside(path: str, directory: str) -> bool:
 def register_data(cfg: MakeDataConfig) -> MakeDataResult:
     """Check the three specs of cfg (source 'register') and write out_dir/registration.json."""
     started = time.perf_counter()
+    resolved = {name: resolve(getattr(cfg, name), cfg.num_samples.get(name)) for name in SPLITS}  # once per split
     for name in SPLITS:
-        for url in resolve(getattr(cfg, name), check=False, counts=False).urls:
+        for url in resolved[name].urls:
             if _inside(cfg.out_dir, url.rsplit("/", 1)[0]):
                 raise SpecError(f"out_dir {cfg.out_dir!r} is inside the registered {name} data ({url}): registration "
                                 "writes only its own files; choose an out_dir outside the user's data")
@@ -186,8 +197,10 @@ def register_data(cfg: MakeDataConfig) -> MakeDataResult:
     registration: dict[str, Any] = {"format": "flexi-jest-registration/1", "splits": {}}
     seen = {name: Seen() for name in SPLITS}
     for name in SPLITS:
-        spec, check = check_split(name, getattr(cfg, name), cfg, seen[name])
-        splits[name] = SplitInfo(path=spec.spec, num_samples=check["num_samples"], num_shards=len(spec.shards))
+        spec = resolved[name]
+        check = check_split(name, spec, cfg, seen[name])
+        splits[name] = SplitInfo(path=registered_path(cfg.out_dir, name, spec.spec), spec=spec.spec,
+                                 num_samples=check["num_samples"], num_shards=len(spec.shards))
         checks[name] = check
         registration["splits"][name] = {**check, "shards": [
             {"url": s.url, "num_samples": s.num_samples, "sha256": s.sha256} for s in spec.shards]}
@@ -204,6 +217,8 @@ def register_data(cfg: MakeDataConfig) -> MakeDataResult:
     for warning in warnings:
         print(f"[make-data] warning: {warning}", flush=True)
     registration["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    for name in LISTED:  # after every check has passed: a refused registration writes nothing
+        write_shard_list(splits[name].path, resolved[name])
     storage.write_bytes(storage.join(cfg.out_dir, REGISTRATION), json.dumps(registration, indent=1).encode())
     result = MakeDataResult(dataset="registered", out_dir=cfg.out_dir, splits=splits, noise_counts={},
                             seconds=time.perf_counter() - started, checks=checks)

@@ -9,6 +9,8 @@ A spec is one string; several specs are joined by `::` (webdataset's convention)
     https://host/pool/{000..009}.tar     http(s) URLs (each checked with a HEAD request)    [data_access.allow_http]
     pipe:curl -s https://host/a.tar      a command writing a tar to stdout (an argument list, never a shell)
                                                                               [data_access.pipe_commands: [curl]]
+    run/data/pool.shardlist.json         a spec resolved once (write_shard_list): its shards, their counts and
+                                         sha256, as resolution found them (make-data's `register` writes one per split)
 
 pipe: and http(s) parts are refused unless the stage's data_access enables them (access.py, docs/security.md).
 
@@ -17,6 +19,11 @@ Sample counts, per shard, come from the flexi-jest manifest beside the shards, o
 total. A spec that names a missing shard, an unreachable URL or matches nothing raises SpecError: one
 line naming the spec and the problem.
 
+A shard list is input like any spec: each URL it holds passes the same data-access check, each local / s3 shard
+must still exist (one listing per directory), each http(s) URL answer; a list inside a list is refused. Reading it
+costs one GET, where resolving the spec again lists directories and fetches a stats file per shard, and every
+stage reading it sees the same shards in the same order, even if the pool's directory changed since.
+
 s3:// shards are read through flexi_jest.storage (minio, configured from the environment), like every
 other artifact of the project, so the same spec reads MinIO on a cluster and moto in the tests.
 """
@@ -24,7 +31,7 @@ other artifact of the project, so the same spec reads MinIO on a cluster and mot
 import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from webdataset.shardlists import expand_urls
 
@@ -170,6 +177,96 @@ def _with_counts(urls: list[str]) -> list[Shard]:
     return shards
 
 
+SHARD_LIST_SUFFIX = ".shardlist.json"
+SHARD_LIST_FORMAT = "flexi-jest-shardlist/1"
+
+
+def write_shard_list(uri: str, resolved: DatasetSpec) -> None:
+    """Write resolved to uri (ending in SHARD_LIST_SUFFIX), for later stages to read instead of resolving again:
+
+        {"format": SHARD_LIST_FORMAT, "spec": the spec's text, "num_samples": the explicit count or null,
+         "shards": [{"url", "num_samples", "sha256"}]}    (a count or sha256 null where resolution found none)
+    """
+    if not uri.endswith(SHARD_LIST_SUFFIX):
+        raise ValueError(f"a shard list's name ends in {SHARD_LIST_SUFFIX}, got {uri!r}")
+    document = {"format": SHARD_LIST_FORMAT, "spec": resolved.spec, "num_samples": resolved.explicit_num_samples,
+                "shards": [{"url": s.url, "num_samples": s.num_samples, "sha256": s.sha256} for s in resolved.shards]}
+    storage.write_bytes(uri, json.dumps(document, indent=1).encode())
+
+
+def _count_or_none(value: Any) -> bool:
+    return value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 0)
+
+
+def _read_shard_list(spec: str, uri: str) -> tuple[list[Shard], int | None]:
+    """The shards and explicit count a shard list holds; SpecError naming the list and the field if it is not one."""
+    where = f"dataset spec {spec!r}: shard list {uri}"
+    try:
+        document = json.loads(storage.read_bytes(uri))
+    except storage.StorageError as exc:
+        raise SpecError(f"dataset spec {spec!r}: {exc}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise SpecError(f"{where} is not JSON: {exc}") from None
+    if not isinstance(document, dict) or document.get("format") != SHARD_LIST_FORMAT:
+        found = document.get("format") if isinstance(document, dict) else type(document).__name__
+        raise SpecError(f"{where}: format must be {SHARD_LIST_FORMAT!r}, got {found!r}")
+    entries = document.get("shards")
+    if not isinstance(entries, list) or not entries:
+        raise SpecError(f"{where}: 'shards' must be a non-empty list of {{url, num_samples, sha256}}")
+    total = document.get("num_samples")
+    if not _count_or_none(total) or total == 0:
+        raise SpecError(f"{where}: 'num_samples' must be a positive integer or null, got {total!r}")
+    shards = []
+    for i, entry in enumerate(entries):
+        url = entry.get("url") if isinstance(entry, dict) else None
+        if not isinstance(url, str) or not url.strip():
+            raise SpecError(f"{where}: shards[{i}].url must be a non-empty string")
+        if url.endswith(SHARD_LIST_SUFFIX) or "::" in url:
+            raise SpecError(f"{where}: shards[{i}].url {url!r} is a spec, not a shard: a list holds shards only")
+        if not _count_or_none(entry.get("num_samples")):
+            raise SpecError(f"{where}: shards[{i}].num_samples must be an integer >= 0 or null, "
+                            f"got {entry.get('num_samples')!r}")
+        sha = entry.get("sha256")
+        if sha is not None and not (isinstance(sha, str) and len(sha) == 64
+                                    and all(c in "0123456789abcdef" for c in sha)):
+            raise SpecError(f"{where}: shards[{i}].sha256 must be 64 lowercase hex digits or null, got {sha!r}")
+        shards.append(Shard(url, entry.get("num_samples"), sha))
+    return shards, total
+
+
+def _check_listed(spec: str, uri: str, shards: list[Shard]) -> None:
+    """The checks resolving the listed URLs as a spec would make: the data-access policy for each, then each
+    local / s3 shard present (one listing per directory) and each http(s) URL answering."""
+    where = f"dataset spec {spec!r}: shard list {uri}"
+    for shard in shards:
+        try:
+            check_spec(shard.url)
+        except SpecError as exc:
+            raise SpecError(f"{where}: {exc}") from None
+    by_directory: dict[str, list[str]] = {}
+    for shard in shards:
+        kind = scheme(shard.url)
+        if kind == "http":
+            problem = remote.http_problem(shard.url)
+            if problem:
+                raise SpecError(f"{where}: cannot reach {shard.url}: {problem}")
+        elif kind != "pipe":
+            by_directory.setdefault(_parent(shard.url), []).append(shard.url)
+    missing = []
+    for directory, urls in by_directory.items():
+        try:
+            present = set(storage.list_names(directory, ""))
+        except storage.StorageError:  # a prefix we may read but not list: each shard by itself
+            present = set()
+        try:  # a name the listing leaves out (a dot-file, a symlink) may still be there: ask for it by itself
+            missing += [u for u in urls if u.rstrip("/").rsplit("/", 1)[-1] not in present and not storage.exists(u)]
+        except storage.StorageError as exc:
+            raise SpecError(f"{where}: {exc}") from None
+    if missing:
+        more = f" (and {len(missing) - 1} more of {len(shards)})" if len(missing) > 1 else ""
+        raise SpecError(f"{where}: missing shard {missing[0]}{more}; the data changed since the list was written")
+
+
 def resolve(spec: str, num_samples: int | None = None, check: bool = True, counts: bool = True) -> DatasetSpec:
     """The shards a spec names, in order.
 
@@ -191,6 +288,14 @@ def resolve(spec: str, num_samples: int | None = None, check: bool = True, count
             raise SpecError(f"dataset spec {spec!r} has an empty part between '::'")
         if part.startswith("pipe:"):  # a command may hold braces of its own: keep it whole
             shards.append(Shard(part))
+            continue
+        if part.endswith(SHARD_LIST_SUFFIX):  # resolved before: its shards as they were, checked again
+            listed, total = _read_shard_list(spec, part)
+            if check:
+                _check_listed(spec, part, listed)
+            shards += listed
+            if num_samples is None and "::" not in spec:
+                num_samples = total
             continue
         shards += _part_shards(spec, part, check, counts)
     if not shards:
