@@ -18,11 +18,10 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for `components` and `pipelines`
 
 from pipelines.flexi_jest_pp import (  # noqa: E402
-    PIPELINES,
     RERUN_STAGES,
+    STAGES,
     cluster_pipeline,
     compile_pipeline,
-    flexi_jest_pp,
 )
 from pipelines.runner import format_summary, run_local  # noqa: E402
 
@@ -32,7 +31,7 @@ def parse_params(pairs: list[str], pipeline=None) -> dict[str, Any]:
     (string parameters, the *_config JSON objects included, stay strings; others are parsed as JSON)."""
     import inspect
 
-    signature = inspect.signature((pipeline or flexi_jest_pp).pipeline_func).parameters
+    signature = inspect.signature((pipeline or cluster_pipeline()).pipeline_func).parameters
     params: dict[str, Any] = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
@@ -88,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                          "on this many nodes (storage_root must be s3://...)")
         sub.add_argument("--gpus-per-node", type=int, default=1)
     for sub in (c, r, s):
-        sub.add_argument("--from-stage", default="make_data", choices=list(PIPELINES),
+        sub.add_argument("--from-stage", default="make_data", choices=STAGES,
                          help="make_data: the whole pipeline; another stage: rerun from it on an earlier run's "
                               "outputs, given by --from-run (" + "; ".join(f"{k}: {v}" for k, v in RERUN_STAGES.items())
                               + ")")
@@ -99,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     from_stage = args.from_stage
     if getattr(args, "from_run", "") and from_stage == "make_data":
         from_stage = "train_learner"
-    pipeline = PIPELINES[from_stage][0]
+    pipeline = cluster_pipeline(from_stage)
     params = parse_params(getattr(args, "param", []), pipeline)
     if getattr(args, "from_run", ""):
         params["from_run"] = args.from_run

@@ -15,11 +15,13 @@ Its command line (pipelines/cli.py) runs from this file too; running it here: pi
 """
 
 import dataclasses
+import functools
 import inspect
 import json
 import os
 import sys
 import types
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, List
 
@@ -44,33 +46,80 @@ from components.stages import (  # noqa: E402
 )
 from flexi_jest.config import METHOD_PRESETS, TrainLearnerConfig  # noqa: E402
 
-# GPU node pool scheduling for the training stages, read at compile time.
-GPU_NODE_SELECTOR = os.environ.get("FLEXI_JEST_GPU_NODE_SELECTOR", "flexi-jest/node-pool=gpu")  # key=value
-GPU_TOLERATION_KEY = os.environ.get("FLEXI_JEST_GPU_TOLERATION", "nvidia.com/gpu")
-
 # the main learner's default config: Flexi-JEST's fields of config.METHOD_PRESETS beyond the method and score knobs
 FLEXI_TINY = json.dumps({k: v for k, v in METHOD_PRESETS["flexi-jest"].items() if k not in ("method", "score")})
 # the learner knobs' defaults, from the learner's Pydantic config (one source of truth)
 LEARNER = {name: field.default for name, field in TrainLearnerConfig.model_fields.items()}
 
+# in-cluster defaults: the services, Secrets and node pool of k8s/base
+IN_CLUSTER_S3 = "http://minio.flexi-jest.svc.cluster.local:9000"
+IN_CLUSTER_MLFLOW = "http://mlflow.flexi-jest.svc.cluster.local:5000"
+S3_SECRET_KEYS = {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"}
+MLFLOW_SECRET_KEYS = {"MLFLOW_TRACKING_USERNAME": "MLFLOW_TRACKING_USERNAME",
+                      "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD"}
+
+
+def cluster_url(environ: Mapping[str, str], name: str, default: str) -> str:
+    """An http(s) URL from the compile-time environment, else the in-cluster default (a local MLflow store
+    such as sqlite:///... exported in the shell is of no use to a pod)."""
+    value = environ.get(name, "")
+    return value if value.startswith(("http://", "https://")) else default
+
 
 @dataclasses.dataclass(frozen=True)
 class ClusterSettings:
-    """How a pipeline is built, passed to every function that builds it (make_pipeline). accelerators: for a
-    cluster (GPU requests, the GPU node pool, the services' Secrets and endpoints); False for KFP local
-    execution, which cannot resolve them. learner_nodes > 1 (compile --learner-nodes): the main learner trains
-    as a PyTorchJob of learner_nodes x gpus_per_node GPUs."""
+    """How a pipeline is built, passed to every function that builds it (make_pipeline); nothing is read from
+    module state. accelerators: for a cluster (GPU requests, the GPU node pool, the services' Secrets and
+    endpoints); False for KFP local execution, which cannot resolve them. learner_nodes > 1 (compile
+    --learner-nodes): the main learner trains as a PyTorchJob of learner_nodes x gpus_per_node GPUs.
+
+    The rest is where the pods find the cluster's services; from_env reads it from the compile-time environment
+    (the variables k8s/base's ConfigMap flexi-jest-settings holds), defaulting to k8s/base's names. The S3 and
+    MLflow credentials come from the two Kubernetes Secrets named here, never from the environment."""
 
     accelerators: bool = True
     learner_nodes: int = 1
     gpus_per_node: int = 1
+    gpu_node_selector: str = "flexi-jest/node-pool=gpu"  # key=value: FLEXI_JEST_GPU_NODE_SELECTOR
+    gpu_toleration_key: str = "nvidia.com/gpu"  # FLEXI_JEST_GPU_TOLERATION
+    job_namespace: str = "flexi-jest"  # where the PyTorchJob runs (the S3 Secret, the runner's Role): ..._JOB_NAMESPACE
+    s3_secret: str = "flexi-jest-s3"  # FLEXI_JEST_S3_SECRET
+    mlflow_secret: str = "flexi-jest-mlflow"  # FLEXI_JEST_MLFLOW_SECRET (MLflow's basic-auth account)
+    s3_endpoint: str = IN_CLUSTER_S3  # FLEXI_JEST_S3_ENDPOINT
+    mlflow_s3_endpoint: str = IN_CLUSTER_S3  # MLFLOW_S3_ENDPOINT_URL (default: the S3 endpoint)
+    tracking_uri: str = IN_CLUSTER_MLFLOW  # MLFLOW_TRACKING_URI
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **fields: Any) -> "ClusterSettings":
+        """The settings the compile-time environment (default: os.environ) gives, with fields on top."""
+        env = os.environ if environ is None else environ
+        s3 = cluster_url(env, "FLEXI_JEST_S3_ENDPOINT", IN_CLUSTER_S3)
+        return cls(**{
+            "gpu_node_selector": env.get("FLEXI_JEST_GPU_NODE_SELECTOR", cls.gpu_node_selector),
+            "gpu_toleration_key": env.get("FLEXI_JEST_GPU_TOLERATION", cls.gpu_toleration_key),
+            "job_namespace": env.get("FLEXI_JEST_JOB_NAMESPACE", cls.job_namespace),
+            "s3_secret": env.get("FLEXI_JEST_S3_SECRET", cls.s3_secret),
+            "mlflow_secret": env.get("FLEXI_JEST_MLFLOW_SECRET", cls.mlflow_secret),
+            "s3_endpoint": s3, "mlflow_s3_endpoint": cluster_url(env, "MLFLOW_S3_ENDPOINT_URL", s3),
+            "tracking_uri": cluster_url(env, "MLFLOW_TRACKING_URI", IN_CLUSTER_MLFLOW), **fields})
 
     @property
     def multinode(self) -> bool:
         return self.accelerators and self.learner_nodes > 1
 
+    @property
+    def cluster_env(self) -> dict[str, str]:
+        """The endpoints every component pod gets as env vars."""
+        return {"FLEXI_JEST_S3_ENDPOINT": self.s3_endpoint, "MLFLOW_S3_ENDPOINT_URL": self.mlflow_s3_endpoint,
+                "MLFLOW_TRACKING_URI": self.tracking_uri}
 
-CLUSTER, LOCAL = ClusterSettings(), ClusterSettings(accelerators=False)
+    @property
+    def node_selector(self) -> tuple[str, str]:
+        key, _, value = self.gpu_node_selector.partition("=")
+        return key, value
+
+
+LOCAL = ClusterSettings(accelerators=False)  # KFP local execution: nothing of the cluster
 
 
 def on_gpu_pool(settings: ClusterSettings, task: dsl.PipelineTask, accelerator_type: Any,
@@ -81,46 +130,19 @@ def on_gpu_pool(settings: ClusterSettings, task: dsl.PipelineTask, accelerator_t
     if not settings.accelerators:
         return task
     task.set_accelerator_type(accelerator_type).set_accelerator_limit(accelerator_count)
-    key, _, value = GPU_NODE_SELECTOR.partition("=")
+    key, value = settings.node_selector
     kubernetes.add_node_selector(task, label_key=key, label_value=value)
-    kubernetes.add_toleration(task, key=GPU_TOLERATION_KEY, operator="Exists", effect="NoSchedule")
+    kubernetes.add_toleration(task, key=settings.gpu_toleration_key, operator="Exists", effect="NoSchedule")
     return task
-
-
-# where the PyTorchJob runs: the namespace of k8s/base, with the S3 Secret and the runner's Role
-JOB_NAMESPACE = os.environ.get("FLEXI_JEST_JOB_NAMESPACE", "flexi-jest")
 
 
 def multinode_settings(settings: ClusterSettings) -> str:
     """What the learner task needs to launch its PyTorchJob (flexi_jest.pytorchjob.run_pytorchjob), as JSON."""
-    key, _, value = GPU_NODE_SELECTOR.partition("=")
+    key, value = settings.node_selector
     return json.dumps({"gpus_per_node": settings.gpus_per_node, "image": GPU_IMAGE, "node_selector": {key: value},
-                       "namespace": JOB_NAMESPACE,
-                       "toleration_key": GPU_TOLERATION_KEY, "secret_name": S3_SECRET,
-                       "tracking_uri": CLUSTER_ENV["MLFLOW_TRACKING_URI"], "s3_endpoint": S3_ENDPOINT})
-
-
-def cluster_url(name: str, default: str) -> str:
-    """An http(s) URL from the compile-time environment, else the in-cluster default (a local MLflow store
-    such as sqlite:///... exported in the shell is of no use to a pod)."""
-    value = os.environ.get(name, "")
-    return value if value.startswith(("http://", "https://")) else default
-
-
-# Object storage and MLflow for every component pod on a cluster, read at compile time; the defaults are the
-# services of k8s/base. The S3 keys come from a Kubernetes Secret in the pods' namespace, never from here.
-S3_SECRET = os.environ.get("FLEXI_JEST_S3_SECRET", "flexi-jest-s3")
-S3_SECRET_KEYS = {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"}
-# MLflow's basic-auth credentials (k8s/base: the server's admin account), from a Secret as well
-MLFLOW_SECRET = os.environ.get("FLEXI_JEST_MLFLOW_SECRET", "flexi-jest-mlflow")
-MLFLOW_SECRET_KEYS = {"MLFLOW_TRACKING_USERNAME": "MLFLOW_TRACKING_USERNAME",
-                      "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD"}
-S3_ENDPOINT = cluster_url("FLEXI_JEST_S3_ENDPOINT", "http://minio.flexi-jest.svc.cluster.local:9000")
-CLUSTER_ENV = {
-    "FLEXI_JEST_S3_ENDPOINT": S3_ENDPOINT,
-    "MLFLOW_S3_ENDPOINT_URL": cluster_url("MLFLOW_S3_ENDPOINT_URL", S3_ENDPOINT),
-    "MLFLOW_TRACKING_URI": cluster_url("MLFLOW_TRACKING_URI", "http://mlflow.flexi-jest.svc.cluster.local:5000"),
-}
+                       "namespace": settings.job_namespace, "toleration_key": settings.gpu_toleration_key,
+                       "secret_name": settings.s3_secret, "tracking_uri": settings.tracking_uri,
+                       "s3_endpoint": settings.s3_endpoint})
 
 
 def add_cluster_services(settings: ClusterSettings) -> None:
@@ -132,9 +154,9 @@ def add_cluster_services(settings: ClusterSettings) -> None:
     for task in pipeline_context.Pipeline.get_default_pipeline().tasks.values():
         if task.component_spec.implementation.container is None:  # importers run no container
             continue
-        kubernetes.use_secret_as_env(task, secret_name=S3_SECRET, secret_key_to_env=S3_SECRET_KEYS)
-        kubernetes.use_secret_as_env(task, secret_name=MLFLOW_SECRET, secret_key_to_env=MLFLOW_SECRET_KEYS)
-        for name, value in CLUSTER_ENV.items():
+        kubernetes.use_secret_as_env(task, secret_name=settings.s3_secret, secret_key_to_env=S3_SECRET_KEYS)
+        kubernetes.use_secret_as_env(task, secret_name=settings.mlflow_secret, secret_key_to_env=MLFLOW_SECRET_KEYS)
+        for name, value in settings.cluster_env.items():
             task.set_env_variable(name, value)
 
 
@@ -393,23 +415,41 @@ DEFINITIONS = [  # --from-stage, definition, its parameters, what it binds after
 ]
 
 
+STAGES = [stage for stage, *_ in DEFINITIONS]  # --from-stage: make_data (the whole pipeline), then the reruns
+
+
+@functools.lru_cache(maxsize=None)
 def build(from_stage: str, settings: ClusterSettings):
-    """The pipeline from `from_stage` (make_data: the whole pipeline) under settings."""
+    """The pipeline from `from_stage` (make_data: the whole pipeline) under settings; built when first asked for
+    (a pipeline is a few dozen DSL calls: importing this module builds none)."""
+    if from_stage not in STAGES:
+        raise ValueError(f"no pipeline from stage {from_stage!r}; the stages are {STAGES}")
     _, definition, parameters, bound, name, description = next(d for d in DEFINITIONS if d[0] == from_stage)
     return make_pipeline(definition, name, description, settings, parameters, *bound)
 
 
-PIPELINES = {stage: (build(stage, CLUSTER), build(stage, LOCAL)) for stage, *_ in DEFINITIONS}  # (cluster, local)
+def cluster_pipeline(from_stage: str = "make_data", learner_nodes: int = 1, gpus_per_node: int = 1,
+                     environ: Mapping[str, str] | None = None):
+    """The pipeline for a cluster, under the compile-time environment (default: os.environ; ClusterSettings);
+    with learner_nodes > 1 its main learner is a multi-node PyTorchJob."""
+    settings = ClusterSettings.from_env(environ, learner_nodes=max(learner_nodes, 1),
+                                        gpus_per_node=gpus_per_node if learner_nodes > 1 else 1)
+    return build(from_stage, settings)
 
 
-def cluster_pipeline(from_stage: str = "make_data", learner_nodes: int = 1, gpus_per_node: int = 1):
-    """The pipeline for a cluster; with learner_nodes > 1 its main learner is a multi-node PyTorchJob."""
-    if learner_nodes <= 1:
-        return PIPELINES[from_stage][0]
-    return build(from_stage, ClusterSettings(learner_nodes=learner_nodes, gpus_per_node=gpus_per_node))
+def local_pipeline(from_stage: str = "make_data"):
+    """The pipeline for KFP local execution (pipelines/runner.py)."""
+    return build(from_stage, LOCAL)
 
 
-flexi_jest_pp, flexi_jest_pp_local = PIPELINES["make_data"]
+def __getattr__(name: str):
+    """`flexi_jest_pp` and `flexi_jest_pp_local`, the whole pipeline for a cluster and for local execution, built
+    on first use (PEP 562), so that `from pipelines.flexi_jest_pp import flexi_jest_pp` works as KFP's examples do."""
+    if name == "flexi_jest_pp":
+        return cluster_pipeline()
+    if name == "flexi_jest_pp_local":
+        return local_pipeline()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def compile_pipeline(out: str, from_stage: str = "make_data", learner_nodes: int = 1,

@@ -14,7 +14,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for `components` and `pipelines`
 
 from flexi_jest.device import SHARED_CPU_ENV  # noqa: E402
-from pipelines.flexi_jest_pp import PIPELINES, flexi_jest_pp_definition  # noqa: E402
+from pipelines.flexi_jest_pp import flexi_jest_pp_definition, local_pipeline  # noqa: E402
 
 # --runner docker: the services and S3 keys a component container gets from this environment, as a pod gets
 # them from the cluster's env and its Secret (with_cluster_services); nothing else of this machine goes in.
@@ -103,7 +103,7 @@ def run_local(workdir: str, params: dict[str, Any], from_stage: str = "make_data
         os.environ.setdefault(SHARED_CPU_ENV, str(max(1, len(baselines))))
     local.init(runner=task_runner, pipeline_root=str(root / "kfp"), enable_caching=cache,
                cache_root=str(root / "kfp-cache" / code_digest()))
-    pipeline = PIPELINES[from_stage][1]
+    pipeline = local_pipeline(from_stage)
     started_at = time.time() - 1
     started = time.perf_counter()
     pipeline(**params)

@@ -64,6 +64,7 @@ def test_gpu_throughput_bench_reports_every_part(tmp_path):
         assert sum(result[variant]["share"].values()) == pytest.approx(1.0)
 
 
+@pytest.mark.slow  # reason: the learning-efficiency bench as a subprocess, every method at toy size (52 s on 2 cores)
 def test_learning_efficiency_bench_end_to_end_at_toy_size(tmp_path):
     """The benchmark's whole path (data, reference, cache, three methods at one budget, summary, plots) at a
     toy size; its figures come from the documented runs (docs/results.md). A rerun resumes every finished run."""
@@ -92,6 +93,7 @@ def test_learning_efficiency_bench_end_to_end_at_toy_size(tmp_path):
     assert {path: path.stat().st_mtime_ns for path in finished} == finished, "a rerun trains nothing again"
 
 
+@pytest.mark.slow  # reason: three bench processes training toy runs (74 s on 2 cores)
 def test_reuse_runs_takes_stored_methods_once_one_stored_run_reproduces(tmp_path):
     """--reuse-runs: a second --out trains only the methods the stored runs.json lacks, after training the first
     stored run again and finding its curve unchanged; a stored curve that the code does not reproduce (other

@@ -206,6 +206,7 @@ def copy_checkpoint(source: Path, target: Path, step: int) -> None:
     (target / "checkpoints" / "latest.json").write_text(json.dumps({"step": step, "file": name}))
 
 
+@pytest.mark.slow  # reason: three learner runs on two gloo processes and one, with resumes (47 s on 2 cores)
 def test_learner_on_two_processes_matches_one_and_checkpoints_resume_across_world_sizes(
         shapes_data, reference_cache, tmp_path):
     one = train_learner(learner_cfg(shapes_data, reference_cache, tmp_path / "one"))

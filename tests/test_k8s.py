@@ -9,7 +9,6 @@ skip, saying so, when kubectl is absent; the rest run anyway.
 
 import base64
 import copy
-import importlib
 import json
 import os
 import re
@@ -389,15 +388,17 @@ def test_images_are_pinned(overlay, template):
                 assert tag and tag != "latest", f"{image} is not pinned to a tag"
 
 
-def test_settings_are_the_pipelines_defaults(overlay, cluster_pipeline_module):
+def test_settings_are_the_pipelines_defaults(overlay, pipelines_module):
     _, documents = overlay
     settings = find(documents, "ConfigMap", "flexi-jest-settings")["data"]
-    module = cluster_pipeline_module
+    defaults = pipelines_module.ClusterSettings.from_env()
     assert settings == {
-        **module.CLUSTER_ENV, "FLEXI_JEST_S3_SECRET": module.S3_SECRET,
-        "FLEXI_JEST_MLFLOW_SECRET": module.MLFLOW_SECRET,
-        "FLEXI_JEST_GPU_NODE_SELECTOR": module.GPU_NODE_SELECTOR,
-        "FLEXI_JEST_GPU_TOLERATION": module.GPU_TOLERATION_KEY}
+        **defaults.cluster_env, "FLEXI_JEST_S3_SECRET": defaults.s3_secret,
+        "FLEXI_JEST_MLFLOW_SECRET": defaults.mlflow_secret,
+        "FLEXI_JEST_GPU_NODE_SELECTOR": defaults.gpu_node_selector,
+        "FLEXI_JEST_GPU_TOLERATION": defaults.gpu_toleration_key}
+    # and the ConfigMap, given to the compiling shell as its environment, builds the pipeline of the defaults
+    assert pipelines_module.ClusterSettings.from_env(settings) == defaults
     # and they name the services this overlay deploys
     for key, service, port in (("FLEXI_JEST_S3_ENDPOINT", "minio", 9000), ("MLFLOW_TRACKING_URI", "mlflow", 5000)):
         assert settings[key] == f"http://{service}.flexi-jest.svc.cluster.local:{port}"
@@ -597,25 +598,14 @@ def test_pytorchjob_module_does_not_import_the_kubernetes_client():
 # ---- the pipeline compiled for a cluster -------------------------------------------------------------------
 
 
-def reload_pipeline(environment: dict[str, str]):
-    """pipelines.flexi_jest_pp re-imported under `environment` for CLUSTER_ENV_NAMES (its settings are read at
-    import)."""
-    saved = {name: os.environ.pop(name, None) for name in CLUSTER_ENV_NAMES}
-    os.environ.update(environment)
-    try:
-        import pipelines.flexi_jest_pp as module
-        return importlib.reload(module)
-    finally:
-        for name, value in saved.items():
-            os.environ.pop(name, None)
-            if value is not None:
-                os.environ[name] = value
-
-
 @pytest.fixture
-def cluster_pipeline_module():
-    yield reload_pipeline({})
-    reload_pipeline({})  # whatever a test set, leave the module as a plain import makes it
+def pipelines_module(monkeypatch):
+    """pipelines.flexi_jest_pp, with none of CLUSTER_ENV_NAMES in the environment: the pipelines for a cluster
+    are built under k8s/base's defaults unless a test gives an environment of its own (ClusterSettings.from_env)."""
+    for name in CLUSTER_ENV_NAMES:
+        monkeypatch.delenv(name, raising=False)
+    import pipelines.flexi_jest_pp as module
+    return module
 
 
 def compiled(pipeline, tmp_path) -> tuple[dict, dict]:
@@ -630,9 +620,8 @@ def compiled(pipeline, tmp_path) -> tuple[dict, dict]:
 
 
 @pytest.mark.parametrize("stage", ["make_data", "train_learner"])
-def test_cluster_pipeline_mounts_the_s3_secret_and_schedules_gpu_stages(stage, cluster_pipeline_module, tmp_path):
-    module = cluster_pipeline_module
-    executors, platform = compiled(module.PIPELINES[stage][0], tmp_path)
+def test_cluster_pipeline_mounts_the_s3_secret_and_schedules_gpu_stages(stage, pipelines_module, tmp_path):
+    executors, platform = compiled(pipelines_module.cluster_pipeline(stage), tmp_path)
     containers = {name: spec["container"] for name, spec in executors.items() if "container" in spec}
     assert len(containers) >= 5 and set(platform) == set(containers), "every container task, and only those"
     expected_secret = [{"secretName": "flexi-jest-s3", "optional": False,
@@ -663,24 +652,30 @@ def test_cluster_pipeline_mounts_the_s3_secret_and_schedules_gpu_stages(stage, c
             assert "accelerator" not in container.get("resources", {}), name
 
 
-def test_local_pipeline_has_no_kubernetes_settings(cluster_pipeline_module, tmp_path):
-    for stage, (_, local) in cluster_pipeline_module.PIPELINES.items():
-        executors, platform = compiled(local, tmp_path)
+def test_local_pipeline_has_no_kubernetes_settings(pipelines_module, tmp_path, monkeypatch):
+    monkeypatch.setenv("FLEXI_JEST_S3_SECRET", "team-s3")  # the compile-time environment is the cluster's only
+    for stage in pipelines_module.STAGES:
+        executors, platform = compiled(pipelines_module.local_pipeline(stage), tmp_path)
         assert platform == {}, stage
         assert all("env" not in spec.get("container", {}) for spec in executors.values()), stage
 
 
-def test_cluster_settings_are_read_at_compile_time(cluster_pipeline_module, tmp_path):
-    module = reload_pipeline({"FLEXI_JEST_S3_SECRET": "team-s3", "FLEXI_JEST_S3_ENDPOINT": "https://s3.example.com",
-                              "MLFLOW_TRACKING_URI": "https://mlflow.example.com"})
-    executors, platform = compiled(module.flexi_jest_pp, tmp_path)
+def test_cluster_settings_are_read_at_compile_time(pipelines_module, tmp_path, monkeypatch):
+    module = pipelines_module
+    monkeypatch.setenv("FLEXI_JEST_S3_SECRET", "team-s3")
+    monkeypatch.setenv("FLEXI_JEST_S3_ENDPOINT", "https://s3.example.com")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://mlflow.example.com")
+    executors, platform = compiled(module.flexi_jest_pp, tmp_path)  # the module's name for the cluster pipeline
     env = {item["name"]: item["value"] for item in executors["exec-train-learner"]["container"]["env"]}
     assert env == {"FLEXI_JEST_S3_ENDPOINT": "https://s3.example.com", "MLFLOW_S3_ENDPOINT_URL": "https://s3.example.com",
                    "MLFLOW_TRACKING_URI": "https://mlflow.example.com"}
     assert platform["exec-train-learner"]["secretAsEnv"][0]["secretName"] == "team-s3"
+    # another environment, another pipeline: nothing was kept from the first (no module state)
+    executors, platform = compiled(module.cluster_pipeline(environ={}), tmp_path)
+    assert platform["exec-train-learner"]["secretAsEnv"][0]["secretName"] == S3_SECRET
     # a local store exported in the shell is no use to a pod: the in-cluster server stays
-    module = reload_pipeline({"MLFLOW_TRACKING_URI": "sqlite:////home/me/mlflow.db"})
-    assert module.CLUSTER_ENV["MLFLOW_TRACKING_URI"] == "http://mlflow.flexi-jest.svc.cluster.local:5000"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////home/me/mlflow.db")
+    assert module.ClusterSettings.from_env().tracking_uri == "http://mlflow.flexi-jest.svc.cluster.local:5000"
 
 
 @pytest.mark.slow  # reason: starts a real `mlflow server` (basic-auth app) and waits for it, 20-60 s

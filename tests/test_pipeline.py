@@ -160,6 +160,7 @@ def pipeline_run(tmp_path_factory, mlflow_server):
     return workdir, summary
 
 
+@pytest.mark.slow  # reason: on the whole pipeline run (pipeline_run: 226 s on 2 cores), see README "Tests"
 def test_whole_pipeline_runs_locally_and_promotes(pipeline_run):
     import mlflow
 
@@ -187,6 +188,7 @@ def test_whole_pipeline_runs_locally_and_promotes(pipeline_run):
     assert list((workdir / "kfp").rglob("report")), "the eval report (HTML artifact) is written"
 
 
+@pytest.mark.slow  # reason: on the whole pipeline run (pipeline_run: 226 s on 2 cores), see README "Tests"
 def test_pipeline_compares_its_methods_on_accuracy_against_flops(pipeline_run):
     """compare: each learner's curve (evaluations during training + its zero-shot evaluation), FLOPs
     and steps to uniform's final metric and the ratios, the reference's own metric, the benchmark's plot on the
@@ -235,6 +237,7 @@ def test_pipeline_compares_its_methods_on_accuracy_against_flops(pipeline_run):
     assert "compare.reference.final_metric" in parent.data.metrics
 
 
+@pytest.mark.slow  # reason: on the whole pipeline run (pipeline_run: 226 s on 2 cores), see README "Tests"
 def test_components_run_alone(pipeline_run, tmp_path, monkeypatch):
     """make_data alone; train_reference and cache_reference alone on imported artifacts."""
     from kfp import dsl, local
@@ -394,6 +397,7 @@ def test_rerun_with_one_learner_knob_changed_takes_upstream_stages_from_the_cach
     assert first["kfp_run_id"] and second["kfp_run_id"] and first["kfp_run_id"] != second["kfp_run_id"]
 
 
+@pytest.mark.slow  # reason: on the whole pipeline run (pipeline_run: 226 s on 2 cores), see README "Tests"
 def test_rerun_of_the_learner_takes_one_argument_the_earlier_run(pipeline_run, tmp_path):
     """--from-run: the learner, its evaluation and promotion on an earlier run's pool, reference cache, eval
     split and registered reference, resolved from that run's MLflow parent run (given by its KFP run ID); it also
@@ -445,6 +449,7 @@ def test_rerun_of_the_learner_takes_one_argument_the_earlier_run(pipeline_run, t
     assert decision["metric"] == "held-out-folder.top1" and decision["value"] == pytest.approx(held_out["top1"])
 
 
+@pytest.mark.slow  # reason: on the whole pipeline run (pipeline_run: 226 s on 2 cores), see README "Tests"
 def test_rerun_of_the_evaluation_resolves_the_earlier_runs_learner(pipeline_run, tmp_path):
     """--from-stage evaluate: the earlier run's main learner, evaluated again (here on one more eval set) and put
     through promotion, with nothing trained; the one argument is the earlier run's MLflow parent run id."""
@@ -477,7 +482,8 @@ def test_rerun_of_the_evaluation_resolves_the_earlier_runs_learner(pipeline_run,
     assert summary["rows"][0]["total_flops"] == pytest.approx(first_joint["total_flops"])
 
 
-@pytest.mark.parametrize("stage", ["cache_reference", pytest.param("train_reference", marks=pytest.mark.slow)])
+@pytest.mark.slow  # reason: on the whole pipeline run (pipeline_run: 226 s on 2 cores), see README "Tests"
+@pytest.mark.parametrize("stage", ["cache_reference", "train_reference"])
 def test_rerun_from_the_reference_or_its_cache_resolves_the_data(pipeline_run, stage):
     """--from-stage cache_reference / train_reference: the earlier run's data (and reference) resolved from its
     KFP run ID; the stage runs again (the reference with another batch size), then its cache, the learner, its
@@ -571,6 +577,7 @@ print(json.dumps({"flexi_jest": any(m.startswith("flexi_jest") for m in sys.modu
 """
 
 
+@pytest.mark.slow  # reason: on the whole pipeline run (pipeline_run: 226 s on 2 cores), see README "Tests"
 def test_the_champion_from_the_registry_embeds_in_a_fresh_process(pipeline_run, mlflow_server):
     """Done-when of issue 11: the reference fine-tuned from an open_clip checkpoint, the pipeline run on it, the
     learner exported as an open_clip checkpoint that open_clip loads, and the registry's pyfunc embedding in a
@@ -614,6 +621,7 @@ def test_the_champion_from_the_registry_embeds_in_a_fresh_process(pipeline_run, 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
+@pytest.mark.slow  # reason: on the whole pipeline run (pipeline_run: 226 s on 2 cores), see README "Tests"
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (.ci/run installs it: apt-get install chromium)")
 def test_mlflow_ui_shows_the_champion_in_a_real_browser(pipeline_run, tmp_path):
     import subprocess

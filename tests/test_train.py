@@ -177,6 +177,7 @@ def test_periodic_evaluation_is_recorded_against_flops(shapes_data, reference_ca
     assert 0.0 <= evaluated[1]["eval"]["shapes.top1"] <= 1.0 and "shapes.image_to_text_r1" in evaluated[1]["eval"]
 
 
+@pytest.mark.slow  # reason: torch.compile of the training step on the CPU (Inductor's C++ build), 81 s on 2 cores
 def test_compiled_training_matches_eager(shapes_data, tmp_path):
     """compile=True (the GPU speed path's torch.compile) trains the same model; here with inductor on the CPU."""
     fields = dict(data=shapes_data.splits["curated"].path, model=TEST_MODEL, steps=2, batch_size=16, progress=False,

@@ -92,6 +92,7 @@ def uninterrupted(shapes_data, tmp_path_factory) -> Path:
     return out_dir
 
 
+@pytest.mark.slow  # reason: SIGKILLs a training subprocess mid-write, resumes it (46 s on 2 cores with its fixture)
 def test_kill_during_a_checkpoint_write_then_resume(shapes_data, uninterrupted, tmp_path):
     out_dir = tmp_path / "run"
     config = write_config(shapes_data, out_dir)

@@ -189,10 +189,10 @@ def test_the_pipelines_pass_data_access_to_every_stage_that_reads_data_off_by_de
     """data_access is a pipeline parameter, "{}" (storage only) by default, handed to every data-reading task."""
     from google.protobuf.json_format import MessageToDict
 
-    from pipelines.flexi_jest_pp import PIPELINES
+    from pipelines.flexi_jest_pp import cluster_pipeline
     readers = {"make-data", "train-reference", "cache-reference", "train-learner", "evaluate", "resolve-run"}
     for stage in ("make_data", "train_reference", "evaluate"):
-        spec = MessageToDict(PIPELINES[stage][0].pipeline_spec)  # the IR `compile` writes (cluster pipeline)
+        spec = MessageToDict(cluster_pipeline(stage).pipeline_spec)  # the IR `compile` writes (cluster pipeline)
         assert spec["root"]["inputDefinitions"]["parameters"]["data_access"]["defaultValue"] == "{}"
         seen = set()
 
