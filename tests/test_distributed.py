@@ -118,6 +118,7 @@ def test_ddp_gradients_of_a_mixed_patch_step_equal_one_process(tmp_path):
             assert torch.allclose(out["grads"][name], parameter.grad, atol=1e-5, rtol=1e-4), name
 
 
+@pytest.mark.slow  # reason: a learner on two gloo processes (14 s on 2 cores)
 def test_two_processes_decode_each_sample_once_and_hold_only_their_share(tmp_path):
     """Each rank decodes its rows of the super-batch (uint8, never the whole batch); the selected sub-batch's rows
     reach the rank that trains on them; together the ranks see exactly one process's super-batch."""
@@ -176,6 +177,7 @@ def history(out_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow  # reason: the reference on two gloo processes and on one (23 s on 2 cores)
 def test_reference_trains_on_two_processes_like_one(shapes_data, tmp_path):
     cfg = TrainReferenceConfig(data=shapes_data.splits["curated"].path, out_dir=str(tmp_path / "one"), model=TEST_MODEL,
                                steps=3, batch_size=16, progress=False, log_every=1, device="cpu")
@@ -235,6 +237,7 @@ def test_learner_on_two_processes_matches_one_and_checkpoints_resume_across_worl
     assert_same_model(one.checkpoint, str(tmp_path / "one_then_two" / "model.pt"))
 
 
+@pytest.mark.slow  # reason: a learner on two gloo processes (24 s on 2 cores)
 def test_local_selection_trains_each_rank_on_picks_from_its_own_shard(shapes_data, reference_cache, tmp_path):
     """Also the way a pipeline stage trains on several devices: `processes: 2` makes the stage start torchrun."""
     cfg = learner_cfg(shapes_data, reference_cache, tmp_path / "local", selection_scope="local", steps=2,
@@ -250,6 +253,7 @@ def test_local_selection_trains_each_rank_on_picks_from_its_own_shard(shapes_dat
     assert len(steps) == 2 and all(0.0 <= h["noisy_fraction_selected"] <= 1.0 for h in steps)
 
 
+@pytest.mark.slow  # reason: two torchrun processes, one made to fail (26 s on 2 cores)
 def test_a_failing_rank_fails_the_stage_with_a_clear_error(shapes_data, reference_cache, tmp_path, capfd):
     from flexi_jest.stages import run_stage
     cfg = learner_cfg(shapes_data, reference_cache, tmp_path / "odd", processes=3)  # a super-batch of 40 over 3 ranks
