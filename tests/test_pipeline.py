@@ -594,7 +594,10 @@ def test_the_champion_from_the_registry_embeds_in_a_fresh_process(pipeline_run, 
     mlflow.set_tracking_uri(summary["tracking_uri"])
     client = mlflow.MlflowClient()
     champion = client.get_model_version_by_alias("flexi-jest-learner", "champion")
-    reference_version = client.get_latest_versions("flexi-jest-reference")[0]
+    # this run's reference version, by the tag promote put on its parent run: not the latest version, which a
+    # rerun on the same store (test_rerun_from_the_reference_..., a slow test like this one) may have added since
+    version = client.get_run(summary["parent_run_id"]).data.tags["flexi_jest.output.reference_version"]
+    reference_version = client.get_model_version("flexi-jest-reference", version)
     assert {"lineage.pool_uri", "lineage.reference_sha256", "lineage.selection", "lineage.flops"} <= set(champion.tags)
     assert any(key.startswith("eval.") and key.endswith(".top1") for key in champion.tags)
     assert reference_version.tags["lineage.init_checkpoint"] == str(workdir / "open_clip_init.pt")
