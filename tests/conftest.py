@@ -2,6 +2,7 @@
 
 import os
 import socket
+import sys
 import uuid
 
 import pytest
@@ -111,17 +112,31 @@ def img2dataset_dir(tmp_path_factory):
     return img2dataset_pool(tmp_path_factory.mktemp("img2dataset"))
 
 
-@pytest.fixture(autouse=True)
-def _forget_mlflow_active_experiment(monkeypatch):
-    """MLflow remembers the active experiment per process, in a module global and in MLFLOW_EXPERIMENT_ID (which
-    set_experiment writes into os.environ): every test starts without one and leaves none behind, so a later
-    test's fresh store is never asked for an experiment id that only an earlier test's store had."""
-    import sys
-    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", "")  # recorded as absent before the test: restored at teardown
-    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID")
+def keep_mlflow_process_state(monkeypatch) -> None:
+    """MLflow keeps per-process state that outlives a test: the active experiment (a module global, and
+    MLFLOW_EXPERIMENT_ID, which set_experiment writes into os.environ) and the tracking URI (a module global, and
+    MLFLOW_TRACKING_URI, which set_tracking_uri writes into os.environ so that subprocesses inherit it). From here
+    on there is no active experiment, and when monkeypatch undoes its changes the other three are as they were
+    now, so that a later test never reaches an earlier test's (stopped) server or store, in this process or in
+    one it starts."""
+    from mlflow.tracking._tracking_service import utils
+    for name in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_TRACKING_URI"):
+        value = os.environ.get(name)
+        monkeypatch.setenv(name, value or "")  # records the value now (or its absence): restored at undo
+        if value is None:
+            monkeypatch.delenv(name)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)  # no active experiment from here on
+    monkeypatch.setattr(utils, "_tracking_uri", utils._tracking_uri)
     fluent = sys.modules.get("mlflow.tracking.fluent")
     if fluent is not None:
         monkeypatch.setattr(fluent, "_active_experiment_id", None)
+
+
+@pytest.fixture(autouse=True)
+def _keep_mlflow_process_state(monkeypatch):
+    """keep_mlflow_process_state around every test (in CI a slow test's `mlflow.set_tracking_uri` once sent a later
+    test's subprocesses to its stopped server)."""
+    keep_mlflow_process_state(monkeypatch)
     yield
     fluent = sys.modules.get("mlflow.tracking.fluent")
     if fluent is not None:

@@ -1,5 +1,9 @@
 """MLflow tracking and promotion against a local SQLite store."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 from conftest import TEST_MODEL, bare_version
@@ -316,3 +320,23 @@ def test_a_non_finite_metric_is_refused_and_a_non_finite_champion_is_replaced(ml
     assert str(registry.alias_holder(client, "nan-test", "champion").version) == challenger
     reason = client.get_model_version("nan-test", challenger).tags[registry.PROMOTION_TAG]
     assert reason.startswith(f"crowned: champion version {nan_first}'s shapes.top1 is nan, not a finite number")
+
+
+def test_a_tracking_uri_a_test_sets_is_gone_after_it_for_this_process_and_its_children():
+    """mlflow.set_tracking_uri writes MLFLOW_TRACKING_URI into os.environ, so that subprocesses inherit it. In CI a
+    slow test's URI (a server it then stopped) reached a later test's training subprocesses, which retried it for
+    210 s and failed: conftest.keep_mlflow_process_state, run around every test, undoes it."""
+    import mlflow
+    from mlflow.tracking._tracking_service import utils
+
+    from conftest import keep_mlflow_process_state
+
+    before_env, before_uri = os.environ.get("MLFLOW_TRACKING_URI"), utils._tracking_uri
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        keep_mlflow_process_state(monkeypatch)
+        mlflow.set_tracking_uri("http://192.0.2.1:5000")  # TEST-NET-1: nothing answers there
+        assert os.environ["MLFLOW_TRACKING_URI"] == "http://192.0.2.1:5000"  # what leaked, before the fix
+    assert os.environ.get("MLFLOW_TRACKING_URI") == before_env and utils._tracking_uri == before_uri
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.environ.get('MLFLOW_TRACKING_URI'))"],
+                           capture_output=True, text=True, check=True)
+    assert child.stdout.strip() == str(before_env)
