@@ -208,11 +208,20 @@ def test_a_shard_list_reads_back_what_was_resolved_without_listing_again(shapes_
 
 
 @BOTH_S3
-def test_a_shard_list_on_s3_is_checked_against_one_listing(s3):
+def test_a_shard_list_on_s3_is_checked_against_one_listing(s3, monkeypatch):
     pool = write_pool(f"{s3}/laion/pool", shards=3)
     listed = f"{s3}/run/pool.shardlist.json"
     write_shard_list(listed, resolve(pool))
+    calls = []
+    for name in ("list_names", "exists"):
+        real = getattr(storage, name)
+        monkeypatch.setattr(storage, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
     assert resolve(listed).num_samples == 12
+    assert calls == ["list_names"]  # three shards in one directory: one listing, no request per shard
+    single = f"{s3}/run/one.shardlist.json"
+    write_shard_list(single, resolve(f"{pool}/00002.tar"))
+    calls.clear()
+    assert resolve(single).num_samples == 4 and calls == ["exists"]  # one shard: asked for, not listed
     storage.remove(f"{pool}/00001.tar")
     with pytest.raises(SpecError, match=r"shard list s3://.*pool.shardlist.json: missing shard s3://.*/00001.tar; "
                                         "the data changed since the list was written"):

@@ -171,7 +171,6 @@ class RecordedOutputError(ValueError):
 
 DATASET_OUTPUTS = {"curated": "curated", "pool": "pool", "eval_split": "eval"}  # tag name -> make-data split
 FILE_OUTPUTS = ("reference", "cache", "learner")  # written by the pipeline's stages under its storage root
-HEX_SHA256 = re.compile(r"[0-9a-f]{64}")
 VERSION_NUMBER = re.compile(r"[0-9]{1,12}")
 RUN_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 BESIDE_ARTIFACTS = "(beside the KFP artifacts)"  # the storage_root param of a run that kept data beside them
@@ -270,7 +269,7 @@ def check_recorded_outputs(resolved: dict[str, str], earlier, client, data_acces
                 problem = f"is outside the run's storage root ({', '.join(roots)})"
             if problem:
                 raise RecordedOutputError(f"{where(name)}: {value!r} {problem}")
-        elif name == "reference_sha256" and not HEX_SHA256.fullmatch(value):
+        elif name == "reference_sha256" and not storage.is_sha256(value):
             raise RecordedOutputError(f"{where(name)}: {value!r} is not a sha256 (64 hex digits)")
         elif name.endswith("_version") and not VERSION_NUMBER.fullmatch(value):
             raise RecordedOutputError(f"{where(name)}: {value!r} is not a registry version number")

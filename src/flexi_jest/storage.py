@@ -474,6 +474,14 @@ def makedirs(uri: str) -> None:
         _local_path(uri).mkdir(parents=True, exist_ok=True)
 
 
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")  # what sha256_bytes and sha256_file return
+
+
+def is_sha256(value: object) -> bool:
+    """Whether `value` is a sha256 as this module writes it: 64 lowercase hex digits."""
+    return isinstance(value, str) and SHA256_HEX.fullmatch(value) is not None
+
+
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 

@@ -227,11 +227,13 @@ def _read_shard_list(spec: str, uri: str) -> tuple[list[Shard], int | None]:
             raise SpecError(f"{where}: shards[{i}].num_samples must be an integer >= 0 or null, "
                             f"got {entry.get('num_samples')!r}")
         sha = entry.get("sha256")
-        if sha is not None and not (isinstance(sha, str) and len(sha) == 64
-                                    and all(c in "0123456789abcdef" for c in sha)):
+        if sha is not None and not storage.is_sha256(sha):
             raise SpecError(f"{where}: shards[{i}].sha256 must be 64 lowercase hex digits or null, got {sha!r}")
         shards.append(Shard(url, entry.get("num_samples"), sha))
     return shards, total
+
+
+FEW_SHARDS = 2  # a listed directory with at most this many shards is checked shard by shard, not listed
 
 
 def _check_listed(spec: str, uri: str, shards: list[Shard]) -> None:
@@ -254,10 +256,12 @@ def _check_listed(spec: str, uri: str, shards: list[Shard]) -> None:
             by_directory.setdefault(_parent(shard.url), []).append(shard.url)
     missing = []
     for directory, urls in by_directory.items():
-        try:
-            present = set(storage.list_names(directory, ""))
-        except storage.StorageError:  # a prefix we may read but not list: each shard by itself
-            present = set()
+        present: set[str] = set()
+        if len(urls) > FEW_SHARDS:  # one listing instead of a request per shard (a listing of a busy
+            try:                    # directory costs more than a few requests)
+                present = set(storage.list_names(directory, ""))
+            except storage.StorageError:  # a prefix we may read but not list: each shard by itself
+                pass
         try:  # a name the listing leaves out (a dot-file, a symlink) may still be there: ask for it by itself
             missing += [u for u in urls if u.rstrip("/").rsplit("/", 1)[-1] not in present and not storage.exists(u)]
         except storage.StorageError as exc:
