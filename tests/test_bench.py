@@ -48,6 +48,7 @@ def test_step_flops_match_what_training_counts(shapes_data, reference_cache, tmp
         assert learner_flops == 2 * learner_step_flops(cfg, TEST_MODEL.embed_dim), fields
 
 
+@pytest.mark.slow  # reason: the GPU bench as a subprocess on the CPU (14 s on 2 cores); its figures come from a GPU run
 def test_gpu_throughput_bench_reports_every_part(tmp_path):
     """The bench's JSON on the CPU at a toy size (its figures come from a GPU run; see docs)."""
     import subprocess

@@ -91,6 +91,8 @@ def test_cli_stages_log_the_run_the_pipeline_stage_would(tmp_path, monkeypatch, 
     assert "tracked as" not in capsys.readouterr().err
 
 
+@pytest.mark.slow  # reason: a fresh interpreter building the real ViT-B-16-SigLIP (12 s on 2 cores); the same
+# error in one process is test_models' test_a_hugging_face_tokenizer_missing_offline_fails_at_once_with_how_to_get_it
 def test_a_tokenizer_missing_offline_is_one_line_from_the_cli(tmp_path):
     """The real ViT-B-16-SigLIP without its Hugging Face tokenizer in the local cache: exit status 2 and one line
     naming the tokenizer and the fix, no traceback."""
@@ -150,6 +152,7 @@ def test_a_storage_error_is_one_line_with_status_1(tmp_path, capsys):
     assert one_line(capsys) == f"evaluate: no such file: {tmp_path / 'none.pt'}"
 
 
+@pytest.mark.slow  # reason: make-data in a fresh interpreter in a private mount namespace (11 s on 2 cores)
 def test_a_full_disk_is_one_line_naming_the_file(tmp_path):
     """make-data onto a real file system that fills up (a 64 KiB tmpfs, mounted in a private mount namespace of the
     child only: nothing to unmount): ENOSPC names the file being written, exit status 1, no traceback."""

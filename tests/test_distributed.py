@@ -80,7 +80,8 @@ def test_global_selection_equals_one_process(tmp_path):
         assert out["digest"] == "sha-of-rank-0"  # broadcast_object: rank 0's value on every rank
 
 
-@pytest.mark.parametrize("chunk", [None, 2])
+@pytest.mark.parametrize("chunk", [None, pytest.param(2, marks=pytest.mark.slow)])  # reason (slow): the chunked
+# loss on two processes again (12 s on 2 cores); test_losses checks chunked = unchunked in one process
 def test_cross_rank_loss_and_gradients_equal_one_process(tmp_path, chunk):
     g = torch.Generator().manual_seed(1)
     B, d = 12, 8
@@ -100,6 +101,8 @@ def test_cross_rank_loss_and_gradients_equal_one_process(tmp_path, chunk):
     assert torch.allclose(sum(o["bias_grad"] for o in outputs), bias.grad, atol=1e-6)
 
 
+@pytest.mark.slow  # reason: a mixed-patch step on two gloo processes (19 s on 2 cores); the cross-rank loss and
+# gradient checks of one patch size stay in the default suite
 def test_ddp_gradients_of_a_mixed_patch_step_equal_one_process(tmp_path):
     from flexi_jest.models import DualEncoder, Tokenizer
     torch.manual_seed(0)

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = "flexi_jest"
 
@@ -141,6 +143,8 @@ print(json.dumps({"failures": failures, "kfp": sorted(m for m in sys.modules if 
 """
 
 
+@pytest.mark.slow  # reason: one fresh interpreter importing each of the library's modules anew (20 s on 2 cores);
+# the import graph's checks above (no cycle, no kfp) stay in the default suite
 def test_every_module_imports_on_its_own_in_a_fresh_interpreter():
     names = sorted(library_modules())
     done = subprocess.run([sys.executable, "-c", EVERY_MODULE_ON_ITS_OWN, json.dumps(names)], capture_output=True,

@@ -40,6 +40,8 @@ def test_a_cache_of_another_reference_fails_naming_both(reference, reference_cac
     assert sha in str(error.value) and reference.checkpoint_sha256 in str(error.value)
 
 
+@pytest.mark.slow  # reason: a KFP local run of the learner task (13 s on 2 cores); the check it reaches,
+# learner_reference on another reference's cache, is tested above in the default suite
 def test_the_pipelines_learner_task_fails_on_a_cache_of_another_reference(shapes_data, reference_cache, other_reference,
                                                                          tmp_path, monkeypatch, capfd):
     """The train_learner component under KFP local execution, on imported artifacts: pool, eval split and the

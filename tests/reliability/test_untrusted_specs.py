@@ -185,31 +185,33 @@ def test_good_tags_resolve_and_a_registered_pool_must_match_its_make_data_run(ml
             resolve_earlier_run("kfp-registered", stage="train_learner")
 
 
-def test_the_pipelines_pass_data_access_to_every_stage_that_reads_data_off_by_default():
+@pytest.mark.parametrize("stage", ["make_data",  # the whole pipeline; two reruns slow (reason: each compiles a
+                                   # cluster pipeline, 4 s on 2 cores; the reruns share the DAG's code)
+                                   *(pytest.param(s, marks=pytest.mark.slow) for s in ("train_reference", "evaluate"))])
+def test_the_pipelines_pass_data_access_to_every_stage_that_reads_data_off_by_default(stage):
     """data_access is a pipeline parameter, "{}" (storage only) by default, handed to every data-reading task."""
     from google.protobuf.json_format import MessageToDict
 
     from pipelines.flexi_jest_pp import cluster_pipeline
     readers = {"make-data", "train-reference", "cache-reference", "train-learner", "evaluate", "resolve-run"}
-    for stage in ("make_data", "train_reference", "evaluate"):
-        spec = MessageToDict(cluster_pipeline(stage).pipeline_spec)  # the IR `compile` writes (cluster pipeline)
-        assert spec["root"]["inputDefinitions"]["parameters"]["data_access"]["defaultValue"] == "{}"
-        seen = set()
+    spec = MessageToDict(cluster_pipeline(stage).pipeline_spec)  # the IR `compile` writes (cluster pipeline)
+    assert spec["root"]["inputDefinitions"]["parameters"]["data_access"]["defaultValue"] == "{}"
+    seen = set()
 
-        def walk(dag: dict) -> None:
-            for task_name, task in dag.get("tasks", {}).items():
-                component = spec["components"][task["componentRef"]["name"]]
-                if "dag" in component:
-                    walk(component["dag"])
-                base = task_name.rsplit("-", 1)[0] if task_name.rsplit("-", 1)[-1].isdigit() else task_name
-                if base in readers:
-                    seen.add(base)
-                    parameter = task["inputs"]["parameters"]["data_access"]
-                    assert parameter.get("componentInputParameter", "").startswith("pipelinechannel--data_access") \
-                        or parameter.get("componentInputParameter") == "data_access", (task_name, parameter)
+    def walk(dag: dict) -> None:
+        for task_name, task in dag.get("tasks", {}).items():
+            component = spec["components"][task["componentRef"]["name"]]
+            if "dag" in component:
+                walk(component["dag"])
+            base = task_name.rsplit("-", 1)[0] if task_name.rsplit("-", 1)[-1].isdigit() else task_name
+            if base in readers:
+                seen.add(base)
+                parameter = task["inputs"]["parameters"]["data_access"]
+                assert parameter.get("componentInputParameter", "").startswith("pipelinechannel--data_access") \
+                    or parameter.get("componentInputParameter") == "data_access", (task_name, parameter)
 
-        walk(spec["root"]["dag"])
-        assert seen, stage
+    walk(spec["root"]["dag"])
+    assert seen, stage
     from flexi_jest.pipeline_support import with_data_access
     assert with_data_access({"steps": 3}, "{}") == {"steps": 3}
     assert with_data_access({}, json.dumps({"allow_http": True})) == {"data_access": {"allow_http": True}}
