@@ -21,6 +21,7 @@ import torch
 
 from flexi_jest import storage
 from flexi_jest.config import ModelConfig
+from flexi_jest.errors import BadInput
 from flexi_jest.models import DualEncoder
 
 LATEST = "latest.json"
@@ -44,7 +45,7 @@ def save_model(model: DualEncoder, uri: str) -> str:
     return storage.sha256_bytes(data)
 
 
-class ModelFileError(ValueError):
+class ModelFileError(ValueError, BadInput):
     """A model file that is not one: unreadable bytes, a pickle torch refuses, or a payload of the wrong shape
     (not {"model_config": {...}, "state_dict": {name: tensor}}, or weights that do not fit the config)."""
 

@@ -29,6 +29,7 @@ from flexi_jest.config import (
     format_validation_error,
     stage_config,
 )
+from flexi_jest.errors import BadInput, Unavailable
 from flexi_jest.stages import run_stage
 
 
@@ -276,29 +277,13 @@ DISK_ERRORS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quot
                errno.EROFS: "read-only file system", errno.EACCES: "permission denied", errno.EPERM: "not permitted"}
 
 
-# The errors a user can cause, each by the module that defines it and its name. They are looked up only in the
-# modules already imported: an error can only have been raised once its module was loaded, so classifying one
-# never imports a module (checkpoint.py alone would load torch and open_clip, ~8 s, to report a one-line error).
-BAD_INPUT_ERRORS = (("flexi_jest.run_identity", "StaleOutputError"), ("flexi_jest.data.eval_sets", "EvalSetError"),
-                    ("flexi_jest.models.tokenizer", "TokenizerUnavailable"), ("flexi_jest.data.access", "SpecError"),
-                    ("flexi_jest.data.manifest", "ShardError"), ("flexi_jest.reference_cache", "CacheError"),
-                    ("flexi_jest.checkpoint", "ModelFileError"), ("flexi_jest.config", "ConfigError"),
-                    ("flexi_jest.storage", "UnsafeNameError"))
-ENVIRONMENT_ERRORS = (("flexi_jest.storage", "StorageError"), ("flexi_jest.tracking", "TrackingUnavailable"))
-
-
-def loaded_classes(names: tuple[tuple[str, str], ...]) -> tuple[type, ...]:
-    """The classes of (module, name) pairs whose module is imported."""
-    return tuple(cls for module, name in names if isinstance(cls := getattr(sys.modules.get(module), name, None), type))
-
-
 def user_error(exc: BaseException) -> tuple[str, int] | None:
     """(one line, exit status) for an error a user can cause, whose message names the problem (and the file,
-    set, field or server); None for anything else, which is a bug and keeps its traceback."""
-    bad_input = (*loaded_classes(BAD_INPUT_ERRORS), FloatingPointError)  # FloatingPointError: a diverged model
-    if isinstance(exc, bad_input):
+    set, field or server); None for anything else, which is a bug and keeps its traceback. By the two bases of
+    errors.py, so that classifying an error imports none of the modules that raise them."""
+    if isinstance(exc, (BadInput, FloatingPointError)):  # FloatingPointError: a diverged model
         return " ".join(str(exc).split()), BAD_INPUT
-    if isinstance(exc, loaded_classes(ENVIRONMENT_ERRORS)):
+    if isinstance(exc, Unavailable):
         return " ".join(str(exc).split()), ENVIRONMENT
     if isinstance(exc, OSError) and exc.errno in DISK_ERRORS:
         where = exc.filename if exc.filename is not None else "(the file was not named)"

@@ -24,6 +24,7 @@ from pydantic import (
 )
 
 from flexi_jest.data.access import DataAccess, spec_problem
+from flexi_jest.errors import BadInput
 
 DATA_ACCESS_DESCRIPTION = ("what this stage's dataset specs may reach besides storage: pipe: commands "
                            "(pipe_commands: the programs allowed) and http(s) (allow_http) are off unless enabled "
@@ -752,7 +753,7 @@ def format_validation_error(stage: str, error: ValidationError) -> str:
     return "\n".join(lines)
 
 
-class ConfigError(ValueError):
+class ConfigError(ValueError, BadInput):
     """A stage config failed validation; the message names the fields."""
 
 

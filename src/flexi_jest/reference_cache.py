@@ -37,6 +37,7 @@ from flexi_jest.data.manifest import read_manifest
 from flexi_jest.data.shards import IMAGE_EXTENSIONS, ReadStats, decode_sample, iter_tar
 from flexi_jest.data.specs import DatasetSpec, resolve
 from flexi_jest.device import resolve_device, to_model_input
+from flexi_jest.errors import BadInput
 from flexi_jest.flops import offline_filter_flops, pair_forward_flops
 from flexi_jest.models import Tokenizer
 from flexi_jest.selection import offline_keep_mask, pair_cosines
@@ -46,7 +47,7 @@ CACHE_FORMAT = "flexi-jest-refcache/2"
 MANIFEST_DIGEST = "manifest_sha256"
 
 
-class CacheError(RuntimeError):
+class CacheError(RuntimeError, BadInput):
     """The reference cache is missing, stale, corrupt or does not cover a sample."""
 
 

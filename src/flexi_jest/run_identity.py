@@ -18,6 +18,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from flexi_jest import storage
+from flexi_jest.errors import BadInput
 
 RUN_CONFIG = "run_config.json"
 # fields that change where or how a run executes, not what it computes
@@ -26,7 +27,7 @@ RUNTIME_FIELDS = frozenset({"out_dir", "device", "progress", "log_every", "resum
 OUTPUT_FILES = ("result.json", "model.pt", "metrics.jsonl", RUN_CONFIG)
 
 
-class StaleOutputError(RuntimeError):
+class StaleOutputError(RuntimeError, BadInput):
     """out_dir holds a checkpoint or result of another config."""
 
 

@@ -31,6 +31,8 @@ from pathlib import Path
 from typing import BinaryIO, Callable, TypeVar
 from urllib.parse import urlparse
 
+from flexi_jest.errors import BadInput, Unavailable
+
 T = TypeVar("T")
 
 RETRIES = 4
@@ -44,11 +46,11 @@ MISSING_ERRORS = {"NoSuchKey", "NoSuchBucket", "NoSuchObject", "ResourceNotFound
 TRANSIENT_STATUSES = {429, 500, 502, 503, 504}
 
 
-class StorageError(RuntimeError):
+class StorageError(RuntimeError, Unavailable):
     """A storage location could not be read or written; the message names it and why."""
 
 
-class UnsafeNameError(ValueError):
+class UnsafeNameError(ValueError, BadInput):
     """A name read from a manifest or pointer file would leave the directory (or S3 prefix) it belongs to."""
 
 

@@ -30,6 +30,8 @@ from typing import Any, Iterator
 
 from pydantic import BaseModel
 
+from flexi_jest.errors import Unavailable
+
 DEFAULT_EXPERIMENT = "flexi-jest"
 
 
@@ -63,7 +65,7 @@ CLOSE_WAIT_ENV = "FLEXI_JEST_MLFLOW_CLOSE_WAIT"  # seconds a stage waits for the
 FAILURE_TAG = "flexi_jest.failure"  # on a FAILED stage run: the error that ended it, one line
 
 
-class TrackingUnavailable(ConnectionError):
+class TrackingUnavailable(ConnectionError, Unavailable):
     """The MLflow tracking server did not answer within the retry bounds (retry_seconds)."""
 
 

@@ -23,6 +23,8 @@ from typing import Iterator
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from flexi_jest.errors import BadInput
+
 ENABLE_PIPE = "data_access.pipe_commands"
 ENABLE_HTTP = "data_access.allow_http"
 SECURITY_DOC = "docs/security.md"
@@ -32,7 +34,7 @@ SHELLS = {"sh", "bash", "dash", "zsh", "ksh", "mksh", "fish", "csh", "tcsh", "as
           "watch", "eval", "exec", "python", "python3", "perl", "ruby", "node", "php", "lua", "awk", "gawk", "tclsh"}
 
 
-class SpecError(ValueError):
+class SpecError(ValueError, BadInput):
     """A dataset spec that names nothing readable, or that the data-access policy refuses; the message (one line)
     names the spec and why (and, when refused, the setting that would allow it)."""
 

@@ -36,6 +36,7 @@ from flexi_jest.config import EVAL_SET_NAME, EvalSet
 from flexi_jest.data.manifest import read_manifest
 from flexi_jest.data.shards import IMAGE_EXTENSIONS, ReadStats, caption_text, decode_meta, iter_tar, unusable_raw
 from flexi_jest.data.specs import Shard, SpecError, resolve, scheme
+from flexi_jest.errors import BadInput
 
 CLASSNAMES_FILE = "classnames.txt"
 TEMPLATES_FILE = "zeroshot_classification_templates.txt"
@@ -48,7 +49,7 @@ FETCH_THREADS = 8  # concurrent image reads of an ImageFolder (one GET per image
 Transform = Callable[[Image.Image], Tensor]  # PIL image -> uint8 [3, S, S]
 
 
-class EvalSetError(ValueError):
+class EvalSetError(ValueError, BadInput):
     """An eval set that cannot be read as asked; the message names the set and the problem."""
 
 

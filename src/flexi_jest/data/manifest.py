@@ -14,13 +14,14 @@ import re
 from typing import Any
 
 from flexi_jest import storage
+from flexi_jest.errors import BadInput
 
 MANIFEST = "manifest.json"
 FORMAT = "flexi-jest-shards/1"
 WRITTEN_SHARD = re.compile(r"shard-\d{6}\.tar")  # the names write_split gives its shards
 
 
-class ShardError(ValueError):
+class ShardError(ValueError, BadInput):
     """A split cannot be read as asked: a corrupt or incomplete manifest, an interrupted write, no usable sample.
 
     The reader's contract: bad bytes inside a shard are skipped and counted in ReadStats; what makes the

@@ -236,6 +236,15 @@ def _read_shard_list(spec: str, uri: str) -> tuple[list[Shard], int | None]:
 FEW_SHARDS = 2  # a listed directory with at most this many shards is checked shard by shard, not listed
 
 
+def _listed_names(directory: str) -> set[str]:
+    """The names in a directory (one request instead of one per shard), or none where it may be read but not
+    listed: then each shard is asked for by itself."""
+    try:
+        return set(storage.list_names(directory, ""))
+    except storage.StorageError:
+        return set()
+
+
 def _check_listed(spec: str, uri: str, shards: list[Shard]) -> None:
     """The checks resolving the listed URLs as a spec would make: the data-access policy for each, then each
     local / s3 shard present (one listing per directory) and each http(s) URL answering."""
@@ -256,12 +265,7 @@ def _check_listed(spec: str, uri: str, shards: list[Shard]) -> None:
             by_directory.setdefault(_parent(shard.url), []).append(shard.url)
     missing = []
     for directory, urls in by_directory.items():
-        present: set[str] = set()
-        if len(urls) > FEW_SHARDS:  # one listing instead of a request per shard (a listing of a busy
-            try:                    # directory costs more than a few requests)
-                present = set(storage.list_names(directory, ""))
-            except storage.StorageError:  # a prefix we may read but not list: each shard by itself
-                pass
+        present = _listed_names(directory) if len(urls) > FEW_SHARDS else set()
         try:  # a name the listing leaves out (a dot-file, a symlink) may still be there: ask for it by itself
             missing += [u for u in urls if u.rstrip("/").rsplit("/", 1)[-1] not in present and not storage.exists(u)]
         except storage.StorageError as exc:

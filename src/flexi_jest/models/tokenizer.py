@@ -17,10 +17,11 @@ from open_clip.tokenizer import HFTokenizer, SimpleTokenizer
 from torch import Tensor
 
 from flexi_jest.config import ModelConfig
+from flexi_jest.errors import BadInput
 from flexi_jest.models.configs import open_clip_config
 
 
-class TokenizerUnavailable(RuntimeError):
+class TokenizerUnavailable(RuntimeError, BadInput):
     """The model's Hugging Face tokenizer is neither in the local cache nor a local directory."""
 
 
